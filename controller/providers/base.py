@@ -1,0 +1,168 @@
+"""The sandbox provider boundary: a Protocol and the plain, frozen dataclasses that cross it.
+
+Everything above this layer (planner, applier, reconciler, gc, execution) speaks only these types.
+Two implementations exist: ``providers.daytona`` (the real SDK; the only module that imports it) and
+``providers.memory`` (dicts, a call log and fault hooks, for fast tests). Both raise only the errors
+of ``controller.errors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+# Ownership labels put on every sandbox leasectl creates.
+LABEL_INSTANCE = "leasectl-instance"
+LABEL_LEASE = "leasectl-lease"
+LABEL_SPEC = "leasectl-spec"
+RESERVED_LABEL_PREFIX = "leasectl-"
+
+# Daytona sandbox states (SandboxState in the API contract), grouped by what the planner does.
+STATE_STARTED = "started"
+STATE_STOPPED = "stopped"
+STATE_PAUSED = "paused"
+STATE_ARCHIVED = "archived"
+STATE_ERROR = "error"
+STATE_BUILD_FAILED = "build_failed"
+STATE_DESTROYED = "destroyed"
+STATE_DESTROYING = "destroying"
+TRANSITIONAL_STATES = frozenset(
+    {
+        "creating",
+        "restoring",
+        "starting",
+        "stopping",
+        "archiving",
+        "pulling_snapshot",
+        "pending_build",
+        "building_snapshot",
+        "resizing",
+        "snapshotting",
+        "forking",
+        "pausing",
+        "resuming",
+        "destroying",
+    }
+)
+ALL_STATES = TRANSITIONAL_STATES | {
+    STATE_STARTED,
+    STATE_STOPPED,
+    STATE_PAUSED,
+    STATE_ARCHIVED,
+    STATE_ERROR,
+    STATE_BUILD_FAILED,
+    STATE_DESTROYED,
+    "unknown",
+}
+
+
+@dataclass(frozen=True)
+class ObservedSandbox:
+    """One sandbox as the provider reports it (from list or get)."""
+
+    id: str
+    name: str
+    state: str  # a SandboxState value, or whatever unknown string the API sent
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    error_reason: str | None = None
+    recoverable: bool = False
+    snapshot: str | None = None
+    target: str | None = None
+    cpu: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    gpu: int | None = None
+
+    @property
+    def lease_name(self) -> str | None:
+        return self.labels.get(LABEL_LEASE)
+
+    @property
+    def instance(self) -> str | None:
+        return self.labels.get(LABEL_INSTANCE)
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.labels.get(LABEL_SPEC)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """Everything needed to create one sandbox. ``snapshot`` and ``image`` are mutually exclusive."""
+
+    name: str
+    labels: Mapping[str, str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    snapshot: str | None = None
+    image: str | None = None
+    target: str | None = None
+    language: str | None = None
+    cpu: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    gpu: int | None = None
+    auto_stop_interval: int | None = None
+    auto_archive_interval: int | None = None
+    auto_delete_interval: int | None = None
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of one command. ``exit_code`` is None only when the command timed out."""
+
+    exit_code: int | None
+    output: str
+    timed_out: bool = False
+
+
+@runtime_checkable
+class SandboxProvider(Protocol):
+    """What the controller needs from a sandbox platform. Every call has a bounded duration.
+
+    Lifecycle calls return once the platform accepted the request; they do not promise that the
+    sandbox reached its final state (the next observation tells). ``get`` returns None for an
+    unknown id or name instead of raising.
+    """
+
+    def list_sandboxes(self, labels: Mapping[str, str]) -> list[ObservedSandbox]:
+        """All sandboxes carrying every given label (all pages)."""
+        ...
+
+    def get(self, id_or_name: str) -> ObservedSandbox | None: ...
+
+    def create(self, request: CreateRequest) -> ObservedSandbox: ...
+
+    def start(self, sandbox_id: str) -> None: ...
+
+    def stop(self, sandbox_id: str) -> None: ...
+
+    def archive(self, sandbox_id: str) -> None: ...
+
+    def recover(self, sandbox_id: str) -> None: ...
+
+    def delete(self, sandbox_id: str) -> None:
+        """Delete; a sandbox that is already gone is not an error."""
+        ...
+
+    def exec(
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: int | None = None,
+    ) -> ExecResult: ...
+
+    def work_dir(self, sandbox_id: str) -> str: ...
+
+    def make_dir(self, sandbox_id: str, path: str) -> None: ...
+
+    def upload(self, sandbox_id: str, path: str, data: bytes) -> None: ...
+
+    def delete_file(self, sandbox_id: str, path: str) -> None:
+        """Remove a file; a file that is already gone is not an error."""
+        ...
