@@ -1,0 +1,41 @@
+"""SQLAlchemy 2.x models of leasectl's database (tables, value sets, the overview view).
+
+Imported by the controller and the migrations; imports nothing of ``controller``.
+"""
+
+from models.base import NAMING_CONVENTION, Base, UTCDateTime, metadata, utcnow
+from models.tables import (
+    DESIRED_STATES,
+    EXECUTION_STATES,
+    EXECUTION_TERMINAL_STATES,
+    LANGUAGES,
+    PHASES,
+    Event,
+    Execution,
+    LeaderElection,
+    Lease,
+    LeaseStatus,
+    OrphanSighting,
+)
+from models.views import LEASE_OVERVIEW_SQL, lease_overview
+
+__all__ = [
+    "DESIRED_STATES",
+    "EXECUTION_STATES",
+    "EXECUTION_TERMINAL_STATES",
+    "LANGUAGES",
+    "LEASE_OVERVIEW_SQL",
+    "NAMING_CONVENTION",
+    "PHASES",
+    "Base",
+    "Event",
+    "Execution",
+    "LeaderElection",
+    "Lease",
+    "LeaseStatus",
+    "OrphanSighting",
+    "UTCDateTime",
+    "lease_overview",
+    "metadata",
+    "utcnow",
+]

@@ -1,0 +1,201 @@
+"""The tables of leasectl's database and the value sets the database itself enforces.
+
+Ownership: operators own ``leases`` (the controller never writes its columns except through
+``leasectl apply``); the controller owns ``lease_status``, ``events``, ``orphan_sightings`` and
+``leader_election``; ``executions`` is shared (operators insert queued rows, the controller runs them
+and writes the results).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, UTCDateTime
+
+DESIRED_STATES = ("running", "stopped", "archived", "absent")
+LANGUAGES = ("python", "typescript", "javascript")
+PHASES = (
+    "Pending",
+    "Provisioning",
+    "Ready",
+    "Stopping",
+    "Stopped",
+    "Archiving",
+    "Archived",
+    "Deleting",
+    "Deleted",
+    "Error",
+    "Failed",
+    "Paused",
+)
+EXECUTION_STATES = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "error",
+    "cancelled",
+    "interrupted",
+)
+EXECUTION_TERMINAL_STATES = ("succeeded", "failed", "timed_out", "error", "cancelled", "interrupted")
+
+# Integer primary keys that autoincrement on both SQLite (INTEGER PRIMARY KEY) and PostgreSQL.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Lease(Base):
+    """Desired state of one sandbox, owned by the operator."""
+
+    __tablename__ = "leases"
+    __table_args__ = (
+        sa.CheckConstraint(_in("desired_state", DESIRED_STATES), name="desired_state"),
+        sa.CheckConstraint("snapshot IS NULL OR image IS NULL", name="snapshot_xor_image"),
+        sa.CheckConstraint(
+            "image IS NOT NULL OR (cpu IS NULL AND memory IS NULL AND disk IS NULL AND gpu IS NULL)",
+            name="resources_need_image",
+        ),
+        sa.CheckConstraint("language IS NULL OR " + _in("language", LANGUAGES), name="language"),
+        sa.CheckConstraint("cpu IS NULL OR cpu > 0", name="cpu_positive"),
+        sa.CheckConstraint("memory IS NULL OR memory > 0", name="memory_positive"),
+        sa.CheckConstraint("disk IS NULL OR disk > 0", name="disk_positive"),
+        sa.CheckConstraint("gpu IS NULL OR gpu > 0", name="gpu_positive"),
+        sa.CheckConstraint("auto_stop_interval IS NULL OR auto_stop_interval >= 0", name="auto_stop"),
+        sa.CheckConstraint(
+            "auto_archive_interval IS NULL OR auto_archive_interval >= 0", name="auto_archive"
+        ),
+        sa.CheckConstraint("auto_delete_interval IS NULL OR auto_delete_interval >= -1", name="auto_delete"),
+        sa.CheckConstraint("length(name) BETWEEN 1 AND 63", name="name_length"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(63), unique=True)
+    desired_state: Mapped[str] = mapped_column(sa.String(16), server_default="running")
+    snapshot: Mapped[str | None] = mapped_column(sa.String(255))
+    image: Mapped[str | None] = mapped_column(sa.String(1024))
+    target: Mapped[str | None] = mapped_column(sa.String(64))
+    language: Mapped[str | None] = mapped_column(sa.String(16))
+    cpu: Mapped[int | None] = mapped_column(sa.Integer)
+    memory: Mapped[int | None] = mapped_column(sa.Integer)
+    disk: Mapped[int | None] = mapped_column(sa.Integer)
+    gpu: Mapped[int | None] = mapped_column(sa.Integer)
+    env: Mapped[dict[str, str]] = mapped_column(sa.JSON, server_default=sa.text("'{}'"))
+    labels: Mapped[dict[str, str]] = mapped_column(sa.JSON, server_default=sa.text("'{}'"))
+    auto_stop_interval: Mapped[int | None] = mapped_column(sa.Integer)
+    auto_archive_interval: Mapped[int | None] = mapped_column(sa.Integer)
+    auto_delete_interval: Mapped[int | None] = mapped_column(sa.Integer)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paused: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class LeaseStatus(Base):
+    """What the controller last observed and did for one lease. Owned by the controller.
+
+    Not a foreign key to ``leases``: an operator may delete a lease row with SQL while its sandbox
+    still exists; the status row is what lets the controller find and remove that sandbox.
+    """
+
+    __tablename__ = "lease_status"
+    __table_args__ = (sa.CheckConstraint(_in("phase", PHASES), name="phase"),)
+
+    lease_name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+    sandbox_id: Mapped[str | None] = mapped_column(sa.String(128))
+    sandbox_name: Mapped[str | None] = mapped_column(sa.String(128))
+    observed_state: Mapped[str | None] = mapped_column(sa.String(32))
+    phase: Mapped[str] = mapped_column(sa.String(16), server_default="Pending")
+    spec_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    failed_spec_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    message: Mapped[str | None] = mapped_column(sa.Text)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    failures: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    workspace_path: Mapped[str | None] = mapped_column(sa.String(1024))
+    create_attempt_name: Mapped[str | None] = mapped_column(sa.String(128))
+    create_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class Execution(Base):
+    """A command for a lease: queued by an operator (SQL or CLI), run and recorded by the controller.
+
+    ``env`` and ``stdin`` carry what the command needs while it waits; the dispatcher clears both
+    when the row reaches a terminal state, so secrets do not stay in the database.
+    """
+
+    __tablename__ = "executions"
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", EXECUTION_STATES), name="state"),
+        sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="timeout_positive"),
+        sa.Index("ix_executions_state_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    lease_name: Mapped[str] = mapped_column(sa.String(63), index=True)
+    command: Mapped[str] = mapped_column(sa.Text)
+    cwd: Mapped[str | None] = mapped_column(sa.String(1024))
+    env: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
+    stdin: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    timeout_seconds: Mapped[int | None] = mapped_column(sa.Integer)
+    state: Mapped[str] = mapped_column(sa.String(16), server_default="queued")
+    exit_code: Mapped[int | None] = mapped_column(sa.Integer)
+    output: Mapped[str | None] = mapped_column(sa.Text)
+    output_truncated: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(128))
+    sandbox_id: Mapped[str | None] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    """Append-only history: one row per action and outcome. Never holds a secret."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now(), index=True)
+    lease_name: Mapped[str | None] = mapped_column(sa.String(63), index=True)
+    sandbox_id: Mapped[str | None] = mapped_column(sa.String(128))
+    action: Mapped[str] = mapped_column(sa.String(32))
+    outcome: Mapped[str] = mapped_column(sa.String(32))
+    message: Mapped[str | None] = mapped_column(sa.Text)
+    controller_id: Mapped[str | None] = mapped_column(sa.String(128))
+    pass_id: Mapped[str | None] = mapped_column(sa.String(32))
+
+
+class OrphanSighting(Base):
+    """When the controller first saw a sandbox of its own that no lease wants (GC grace clock)."""
+
+    __tablename__ = "orphan_sightings"
+
+    sandbox_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    sandbox_name: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_label: Mapped[str | None] = mapped_column(sa.String(63))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LeaderElection(Base):
+    """One row per controller instance: who leads, until when, and the fencing term."""
+
+    __tablename__ = "leader_election"
+
+    instance: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(sa.String(128))
+    term: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    renewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
