@@ -1,0 +1,273 @@
+"""The ``leasectl`` command line (typer). Parses settings once and passes them down.
+
+Exit codes: 0 success; 1 runtime failure; 2 invalid input (bad config, lease file, arguments, or a
+lease that cannot take the request). Commands that report differences (``plan``) document their own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import sqlalchemy as sa
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from controller import __version__
+from controller import db as dbmod
+from controller.config import Settings, load_settings
+from controller.errors import ConfigError, LeasectlError, SpecError
+from controller.leases import apply_specs, overview, read_specs
+from controller.specs import dump_leases, load_lease_files
+
+app = typer.Typer(
+    name="leasectl",
+    help="Declarative lease controller for Daytona sandboxes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_INVALID = 2
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+@dataclass
+class CliContext:
+    """What the global options said; settings are loaded on first use, once."""
+
+    config: Path | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.config, self.overrides)
+            except ConfigError as exc:
+                fail(str(exc), EXIT_INVALID)
+            from controller import logs
+
+            logs.configure(self._settings.logging.level, self._settings.logging.format)
+        return self._settings
+
+    def database(self) -> dbmod.Database:
+        return dbmod.connect(self.settings.database_url)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """Turn expected errors into a clear message and exit code instead of a traceback."""
+    try:
+        yield
+    except (SpecError, ConfigError) as exc:
+        fail(str(exc), EXIT_INVALID)
+    except LeasectlError as exc:
+        fail(str(exc))
+    except sa.exc.IntegrityError as exc:
+        fail(f"the database refused the change: {exc.orig}", EXIT_INVALID)
+    except sa.exc.OperationalError as exc:
+        fail(f"database error: {exc.orig}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"leasectl {__version__}")
+        raise typer.Exit()
+
+
+def _set(overrides: dict[str, Any], dotted: str, value: Any) -> None:
+    if value is None:
+        return
+    node = overrides
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Settings file (default: $LEASECTL_CONFIG or ./leasectl.yaml)."),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="SQLAlchemy URL of the database.")
+    ] = None,
+    instance: Annotated[str | None, typer.Option("--instance", help="Controller instance name.")] = None,
+    api_url: Annotated[str | None, typer.Option("--api-url", help="Daytona API URL.")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = None,
+    log_format: Annotated[str | None, typer.Option("--log-format", help="text or json.")] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    overrides: dict[str, Any] = {}
+    _set(overrides, "database_url", database_url)
+    _set(overrides, "controller.instance", instance)
+    _set(overrides, "daytona.api_url", api_url)
+    _set(overrides, "logging.level", log_level)
+    _set(overrides, "logging.format", log_format)
+    ctx.obj = CliContext(config=config, overrides=overrides)
+
+
+def _ctx(ctx: typer.Context) -> CliContext:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, CliContext)
+    return obj
+
+
+# -- db ------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create or migrate the schema to the newest revision (safe to run again)."""
+    cli = _ctx(ctx)
+    with handled():
+        database = cli.database()
+        dbmod.upgrade(database)
+        out.print(f"database {database.url} at revision {dbmod.current_revision(database)}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context) -> None:
+    """Show the schema revision of the database and the newest one known."""
+    cli = _ctx(ctx)
+    with handled():
+        database = cli.database()
+        out.print(f"current: {dbmod.current_revision(database)}  head: {dbmod.head_revision()}")
+
+
+# -- leases --------------------------------------------------------------------------------------
+
+
+@app.command()
+def apply(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Option("--file", "-f", help="Lease YAML file ('-' for stdin).")],
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Set leases missing from the files to desired state 'absent'.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would change; write nothing.")
+    ] = False,
+) -> None:
+    """Sync lease files into the database in one transaction."""
+    cli = _ctx(ctx)
+    with handled():
+        specs = load_lease_files(files)
+        result = apply_specs(cli.database(), specs, prune=prune, dry_run=dry_run)
+    suffix = " (dry run: nothing written)" if dry_run else ""
+    for label, names in (
+        ("created", result.created),
+        ("updated", result.updated),
+        ("unchanged", result.unchanged),
+        ("pruned", result.pruned),
+    ):
+        for name in names:
+            out.print(f"lease/{name} {label}", highlight=False)
+    out.print(
+        f"{len(result.created)} created, {len(result.updated)} updated, "
+        f"{len(result.unchanged)} unchanged, {len(result.pruned)} pruned{suffix}",
+        highlight=False,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+GET_COLUMNS = ("name", "desired_state", "phase", "observed_state", "sandbox_id", "message")
+
+
+@app.command()
+def get(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+) -> None:
+    """Show desired and observed state of leases."""
+    cli = _ctx(ctx)
+    with handled(), cli.database().session() as session:
+        rows = overview(session, names or ())
+    missing = sorted(set(names or ()) - {r["name"] for r in rows})
+    if output is OutputFormat.table:
+        table = Table(box=None, pad_edge=False)
+        for col in ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX", "MESSAGE"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            desired = r["desired_state"] + (" (paused)" if r["paused"] else "")
+            table.add_row(
+                r["name"],
+                desired,
+                r["phase"],
+                r["observed_state"] or "-",
+                r["sandbox_id"] or "-",
+                r["message"] or "",
+            )
+        out.print(table)
+    else:
+        data = [{k: _jsonable(v) for k, v in r.items()} for r in rows]
+        if output is OutputFormat.json:
+            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        else:
+            sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    if missing:
+        fail(f"no such lease: {', '.join(missing)}", EXIT_INVALID)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to FILE (default stdout).")
+    ] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
+) -> None:
+    """Print the leases as YAML that `apply` accepts."""
+    cli = _ctx(ctx)
+    with handled(), cli.database().session() as session:
+        text = dump_leases(read_specs(session, names or ()))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        err.print(f"wrote {output}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    app(args=list(argv) if argv is not None else None, prog_name="leasectl")
+
+
+if __name__ == "__main__":
+    main()

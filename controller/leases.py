@@ -1,0 +1,104 @@
+"""Operator-facing lease operations on the database: apply (upsert and prune), read, export.
+
+Used by the CLI (``apply``, ``get``, ``export``). ``apply`` writes only operator columns, in one
+transaction: on any error nothing is written. It never deletes a row: pruning sets the desired
+state to ``absent`` so the controller can still find and delete the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from controller.db import Database
+from controller.specs import LeaseSpec
+from models import Lease, lease_overview, utcnow
+
+OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
+
+
+@dataclass
+class ApplyResult:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created or self.updated or self.pruned)
+
+
+def _row_values(lease: Lease) -> dict[str, Any]:
+    return {col: getattr(lease, col) for col in OPERATOR_COLUMNS}
+
+
+def apply_specs(
+    db: Database, specs: Sequence[LeaseSpec], *, prune: bool = False, dry_run: bool = False
+) -> ApplyResult:
+    """Upsert ``specs`` into ``leases`` in one transaction (rolled back when ``dry_run``)."""
+    result = ApplyResult()
+    wanted = {s.name for s in specs}
+    with contextlib.suppress(_RolledBack):
+        _apply(db, specs, wanted, result, prune=prune, dry_run=dry_run)
+    return result
+
+
+class _RolledBack(Exception):
+    """Raised inside the transaction to roll a dry run back."""
+
+
+def _apply(
+    db: Database,
+    specs: Sequence[LeaseSpec],
+    wanted: set[str],
+    result: ApplyResult,
+    *,
+    prune: bool,
+    dry_run: bool,
+) -> None:
+    with db.session() as session:
+        existing = {lease.name: lease for lease in session.scalars(sa.select(Lease).with_for_update())}
+        now = utcnow()
+        for spec in specs:
+            values = spec.to_row()
+            lease = existing.get(spec.name)
+            if lease is None:
+                session.add(Lease(**values, created_at=now, updated_at=now))
+                result.created.append(spec.name)
+            elif _row_values(lease) != values:
+                for col, value in values.items():
+                    setattr(lease, col, value)
+                lease.updated_at = now
+                result.updated.append(spec.name)
+            else:
+                result.unchanged.append(spec.name)
+        if prune:
+            for name, lease in sorted(existing.items()):
+                if name not in wanted and lease.desired_state != "absent":
+                    lease.desired_state = "absent"
+                    lease.updated_at = now
+                    result.pruned.append(name)
+        session.flush()  # let the database's own constraints speak before we report success
+        if dry_run:
+            raise _RolledBack
+
+
+def read_specs(session: Session, names: Sequence[str] = ()) -> list[LeaseSpec]:
+    query = sa.select(Lease).order_by(Lease.name)
+    if names:
+        query = query.where(Lease.name.in_(names))
+    return [LeaseSpec.from_row(_row_values(lease)) for lease in session.scalars(query)]
+
+
+def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of the ``lease_overview`` view, as dicts, ordered by name."""
+    query = sa.select(lease_overview).order_by(lease_overview.c.name)
+    if names:
+        query = query.where(lease_overview.c.name.in_(names))
+    return [dict(row._mapping) for row in session.execute(query)]

@@ -1,0 +1,259 @@
+"""LeaseSpec: one lease as written in YAML, its validation, its row form and its spec hash.
+
+``leasectl apply`` loads files with :func:`load_lease_files` (errors name the file, the lease and the
+field), ``leasectl export`` turns rows back into the same YAML, and the reconciler hashes the spec
+columns of a row with :func:`spec_hash` to detect changes, whoever made them (apply or plain SQL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from controller.errors import SpecError
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_LABEL_PREFIX = "leasectl-"
+DesiredState = Literal["running", "stopped", "archived", "absent"]
+Language = Literal["python", "typescript", "javascript"]
+
+# Columns of `leases` that define the sandbox; a change to any of them replaces the sandbox.
+SPEC_COLUMNS = (
+    "snapshot",
+    "image",
+    "target",
+    "language",
+    "cpu",
+    "memory",
+    "disk",
+    "gpu",
+    "env",
+    "labels",
+    "auto_stop_interval",
+    "auto_archive_interval",
+    "auto_delete_interval",
+)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu: int | None = Field(default=None, gt=0, strict=True)
+    memory: int | None = Field(default=None, gt=0, strict=True, description="GiB")
+    disk: int | None = Field(default=None, gt=0, strict=True, description="GiB")
+    gpu: int | None = Field(default=None, gt=0, strict=True)
+
+
+class LeaseSpec(BaseModel):
+    """One lease. ``state`` is the desired state (column ``desired_state``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    state: DesiredState = "running"
+    snapshot: str | None = Field(default=None, min_length=1)
+    image: str | None = Field(default=None, min_length=1)
+    target: str | None = Field(default=None, min_length=1)
+    language: Language | None = None
+    resources: Resources | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    auto_stop_interval: int | None = Field(default=None, ge=0, strict=True)
+    auto_archive_interval: int | None = Field(default=None, ge=0, strict=True)
+    auto_delete_interval: int | None = Field(default=None, ge=-1, strict=True)
+    expires_at: datetime | None = None
+    paused: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                "must be a lowercase slug: letters a-z, digits and dashes, 1-63 characters, "
+                "not starting or ending with a dash"
+            )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_KEY_RE.match(key):
+                raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith(RESERVED_LABEL_PREFIX):
+                raise ValueError(f"label {key!r} uses the reserved prefix {RESERVED_LABEL_PREFIX!r}")
+            if not key:
+                raise ValueError("label keys must not be empty")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must include a time zone, e.g. 2026-12-31T18:00:00Z")
+        return value.astimezone(UTC) if value is not None else None
+
+    @model_validator(mode="after")
+    def _image_rules(self) -> LeaseSpec:
+        if self.snapshot is not None and self.image is not None:
+            raise ValueError("give either snapshot or image, not both")
+        if self.resources is not None and self.image is None:
+            raise ValueError("resources can only be set together with image")
+        return self
+
+    # -- row form -------------------------------------------------------------------------------
+
+    def to_row(self) -> dict[str, Any]:
+        """Column values of ``leases`` for this spec (without id and timestamps)."""
+        res = self.resources or Resources()
+        return {
+            "name": self.name,
+            "desired_state": self.state,
+            "snapshot": self.snapshot,
+            "image": self.image,
+            "target": self.target,
+            "language": self.language,
+            "cpu": res.cpu,
+            "memory": res.memory,
+            "disk": res.disk,
+            "gpu": res.gpu,
+            "env": dict(self.env),
+            "labels": dict(self.labels),
+            "auto_stop_interval": self.auto_stop_interval,
+            "auto_archive_interval": self.auto_archive_interval,
+            "auto_delete_interval": self.auto_delete_interval,
+            "expires_at": self.expires_at,
+            "paused": self.paused,
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> LeaseSpec:
+        resources = {k: row.get(k) for k in ("cpu", "memory", "disk", "gpu") if row.get(k) is not None}
+        return cls(
+            name=row["name"],
+            state=row["desired_state"],
+            snapshot=row.get("snapshot"),
+            image=row.get("image"),
+            target=row.get("target"),
+            language=row.get("language"),
+            resources=Resources(**resources) if resources else None,
+            env=dict(row.get("env") or {}),
+            labels=dict(row.get("labels") or {}),
+            auto_stop_interval=row.get("auto_stop_interval"),
+            auto_archive_interval=row.get("auto_archive_interval"),
+            auto_delete_interval=row.get("auto_delete_interval"),
+            expires_at=row.get("expires_at"),
+            paused=bool(row.get("paused")),
+        )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The YAML form: defaults and empty values left out, so exports stay short."""
+        data = self.model_dump(mode="json", exclude_defaults=True, exclude_none=True)
+        data["name"] = self.name
+        data.setdefault("state", self.state)
+        ordered = {"name": data.pop("name"), "state": data.pop("state")}
+        ordered.update(data)
+        return ordered
+
+
+def spec_hash(row: Mapping[str, Any]) -> str:
+    """A stable short hash of the spec columns of a lease row (not state, paused or expiry)."""
+    canonical = json.dumps(
+        {col: row.get(col) for col in SPEC_COLUMNS}, sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc) or "(lease)"
+
+
+def parse_leases(data: Any, source: str) -> list[LeaseSpec]:
+    """Validate the parsed YAML of one file; every error names the source, the lease and the field."""
+    if data is None:
+        return []
+    if not isinstance(data, Mapping) or set(data) - {"leases"}:
+        extra = sorted(set(data) - {"leases"}) if isinstance(data, Mapping) else None
+        hint = f" (unknown keys: {', '.join(map(str, extra))})" if extra else ""
+        raise SpecError(f"{source}: the top level must be a mapping with one key, 'leases'{hint}")
+    items = data.get("leases")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise SpecError(f"{source}: 'leases' must be a list")
+    specs: list[LeaseSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        label = f"leases[{index}]"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            label = f"lease {item['name']!r}"
+        if not isinstance(item, Mapping):
+            problems.append(f"{source}: {label}: must be a mapping")
+            continue
+        try:
+            specs.append(LeaseSpec.model_validate(dict(item)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return specs
+
+
+def load_lease_files(paths: Iterable[Path]) -> list[LeaseSpec]:
+    """Read and validate lease files; names must be unique across all of them."""
+    specs: list[LeaseSpec] = []
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    for path in paths:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8") if source != "-" else _stdin()
+        except OSError as exc:
+            raise SpecError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{source}: not valid YAML: {exc}") from exc
+        try:
+            file_specs = parse_leases(data, source)
+        except SpecError as exc:
+            problems.append(str(exc))
+            continue
+        for spec in file_specs:
+            if spec.name in seen:
+                problems.append(
+                    f"{source}: lease {spec.name!r}: name: duplicate (also defined in {seen[spec.name]})"
+                )
+            else:
+                seen[spec.name] = source
+                specs.append(spec)
+    if problems:
+        raise SpecError("\n".join(problems))
+    return specs
+
+
+def _stdin() -> str:
+    import sys
+
+    return sys.stdin.read()
+
+
+def dump_leases(specs: Iterable[LeaseSpec]) -> str:
+    """YAML that :func:`load_lease_files` accepts and that round-trips."""
+    return yaml.safe_dump({"leases": [s.to_yaml_dict() for s in specs]}, sort_keys=False, allow_unicode=True)
