@@ -1,0 +1,100 @@
+"""Settings precedence (defaults < file < DAYTONA_* < LEASECTL_* < flags) and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import Settings, load_settings, redacted
+from controller.errors import ConfigError
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LEASECTL_CONFIG")
+    s = load_settings()
+    assert s.database_url == "sqlite:///leasectl.db"
+    assert s.controller.instance == "default"
+    assert s.server.listen == "127.0.0.1:9464"
+    assert s.controller.create_rate_per_minute == 300
+    assert s.logging.format == "text"
+
+
+def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "database_url: sqlite:///file.db\n"
+        "controller: {instance: from-file, max_concurrent_actions: 3, gc_interval_seconds: 7}\n"
+        "daytona: {api_url: http://file/api, target: file-target}\n"
+    )
+    assert load_settings(cfg).controller.instance == "from-file"
+    monkeypatch.setenv("DAYTONA_API_URL", "http://std-env/api")
+    monkeypatch.setenv("DAYTONA_API_KEY", "k-std")
+    s = load_settings(cfg)
+    assert s.daytona.api_url == "http://std-env/api" and s.daytona.target == "file-target"
+    monkeypatch.setenv("LEASECTL_DAYTONA__API_URL", "http://leasectl-env/api")
+    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", "from-env")
+    monkeypatch.setenv("LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS", "12")
+    monkeypatch.setenv("LEASECTL_DATABASE_URL", "sqlite:///env.db")
+    s = load_settings(cfg, {"controller": {"instance": "from-flag"}})
+    assert s.controller.instance == "from-flag"
+    assert s.controller.reconcile_interval_seconds == 12
+    assert s.controller.max_concurrent_actions == 3  # file value survives where nothing overrides it
+    assert s.controller.gc_interval_seconds == 7
+    assert s.daytona.api_url == "http://leasectl-env/api"
+    assert s.database_url == "sqlite:///env.db"
+    assert s.daytona.api_key is not None and s.daytona.api_key.get_secret_value() == "k-std"
+
+
+def test_config_file_from_env_and_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "leasectl.yaml").write_text("controller: {instance: cwd}\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("controller: {instance: envfile}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LEASECTL_CONFIG")
+    assert load_settings().controller.instance == "cwd"
+    monkeypatch.setenv("LEASECTL_CONFIG", str(other))
+    assert load_settings().controller.instance == "envfile"
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("controller: {instanc: x}\n", ["c.yaml", "controller.instanc"]),
+        ("controller: {max_concurrent_actions: 0}\n", ["c.yaml", "controller.max_concurrent_actions"]),
+        ("logging: {format: xml}\n", ["c.yaml", "logging.format"]),
+        ("server: {listen: nope}\n", ["c.yaml", "server.listen"]),
+        ("- a\n", ["c.yaml", "mapping"]),
+        ("controller: [\n", ["c.yaml", "YAML"]),
+    ],
+)
+def test_bad_file_names_file_and_key(tmp_path: Path, text: str, needles: list[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_bad_env_names_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS"):
+        load_settings()
+
+
+def test_api_key_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAYTONA_API_KEY", "super-secret-key")
+    s = load_settings()
+    assert "super-secret-key" not in repr(s) and "super-secret-key" not in str(s)
+    assert "super-secret-key" not in str(redacted(s))
+
+
+def test_example_config_lists_every_setting_with_its_default() -> None:
+    """config.example.yaml must parse, and hold exactly the defaults."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "config.example.yaml"
+    data = yaml.safe_load(path.read_text())
+    defaults = Settings.model_validate({}).model_dump(mode="json")
+    assert data == defaults
