@@ -70,7 +70,7 @@ def test_duplicates_across_files(tmp_path: Path) -> None:
 def test_bad_file_shapes(tmp_path: Path, text: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(SpecError, match="bad.yaml"):
+    with pytest.raises(SpecError, match=r"bad\.yaml"):
         load_lease_files([path])
 
 
