@@ -1,0 +1,322 @@
+"""The Daytona provider: the ONLY module that imports the Daytona SDK.
+
+Lifecycle calls (list, get, create, start, stop, archive, recover, delete) go through the SDK's
+generated REST client (``daytona_api_client``) so that each is exactly one bounded HTTP request and
+returns as soon as Daytona accepted it: the reconciler observes progress on its next pass instead of
+blocking a worker in the high-level client's wait loops. Toolbox calls (exec, files, work dir) use
+the high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable
+socket can neither slow nor break anything.
+
+Every vendor exception is translated into ``controller.errors`` and raised ``from`` the original:
+429 -> RateLimitedError (Retry-After honoured); 408, 5xx, network errors, 401/403 (credentials or
+quota, which an operator can fix without touching the spec) -> TransientError; 404 -> NotFoundError;
+409 -> ConflictError; other 4xx (a spec Daytona refuses) -> PermanentError. urllib3's own retries are
+off: backoff belongs to the applier, which sees every failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from daytona import Daytona, DaytonaConfig, DaytonaError
+from daytona_api_client import ApiClient, Configuration, CreateBuildInfo, CreateSandbox, SandboxApi
+from daytona_api_client.exceptions import ApiException
+
+from controller.errors import (
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    ProviderError,
+    RateLimitedError,
+    TransientError,
+)
+from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 200  # Daytona's maximum page size
+LANGUAGE_LABEL = "code-toolbox-language"
+T = TypeVar("T")
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if key.lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def translate(exc: BaseException, what: str) -> ProviderError:
+    """Map an SDK, HTTP or network exception to the project's error tree."""
+    status: int | None = None
+    headers: Mapping[str, str] | None = None
+    if isinstance(exc, ApiException):
+        status, headers = exc.status, exc.headers
+    elif isinstance(exc, DaytonaError):
+        status = getattr(exc, "status_code", None)
+        headers = getattr(exc, "headers", None)
+    message = f"{what}: {_short(exc)}"
+    if not status:  # no HTTP answer: connection refused, reset, time-out, unparseable body
+        return TransientError(message)
+    if status == 429:
+        return RateLimitedError(message, _retry_after(headers))
+    if status == 404:
+        return NotFoundError(message)
+    if status == 409:
+        return ConflictError(message)
+    if status in (401, 403, 408) or status >= 500:
+        return TransientError(message, _retry_after(headers))
+    return PermanentError(message)
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        body = exc.body
+        if isinstance(body, bytes):
+            body = body.decode("utf-8", "replace")
+        try:
+            detail = json.loads(body or "{}").get("message") or exc.reason
+        except (ValueError, AttributeError):
+            detail = body or exc.reason
+        return f"HTTP {exc.status}: {detail}"
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _state(value: Any) -> str:
+    if value is None:
+        return "unknown"
+    raw = getattr(value, "value", value)
+    return str(raw)
+
+
+def to_observed(item: Any) -> ObservedSandbox:
+    """Convert a generated ``Sandbox`` or ``SandboxListItem`` model."""
+    return ObservedSandbox(
+        id=item.id,
+        name=item.name,
+        state=_state(item.state),
+        labels=dict(item.labels or {}),
+        created_at=_parse_time(getattr(item, "created_at", None)),
+        error_reason=getattr(item, "error_reason", None),
+        recoverable=bool(getattr(item, "recoverable", False)),
+        snapshot=getattr(item, "snapshot", None),
+        target=getattr(item, "target", None),
+        cpu=getattr(item, "cpu", None),
+        memory=getattr(item, "memory", None),
+        disk=getattr(item, "disk", None),
+        gpu=getattr(item, "gpu", None),
+    )
+
+
+class DaytonaProvider:
+    """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
+
+    def __init__(
+        self,
+        api_url: str,
+        api_key: str,
+        *,
+        target: str | None = None,
+        request_timeout: float = 60.0,
+        on_request: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._timeout = request_timeout
+        self._target = target
+        self._on_request = on_request
+        configuration = Configuration(host=api_url.rstrip("/"))
+        configuration.retries = False
+        self._api_client = ApiClient(configuration)
+        self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
+        self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
+        self._api = SandboxApi(self._api_client)
+        self._sdk = Daytona(
+            DaytonaConfig(
+                api_key=api_key,
+                api_url=api_url.rstrip("/"),
+                target=target,
+                use_deprecated_polling=True,
+                connection_pool_maxsize=32,
+            )
+        )
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _call(self, operation: str, what: str, fn: Callable[[], T]) -> T:
+        try:
+            result = fn()
+        except ProviderError:
+            raise
+        except Exception as exc:
+            error = translate(exc, what)
+            self._record(operation, type(error).__name__)
+            raise error from exc
+        self._record(operation, "ok")
+        return result
+
+    def _record(self, operation: str, outcome: str) -> None:
+        if self._on_request is not None:
+            self._on_request(operation, outcome)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def list_sandboxes(self, labels: Mapping[str, str]) -> list[ObservedSandbox]:
+        encoded = json.dumps(dict(labels), sort_keys=True)
+        found: list[ObservedSandbox] = []
+        cursor: str | None = None
+        while True:
+            page = self._call(
+                "list",
+                "list sandboxes",
+                lambda c=cursor: self._api.list_sandboxes(  # type: ignore[misc]
+                    cursor=c, limit=PAGE_SIZE, labels=encoded, _request_timeout=self._timeout
+                ),
+            )
+            found.extend(to_observed(item) for item in page.items or [])
+            cursor = page.next_cursor or None
+            if not cursor:
+                return found
+
+    def get(self, id_or_name: str) -> ObservedSandbox | None:
+        try:
+            item = self._call(
+                "get",
+                f"get sandbox {id_or_name}",
+                lambda: self._api.get_sandbox(id_or_name, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return None
+        return to_observed(item)
+
+    def create(self, request: CreateRequest) -> ObservedSandbox:
+        labels = dict(request.labels)
+        labels.setdefault(LANGUAGE_LABEL, request.language or "python")
+        body = CreateSandbox(
+            name=request.name,
+            snapshot=request.snapshot,
+            env=dict(request.env),
+            labels=labels,
+            target=request.target or self._target,
+            cpu=request.cpu,
+            memory=request.memory,
+            disk=request.disk,
+            gpu=request.gpu,
+            auto_stop_interval=request.auto_stop_interval,
+            auto_archive_interval=request.auto_archive_interval,
+            auto_delete_interval=request.auto_delete_interval,
+            build_info=(
+                CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n") if request.image else None
+            ),
+            volumes=[],
+        )
+        item = self._call(
+            "create",
+            f"create sandbox {request.name}",
+            lambda: self._api.create_sandbox(body, _request_timeout=self._timeout),
+        )
+        return to_observed(item)
+
+    def start(self, sandbox_id: str) -> None:
+        self._call(
+            "start",
+            f"start sandbox {sandbox_id}",
+            lambda: self._api.start_sandbox(sandbox_id, _request_timeout=self._timeout),
+        )
+
+    def stop(self, sandbox_id: str) -> None:
+        self._call(
+            "stop",
+            f"stop sandbox {sandbox_id}",
+            lambda: self._api.stop_sandbox(sandbox_id, force=False, _request_timeout=self._timeout),
+        )
+
+    def archive(self, sandbox_id: str) -> None:
+        self._call(
+            "archive",
+            f"archive sandbox {sandbox_id}",
+            lambda: self._api.archive_sandbox(sandbox_id, _request_timeout=self._timeout),
+        )
+
+    def recover(self, sandbox_id: str) -> None:
+        self._call(
+            "recover",
+            f"recover sandbox {sandbox_id}",
+            lambda: self._api.recover_sandbox(sandbox_id, _request_timeout=self._timeout),
+        )
+
+    def delete(self, sandbox_id: str) -> None:
+        try:
+            self._call(
+                "delete",
+                f"delete sandbox {sandbox_id}",
+                lambda: self._api.delete_sandbox(sandbox_id, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return
+
+    # -- toolbox ---------------------------------------------------------------------------------
+
+    def _sandbox(self, sandbox_id: str) -> Any:
+        return self._call("get", f"get sandbox {sandbox_id}", lambda: self._sdk.get(sandbox_id))
+
+    def exec(
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: int | None = None,
+    ) -> ExecResult:
+        sandbox = self._sandbox(sandbox_id)
+        try:
+            response = sandbox.process.exec(command, cwd=cwd, env=dict(env) if env else None, timeout=timeout)
+        except DaytonaError as exc:
+            if getattr(exc, "status_code", None) == 408 or "Timeout" in type(exc).__name__:
+                self._record("execute", "timeout")
+                return ExecResult(exit_code=None, output="", timed_out=True)
+            error = translate(exc, f"exec in sandbox {sandbox_id}")
+            self._record("execute", type(error).__name__)
+            raise error from exc
+        self._record("execute", "ok")
+        code = response.exit_code
+        return ExecResult(exit_code=int(code) if code is not None else -1, output=response.result or "")
+
+    def work_dir(self, sandbox_id: str) -> str:
+        sandbox = self._sandbox(sandbox_id)
+        return str(self._call("work_dir", "get work dir", sandbox.get_work_dir))
+
+    def make_dir(self, sandbox_id: str, path: str) -> None:
+        sandbox = self._sandbox(sandbox_id)
+        self._call("folder", f"create folder {path}", lambda: sandbox.fs.create_folder(path, "755"))
+
+    def upload(self, sandbox_id: str, path: str, data: bytes) -> None:
+        sandbox = self._sandbox(sandbox_id)
+        self._call("upload", f"upload {path}", lambda: sandbox.fs.upload_file(data, path))
+
+    def delete_file(self, sandbox_id: str, path: str) -> None:
+        sandbox = self._sandbox(sandbox_id)
+        try:
+            self._call("delete_file", f"delete {path}", lambda: sandbox.fs.delete_file(path))
+        except NotFoundError:
+            return
