@@ -1,0 +1,193 @@
+"""Leader election through the database, with a fencing term, on SQLite and PostgreSQL.
+
+One row of ``leader_election`` per controller instance names the holder, the term and when the
+lease expires. Acquiring and renewing is ONE conditional UPDATE (take the row if it is mine, free,
+or expired), so two replicas can never both win, whatever the backend. Each takeover increments
+``term``.
+
+Three rules keep a deposed leader harmless:
+
+* it renews every ``lease/3`` and considers itself leader only until ``renew_started + lease *
+  SAFETY`` on its own monotonic clock, i.e. it stops acting *before* anyone else may take over;
+* every controller write goes through :meth:`LeaderElector.fence` inside the writing
+  transaction: it re-reads the row (``FOR SHARE`` on PostgreSQL, so a takeover waits for the
+  transaction; SQLite serializes writers anyway) and raises NotLeaderError unless holder and term
+  are still ours and the lease has not expired;
+* releasing on shutdown sets ``expires_at`` to the past so a standby takes over at once.
+
+Replicas compare wall-clock times stored in the row: keep their clocks in sync (NTP), as for any
+lease-based election.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from controller.db import Database
+from controller.errors import NotLeaderError
+from models import LeaderElection, utcnow
+
+log = logging.getLogger(__name__)
+
+SAFETY = 0.8  # act for at most this fraction of the lease after a successful renewal
+
+
+def make_holder_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Leadership:
+    holder: str
+    term: int
+    expires_at: datetime
+
+
+class LeaderElector:
+    """Acquire, renew, check and release the leader lease of one controller instance."""
+
+    def __init__(
+        self,
+        db: Database,
+        instance: str,
+        lease_seconds: float,
+        *,
+        holder: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.instance = instance
+        self.lease_seconds = lease_seconds
+        self.holder = holder or make_holder_id()
+        self._clock = clock
+        self._monotonic = monotonic
+        self._term: int | None = None
+        self._valid_until = 0.0
+
+    @property
+    def term(self) -> int | None:
+        return self._term if self.is_leader() else None
+
+    def is_leader(self) -> bool:
+        """True while the last renewal is fresh enough to act on (local monotonic clock)."""
+        return self._term is not None and self._monotonic() < self._valid_until
+
+    def try_acquire(self) -> bool:
+        """Acquire or renew. Returns whether this replica leads now. Never raises for contention."""
+        started = self._monotonic()
+        now = self._clock()
+        expires = now + timedelta(seconds=self.lease_seconds)
+        try:
+            won = self._update(now, expires) or self._insert(now, expires)
+        except sa.exc.SQLAlchemyError:
+            log.warning("leader election: database unavailable; not leading", exc_info=True)
+            self._lose()
+            return False
+        if not won:
+            if self._term is not None:
+                log.warning("leader election: lost leadership of instance %s", self.instance)
+            self._lose()
+            return False
+        with self.db.session() as session:
+            row = session.get(LeaderElection, self.instance)
+            assert row is not None
+            term = row.term
+        if self._term != term:
+            log.info("leader election: %s leads instance %s (term %d)", self.holder, self.instance, term)
+        self._term = term
+        self._valid_until = started + self.lease_seconds * SAFETY
+        return True
+
+    def _update(self, now: datetime, expires: datetime) -> bool:
+        table = LeaderElection.__table__
+        mine = table.c.holder == self.holder
+        statement = (
+            sa.update(table)
+            .where(table.c.instance == self.instance)
+            .where(sa.or_(mine, table.c.holder.is_(None), table.c.expires_at <= now))
+            .values(
+                term=sa.case((mine, table.c.term), else_=table.c.term + 1),
+                acquired_at=sa.case((mine, table.c.acquired_at), else_=now),
+                holder=self.holder,
+                renewed_at=now,
+                expires_at=expires,
+            )
+        )
+        with self.db.session(immediate=True) as session:
+            return session.execute(statement).rowcount == 1
+
+    def _insert(self, now: datetime, expires: datetime) -> bool:
+        try:
+            with self.db.session(immediate=True) as session:
+                if session.get(LeaderElection, self.instance) is not None:
+                    return False
+                session.add(
+                    LeaderElection(
+                        instance=self.instance,
+                        holder=self.holder,
+                        term=1,
+                        acquired_at=now,
+                        renewed_at=now,
+                        expires_at=expires,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            return False  # another replica inserted first
+        return True
+
+    def _lose(self) -> None:
+        self._term = None
+        self._valid_until = 0.0
+
+    def fence(self, session: Session) -> None:
+        """Inside a writing transaction: refuse the write unless we still hold the lease."""
+        if self._term is None or not self.is_leader():
+            raise NotLeaderError(f"not the leader of instance {self.instance}")
+        query = sa.select(LeaderElection).where(LeaderElection.instance == self.instance)
+        if self.db.engine.dialect.name == "postgresql":
+            query = query.with_for_update(read=True)
+        row = session.scalars(query).one_or_none()
+        if (
+            row is None
+            or row.holder != self.holder
+            or row.term != self._term
+            or row.expires_at is None
+            or row.expires_at <= self._clock()
+        ):
+            self._lose()
+            raise NotLeaderError(f"leadership of instance {self.instance} moved on; write refused")
+
+    def release(self) -> None:
+        """Give the lease up (shutdown): a standby may take over immediately."""
+        if self._term is None:
+            return
+        table = LeaderElection.__table__
+        try:
+            with self.db.session(immediate=True) as session:
+                session.execute(
+                    sa.update(table)
+                    .where(table.c.instance == self.instance, table.c.holder == self.holder)
+                    .values(holder=None, expires_at=self._clock())
+                )
+            log.info("leader election: %s released instance %s", self.holder, self.instance)
+        except sa.exc.SQLAlchemyError:
+            log.warning("leader election: could not release; it expires by itself", exc_info=True)
+        self._lose()
+
+    def current(self) -> Leadership | None:
+        with self.db.session() as session:
+            row = session.get(LeaderElection, self.instance)
+            if row is None or row.holder is None or row.expires_at is None:
+                return None
+            return Leadership(row.holder, row.term, row.expires_at)
