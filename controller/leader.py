@@ -29,8 +29,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from controller.db import Database
@@ -110,22 +112,23 @@ class LeaderElector:
         return True
 
     def _update(self, now: datetime, expires: datetime) -> bool:
-        table = LeaderElection.__table__
-        mine = table.c.holder == self.holder
+        row = LeaderElection
+        mine = row.holder == self.holder
         statement = (
-            sa.update(table)
-            .where(table.c.instance == self.instance)
-            .where(sa.or_(mine, table.c.holder.is_(None), table.c.expires_at <= now))
+            sa.update(row)
+            .where(row.instance == self.instance)
+            .where(sa.or_(mine, row.holder.is_(None), row.expires_at <= now))
             .values(
-                term=sa.case((mine, table.c.term), else_=table.c.term + 1),
-                acquired_at=sa.case((mine, table.c.acquired_at), else_=now),
+                term=sa.case((mine, row.term), else_=row.term + 1),
+                acquired_at=sa.case((mine, row.acquired_at), else_=now),
                 holder=self.holder,
                 renewed_at=now,
                 expires_at=expires,
             )
         )
         with self.db.session(immediate=True) as session:
-            return session.execute(statement).rowcount == 1
+            result = session.execute(statement, execution_options={"synchronize_session": False})
+            return cast("CursorResult[Any]", result).rowcount == 1
 
     def _insert(self, now: datetime, expires: datetime) -> bool:
         try:
@@ -172,13 +175,13 @@ class LeaderElector:
         """Give the lease up (shutdown): a standby may take over immediately."""
         if self._term is None:
             return
-        table = LeaderElection.__table__
         try:
             with self.db.session(immediate=True) as session:
                 session.execute(
-                    sa.update(table)
-                    .where(table.c.instance == self.instance, table.c.holder == self.holder)
-                    .values(holder=None, expires_at=self._clock())
+                    sa.update(LeaderElection)
+                    .where(LeaderElection.instance == self.instance, LeaderElection.holder == self.holder)
+                    .values(holder=None, expires_at=self._clock()),
+                    execution_options={"synchronize_session": False},
                 )
             log.info("leader election: %s released instance %s", self.holder, self.instance)
         except sa.exc.SQLAlchemyError:
