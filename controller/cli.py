@@ -265,6 +265,170 @@ def export(
         err.print(f"wrote {output}")
 
 
+# -- reconcile, plan, events, doctor, run, local-daytona -----------------------------------------
+
+
+def _reconciler(cli: CliContext, *, elector: Any = None) -> Any:
+    from controller.applier import Applier, ApplierConfig
+    from controller.providers import build_provider
+    from controller.reconciler import Reconciler
+
+    settings = cli.settings
+    c = settings.controller
+    provider = build_provider(settings)
+    applier = Applier(
+        provider,
+        ApplierConfig(
+            max_concurrent_actions=c.max_concurrent_actions,
+            backoff_base_seconds=c.backoff_base_seconds,
+            backoff_max_seconds=c.backoff_max_seconds,
+            api_rate_per_second=c.api_rate_per_second,
+            create_rate_per_minute=c.create_rate_per_minute,
+            action_timeout_seconds=c.action_timeout_seconds,
+        ),
+    )
+    return Reconciler(cli.database(), provider, settings, applier=applier, elector=elector)
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="Run exactly one pass (required for now).")] = True,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+) -> None:
+    """Run one reconcile pass now and print a summary; exit 1 if a lease ended in error.
+
+    Takes the leader lease for the pass, so it never acts beside a running daemon of the same
+    instance.
+    """
+    from controller.leader import LeaderElector
+    from controller.reconciler import summarize
+
+    cli = _ctx(ctx)
+    if not once:
+        fail("use `leasectl run` for continuous reconciliation", EXIT_INVALID)
+    with handled():
+        database = cli.database()
+        c = cli.settings.controller
+        elector = LeaderElector(
+            database, c.instance, max(c.leader_lease_seconds, c.action_timeout_seconds * 2)
+        )
+        if not elector.try_acquire():
+            current = elector.current()
+            holder = current.holder if current else "another replica"
+            fail(f"instance {c.instance!r} is led by {holder}; not reconciling beside it")
+        try:
+            result = _reconciler(cli, elector=elector).run_pass()
+        finally:
+            elector.release()
+    summary = summarize(result)
+    if output is OutputFormat.table:
+        for outcome in result.outcomes:
+            status = "ok" if outcome.ok else f"FAILED: {outcome.message}"
+            out.print(f"{outcome.action.kind:<18} {outcome.action.lease_name:<30} {status}", highlight=False)
+        phases = ", ".join(f"{k}={v}" for k, v in sorted(summary["phases"].items()))
+        out.print(
+            f"pass {summary['pass_id']}: {summary['leases']} leases, {summary['actions']} actions, "
+            f"{summary['failed']} failed in {summary['seconds']}s ({phases})",
+            highlight=False,
+        )
+    else:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if result.errors or any(d.phase in ("Error", "Failed") for d in result.plan.decisions.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    detailed_exitcode: Annotated[
+        bool, typer.Option("--detailed-exitcode", help="Exit 0: no changes, 2: changes, 1: error.")
+    ] = False,
+) -> None:
+    """Show the actions a pass would take, taking none."""
+    cli = _ctx(ctx)
+    try:
+        the_plan, _, _ = _reconciler(cli).plan_pass()
+    except (SpecError, ConfigError) as exc:
+        fail(str(exc), EXIT_INVALID)
+    except (LeasectlError, sa.exc.SQLAlchemyError) as exc:
+        fail(str(exc), 1)
+    table = Table(box=None, pad_edge=False)
+    for col in ("ACTION", "LEASE", "SANDBOX", "REASON"):
+        table.add_column(col, overflow="fold")
+    for action in the_plan.actions:
+        table.add_row(
+            action.kind, action.lease_name, action.sandbox_id or action.sandbox_name or "-", action.reason
+        )
+    if the_plan.actions:
+        out.print(table)
+    out.print(
+        f"{len(the_plan.actions)} action(s) planned for {len(the_plan.decisions)} lease(s)", highlight=False
+    )
+    if detailed_exitcode and the_plan.actions:
+        raise typer.Exit(2)
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Only this lease.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N events.")] = 50,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+) -> None:
+    """Show the event history, newest last."""
+    from models import Event
+
+    cli = _ctx(ctx)
+    with handled(), cli.database().session() as session:
+        query = sa.select(Event).order_by(Event.id.desc()).limit(limit)
+        if name:
+            query = query.where(Event.lease_name == name)
+        rows = list(reversed(session.scalars(query).all()))
+    data = [
+        {
+            "at": r.at.isoformat(),
+            "lease": r.lease_name,
+            "sandbox_id": r.sandbox_id,
+            "action": r.action,
+            "outcome": r.outcome,
+            "message": r.message,
+            "pass_id": r.pass_id,
+        }
+        for r in rows
+    ]
+    if output is OutputFormat.table:
+        table = Table(box=None, pad_edge=False)
+        for col in ("TIME", "LEASE", "ACTION", "OUTCOME", "MESSAGE"):
+            table.add_column(col, overflow="fold")
+        for d in data:
+            table.add_row(d["at"][:19], d["lease"] or "-", d["action"], d["outcome"], d["message"] or "")
+        out.print(table)
+    elif output is OutputFormat.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+@app.command()
+def run(ctx: typer.Context) -> None:
+    """Run the controller daemon in the foreground (reconcile, GC, executions, health/metrics)."""
+    from controller.daemon import Daemon
+    from controller.metrics import Metrics
+    from controller.providers import build_provider
+
+    cli = _ctx(ctx)
+    with handled():
+        settings = cli.settings
+        database = cli.database()
+        if not dbmod.schema_is_current(database):
+            fail("the database schema is not current: run `leasectl db upgrade`", EXIT_INVALID)
+        metrics = Metrics()
+        provider = build_provider(settings, on_request=metrics.record_request)
+        code = Daemon(settings, database, provider, metrics=metrics).run()
+    raise typer.Exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     app(args=list(argv) if argv is not None else None, prog_name="leasectl")
 
