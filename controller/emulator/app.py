@@ -1,0 +1,483 @@
+"""The aiohttp application: REST under ``/api``, toolbox under ``/toolbox``, admin under ``/_emulator``.
+
+The middleware does, in order: answer ``/api/socket.io/`` with 404 (no event stream; the SDK falls
+back to polling), check the bearer key (401 with Daytona's envelope), complete due transitions,
+count the request under its operation name, apply injected latency and failures, run the handler
+and turn :class:`ApiError` and aiohttp's HTTP errors into Daytona's envelope. Route names are the
+operation names of ``faults.OPERATIONS``; admin routes start with ``admin_`` and are neither
+counted nor faulted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import toolbox
+from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response
+from .faults import Faults, FaultSettings, validate
+from .lifecycle import Lifecycle
+from .state import DEFAULT_SNAPSHOT, SandboxRecord, Store, decode_cursor, encode_cursor
+
+log = logging.getLogger(__name__)
+
+STORE = web.AppKey("store", Store)
+FAULTS = web.AppKey("faults", Faults)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+API_KEY = web.AppKey("api_key", str)
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 100
+SORT_FIELDS: dict[str, Callable[[SandboxRecord], Any]] = {
+    "name": lambda r: r.name,
+    "cpu": lambda r: r.cpu,
+    "memoryGib": lambda r: r.memory,
+    "diskGib": lambda r: r.disk,
+    "lastActivityAt": lambda r: r.updated_at,
+    "createdAt": lambda r: r.seq,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def toolbox_url(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}/toolbox"
+
+
+def dto(request: web.Request, record: SandboxRecord) -> web.Response:
+    return json_response(record.to_dto(toolbox_url(request)))
+
+
+def find(request: web.Request, key: str = "idOrName") -> SandboxRecord:
+    ident = request.match_info[key]
+    record = request.app[STORE].find(ident)
+    if record is None:
+        raise ApiError(404, f"Sandbox with ID or name {ident} not found", source=SOURCE_API)
+    return record
+
+
+async def json_body(request: web.Request) -> Any:
+    if not request.can_read_body:
+        return {}
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "request body must be JSON", source=SOURCE_API) from None
+
+
+# -- middleware --------------------------------------------------------------------------------
+
+
+def _authorized(request: web.Request) -> bool:
+    header = request.headers.get("Authorization", "")
+    expected = f"Bearer {request.app[API_KEY]}"
+    return hmac.compare_digest(header.encode(), expected.encode())
+
+
+@web.middleware
+async def daytona_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path.startswith("/api/socket.io"):
+        return error_response(ApiError(404, "socket.io is not served by local-daytona"), path)
+    try:
+        if not _authorized(request):
+            raise ApiError(401, "Unauthorized", source=SOURCE_API)
+        request.app[LIFECYCLE].tick()
+        route = request.match_info.route
+        op = route.name or ""
+        if op and not op.startswith("admin_"):
+            return await _with_faults(request, handler, op)
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc, path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        source = SOURCE_PROXY if path.startswith("/toolbox") else SOURCE_API
+        return error_response(ApiError(exc.status, exc.reason, source=source), path)
+
+
+async def _with_faults(request: web.Request, handler: Handler, op: str) -> web.StreamResponse:
+    faults = request.app[FAULTS]
+    faults.count(op)
+    delay = faults.latency(op)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    kind = faults.failure(op)
+    if kind == "429":
+        retry = str(faults.settings.retry_after)
+        raise ApiError(429, "ThrottlerException: Too Many Requests", headers={"Retry-After": retry})
+    if kind in ("500", "503"):
+        raise ApiError(int(kind), f"injected fault on {op}", source=SOURCE_API)
+    if kind == "timeout":
+        # The operation happens; its answer is lost (like a create that timed out on the client).
+        with contextlib.suppress(ApiError, web.HTTPException):
+            await handler(request)
+        await asyncio.sleep(faults.settings.hang_seconds)
+        raise ApiError(504, f"injected time-out on {op}", source=SOURCE_API)
+    return await handler(request)
+
+
+# -- REST --------------------------------------------------------------------------------------
+
+
+async def create_sandbox(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", source=SOURCE_API)
+    return dto(request, request.app[LIFECYCLE].create(body))
+
+
+async def get_sandbox(request: web.Request) -> web.StreamResponse:
+    return dto(request, find(request))
+
+
+def _flag(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    return value.lower() == "true"
+
+
+def _int_query(request: web.Request, key: str) -> int | None:
+    value = request.query.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, f"{key} must be an integer", source=SOURCE_API) from None
+
+
+def _matcher(request: web.Request) -> Callable[[SandboxRecord], bool]:
+    query = request.query
+    labels: dict[str, Any] = {}
+    if query.get("labels"):
+        try:
+            labels = json.loads(query["labels"])
+        except ValueError:
+            raise ApiError(400, "labels must be a JSON object", source=SOURCE_API) from None
+        if not isinstance(labels, dict):
+            raise ApiError(400, "labels must be a JSON object", source=SOURCE_API)
+    states = set(query.getall("states", []))
+    snapshots = set(query.getall("snapshots", []))
+    regions = set(query.getall("regionIds", []))
+    id_prefix = (query.get("id") or "").lower()
+    name_prefix = (query.get("name") or "").lower()
+    is_public = _flag(query.get("isPublic"))
+    is_recoverable = _flag(query.get("isRecoverable"))
+    bounds = [
+        (_int_query(request, "minCpu"), _int_query(request, "maxCpu"), "cpu"),
+        (_int_query(request, "minMemoryGiB"), _int_query(request, "maxMemoryGiB"), "memory"),
+        (_int_query(request, "minDiskGiB"), _int_query(request, "maxDiskGiB"), "disk"),
+        (_int_query(request, "minGpu"), _int_query(request, "maxGpu"), "gpu"),
+    ]
+    bounds = [b for b in bounds if b[0] is not None or b[1] is not None]
+    label_items = list(labels.items())
+
+    def match(r: SandboxRecord) -> bool:
+        if label_items and any(r.labels.get(k) != v for k, v in label_items):
+            return False
+        if states and r.state not in states:
+            return False
+        if snapshots and r.snapshot not in snapshots:
+            return False
+        if regions and r.target not in regions:
+            return False
+        if id_prefix and not r.id.lower().startswith(id_prefix):
+            return False
+        if name_prefix and not r.name.lower().startswith(name_prefix):
+            return False
+        if is_public is not None and r.public != is_public:
+            return False
+        if is_recoverable is not None and r.recoverable != is_recoverable:
+            return False
+        for low, high, attr in bounds:
+            value = getattr(r, attr)
+            if (low is not None and value < low) or (high is not None and value > high):
+                return False
+        return True
+
+    return match
+
+
+async def list_sandboxes(request: web.Request) -> web.StreamResponse:
+    limit = _int_query(request, "limit")
+    limit = DEFAULT_LIMIT if limit is None else limit
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}", source=SOURCE_API)
+    store = request.app[STORE]
+    faults = request.app[FAULTS]
+    match = _matcher(request)
+    lag = faults.settings.list_lag
+    if lag > 0:
+        horizon = request.app[LIFECYCLE].clock() - lag
+        visible = [r for r in store.ordered() if r.created_ts <= horizon]
+        visible += [t for t in store.tombstones if t.created_ts <= horizon < (t.deleted_ts or 0)]
+        visible.sort(key=lambda r: r.seq)
+    else:
+        visible = list(store.ordered())
+    rows = [r for r in visible if match(r)]
+    sort = request.query.get("sort") or "createdAt"
+    if sort not in SORT_FIELDS:
+        raise ApiError(400, f"sort must be one of {', '.join(SORT_FIELDS)}", source=SOURCE_API)
+    descending = (request.query.get("order") or "asc").lower() == "desc"
+    field = SORT_FIELDS[sort]
+    if sort != "createdAt":
+        rows.sort(key=lambda r: (field(r), r.seq))
+    if descending:
+        rows.reverse()
+    cursor = request.query.get("cursor")
+    if cursor:
+        after = decode_cursor(cursor)
+        if after is None or len(after) != 2:
+            raise ApiError(400, "invalid cursor", source=SOURCE_API)
+        mark = tuple(after)
+
+        def beyond(r: SandboxRecord) -> bool:
+            key = (field(r), r.seq)
+            return key < mark if descending else key > mark
+
+        try:
+            rows = [r for r in rows if beyond(r)]
+        except TypeError:
+            raise ApiError(400, "cursor does not belong to this sort", source=SOURCE_API) from None
+    page = rows[:limit]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = encode_cursor([field(last), last.seq])
+    base = toolbox_url(request)
+    return json_response({"items": [r.to_dto(base, list_item=True) for r in page], "nextCursor": next_cursor})
+
+
+def _lifecycle_route(action: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        record = find(request)
+        lifecycle = request.app[LIFECYCLE]
+        method: Callable[[SandboxRecord], SandboxRecord] = getattr(lifecycle, action)
+        return dto(request, method(record))
+
+    return handle
+
+
+async def set_labels(request: web.Request) -> web.StreamResponse:
+    record = find(request)
+    body = await json_body(request)
+    labels = body.get("labels") if isinstance(body, dict) else None
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ApiError(400, "labels must be an object of strings", source=SOURCE_API)
+    record.labels = dict(labels)
+    request.app[STORE].save(record)
+    return json_response({"labels": record.labels})
+
+
+async def toolbox_proxy_url(request: web.Request) -> web.StreamResponse:
+    find(request)
+    return json_response({"url": toolbox_url(request)})
+
+
+async def set_setting(request: web.Request) -> web.StreamResponse:
+    record = find(request)
+    setting = request.match_info["setting"]
+    value = request.match_info["value"]
+    if setting == "public":
+        record.public = value.lower() == "true"
+    else:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ApiError(400, f"{setting} needs an integer", source=SOURCE_API) from None
+        if setting == "autostop":
+            record.auto_stop_interval = number
+        elif setting == "autoarchive":
+            record.auto_archive_interval = number
+        elif setting == "autodelete":
+            record.auto_delete_interval = number
+        else:
+            raise ApiError(404, f"unknown setting {setting}", source=SOURCE_API)
+    request.app[STORE].save(record)
+    return dto(request, record)
+
+
+async def get_config(request: web.Request) -> web.StreamResponse:
+    base = f"{request.scheme}://{request.host}"
+    return json_response(
+        {
+            "version": "local-daytona",
+            "oidc": {"issuer": base, "clientId": "local", "audience": "local"},
+            "linkedAccountsEnabled": False,
+            "announcements": {},
+            "proxyTemplateUrl": f"{base}/proxy/{{{{PORT}}}}-{{{{sandboxId}}}}",
+            "proxyToolboxUrl": toolbox_url(request),
+            "defaultSnapshot": DEFAULT_SNAPSHOT,
+            "dashboardUrl": base,
+            "maxAutoArchiveInterval": 43200,
+            "maintananceMode": False,
+            "environment": "local",
+        }
+    )
+
+
+# -- toolbox -----------------------------------------------------------------------------------
+
+
+def started(request: web.Request) -> SandboxRecord:
+    ident = request.match_info["sandboxId"]
+    record = request.app[STORE].find(ident)
+    if record is None:
+        raise ApiError(404, f"sandbox {ident} not found", source=SOURCE_PROXY)
+    toolbox.require_started(record)
+    return record
+
+
+async def tb_execute(request: web.Request) -> web.StreamResponse:
+    record = started(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "body must be JSON", source="DAYTONA_DAEMON") from None
+    return await toolbox.execute(request.app[STORE], record, body)
+
+
+async def tb_work_dir(request: web.Request) -> web.StreamResponse:
+    record = started(request)
+    return json_response({"dir": str(toolbox.home_of(request.app[STORE], record))})
+
+
+async def tb_folder(request: web.Request) -> web.StreamResponse:
+    return toolbox.create_folder(request.app[STORE], started(request), request.query)
+
+
+async def tb_delete_file(request: web.Request) -> web.StreamResponse:
+    return toolbox.delete_file(request.app[STORE], started(request), request.query)
+
+
+async def tb_upload(request: web.Request) -> web.StreamResponse:
+    return await toolbox.bulk_upload(request.app[STORE], started(request), request)
+
+
+async def tb_download(request: web.Request) -> web.StreamResponse:
+    return await toolbox.bulk_download(request.app[STORE], started(request), request)
+
+
+# -- admin -------------------------------------------------------------------------------------
+
+
+async def admin_stats(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[FAULTS].stats())
+
+
+async def admin_stats_reset(request: web.Request) -> web.StreamResponse:
+    request.app[FAULTS].reset_stats()
+    return json_response(request.app[FAULTS].stats())
+
+
+async def admin_get_faults(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[FAULTS].settings.to_json())
+
+
+async def admin_set_faults(request: web.Request) -> web.StreamResponse:
+    """PUT replaces every setting (missing keys get defaults); PATCH changes only the given keys."""
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", source=SOURCE_API)
+    faults = request.app[FAULTS]
+    try:
+        settings = faults.settings.patched(body) if request.method == "PATCH" else validate(body)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, str(exc), source=SOURCE_API) from None
+    faults.replace(settings)
+    return json_response(settings.to_json())
+
+
+async def admin_reset_faults(request: web.Request) -> web.StreamResponse:
+    request.app[FAULTS].replace(FaultSettings())
+    return json_response(request.app[FAULTS].settings.to_json())
+
+
+async def admin_force_state(request: web.Request) -> web.StreamResponse:
+    record = find(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", source=SOURCE_API)
+    return dto(request, request.app[LIFECYCLE].force_state(record, body))
+
+
+async def admin_health(request: web.Request) -> web.StreamResponse:
+    return json_response({"status": "ok", "sandboxes": request.app[STORE].count()})
+
+
+# -- assembly ----------------------------------------------------------------------------------
+
+
+async def _ticker(app: web.Application) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                app[LIFECYCLE].tick()
+            except Exception:  # keep ticking; a broken record must not stop time
+                log.exception("transition tick failed")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    app[STORE].close()
+
+
+def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
+    """The whole emulator as an aiohttp application (the caller owns running it)."""
+    app = web.Application(middlewares=[daytona_middleware], client_max_size=1024**4)
+    app[STORE] = store
+    app[FAULTS] = faults
+    app[LIFECYCLE] = Lifecycle(store, faults)
+    app[API_KEY] = api_key
+    app.cleanup_ctx.append(_ticker)
+    r = app.router
+    r.add_post("/api/sandbox", create_sandbox, name="create")
+    r.add_get("/api/sandbox", list_sandboxes, name="list", allow_head=False)
+    r.add_get("/api/sandbox/{idOrName}", get_sandbox, name="get", allow_head=False)
+    for action in ("start", "stop", "archive", "recover"):
+        r.add_post(f"/api/sandbox/{{idOrName}}/{action}", _lifecycle_route(action), name=action)
+    r.add_delete("/api/sandbox/{idOrName}", _lifecycle_route("delete"), name="delete")
+    r.add_put("/api/sandbox/{idOrName}/labels", set_labels, name="labels")
+    r.add_get(
+        "/api/sandbox/{idOrName}/toolbox-proxy-url",
+        toolbox_proxy_url,
+        name="toolbox_proxy_url",
+        allow_head=False,
+    )
+    r.add_post(
+        "/api/sandbox/{idOrName}/{setting:autostop|autoarchive|autodelete|public}/{value}",
+        set_setting,
+        name="settings",
+    )
+    r.add_get("/api/config", get_config, name="config", allow_head=False)
+    tb = "/toolbox/{sandboxId}"
+    r.add_post(f"{tb}/process/execute", tb_execute, name="execute")
+    r.add_get(f"{tb}/work-dir", tb_work_dir, name="work_dir", allow_head=False)
+    r.add_get(f"{tb}/user-home-dir", tb_work_dir, name="home_dir", allow_head=False)
+    r.add_post(f"{tb}/files/folder", tb_folder, name="folder")
+    r.add_delete(f"{tb}/files", tb_delete_file, name="delete_file")
+    r.add_post(f"{tb}/files/bulk-upload", tb_upload, name="upload")
+    r.add_post(f"{tb}/files/bulk-download", tb_download, name="download")
+    r.add_get("/_emulator/stats", admin_stats, name="admin_stats", allow_head=False)
+    r.add_post("/_emulator/stats/reset", admin_stats_reset, name="admin_stats_reset")
+    r.add_get("/_emulator/faults", admin_get_faults, name="admin_faults", allow_head=False)
+    r.add_put("/_emulator/faults", admin_set_faults, name="admin_faults_put")
+    r.add_patch("/_emulator/faults", admin_set_faults, name="admin_faults_patch")
+    r.add_post("/_emulator/faults/reset", admin_reset_faults, name="admin_faults_reset")
+    r.add_post("/_emulator/sandboxes/{idOrName}/state", admin_force_state, name="admin_force_state")
+    r.add_get("/_emulator/health", admin_health, name="admin_health", allow_head=False)
+    return app
