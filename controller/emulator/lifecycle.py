@@ -150,7 +150,7 @@ class Lifecycle:
             )
 
     def _refuse(self, record: SandboxRecord, op: str) -> ApiError:
-        return ApiError(400, f"Sandbox {record.id} cannot {op} from state {record.state}", source=SOURCE_API)
+        return ApiError(400, f"Sandbox {record.id} is {record.state}: cannot {op}", source=SOURCE_API)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class Lifecycle:
             return record
         self._busy(record)
         if record.state != "stopped":
-            raise self._refuse(record, "archive (it must be stopped)")
+            raise self._refuse(record, "archive (it must be stopped first)")
         record.desired_state = "archived"
         self._begin(record, "archive", "archiving", "archived")
         return record
@@ -267,7 +267,7 @@ class Lifecycle:
     def recover(self, record: SandboxRecord) -> SandboxRecord:
         self._busy(record)
         if record.state != "error":
-            raise self._refuse(record, "recover (it is not in error)")
+            raise self._refuse(record, "recover (only a sandbox in error can)")
         if not record.recoverable:
             raise ApiError(400, f"Sandbox {record.id} is not recoverable", source=SOURCE_API)
         record.desired_state = "started"
