@@ -9,12 +9,12 @@ Path mapping (the SDK only round-trips the strings):
 - the sandbox root is ``<state-dir>/sandboxes/<id>/``; its HOME and work dir are
   ``<root>/home/daytona``, reported by ``/user-home-dir`` and ``/work-dir`` as real host paths that
   commands can use;
-- a relative path resolves against the work dir;
-- an absolute path inside the sandbox root, or under ``/tmp``, is used as is (the host's ``/tmp`` is
-  shared, as commands see it);
+- a relative path resolves against the work dir and must stay inside the sandbox root;
+- an absolute path inside the sandbox root, or under ``/tmp`` (but not inside the state dir), is
+  used as is (the host's ``/tmp`` is shared, as commands see it);
 - any other absolute path is mapped into the root: ``/home/daytona/x`` -> ``<root>/home/daytona/x``
   (file calls round-trip; commands see only the host path, so prefer the reported dirs);
-- a path that ``..`` leads out of the root and ``/tmp`` is refused (403 ``FILE_ACCESS_DENIED``).
+- anything else (e.g. ``..`` out of the root) is refused (403 ``FILE_ACCESS_DENIED``).
 
 A sandbox that is not ``started`` refuses toolbox calls with 400, as Daytona's proxy does ("bad
 request: ... Is the Sandbox started?", daytonaio/daytona#4142).
@@ -63,15 +63,19 @@ def resolve_path(store: Store, record: SandboxRecord, raw: str | None) -> Path:
     if not raw:
         raise ApiError(400, "path is required", code="INVALID_FILE_PATH", source=SOURCE_DAEMON)
     root = str(store.root_of(record))
+    state_dir = str(store.state_dir)
     if not raw.startswith("/"):
         candidate = os.path.normpath(os.path.join(home_of(store, record), raw))
+        allowed = _inside(candidate, root)
     else:
         normal = os.path.normpath(raw)
-        if _inside(normal, root) or _inside(normal, "/tmp"):
+        if _inside(normal, root) or (_inside(normal, "/tmp") and not _inside(normal, state_dir)):
             candidate = normal
+            allowed = True
         else:
             candidate = os.path.normpath(os.path.join(root, normal.lstrip("/")))
-    if not (_inside(candidate, root) or _inside(candidate, "/tmp")):
+            allowed = _inside(candidate, root)
+    if not allowed:
         raise ApiError(403, f"access to {raw} is denied", code="FILE_ACCESS_DENIED", source=SOURCE_DAEMON)
     return Path(candidate)
 

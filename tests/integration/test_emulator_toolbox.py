@@ -1,0 +1,193 @@
+"""Toolbox of local-daytona through the unmodified sync SDK: exec, files, dirs, refusals."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daytona import (
+    CreateSandboxFromSnapshotParams,
+    DaytonaBadRequestError,
+    DaytonaError,
+    DaytonaFileNotFoundError,
+    DaytonaNotFoundError,
+    DaytonaProcessExecutionTimeoutError,
+    DaytonaTimeoutError,
+    FileDownloadRequest,
+)
+from daytona_toolbox_api_client.models.execute_response import ExecuteResponse
+from daytona_toolbox_api_client.models.user_home_dir_response import UserHomeDirResponse
+from daytona_toolbox_api_client.models.work_dir_response import WorkDirResponse
+
+from tests.support.emulator import EmulatorProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def sandbox(emulator: EmulatorProcess) -> Iterator[Any]:
+    client = emulator.client()
+    yield client.create(
+        CreateSandboxFromSnapshotParams(name="tb", env_vars={"SANDBOX_VAR": "from-create"}), timeout=10
+    )
+
+
+def test_exec_output_exit_code_and_env(sandbox: Any) -> None:
+    response = sandbox.process.exec("echo out; echo err >&2; exit 7")
+    assert response.exit_code == 7
+    assert response.result == "out\nerr\n"
+    assert sandbox.process.exec("true").exit_code == 0
+    response = sandbox.process.exec('echo "$SANDBOX_VAR $REQ_VAR $HOME"', env={"REQ_VAR": "from-request"})
+    home = sandbox.get_user_home_dir()
+    assert response.result == f"from-create from-request {home}\n"
+    assert sandbox.process.exec("pwd").result == f"{sandbox.get_work_dir()}\n"
+
+
+def test_exec_awkward_quoting(sandbox: Any) -> None:
+    command = """printf '%s|' "double \\"q\\"" 'single "q"' 'it'"'"'s' $'tab\\there' '$HOME' "ünïcödé" '*'"""
+    result = sandbox.process.exec(command)
+    assert result.exit_code == 0
+    assert result.result == """double "q"|single "q"|it's|tab\there|$HOME|ünïcödé|*|"""
+    multi = sandbox.process.exec("for i in 1 2 3; do\n  echo line $i\ndone")
+    assert multi.result == "line 1\nline 2\nline 3\n"
+
+
+def test_exec_cwd_relative_to_work_dir(sandbox: Any) -> None:
+    sandbox.fs.create_folder("sub/dir", "755")
+    result = sandbox.process.exec("pwd", cwd="sub/dir")
+    assert result.result.strip() == os.path.join(sandbox.get_work_dir(), "sub/dir")
+    assert Path(result.result.strip()).is_dir()
+
+
+def test_exec_large_output(sandbox: Any) -> None:
+    size = 3 * 1024 * 1024
+    result = sandbox.process.exec(f"head -c {size} /dev/zero | tr '\\0' x")
+    assert result.exit_code == 0
+    assert len(result.result) == size and set(result.result) == {"x"}
+
+
+def test_exec_timeout_kills_the_process_group(sandbox: Any) -> None:
+    marker = "timeout-marker"
+    started = time.monotonic()
+    with pytest.raises(DaytonaProcessExecutionTimeoutError) as info:
+        sandbox.process.exec(f"(sleep 2; touch {marker}) & sleep 2; touch {marker}", timeout=1)
+    assert isinstance(info.value, DaytonaTimeoutError)
+    assert time.monotonic() - started < 2
+    time.sleep(1.5)
+    assert sandbox.process.exec(f"test -e {marker}").exit_code == 1
+
+
+def test_work_and_home_dir_are_real_paths(sandbox: Any, emulator: EmulatorProcess) -> None:
+    work = sandbox.get_work_dir()
+    home = sandbox.get_user_home_dir()
+    assert Path(work).is_dir() and Path(home).is_dir()
+    assert Path(home).resolve().is_relative_to(emulator.state_dir.resolve())
+    toolbox = f"/toolbox/{sandbox.id}"
+    assert WorkDirResponse.from_dict(emulator.request("GET", f"{toolbox}/work-dir")) is not None
+    assert UserHomeDirResponse.from_dict(emulator.request("GET", f"{toolbox}/user-home-dir")) is not None
+    body = emulator.request("POST", f"{toolbox}/process/execute", {"command": "echo hi"})
+    assert body == {"exitCode": 0, "result": "hi\n"}
+    assert ExecuteResponse.from_dict(body) is not None
+
+
+def test_binary_upload_download_roundtrip(sandbox: Any) -> None:
+    payload = bytes(range(256)) * 4096 + b"\r\n--boundary-like--\r\n"
+    sandbox.fs.upload_file(payload, "deep/nested/blob.bin")
+    assert sandbox.fs.download_file("deep/nested/blob.bin") == payload
+    home = sandbox.get_user_home_dir()
+    assert Path(home, "deep/nested/blob.bin").read_bytes() == payload
+    # absolute sandbox paths map into the sandbox root; the reported home is used as is
+    sandbox.fs.upload_file(b"abs", "/home/daytona/abs.txt")
+    assert sandbox.fs.download_file("/home/daytona/abs.txt") == b"abs"
+    sandbox.fs.upload_file(b"real", f"{home}/real.txt")
+    assert sandbox.process.exec("cat real.txt").result == "real"
+    empty_name = f"/tmp/local-daytona-{uuid.uuid4().hex}"
+    try:
+        sandbox.fs.upload_file(b"", empty_name)
+        assert sandbox.fs.download_file(empty_name) == b""
+    finally:
+        Path(empty_name).unlink(missing_ok=True)
+
+
+def test_download_errors_are_parts(sandbox: Any) -> None:
+    sandbox.fs.upload_file(b"here", "present.txt")
+    with pytest.raises(DaytonaFileNotFoundError):
+        sandbox.fs.download_file("absent.txt")
+    results = sandbox.fs.download_files(
+        [FileDownloadRequest(source="present.txt"), FileDownloadRequest(source="absent.txt")]
+    )
+    assert results[0].result == b"here" and results[0].error is None
+    assert results[1].result is None and "not found" in (results[1].error or "")
+
+
+def test_delete_and_folders(sandbox: Any) -> None:
+    sandbox.fs.create_folder("made", "700")
+    home = Path(sandbox.get_user_home_dir())
+    assert (home / "made").is_dir() and (home / "made").stat().st_mode & 0o777 == 0o700
+    sandbox.fs.upload_file(b"x", "made/file.txt")
+    with pytest.raises(DaytonaError):
+        sandbox.fs.delete_file("made")  # a directory needs recursive
+    sandbox.fs.delete_file("made/file.txt")
+    assert not (home / "made/file.txt").exists()
+    sandbox.fs.delete_file("made", recursive=True)
+    assert not (home / "made").exists()
+    with pytest.raises(DaytonaNotFoundError):
+        sandbox.fs.delete_file("made")
+    with pytest.raises(DaytonaError):
+        sandbox.fs.upload_file(b"x", "../../../../outside.txt")
+
+
+def test_chunked_multipart_upload(sandbox: Any, emulator: EmulatorProcess) -> None:
+    boundary = "chunkyboundary"
+    data = os.urandom(300_000)
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files[0].path"\r\n\r\nchunked.bin\r\n'
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            'name="files[0].file"; filename="chunked.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    connection = http.client.HTTPConnection("127.0.0.1", emulator.port, timeout=10)
+    connection.request(
+        "POST",
+        f"/toolbox/{sandbox.id}/files/bulk-upload",
+        body=chunks(),
+        headers={
+            "Authorization": f"Bearer {emulator.api_key}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Transfer-Encoding": "chunked",
+        },
+        encode_chunked=True,
+    )
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    assert json.loads(response.read())["files"][0]["size"] == len(data)
+    connection.close()
+    assert sandbox.fs.download_file("chunked.bin") == data
+
+
+def test_toolbox_refused_when_not_started(sandbox: Any, emulator: EmulatorProcess) -> None:
+    sandbox.stop(timeout=10)
+    with pytest.raises(DaytonaBadRequestError, match="not started"):
+        sandbox.process.exec("echo hi")
+    with pytest.raises(DaytonaError):
+        sandbox.fs.upload_file(b"x", "x.txt")
+    sandbox.start(timeout=10)
+    assert sandbox.process.exec("echo back").result == "back\n"
+    stats = emulator.stats()
+    assert stats["execute"] == 2 and stats["upload"] == 1
