@@ -79,13 +79,13 @@ class FaultSettings:
         return validate(merged)
 
 
-def _op_map(value: Any, name: str) -> dict[str, float]:
+def _op_map(value: Any, name: str, keys: tuple[str, ...] = ("*", *OPERATIONS)) -> dict[str, float]:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be an object of operation -> number")
     result: dict[str, float] = {}
     for op, number in value.items():
-        if op != "*" and op not in OPERATIONS:
-            raise ValueError(f"{name}: unknown operation {op!r}")
+        if op not in keys:
+            raise ValueError(f"{name}: unknown key {op!r}")
         if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:
             raise ValueError(f"{name}: {op} must be a non-negative number")
         result[op] = float(number)
@@ -97,8 +97,8 @@ def validate(raw: dict[str, Any]) -> FaultSettings:
     for op, kinds in dict(raw.get("fail_rate") or {}).items():
         if op != "*" and op not in OPERATIONS:
             raise ValueError(f"fail_rate: unknown operation {op!r}")
-        parsed = _op_map(kinds, f"fail_rate.{op}") if isinstance(kinds, dict) else None
-        if parsed is None or any(k not in FAIL_KINDS for k in parsed) or any(p > 1 for p in parsed.values()):
+        parsed = _op_map(kinds, f"fail_rate.{op}", FAIL_KINDS) if isinstance(kinds, dict) else None
+        if parsed is None or any(p > 1 for p in parsed.values()):
             raise ValueError(f"fail_rate.{op} must map {'/'.join(FAIL_KINDS)} to probabilities")
         fail_rate[op] = parsed
     quota = raw.get("quota")

@@ -190,6 +190,18 @@ class Store:
             (record.id, record.seq, json.dumps(asdict(record))),
         )
 
+    def save_many(self, records: Iterable[SandboxRecord]) -> None:
+        """Insert or update many sandboxes in one transaction (seeding large fleets)."""
+        batch = list(records)
+        for record in batch:
+            self._index(record)
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT OR REPLACE INTO sandboxes (id, seq, data) VALUES (?, ?, ?)",
+            [(r.id, r.seq, json.dumps(asdict(r))) for r in batch],
+        )
+        self._db.execute("COMMIT")
+
     def remove(self, record: SandboxRecord, now: float) -> None:
         """Forget a destroyed sandbox; keep a tombstone for lagging lists."""
         self.by_id.pop(record.id, None)
