@@ -651,6 +651,9 @@ def test_cli_exec_stdin_from_a_pipe(db: Database, database_url: str, cli_provide
         (["exec", "box", "--env", SECRET, "--", "true"], "NAME=VALUE"),
         (["exec", "box", "--shell", "true", "--", "true"], "exactly one"),
         (["exec", "box"], "exactly one"),
+        (["exec", "box", "--shell", "  "], "empty"),
+        (["exec", "box", "--queue", "--shell", "  "], "empty"),
+        (["exec", "stopped", "--queue", "--", "true"], "not desired running"),
         (["executions", "--state", "bogus"], "--state"),
     ],
 )
@@ -659,9 +662,12 @@ def test_cli_refuses_bad_requests_with_exit_2(
 ) -> None:
     add_lease(db)
     add_lease(db, "starting", phase="Provisioning", sandbox_id=None)
+    add_lease(db, "stopped", desired="stopped", phase="Stopped")
     code, _, err = cli(database_url, *args)
     assert code == 2 and message in err and SECRET not in err
     assert cli_provider.calls == []
+    with db.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Execution)) == 0
 
 
 def test_cli_queue_waits_for_a_dispatcher_and_executions_lists_it(
