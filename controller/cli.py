@@ -385,7 +385,7 @@ def events(
         if name:
             query = query.where(Event.lease_name == name)
         rows = list(reversed(session.scalars(query).all()))
-    data = [
+    data: list[dict[str, str | None]] = [
         {
             "at": r.at.isoformat(),
             "lease": r.lease_name,
@@ -402,7 +402,7 @@ def events(
         for col in ("TIME", "LEASE", "ACTION", "OUTCOME", "MESSAGE"):
             table.add_column(col, overflow="fold")
         for d in data:
-            table.add_row(d["at"][:19], d["lease"] or "-", d["action"], d["outcome"], d["message"] or "")
+            table.add_row(str(d["at"])[:19], d["lease"] or "-", d["action"], d["outcome"], d["message"] or "")
         out.print(table)
     elif output is OutputFormat.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -695,6 +695,21 @@ def exec_worker(
 
 
 # -- end of executions ---------------------------------------------------------------------------
+
+
+# -- local Daytona API (controller/emulator) ------------------------------------------------------
+
+
+def _register_local_daytona() -> None:
+    from controller.emulator.cli import local_daytona
+
+    app.command(
+        "local-daytona",
+        help="Serve a local Daytona-compatible API (development and tests; not an isolation boundary).",
+    )(local_daytona)
+
+
+_register_local_daytona()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
