@@ -310,17 +310,9 @@ def reconcile(
     with handled():
         database = cli.database()
         c = cli.settings.controller
-        elector = LeaderElector(
-            database, c.instance, max(c.leader_lease_seconds, c.action_timeout_seconds * 2)
-        )
-        if not elector.try_acquire():
-            current = elector.current()
-            holder = current.holder if current else "another replica"
-            fail(f"instance {c.instance!r} is led by {holder}; not reconciling beside it")
-        try:
+        elector = LeaderElector(database, c.instance, c.leader_lease_seconds)
+        with elector.hold():
             result = _reconciler(cli, elector=elector).run_pass()
-        finally:
-            elector.release()
     summary = summarize(result)
     if output is OutputFormat.table:
         for outcome in result.outcomes:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -187,6 +189,31 @@ class LeaderElector:
         except sa.exc.SQLAlchemyError:
             log.warning("leader election: could not release; it expires by itself", exc_info=True)
         self._lose()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Lead for the duration of a block (one-off commands): renew in the background, release.
+
+        Raises NotLeaderError at once if another replica leads.
+        """
+        if not self.try_acquire():
+            current = self.current()
+            who = current.holder if current else "another replica"
+            raise NotLeaderError(f"instance {self.instance!r} is led by {who}")
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease_seconds / 3):
+                self.try_acquire()
+
+        thread = threading.Thread(target=renew, name="leader-renew", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.release()
 
     def current(self) -> Leadership | None:
         with self.db.session() as session:

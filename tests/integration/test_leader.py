@@ -96,3 +96,15 @@ def test_concurrent_acquire_has_exactly_one_winner(db: Database) -> None:
     for t in threads:
         t.join()
     assert sum(results.values()) == 1
+
+
+def test_hold_refuses_beside_a_leader_and_releases_after(db: Database) -> None:
+    clock = Clock()
+    a, b = elector(db, "a", clock), elector(db, "b", clock)
+    with a.hold():
+        assert a.is_leader()
+        with pytest.raises(NotLeaderError, match="led by a"), b.hold():
+            pass
+    assert not a.is_leader()
+    with b.hold():
+        assert b.term == 2
