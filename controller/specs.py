@@ -76,7 +76,7 @@ class LeaseSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+        if not NAME_RE.fullmatch(value):
             raise ValueError(
                 "must be a lowercase slug: letters a-z, digits and dashes, 1-63 characters, "
                 "not starting or ending with a dash"
@@ -87,7 +87,7 @@ class LeaseSpec(BaseModel):
     @classmethod
     def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not ENV_KEY_RE.match(key):
+            if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
         return value
 

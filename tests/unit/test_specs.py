@@ -34,6 +34,8 @@ def _one(**fields: object) -> LeaseSpec:
         ({"auto_delete_interval": -2}, "auto_delete_interval"),
         ({"env": {"1BAD": "x"}}, "env"),
         ({"env": {"A-B": "x"}}, "env"),
+        ({"env": {"A\n": "x"}}, "env"),
+        ({"name": "box\n"}, "name"),
         ({"labels": {"leasectl-lease": "x"}}, "reserved prefix"),
         ({"colour": "red"}, "colour"),
         ({"expires_at": "2026-01-01T00:00:00"}, "time zone"),
