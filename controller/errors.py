@@ -5,7 +5,11 @@
     LeasectlError
     ├── ConfigError                 bad settings file or value (names the file and key)
     ├── SpecError                   invalid lease YAML (names the file, the lease and the field)
+    │   └── ScriptInputError        (execution_script) an argument or env value that cannot be run
     ├── NotLeaderError              a write attempted by a replica that no longer holds leadership
+    ├── ExecutionError              (execution) a command that cannot run
+    │   ├── InvalidCommandError     bad command, cwd, env or stdin
+    │   └── LeaseNotReadyError      unknown lease, or not Ready
     └── ProviderError               anything a sandbox provider call failed with
         ├── TransientError          worth retrying; ``retry_after`` seconds when the API said so
         │   └── RateLimitedError    HTTP 429: slows the whole controller for ``retry_after``
