@@ -1,0 +1,682 @@
+"""The pure planner: desired leases + controller memory + observed sandboxes -> at most one action per lease.
+
+Called by ``controller.reconciler`` once per pass (and by ``leasectl plan``). Nothing here does I/O,
+reads a clock or draws a random number: frozen dataclasses and ``now`` go in, frozen dataclasses come
+out, so every decision is testable table-driven (tests/unit/test_planner.py).
+
+Inputs
+    ``LeaseView``   desired state of one ``leases`` row (spec hash and the ready-made ``CreateRequest``).
+    ``StatusView``  what the controller remembers in ``lease_status`` (recorded sandbox id, create
+                    attempt, failures and back-off, the spec that failed permanently, workspace).
+    ``ObservedSandbox`` the (eventually consistent) list of this instance's sandboxes.
+
+Outputs
+    ``Plan.actions``    at most one ``Action`` per lease, for ``controller.applier``.
+    ``Plan.decisions``  one ``Decision`` per lease: the status values to write even when no action runs
+                        (``Decision.status_values()``); the applier's ``Outcome.status_values()`` is
+                        laid over them for leases that had an action.
+
+Rules (DESIGN.md "Reconcile semantics", issue 4), in the order they are applied to one lease:
+
+1. Only sandboxes labelled ``leasectl-instance=<instance>`` and ``leasectl-lease=<a lease we were
+   given>`` are considered; anything else (another instance, unlabelled, a lease that no longer
+   exists) is ignored here (garbage collection owns those). ``destroyed`` sandboxes count as gone.
+2. An expired lease (``expires_at <= now``) is treated as desired ``absent``.
+3. ``paused`` leases are observed and never acted on (phase ``Paused``), whatever else holds.
+4. Several live sandboxes for one lease: one is kept, preferring, in order, the one recorded in
+   ``status.sandbox_id``, one carrying the lease's current spec hash, one ``started``, one not in
+   ``error``/``build_failed``, the newest, and finally the smallest id (so the choice is stable). The
+   others are deleted, one per pass, before anything else is done for the lease. ``destroying``
+   sandboxes are never chosen and never deleted again; we wait for them.
+5. No live sandbox, but ``status`` records a sandbox id or a create attempt that the list does not
+   show: ``lookup`` (get by id, then by the deterministic name) before anything is created. A lookup
+   that finds nothing clears the record; the next pass may create. No time bound is needed: the name
+   is deterministic and unique per organization, so a create racing a lost one fails with a conflict
+   (retried with back-off) instead of making a second sandbox.
+6. The table below, for the kept sandbox (``-`` = no action).
+7. Back-off: if the table asks for an action and ``status.next_attempt_at > now``, no action; the
+   phase stays what it was and the message says until when. A lease in ``Failed`` whose spec changed
+   is not held back by the old back-off.
+
+=========  =================  ==========================  ===========================  ====================
+observed   running            stopped                     archived                     absent / expired
+=========  =================  ==========================  ===========================  ====================
+none       create (Failed if  - (Stopped)                 - (Archived)                 - (Deleted)
+           spec failed)
+started    realize_workspace  stop (Stopping)             stop (Archiving)             delete (Deleting)
+           once, then Ready
+stopped    start              - (Stopped)                 archive (Archiving)          delete
+paused     start              - (Stopped)                 stop (Archiving)             delete
+archived   start              - (Stopped, stays archived) - (Archived)                 delete
+error      recover if         - (Error; left for the      - (Error; as for stopped)    delete
+           recoverable, else  operator: desired running
+           delete (replace)   recovers, absent deletes)
+build_     - (Failed; no      - (Failed)                  - (Failed)                   delete
+failed     create loop)
+transit.   wait (Provisioning wait (Stopping)             wait (Archiving)             delete (Deleting)
+           / Deleting)
+unknown    wait, phase kept   wait, phase kept            wait, phase kept             delete
+=========  =================  ==========================  ===========================  ====================
+
+Spec change (the sandbox's ``leasectl-spec`` label differs from the lease's spec hash): on a lease
+desired ``running`` the old sandbox is deleted (phase ``Provisioning``, "replacing ...") and the new one
+is created on a later pass, once the old one is gone, under a new name (the name contains the spec
+hash). Leases desired ``stopped``/``archived`` keep their old sandbox (and its disk) untouched by a spec
+change; it is replaced when the lease is next desired ``running``. ``recover`` and the replacement of an
+unrecoverable ``error`` sandbox are *penalized* actions: even when the call succeeds they count as a
+failure, so a sandbox that keeps falling into error is retried with growing back-off, not in a loop.
+A converged lease (``Ready``, ``Stopped``, ``Archived``, ``Deleted`` with no action) resets failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from controller.providers.base import (
+    LABEL_INSTANCE,
+    LABEL_LEASE,
+    LABEL_SPEC,
+    RESERVED_LABEL_PREFIX,
+    STATE_ARCHIVED,
+    STATE_BUILD_FAILED,
+    STATE_DESTROYED,
+    STATE_DESTROYING,
+    STATE_ERROR,
+    STATE_PAUSED,
+    STATE_STARTED,
+    STATE_STOPPED,
+    TRANSITIONAL_STATES,
+    CreateRequest,
+    ObservedSandbox,
+)
+
+DesiredState = Literal["running", "stopped", "archived", "absent"]
+DESIRED_STATES: Final = ("running", "stopped", "archived", "absent")
+
+ActionKind = Literal["create", "start", "stop", "archive", "recover", "delete", "lookup", "realize_workspace"]
+ACTION_KINDS: Final = (
+    "create",
+    "start",
+    "stop",
+    "archive",
+    "recover",
+    "delete",
+    "lookup",
+    "realize_workspace",
+)
+
+# lease_status.phase values (models.PHASES holds the same list for the database constraint).
+PENDING: Final = "Pending"
+PROVISIONING: Final = "Provisioning"
+READY: Final = "Ready"
+STOPPING: Final = "Stopping"
+STOPPED: Final = "Stopped"
+ARCHIVING: Final = "Archiving"
+ARCHIVED: Final = "Archived"
+DELETING: Final = "Deleting"
+DELETED: Final = "Deleted"
+ERROR: Final = "Error"
+FAILED: Final = "Failed"
+PAUSED: Final = "Paused"
+
+_KNOWN_STABLE = frozenset(
+    {STATE_STARTED, STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED, STATE_ERROR, STATE_BUILD_FAILED}
+)
+_MAX_NAME = 63
+_UNSAFE = re.compile(r"[^a-z0-9-]+")
+
+
+# -- names, labels, create requests ------------------------------------------------------------------
+
+
+def _dns_part(value: str) -> str:
+    return _UNSAFE.sub("-", value.lower()).strip("-") or "x"
+
+
+def sandbox_name(instance: str, lease_name: str, spec_hash: str) -> str:
+    """The deterministic sandbox name: ``<instance>-<lease>-<spec8>-<id6>``, at most 63 characters.
+
+    ``spec8`` is the first 8 characters of the spec hash (a replacement never reuses the old name);
+    ``id6`` is a digest of (instance, lease), which keeps names of different instances and leases
+    apart even where the dashes make the readable part ambiguous (``a-b``/``c`` vs ``a``/``b-c``).
+    Long lease names are cut, never the digest: lowercase letters, digits and dashes only.
+    """
+    spec8 = _dns_part(spec_hash)[:8]
+    ident = hashlib.sha256(f"{instance}\x00{lease_name}".encode()).hexdigest()[:6]
+    inst = _dns_part(instance)[:32].strip("-") or "x"
+    lease = _dns_part(lease_name)
+    room = _MAX_NAME - len(inst) - len(spec8) - len(ident) - 3
+    lease = lease[: max(room, 1)].strip("-") or "x"
+    return f"{inst}-{lease}-{spec8}-{ident}"[:_MAX_NAME]
+
+
+def ownership_labels(instance: str, lease_name: str, spec_hash: str) -> dict[str, str]:
+    """The labels that prove a sandbox is ours: instance, lease and spec hash."""
+    return {LABEL_INSTANCE: instance, LABEL_LEASE: lease_name, LABEL_SPEC: spec_hash}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def build_create_request(
+    instance: str, lease_name: str, spec_hash: str, spec: Mapping[str, Any]
+) -> CreateRequest:
+    """The ``CreateRequest`` for a lease from its spec columns (``controller.specs.SPEC_COLUMNS``).
+
+    User labels are kept except those under the reserved ``leasectl-`` prefix, which the ownership
+    labels always win over. ``env`` and ``labels`` may be None.
+    """
+    user_labels = {
+        str(k): str(v)
+        for k, v in (spec.get("labels") or {}).items()
+        if not str(k).startswith(RESERVED_LABEL_PREFIX)
+    }
+    labels = {**user_labels, **ownership_labels(instance, lease_name, spec_hash)}
+    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    return CreateRequest(
+        name=sandbox_name(instance, lease_name, spec_hash),
+        labels=labels,
+        env=env,
+        snapshot=spec.get("snapshot"),
+        image=spec.get("image"),
+        target=spec.get("target"),
+        language=spec.get("language"),
+        cpu=_int_or_none(spec.get("cpu")),
+        memory=_int_or_none(spec.get("memory")),
+        disk=_int_or_none(spec.get("disk")),
+        gpu=_int_or_none(spec.get("gpu")),
+        auto_stop_interval=_int_or_none(spec.get("auto_stop_interval")),
+        auto_archive_interval=_int_or_none(spec.get("auto_archive_interval")),
+        auto_delete_interval=_int_or_none(spec.get("auto_delete_interval")),
+    )
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """Desired state of one lease (from the ``leases`` row)."""
+
+    name: str
+    desired_state: str  # one of DESIRED_STATES
+    spec_hash: str
+    create: CreateRequest  # carries the deterministic name and the ownership labels
+    paused: bool = False
+    expires_at: datetime | None = None
+    workspace_dir: str = "workspace"  # relative to the sandbox work dir, or absolute
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What the controller remembers about one lease (the ``lease_status`` row)."""
+
+    sandbox_id: str | None = None
+    sandbox_name: str | None = None
+    observed_state: str | None = None
+    phase: str | None = PENDING
+    spec_hash: str | None = None  # spec hash of the sandbox last kept
+    failed_spec_hash: str | None = None  # set with phase Failed: no retry until the spec hash changes
+    message: str | None = None
+    last_error: str | None = None
+    failures: int | None = 0
+    next_attempt_at: datetime | None = None
+    ready_at: datetime | None = None
+    workspace_path: str | None = None
+    create_attempt_name: str | None = None
+    create_attempt_at: datetime | None = None
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    """One provider operation for one lease. ``reason`` becomes the event message.
+
+    ``failures`` is the lease's failure count when planned (the applier derives the back-off from it);
+    ``penalize`` makes even a successful call count as a failure (recover, replace after error);
+    ``duplicate`` marks the deletion of an extra sandbox (the kept one's record stays);
+    ``lookup_name`` is the create-attempt name a ``lookup`` tries after the id.
+    """
+
+    kind: str  # one of ACTION_KINDS
+    lease_name: str
+    reason: str
+    sandbox_id: str | None = None
+    sandbox_name: str | None = None
+    create: CreateRequest | None = None
+    spec_hash: str | None = None
+    workspace_dir: str | None = None
+    lookup_name: str | None = None
+    failures: int = 0
+    penalize: bool = False
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner concluded for one lease; ``status_values()`` is written to ``lease_status``."""
+
+    lease_name: str
+    phase: str
+    message: str
+    observed_state: str | None
+    sandbox_id: str | None
+    sandbox_name: str | None
+    spec_hash: str | None
+    action: Action | None = None
+    desired_state: str = "running"
+    workspace_path: str | None = None
+    ready_at: datetime | None = None
+    failed_spec_hash: str | None = None
+    clear_create_attempt: bool = False
+    reset_failures: bool = False
+
+    def status_values(self) -> dict[str, Any]:
+        """Column -> value for ``lease_status``; omitted columns are left as they are."""
+        values: dict[str, Any] = {
+            "phase": self.phase,
+            "message": self.message,
+            "observed_state": self.observed_state,
+            "sandbox_id": self.sandbox_id,
+            "sandbox_name": self.sandbox_name,
+            "spec_hash": self.spec_hash,
+            "workspace_path": self.workspace_path,
+            "ready_at": self.ready_at,
+            "failed_spec_hash": self.failed_spec_hash,
+        }
+        if self.clear_create_attempt:
+            values["create_attempt_name"] = None
+            values["create_attempt_at"] = None
+        if self.reset_failures:
+            values["failures"] = 0
+            values["next_attempt_at"] = None
+            values["last_error"] = None
+        return values
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The actions of one pass (at most one per lease) and a decision for every lease."""
+
+    actions: tuple[Action, ...]
+    decisions: Mapping[str, Decision]
+    ignored: tuple[str, ...] = field(default=())  # ids of listed sandboxes that are not the planner's
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.actions)
+
+
+# -- planning ----------------------------------------------------------------------------------------
+
+
+def is_expired(lease: LeaseView, now: datetime) -> bool:
+    return lease.expires_at is not None and lease.expires_at <= now
+
+
+def effective_desired(lease: LeaseView, now: datetime) -> str:
+    """The desired state the planner works towards: ``absent`` once expired."""
+    return "absent" if is_expired(lease, now) else lease.desired_state
+
+
+def _keep_order(lease: LeaseView, status: StatusView) -> Callable[[ObservedSandbox], tuple[Any, ...]]:
+    def key(sb: ObservedSandbox) -> tuple[Any, ...]:
+        created = sb.created_at.timestamp() if sb.created_at is not None else float("-inf")
+        return (
+            sb.id != status.sandbox_id,
+            sb.spec_hash != lease.spec_hash,
+            sb.state != STATE_STARTED,
+            sb.state in (STATE_ERROR, STATE_BUILD_FAILED),
+            -created,
+            sb.id,
+        )
+
+    return key
+
+
+def _describe(sb: ObservedSandbox) -> str:
+    return f"sandbox {sb.name} ({sb.id})"
+
+
+def plan(
+    leases: Iterable[LeaseView],
+    statuses: Mapping[str, StatusView],
+    observed: Sequence[ObservedSandbox],
+    now: datetime,
+    *,
+    instance: str,
+) -> Plan:
+    """Plan one pass. See the module docstring for the rules."""
+    lease_list = list(leases)
+    names = {lease.name for lease in lease_list}
+    by_lease: dict[str, list[ObservedSandbox]] = {name: [] for name in names}
+    ignored: list[str] = []
+    for sb in observed:
+        lease_name = sb.labels.get(LABEL_LEASE)
+        if sb.labels.get(LABEL_INSTANCE) != instance or lease_name not in names:
+            ignored.append(sb.id)
+            continue
+        by_lease[lease_name].append(sb)
+    actions: list[Action] = []
+    decisions: dict[str, Decision] = {}
+    for lease in lease_list:
+        status = statuses.get(lease.name) or StatusView()
+        decision = _plan_lease(lease, status, by_lease[lease.name], now)
+        decisions[lease.name] = decision
+        if decision.action is not None:
+            actions.append(decision.action)
+    return Plan(actions=tuple(actions), decisions=decisions, ignored=tuple(ignored))
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    lease: LeaseView
+    status: StatusView
+    desired: str
+    now: datetime
+    failures: int
+
+
+def _plan_lease(
+    lease: LeaseView, status: StatusView, sandboxes: Sequence[ObservedSandbox], now: datetime
+) -> Decision:
+    desired = effective_desired(lease, now)
+    ctx = _Ctx(lease, status, desired, now, int(status.failures or 0))
+    live = [sb for sb in sandboxes if sb.state not in (STATE_DESTROYED, STATE_DESTROYING)]
+    destroying = [sb for sb in sandboxes if sb.state == STATE_DESTROYING]
+    live.sort(key=_keep_order(lease, status))
+    keep = live[0] if live else None
+    extras = live[1:]
+
+    if lease.paused:
+        return _paused(ctx, keep)
+
+    decision = _natural(ctx, keep, extras, destroying, sandboxes)
+    if decision.action is None:
+        return decision
+    return _apply_backoff(ctx, decision)
+
+
+def _base(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **kw: Any) -> Decision:
+    """A decision about ``keep`` (or about the recorded sandbox when nothing is kept)."""
+    status = ctx.status
+    failed = status.failed_spec_hash if status.failed_spec_hash == ctx.lease.spec_hash else None
+    if keep is not None:
+        same = keep.id == status.sandbox_id
+        values: dict[str, Any] = {
+            "observed_state": keep.state,
+            "sandbox_id": keep.id,
+            "sandbox_name": keep.name,
+            "spec_hash": keep.spec_hash,
+            "workspace_path": status.workspace_path if same else None,
+            "ready_at": status.ready_at if same else None,
+            "clear_create_attempt": True,
+        }
+    else:
+        values = {
+            "observed_state": None,
+            "sandbox_id": status.sandbox_id,
+            "sandbox_name": status.sandbox_name,
+            "spec_hash": status.spec_hash,
+            "workspace_path": status.workspace_path,
+            "ready_at": status.ready_at,
+        }
+    values["failed_spec_hash"] = failed
+    values.update(kw)
+    return Decision(
+        lease_name=ctx.lease.name, phase=phase, message=message, desired_state=ctx.desired, **values
+    )
+
+
+def _action(ctx: _Ctx, kind: str, reason: str, sb: ObservedSandbox | None = None, **kw: Any) -> Action:
+    return Action(
+        kind=kind,
+        lease_name=ctx.lease.name,
+        reason=reason,
+        sandbox_id=sb.id if sb is not None else kw.pop("sandbox_id", None),
+        sandbox_name=sb.name if sb is not None else kw.pop("sandbox_name", None),
+        failures=ctx.failures,
+        **kw,
+    )
+
+
+def _paused(ctx: _Ctx, keep: ObservedSandbox | None) -> Decision:
+    what = f"{_describe(keep)} is {keep.state}" if keep is not None else "no sandbox observed"
+    return _base(ctx, keep, PAUSED, f"paused: observed only ({what})")
+
+
+def _apply_backoff(ctx: _Ctx, decision: Decision) -> Decision:
+    status = ctx.status
+    if status.next_attempt_at is None or status.next_attempt_at <= ctx.now:
+        return decision
+    spec_changed_after_failure = (
+        status.phase == FAILED
+        and status.failed_spec_hash is not None
+        and status.failed_spec_hash != ctx.lease.spec_hash
+    )
+    if spec_changed_after_failure:
+        return decision
+    assert decision.action is not None
+    message = (
+        f"backing off until {status.next_attempt_at.isoformat()} "
+        f"after {ctx.failures} failure(s); then: {decision.action.kind} ({decision.action.reason})"
+    )
+    return replace(decision, phase=status.phase or ERROR, message=message, action=None, reset_failures=False)
+
+
+def _converged(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **kw: Any) -> Decision:
+    return _base(ctx, keep, phase, message, reset_failures=True, **kw)
+
+
+_WAIT_PHASE = {"running": PROVISIONING, "stopped": STOPPING, "archived": ARCHIVING, "absent": DELETING}
+
+
+def _natural(
+    ctx: _Ctx,
+    keep: ObservedSandbox | None,
+    extras: Sequence[ObservedSandbox],
+    destroying: Sequence[ObservedSandbox],
+    seen: Sequence[ObservedSandbox],
+) -> Decision:
+    lease, status, desired = ctx.lease, ctx.status, ctx.desired
+
+    # Extra sandboxes first (for ``absent`` every live sandbox goes, the kept one last).
+    if extras:
+        after = _natural(ctx, keep, (), destroying, seen)
+        extra = extras[0]
+        kept = f"keeping {_describe(keep)}" if keep is not None and desired != "absent" else "lease absent"
+        reason = f"deleting duplicate {_describe(extra)} ({extra.state}); {kept}"
+        action = _action(ctx, "delete", reason, extra, duplicate=True)
+        return replace(after, message=f"{reason}; then: {after.message}", action=action, reset_failures=False)
+
+    if keep is None:
+        return _nothing_live(ctx, destroying, seen)
+
+    sb = keep
+    state = sb.state
+    spec_differs = sb.spec_hash != lease.spec_hash
+
+    if desired == "absent":
+        why = "lease expired" if is_expired(lease, ctx.now) and lease.desired_state != "absent" else "absent"
+        reason = f"deleting {_describe(sb)} ({state}): lease {why}"
+        return _base(ctx, sb, DELETING, reason, action=_action(ctx, "delete", reason, sb))
+
+    if state not in _KNOWN_STABLE and state not in TRANSITIONAL_STATES:
+        phase = status.phase or PENDING
+        return _base(ctx, sb, phase, f"{_describe(sb)} is in unknown state {state!r}; waiting")
+
+    if state in TRANSITIONAL_STATES:
+        return _base(ctx, sb, _WAIT_PHASE[desired], f"{_describe(sb)} is {state}; waiting")
+
+    if desired == "running":
+        return _running(ctx, sb, spec_differs)
+    if desired == "stopped":
+        return _stopped(ctx, sb)
+    return _archived(ctx, sb)
+
+
+def _nothing_live(
+    ctx: _Ctx, destroying: Sequence[ObservedSandbox], seen: Sequence[ObservedSandbox]
+) -> Decision:
+    lease, status, desired = ctx.lease, ctx.status, ctx.desired
+    if destroying:
+        sb = destroying[0]
+        return _base(
+            ctx,
+            None,
+            DELETING,
+            f"{_describe(sb)} is destroying; waiting",
+            observed_state=sb.state,
+            sandbox_id=sb.id,
+            sandbox_name=sb.name,
+        )
+    seen_ids = {sb.id for sb in seen}
+    seen_names = {sb.name for sb in seen}
+    missing_id = status.sandbox_id is not None and status.sandbox_id not in seen_ids
+    missing_attempt = status.create_attempt_name is not None and status.create_attempt_name not in seen_names
+    if missing_id or missing_attempt:
+        target = ", ".join(
+            part
+            for part in (
+                f"id {status.sandbox_id}" if missing_id else "",
+                f"name {status.create_attempt_name}" if missing_attempt else "",
+            )
+            if part
+        )
+        reason = f"recorded sandbox ({target}) missing from the list; looking it up before acting"
+        action = _action(
+            ctx,
+            "lookup",
+            reason,
+            sandbox_id=status.sandbox_id if missing_id else None,
+            sandbox_name=status.sandbox_name if missing_id else status.create_attempt_name,
+            lookup_name=status.create_attempt_name if missing_attempt else None,
+        )
+        phase = {"running": PROVISIONING, "absent": DELETING}.get(desired, status.phase or PENDING)
+        return _base(ctx, None, phase, reason, action=action)
+
+    gone: dict[str, Any] = {
+        "sandbox_id": None,
+        "sandbox_name": None,
+        "spec_hash": None,
+        "workspace_path": None,
+        "ready_at": None,
+        "clear_create_attempt": True,
+    }
+    if desired == "absent":
+        return _converged(ctx, None, DELETED, "no sandbox; lease absent", **gone)
+    if desired == "stopped":
+        return _converged(ctx, None, STOPPED, "no sandbox; nothing to create while desired stopped", **gone)
+    if desired == "archived":
+        return _converged(ctx, None, ARCHIVED, "no sandbox; nothing to create while desired archived", **gone)
+    if status.failed_spec_hash is not None and status.failed_spec_hash == lease.spec_hash:
+        return _base(
+            ctx,
+            None,
+            FAILED,
+            f"spec {lease.spec_hash} failed permanently ({status.last_error or 'see events'}); "
+            "change the spec to retry",
+            **gone,
+        )
+    req = lease.create
+    reason = f"creating sandbox {req.name} (spec {lease.spec_hash})"
+    action = _action(ctx, "create", reason, sandbox_name=req.name, create=req, spec_hash=lease.spec_hash)
+    return _base(ctx, None, PROVISIONING, reason, action=action, **gone)
+
+
+def _replace(ctx: _Ctx, sb: ObservedSandbox, why: str, *, penalize: bool = False) -> Decision:
+    reason = f"replacing {_describe(sb)} ({sb.state}): {why}; a new sandbox is created once it is gone"
+    phase = ERROR if penalize else PROVISIONING
+    return _base(ctx, sb, phase, reason, action=_action(ctx, "delete", reason, sb, penalize=penalize))
+
+
+def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
+    lease, status, state = ctx.lease, ctx.status, sb.state
+    if spec_differs and state != STATE_BUILD_FAILED:
+        return _replace(ctx, sb, f"spec changed ({sb.spec_hash} -> {lease.spec_hash})")
+    if spec_differs:  # build_failed under an old spec: replacing is the way out of Failed
+        return _replace(ctx, sb, f"build failed under spec {sb.spec_hash}; spec is now {lease.spec_hash}")
+    if state == STATE_STARTED:
+        same = sb.id == status.sandbox_id
+        if same and status.workspace_path:
+            ready_at = status.ready_at if status.phase == READY and status.ready_at else ctx.now
+            return _converged(ctx, sb, READY, f"{_describe(sb)} is started; ready", ready_at=ready_at)
+        reason = f"realizing workspace {lease.workspace_dir!r} in {_describe(sb)}"
+        action = _action(ctx, "realize_workspace", reason, sb, workspace_dir=lease.workspace_dir)
+        return _base(ctx, sb, PROVISIONING, reason, action=action)
+    if state in (STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED):
+        reason = f"starting {_describe(sb)} ({state})"
+        return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "start", reason, sb))
+    if state == STATE_ERROR:
+        why = sb.error_reason or "no reason given"
+        if sb.recoverable:
+            reason = f"recovering {_describe(sb)}: in error ({why}), recoverable"
+            action = _action(ctx, "recover", reason, sb, penalize=True)
+            return _base(ctx, sb, ERROR, reason, action=action)
+        return _replace(ctx, sb, f"in error ({why}) and not recoverable", penalize=True)
+    # build_failed under the current spec: no create loop.
+    why = sb.error_reason or "no reason given"
+    return _base(
+        ctx,
+        sb,
+        FAILED,
+        f"{_describe(sb)} build failed ({why}); change the spec to retry",
+        failed_spec_hash=lease.spec_hash,
+    )
+
+
+def _left_in_error(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
+    why = sb.error_reason or "no reason given"
+    return _base(
+        ctx,
+        sb,
+        ERROR,
+        f"{_describe(sb)} is in error ({why}); left as is while desired {ctx.desired}: "
+        "desired running recovers or replaces it, absent deletes it",
+    )
+
+
+def _build_failed(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
+    why = sb.error_reason or "no reason given"
+    return _base(
+        ctx,
+        sb,
+        FAILED,
+        f"{_describe(sb)} build failed ({why}); left as is while desired {ctx.desired}",
+        failed_spec_hash=sb.spec_hash if sb.spec_hash == ctx.lease.spec_hash else None,
+    )
+
+
+def _stopped(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
+    state = sb.state
+    if state == STATE_STARTED:
+        reason = f"stopping {_describe(sb)}"
+        return _base(ctx, sb, STOPPING, reason, action=_action(ctx, "stop", reason, sb))
+    if state in (STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED):
+        return _converged(ctx, sb, STOPPED, f"{_describe(sb)} is {state}")
+    if state == STATE_ERROR:
+        return _left_in_error(ctx, sb)
+    return _build_failed(ctx, sb)
+
+
+def _archived(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
+    state = sb.state
+    if state in (STATE_STARTED, STATE_PAUSED):
+        reason = f"stopping {_describe(sb)} before archiving"
+        return _base(ctx, sb, ARCHIVING, reason, action=_action(ctx, "stop", reason, sb))
+    if state == STATE_STOPPED:
+        reason = f"archiving {_describe(sb)}"
+        return _base(ctx, sb, ARCHIVING, reason, action=_action(ctx, "archive", reason, sb))
+    if state == STATE_ARCHIVED:
+        return _converged(ctx, sb, ARCHIVED, f"{_describe(sb)} is archived")
+    if state == STATE_ERROR:
+        return _left_in_error(ctx, sb)
+    return _build_failed(ctx, sb)

@@ -1,0 +1,464 @@
+"""The pure planner (controller.planner): every (desired, observed state) pair, and the special cases."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from controller.planner import (
+    LeaseView,
+    Plan,
+    StatusView,
+    build_create_request,
+    ownership_labels,
+    plan,
+    sandbox_name,
+)
+from controller.providers.base import (
+    ALL_STATES,
+    LABEL_INSTANCE,
+    LABEL_LEASE,
+    LABEL_SPEC,
+    TRANSITIONAL_STATES,
+    ObservedSandbox,
+)
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+INSTANCE = "test"
+SPEC = "aaaaaaaaaaaaaaaa"
+OLD_SPEC = "bbbbbbbbbbbbbbbb"
+
+
+def lease(name: str = "web", desired: str = "running", spec: str = SPEC, **kw: Any) -> LeaseView:
+    return LeaseView(
+        name=name,
+        desired_state=desired,
+        spec_hash=spec,
+        create=build_create_request(INSTANCE, name, spec, {"snapshot": "base", "labels": {"team": "a"}}),
+        **kw,
+    )
+
+
+def sandbox(
+    state: str,
+    *,
+    id: str = "sb-1",
+    lease_name: str = "web",
+    spec: str = SPEC,
+    instance: str = INSTANCE,
+    created: int = 0,
+    **kw: Any,
+) -> ObservedSandbox:
+    return ObservedSandbox(
+        id=id,
+        name=f"name-{id}",
+        state=state,
+        labels=ownership_labels(instance, lease_name, spec),
+        created_at=NOW - timedelta(hours=1) + timedelta(minutes=created),
+        **kw,
+    )
+
+
+def one(
+    the_lease: LeaseView,
+    observed: list[ObservedSandbox],
+    status: StatusView | None = None,
+    now: datetime = NOW,
+) -> tuple[str | None, str, Plan]:
+    statuses = {the_lease.name: status} if status is not None else {}
+    result = plan([the_lease], statuses, observed, now, instance=INSTANCE)
+    assert len(result.actions) <= 1
+    decision = result.decisions[the_lease.name]
+    kind = decision.action.kind if decision.action else None
+    assert result.actions == ((decision.action,) if decision.action else ())
+    return kind, decision.phase, result
+
+
+# -- the full (desired x observed) table ---------------------------------------------------------
+
+STABLE = {
+    "started",
+    "stopped",
+    "paused",
+    "archived",
+    "error",
+    "build_failed",
+    "destroyed",
+    "destroying",
+    "unknown",
+}
+OBSERVED = [None, *sorted(ALL_STATES), "some-new-state"]
+
+
+def expected(desired: str, state: str | None) -> tuple[str | None, str]:
+    if state in (None, "destroyed"):
+        return {
+            "running": ("create", "Provisioning"),
+            "stopped": (None, "Stopped"),
+            "archived": (None, "Archived"),
+            "absent": (None, "Deleted"),
+        }[desired]
+    if state == "destroying":
+        return None, "Deleting"
+    if desired == "absent":
+        return "delete", "Deleting"
+    if state not in STABLE and state in TRANSITIONAL_STATES:
+        return None, {"running": "Provisioning", "stopped": "Stopping", "archived": "Archiving"}[desired]
+    if state not in STABLE or state == "unknown":
+        return None, "Pending"  # tolerated: wait, phase kept (the default status is Pending)
+    table: dict[str, dict[str, tuple[str | None, str]]] = {
+        "running": {
+            "started": ("realize_workspace", "Provisioning"),
+            "stopped": ("start", "Provisioning"),
+            "paused": ("start", "Provisioning"),
+            "archived": ("start", "Provisioning"),
+            "error": ("delete", "Error"),  # not recoverable: replace
+            "build_failed": (None, "Failed"),
+        },
+        "stopped": {
+            "started": ("stop", "Stopping"),
+            "stopped": (None, "Stopped"),
+            "paused": (None, "Stopped"),
+            "archived": (None, "Stopped"),
+            "error": (None, "Error"),
+            "build_failed": (None, "Failed"),
+        },
+        "archived": {
+            "started": ("stop", "Archiving"),
+            "stopped": ("archive", "Archiving"),
+            "paused": ("stop", "Archiving"),
+            "archived": (None, "Archived"),
+            "error": (None, "Error"),
+            "build_failed": (None, "Failed"),
+        },
+    }
+    return table[desired][state]
+
+
+@pytest.mark.parametrize("state", OBSERVED, ids=lambda s: str(s))
+@pytest.mark.parametrize("desired", ["running", "stopped", "archived", "absent"])
+def test_every_desired_and_observed_pair(desired: str, state: str | None) -> None:
+    observed = [] if state is None else [sandbox(state, error_reason="boom")]
+    kind, phase, result = one(lease(desired=desired), observed)
+    assert (kind, phase) == expected(desired, state)
+    decision = result.decisions["web"]
+    assert decision.message
+    if state not in (None, "destroyed"):
+        assert decision.observed_state == state
+        assert decision.sandbox_id == "sb-1"
+    if kind not in (None, "create"):
+        assert decision.action is not None and decision.action.sandbox_id == "sb-1"
+    if state in ("unknown", "some-new-state") and desired != "absent":
+        assert "unknown state" in decision.message
+
+
+def test_all_contract_states_are_covered() -> None:
+    contract = (
+        "creating, restoring, destroyed, destroying, started, stopped, starting, stopping, error, "
+        "build_failed, pending_build, building_snapshot, unknown, pulling_snapshot, archived, archiving, "
+        "resizing, snapshotting, forking, pausing, paused, resuming"
+    )
+    assert {s.strip() for s in contract.split(",")} <= set(OBSERVED)
+
+
+# -- create, ready, workspace ------------------------------------------------------------------------
+
+
+def test_create_carries_request_with_deterministic_name_and_labels() -> None:
+    _, _, result = one(lease(), [])
+    action = result.actions[0]
+    assert action.create is not None
+    assert action.sandbox_name == action.create.name == sandbox_name(INSTANCE, "web", SPEC)
+    assert action.spec_hash == SPEC
+    assert action.create.labels == {
+        "team": "a",
+        LABEL_INSTANCE: INSTANCE,
+        LABEL_LEASE: "web",
+        LABEL_SPEC: SPEC,
+    }
+    assert action.create.snapshot == "base"
+
+
+def test_started_with_workspace_recorded_is_ready_and_resets_failures() -> None:
+    status = StatusView(
+        sandbox_id="sb-1", workspace_path="/home/daytona/workspace", phase="Provisioning", failures=3
+    )
+    kind, phase, result = one(lease(), [sandbox("started")], status)
+    assert (kind, phase) == (None, "Ready")
+    values = result.decisions["web"].status_values()
+    assert values["workspace_path"] == "/home/daytona/workspace"
+    assert values["ready_at"] == NOW
+    assert values["failures"] == 0 and values["next_attempt_at"] is None
+
+
+def test_ready_keeps_its_ready_at() -> None:
+    earlier = NOW - timedelta(days=1)
+    status = StatusView(sandbox_id="sb-1", workspace_path="/w", phase="Ready", ready_at=earlier)
+    _, phase, result = one(lease(), [sandbox("started")], status)
+    assert phase == "Ready" and result.decisions["web"].ready_at == earlier
+
+
+def test_workspace_of_another_sandbox_is_not_reused() -> None:
+    status = StatusView(sandbox_id="old", workspace_path="/w", phase="Ready")
+    kind, phase, result = one(lease(workspace_dir="ws"), [sandbox("started")], status)
+    assert (kind, phase) == ("realize_workspace", "Provisioning")
+    assert result.actions[0].workspace_dir == "ws"
+    assert result.decisions["web"].status_values()["workspace_path"] is None
+
+
+def test_sandbox_adopted_from_a_create_attempt_clears_the_attempt() -> None:
+    status = StatusView(create_attempt_name="name-sb-1", create_attempt_at=NOW)
+    _, _, result = one(lease(), [sandbox("creating")], status)
+    values = result.decisions["web"].status_values()
+    assert values["create_attempt_name"] is None and values["sandbox_id"] == "sb-1"
+
+
+# -- expired, paused -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("desired", ["running", "stopped", "archived"])
+def test_expired_lease_is_absent(desired: str) -> None:
+    expired = lease(desired=desired, expires_at=NOW)
+    kind, phase, result = one(expired, [sandbox("started")])
+    assert (kind, phase) == ("delete", "Deleting")
+    assert "expired" in result.actions[0].reason
+    assert one(expired, [])[:2] == (None, "Deleted")
+    not_yet = lease(desired=desired, expires_at=NOW + timedelta(seconds=1))
+    assert one(not_yet, [sandbox("started")])[0] != "delete"
+
+
+@pytest.mark.parametrize("state", [None, "started", "stopped", "error", "build_failed", "creating"])
+@pytest.mark.parametrize("desired", ["running", "absent"])
+def test_paused_lease_is_observed_never_acted_on(desired: str, state: str | None) -> None:
+    observed = [] if state is None else [sandbox(state), sandbox(state, id="sb-2", spec=OLD_SPEC)]
+    status = StatusView(sandbox_id="gone", create_attempt_name="x")
+    kind, phase, result = one(lease(desired=desired, paused=True, expires_at=NOW), observed, status)
+    assert (kind, phase) == (None, "Paused")
+    assert result.decisions["web"].observed_state == state
+
+
+# -- spec change ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["started", "stopped", "archived", "paused", "error"])
+def test_spec_change_replaces_a_running_lease(state: str) -> None:
+    kind, phase, result = one(lease(), [sandbox(state, spec=OLD_SPEC, recoverable=True)])
+    assert (kind, phase) == ("delete", "Provisioning")
+    assert "spec changed" in result.actions[0].reason
+    # once gone, the new sandbox gets a new name
+    assert sandbox_name(INSTANCE, "web", SPEC) != sandbox_name(INSTANCE, "web", OLD_SPEC)
+
+
+def test_spec_change_on_build_failed_replaces() -> None:
+    status = StatusView(sandbox_id="sb-1", phase="Failed", failed_spec_hash=OLD_SPEC)
+    kind, _, _ = one(lease(), [sandbox("build_failed", spec=OLD_SPEC)], status)
+    assert kind == "delete"
+
+
+@pytest.mark.parametrize(
+    ("desired", "state", "want"), [("stopped", "started", "stop"), ("archived", "stopped", "archive")]
+)
+def test_spec_change_on_stopped_or_archived_lease_keeps_the_sandbox(
+    desired: str, state: str, want: str
+) -> None:
+    assert one(lease(desired=desired), [sandbox(state, spec=OLD_SPEC)])[0] == want
+    assert (
+        one(
+            lease(desired=desired),
+            [sandbox("stopped" if desired == "stopped" else "archived", spec=OLD_SPEC)],
+        )[0]
+        is None
+    )
+
+
+def test_transitional_sandbox_with_old_spec_is_waited_for() -> None:
+    assert one(lease(), [sandbox("starting", spec=OLD_SPEC)])[:2] == (None, "Provisioning")
+
+
+# -- duplicates -----------------------------------------------------------------------------------
+
+
+def test_duplicates_keep_the_recorded_one_and_delete_one_extra_per_pass() -> None:
+    sbs = [
+        sandbox("started", id="a", created=5),
+        sandbox("stopped", id="b", created=1),
+        sandbox("started", id="c"),
+    ]
+    kind, _, result = one(lease(), sbs, StatusView(sandbox_id="b"))
+    action = result.actions[0]
+    assert kind == "delete" and action.duplicate and action.sandbox_id == "a"
+    assert result.decisions["web"].sandbox_id == "b"
+    assert "duplicate" in result.decisions["web"].message
+
+
+def test_duplicates_prefer_current_spec_then_started_then_newest() -> None:
+    old = sandbox("started", id="old", spec=OLD_SPEC, created=9)
+    stopped = sandbox("stopped", id="stopped", created=8)
+    newer = sandbox("started", id="newer", created=5)
+    older = sandbox("started", id="older", created=1)
+    _, _, result = one(lease(), [old, stopped, newer, older])
+    assert result.decisions["web"].sandbox_id == "newer"
+    assert result.actions[0].sandbox_id != "newer" and result.actions[0].duplicate
+
+
+def test_absent_with_duplicates_deletes_them_one_at_a_time() -> None:
+    sbs = [sandbox("started", id="a"), sandbox("stopped", id="b")]
+    kind, phase, result = one(lease(desired="absent"), sbs)
+    assert (kind, phase) == ("delete", "Deleting")
+    assert result.actions[0].duplicate
+
+
+def test_destroying_sandboxes_are_not_duplicates() -> None:
+    sbs = [sandbox("started", id="a"), sandbox("destroying", id="b"), sandbox("destroyed", id="c")]
+    status = StatusView(sandbox_id="a", workspace_path="/w")
+    assert one(lease(), sbs, status)[:2] == (None, "Ready")
+
+
+def test_destroying_then_create() -> None:
+    assert one(lease(), [sandbox("destroying")])[:2] == (None, "Deleting")
+    assert one(lease(), [sandbox("destroyed")])[:2] == ("create", "Provisioning")
+
+
+# -- lookup before create ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("desired", ["running", "stopped", "archived", "absent"])
+def test_recorded_sandbox_missing_from_list_is_looked_up_first(desired: str) -> None:
+    status = StatusView(sandbox_id="sb-9", sandbox_name="n9", phase="Ready")
+    kind, _, result = one(lease(desired=desired), [], status)
+    assert kind == "lookup"
+    action = result.actions[0]
+    assert (action.sandbox_id, action.sandbox_name, action.lookup_name) == ("sb-9", "n9", None)
+
+
+def test_create_attempt_missing_from_list_is_looked_up_by_name() -> None:
+    name = sandbox_name(INSTANCE, "web", SPEC)
+    status = StatusView(create_attempt_name=name, create_attempt_at=NOW - timedelta(hours=2))
+    kind, phase, result = one(lease(), [], status)
+    assert (kind, phase) == ("lookup", "Provisioning")
+    assert result.actions[0].lookup_name == name and result.actions[0].sandbox_id is None
+
+
+def test_recorded_sandbox_seen_destroyed_needs_no_lookup() -> None:
+    status = StatusView(sandbox_id="sb-1", workspace_path="/w", phase="Ready")
+    kind, _, result = one(lease(), [sandbox("destroyed")], status)
+    assert kind == "create"
+    values = result.decisions["web"].status_values()
+    assert values["sandbox_id"] is None and values["workspace_path"] is None
+
+
+def test_other_instances_and_unknown_leases_are_ignored() -> None:
+    foreign = sandbox("started", id="f", instance="other")
+    unlabelled = ObservedSandbox(id="u", name="u", state="started", labels={LABEL_LEASE: "web"})
+    orphan = sandbox("started", id="o", lease_name="gone")
+    kind, _, result = one(lease(), [foreign, unlabelled, orphan])
+    assert kind == "create"
+    assert set(result.ignored) == {"f", "u", "o"}
+    # absent never deletes what is not ours
+    kind, phase, result = one(lease(desired="absent"), [foreign, unlabelled, orphan])
+    assert (kind, phase) == (None, "Deleted")
+
+
+# -- backoff, failed, error ---------------------------------------------------------------------------
+
+
+def test_backoff_holds_the_action_and_keeps_the_phase() -> None:
+    until = NOW + timedelta(seconds=30)
+    status = StatusView(sandbox_id="sb-1", phase="Error", failures=2, next_attempt_at=until)
+    kind, phase, result = one(lease(), [sandbox("stopped")], status)
+    assert (kind, phase) == (None, "Error")
+    assert "backing off until" in result.decisions["web"].message
+    assert "failures" not in result.decisions["web"].status_values()
+    # at the due time the action comes back
+    assert one(lease(), [sandbox("stopped")], status, now=until)[0] == "start"
+
+
+def test_backoff_does_not_hide_convergence() -> None:
+    status = StatusView(
+        sandbox_id="sb-1", phase="Error", failures=2, next_attempt_at=NOW + timedelta(hours=1)
+    )
+    kind, phase, result = one(lease(desired="stopped"), [sandbox("stopped")], status)
+    assert (kind, phase) == (None, "Stopped")
+    assert result.decisions["web"].status_values()["failures"] == 0
+
+
+def test_action_carries_failures_for_backoff() -> None:
+    status = StatusView(sandbox_id="sb-1", failures=4, next_attempt_at=NOW - timedelta(seconds=1))
+    _, _, result = one(lease(), [sandbox("stopped")], status)
+    assert result.actions[0].failures == 4
+
+
+def test_build_failed_never_loops_creating() -> None:
+    kind, phase, result = one(lease(), [sandbox("build_failed", error_reason="bad dockerfile")])
+    assert (kind, phase) == (None, "Failed")
+    values = result.decisions["web"].status_values()
+    assert values["failed_spec_hash"] == SPEC
+    assert "bad dockerfile" in values["message"]
+    # the sandbox was deleted by hand: still no create for the failed spec
+    status = StatusView(sandbox_id="sb-1", phase="Failed", failed_spec_hash=SPEC)
+    assert one(lease(), [sandbox("destroyed")], status)[:2] == (None, "Failed")
+    assert one(lease(), [], StatusView(phase="Failed", failed_spec_hash=SPEC))[:2] == (None, "Failed")
+
+
+def test_failed_spec_is_retried_once_the_spec_changes_even_while_backing_off() -> None:
+    status = StatusView(phase="Failed", failed_spec_hash=OLD_SPEC, next_attempt_at=NOW + timedelta(hours=1))
+    kind, phase, result = one(lease(), [], status)
+    assert (kind, phase) == ("create", "Provisioning")
+    assert result.decisions["web"].status_values()["failed_spec_hash"] is None
+
+
+def test_error_recoverable_is_recovered() -> None:
+    kind, phase, result = one(lease(), [sandbox("error", recoverable=True, error_reason="disk full")])
+    assert (kind, phase) == ("recover", "Error")
+    action = result.actions[0]
+    assert action.penalize and "disk full" in action.reason
+
+
+def test_error_not_recoverable_is_replaced_with_a_reason() -> None:
+    kind, _, result = one(lease(), [sandbox("error", recoverable=False, error_reason="runner lost")])
+    action = result.actions[0]
+    assert kind == "delete" and action.penalize and not action.duplicate
+    assert "not recoverable" in action.reason and "runner lost" in action.reason
+
+
+@pytest.mark.parametrize("desired", ["stopped", "archived"])
+def test_error_is_left_alone_unless_running_or_absent(desired: str) -> None:
+    kind, phase, result = one(lease(desired=desired), [sandbox("error", recoverable=True)])
+    assert (kind, phase) == (None, "Error")
+    assert "left as is" in result.decisions["web"].message
+
+
+# -- names ------------------------------------------------------------------------------------------
+
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@pytest.mark.parametrize(
+    ("instance", "lease_name"),
+    [("default", "web"), ("a" * 32, "b" * 63), ("x", "y"), ("prod-eu", "agent-" + "9" * 57)],
+)
+def test_sandbox_name_is_a_dns_label(instance: str, lease_name: str) -> None:
+    name = sandbox_name(instance, lease_name, "0123456789abcdef")
+    assert len(name) <= 63 and NAME_RE.fullmatch(name), name
+    assert sandbox_name(instance, lease_name, "0123456789abcdef") == name
+
+
+def test_sandbox_names_differ_by_instance_lease_and_spec() -> None:
+    names = {
+        sandbox_name("a-b", "c", SPEC),
+        sandbox_name("a", "b-c", SPEC),
+        sandbox_name("a", "b-c", OLD_SPEC),
+        sandbox_name("a" * 32, "b" * 62 + "c", SPEC),
+        sandbox_name("a" * 32, "b" * 62 + "d", SPEC),
+    }
+    assert len(names) == 5
+
+
+def test_reserved_user_labels_cannot_override_ownership() -> None:
+    req = build_create_request("i", "l", SPEC, {"labels": {"leasectl-instance": "evil", "x": 1}, "env": None})
+    assert req.labels == {"x": "1", **ownership_labels("i", "l", SPEC)}
+    assert req.env == {}
