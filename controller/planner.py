@@ -243,7 +243,8 @@ class Action:
     ``failures`` is the lease's failure count when planned (the applier derives the back-off from it);
     ``penalize`` makes even a successful call count as a failure (recover, replace after error);
     ``duplicate`` marks the deletion of an extra sandbox (the kept one's record stays);
-    ``lookup_name`` is the create-attempt name a ``lookup`` tries after the id.
+    ``lookup_name`` is the create-attempt name a ``lookup`` tries after the id; ``instance`` is the
+    controller instance (a ``lookup`` adopts only a sandbox labelled with it and with the lease).
     """
 
     kind: str  # one of ACTION_KINDS
@@ -258,6 +259,7 @@ class Action:
     failures: int = 0
     penalize: bool = False
     duplicate: bool = False
+    instance: str = ""
 
 
 @dataclass(frozen=True)
@@ -369,7 +371,7 @@ def plan(
     decisions: dict[str, Decision] = {}
     for lease in lease_list:
         status = statuses.get(lease.name) or StatusView()
-        decision = _plan_lease(lease, status, by_lease[lease.name], now)
+        decision = _plan_lease(lease, status, by_lease[lease.name], now, instance)
         decisions[lease.name] = decision
         if decision.action is not None:
             actions.append(decision.action)
@@ -383,13 +385,18 @@ class _Ctx:
     desired: str
     now: datetime
     failures: int
+    instance: str
 
 
 def _plan_lease(
-    lease: LeaseView, status: StatusView, sandboxes: Sequence[ObservedSandbox], now: datetime
+    lease: LeaseView,
+    status: StatusView,
+    sandboxes: Sequence[ObservedSandbox],
+    now: datetime,
+    instance: str,
 ) -> Decision:
     desired = effective_desired(lease, now)
-    ctx = _Ctx(lease, status, desired, now, int(status.failures or 0))
+    ctx = _Ctx(lease, status, desired, now, int(status.failures or 0), instance)
     live = [sb for sb in sandboxes if sb.state not in (STATE_DESTROYED, STATE_DESTROYING)]
     destroying = [sb for sb in sandboxes if sb.state == STATE_DESTROYING]
     live.sort(key=_keep_order(lease, status))
@@ -440,6 +447,7 @@ def _action(ctx: _Ctx, kind: str, reason: str, sb: ObservedSandbox | None = None
     return Action(
         kind=kind,
         lease_name=ctx.lease.name,
+        instance=ctx.instance,
         reason=reason,
         sandbox_id=sb.id if sb is not None else kw.pop("sandbox_id", None),
         sandbox_name=sb.name if sb is not None else kw.pop("sandbox_name", None),
@@ -589,6 +597,8 @@ def _nothing_live(
     req = lease.create
     reason = f"creating sandbox {req.name} (spec {lease.spec_hash})"
     action = _action(ctx, "create", reason, sandbox_name=req.name, create=req, spec_hash=lease.spec_hash)
+    # The create attempt is committed by the reconciler just before the call: never clear it here.
+    gone.pop("clear_create_attempt")
     return _base(ctx, None, PROVISIONING, reason, action=action, **gone)
 
 

@@ -462,3 +462,13 @@ def test_reserved_user_labels_cannot_override_ownership() -> None:
     req = build_create_request("i", "l", SPEC, {"labels": {"leasectl-instance": "evil", "x": 1}, "env": None})
     assert req.labels == {"x": "1", **ownership_labels("i", "l", SPEC)}
     assert req.env == {}
+
+
+def test_create_never_clears_the_create_attempt_it_is_about_to_record() -> None:
+    _, _, result = one(lease(), [], StatusView(phase="Pending"))
+    assert "create_attempt_name" not in result.decisions["web"].status_values()
+
+
+def test_actions_carry_the_instance() -> None:
+    _, _, result = one(lease(), [sandbox("stopped")])
+    assert result.actions[0].instance == INSTANCE
