@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -150,15 +151,18 @@ class DaytonaProvider:
         self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
         self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
         self._api = SandboxApi(self._api_client)
-        self._sdk = Daytona(
-            DaytonaConfig(
-                api_key=api_key,
-                api_url=api_url.rstrip("/"),
-                target=target,
-                use_deprecated_polling=True,
-                connection_pool_maxsize=32,
+        with warnings.catch_warnings():
+            # Polling mode is deprecated upstream but is what we want: we never wait on events.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._sdk = Daytona(
+                DaytonaConfig(
+                    api_key=api_key,
+                    api_url=api_url.rstrip("/"),
+                    target=target,
+                    use_deprecated_polling=True,
+                    connection_pool_maxsize=32,
+                )
             )
-        )
 
     # -- plumbing --------------------------------------------------------------------------------
 

@@ -1,0 +1,291 @@
+"""One reconcile pass: observe -> plan -> apply -> write status. Called by the CLI and the daemon.
+
+Reads every lease and status row (one read transaction), observes every sandbox of this instance
+(one paginated list call), asks the pure planner for at most one action per lease, runs the
+actions through the applier and writes ``lease_status`` and ``events`` in one transaction at the
+end. The one write that cannot wait for the end is the create attempt: the deterministic sandbox
+name and the time are committed *before* the create call (``before_create``), so a process killed
+at any instant leaves a record that the next pass uses to look the sandbox up instead of creating
+a second one.
+
+Status rows are written only when something about them changed, plus one set-based UPDATE of
+``last_reconciled_at``, so a pass over a converged fleet costs a handful of statements whatever its
+size. Every write is fenced by the leader elector when one is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from controller import logs
+from controller.applier import Applier, Outcome
+from controller.config import Settings
+from controller.db import Database
+from controller.errors import NotLeaderError
+from controller.leader import LeaderElector
+from controller.metrics import Metrics
+from controller.planner import Action, LeaseView, Plan, StatusView, build_create_request, plan
+from controller.providers.base import LABEL_INSTANCE, SandboxProvider
+from controller.specs import SPEC_COLUMNS, spec_hash
+from models import Event, Lease, LeaseStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+STATUS_FIELDS = (
+    "sandbox_id",
+    "sandbox_name",
+    "observed_state",
+    "phase",
+    "spec_hash",
+    "failed_spec_hash",
+    "message",
+    "last_error",
+    "failures",
+    "next_attempt_at",
+    "ready_at",
+    "workspace_path",
+    "create_attempt_name",
+    "create_attempt_at",
+)
+
+
+@dataclass
+class PassResult:
+    pass_id: str
+    plan: Plan
+    outcomes: list[Outcome] = field(default_factory=list)
+    duration_seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok and o.ran]
+
+
+def lease_view(row: Lease, instance: str, workspace_dir: str) -> LeaseView:
+    values = {col: getattr(row, col) for col in SPEC_COLUMNS}
+    digest = spec_hash(values)
+    return LeaseView(
+        name=row.name,
+        desired_state=row.desired_state,
+        spec_hash=digest,
+        paused=bool(row.paused),
+        expires_at=row.expires_at,
+        create=build_create_request(instance, row.name, digest, values),
+        workspace_dir=workspace_dir,
+    )
+
+
+def status_view(row: LeaseStatus) -> StatusView:
+    return StatusView(**{name: getattr(row, name) for name in STATUS_FIELDS})
+
+
+class Reconciler:
+    """Runs passes; safe to call from one thread at a time (the daemon uses max_instances=1)."""
+
+    def __init__(
+        self,
+        db: Database,
+        provider: SandboxProvider,
+        settings: Settings,
+        *,
+        applier: Applier,
+        elector: LeaderElector | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        controller_id: str | None = None,
+    ) -> None:
+        self.db = db
+        self.provider = provider
+        self.settings = settings
+        self.applier = applier
+        self.elector = elector
+        self.metrics = metrics
+        self.clock = clock
+        self.instance = settings.controller.instance
+        self.controller_id = controller_id or (elector.holder if elector else f"cli-{uuid.uuid4().hex[:8]}")
+        self._lock = threading.Lock()
+        self.last_success: datetime | None = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _load(self) -> tuple[list[LeaseView], dict[str, StatusView]]:
+        workspace = self.settings.controller.workspace_dir
+        with self.db.session() as session:
+            leases = [
+                lease_view(row, self.instance, workspace)
+                for row in session.scalars(sa.select(Lease).order_by(Lease.name))
+            ]
+            statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
+        return leases, statuses
+
+    def plan_pass(self) -> tuple[Plan, list[LeaseView], dict[str, StatusView]]:
+        """Observe and plan without acting (``leasectl plan``)."""
+        leases, statuses = self._load()
+        observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
+        return plan(leases, statuses, observed, self.clock(), instance=self.instance), leases, statuses
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    def run_pass(self) -> PassResult:
+        pass_id = uuid.uuid4().hex[:12]
+        started = time.monotonic()
+        with self._lock, logs.bound(pass_id=pass_id):
+            try:
+                result = self._run(pass_id)
+            except Exception:
+                if self.metrics:
+                    self.metrics.passes.labels(result="error").inc()
+                raise
+            result.duration_seconds = time.monotonic() - started
+            if self.metrics:
+                self.metrics.passes.labels(result="ok").inc()
+                self.metrics.pass_duration.observe(result.duration_seconds)
+            self.last_success = self.clock()
+            log.info(
+                "pass done: %d leases, %d actions, %d failed, %.2fs",
+                len(result.plan.decisions),
+                len(result.outcomes),
+                len(result.errors),
+                result.duration_seconds,
+            )
+            return result
+
+    def _run(self, pass_id: str) -> PassResult:
+        self._check_leader()
+        the_plan, leases, statuses = self.plan_pass()
+        views = {lease.name: lease for lease in leases}
+        self._check_leader()
+
+        def before_create(action: Action) -> None:
+            self._record_create_attempt(action)
+
+        outcomes = (
+            self.applier.apply(the_plan.actions, before_create=before_create) if the_plan.actions else []
+        )
+        self._write(pass_id, the_plan, outcomes, views, statuses)
+        if self.metrics:
+            for outcome in outcomes:
+                self.metrics.actions.labels(
+                    kind=outcome.action.kind, result="ok" if outcome.ok else "error"
+                ).inc()
+        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes)
+
+    def _check_leader(self) -> None:
+        if self.elector is not None and not self.elector.is_leader():
+            raise NotLeaderError(f"not the leader of instance {self.instance}; pass skipped")
+
+    def _fence(self, session: Session) -> None:
+        if self.elector is not None:
+            self.elector.fence(session)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _record_create_attempt(self, action: Action) -> None:
+        """Commit the deterministic name and time BEFORE the create call (crash safety)."""
+        now = self.clock()
+        with self.db.session() as session:
+            self._fence(session)
+            row = session.get(LeaseStatus, action.lease_name, with_for_update=True)
+            if row is None:
+                row = LeaseStatus(lease_name=action.lease_name, failures=0, phase="Provisioning")
+                session.add(row)
+            row.create_attempt_name = action.sandbox_name
+            row.create_attempt_at = now
+            row.phase = "Provisioning"
+            row.message = f"creating sandbox {action.sandbox_name}"
+            row.updated_at = now
+            session.add(
+                Event(
+                    at=now,
+                    lease_name=action.lease_name,
+                    sandbox_id=None,
+                    action="create",
+                    outcome="attempt",
+                    message=f"create attempt recorded for {action.sandbox_name}",
+                    controller_id=self.controller_id,
+                    pass_id=logs.pass_id_var.get(),
+                )
+            )
+
+    def _write(
+        self,
+        pass_id: str,
+        the_plan: Plan,
+        outcomes: Sequence[Outcome],
+        views: dict[str, LeaseView],
+        before: dict[str, StatusView],
+    ) -> None:
+        now = self.clock()
+        by_lease = {o.action.lease_name: o for o in outcomes}
+        with self.db.session() as session:
+            self._fence(session)
+            rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus).with_for_update())}
+            phases: dict[str, int] = {}
+            for name, decision in the_plan.decisions.items():
+                values = decision.status_values()
+                outcome = by_lease.get(name)
+                if outcome is not None:
+                    values.update(outcome.status_values(views.get(name)))
+                    session.add(self._event(outcome, pass_id, now))
+                phases[values.get("phase", "Pending")] = phases.get(values.get("phase", "Pending"), 0) + 1
+                row = rows.get(name)
+                if row is None:
+                    row = LeaseStatus(lease_name=name, failures=0)
+                    session.add(row)
+                    changed = True
+                else:
+                    changed = any(getattr(row, k) != v for k, v in values.items() if hasattr(row, k))
+                if changed:
+                    for key, value in values.items():
+                        if hasattr(row, key):
+                            setattr(row, key, value)
+                    row.updated_at = now
+                    row.last_reconciled_at = now
+            session.execute(
+                sa.update(LeaseStatus)
+                .where(LeaseStatus.lease_name.in_(sa.select(Lease.name)))
+                .values(last_reconciled_at=now),
+                execution_options={"synchronize_session": False},
+            )
+        if self.metrics:
+            for phase in list(self.metrics.leases._metrics):  # reset stale phases
+                self.metrics.leases.labels(*phase).set(0)
+            for phase, count in phases.items():
+                self.metrics.leases.labels(phase=phase).set(count)
+
+    def _event(self, outcome: Outcome, pass_id: str, now: datetime) -> Event:
+        action = outcome.action
+        return Event(
+            at=now,
+            lease_name=action.lease_name,
+            sandbox_id=outcome.sandbox_id or action.sandbox_id,
+            action=action.kind,
+            outcome="ok" if outcome.ok else (outcome.error_kind or "error"),
+            message=outcome.message or action.reason,
+            controller_id=self.controller_id,
+            pass_id=pass_id,
+        )
+
+
+def summarize(result: PassResult) -> dict[str, Any]:
+    phases: dict[str, int] = {}
+    for decision in result.plan.decisions.values():
+        phases[decision.phase] = phases.get(decision.phase, 0) + 1
+    return {
+        "pass_id": result.pass_id,
+        "leases": len(result.plan.decisions),
+        "actions": len(result.outcomes),
+        "failed": len(result.errors),
+        "phases": phases,
+        "seconds": round(result.duration_seconds, 3),
+    }
