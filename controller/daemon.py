@@ -1,0 +1,324 @@
+"""The daemon behind ``leasectl run``: APScheduler wiring, leader election, signals, health and metrics.
+
+Jobs (BlockingScheduler, in-memory job store, ``max_instances=1``, coalescing):
+
+* ``leader``    every lease/3 s: acquire or renew leadership (every replica);
+* ``reconcile`` every ``controller.reconcile_interval_seconds``: one pass, leader only;
+* ``gc``        every ``controller.gc_interval_seconds``: orphans, stale rows, retention, leader only;
+* ``exec``      every ``exec.poll_interval_seconds``: the execution dispatcher (every replica: its
+  claims are atomic);
+* ``housekeeping`` every 15 s: gauges (executions by state) and the readiness probe's DB check.
+
+A job that fails logs the error and the daemon goes on. SIGTERM/SIGINT: no new work is taken, the
+applier lets in-flight actions finish within ``controller.shutdown_timeout_seconds``, leadership is
+released, the process exits 0. On PostgreSQL a LISTEN on channel ``leasectl_leases`` wakes the
+reconcile job early when a NOTIFY arrives (``NOTIFY leasectl_leases`` after an edit); it is a
+bonus, the interval is the guarantee.
+
+``/healthz`` answers while the process runs; ``/readyz`` is 200 only when the database is
+reachable, the schema is current and (when leader) the last pass succeeded, within three intervals;
+``/metrics`` is Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from controller import db as dbmod
+from controller.config import Settings
+from controller.leader import LeaderElector
+from controller.metrics import Metrics
+from controller.providers.base import SandboxProvider
+from models import EXECUTION_STATES, Execution, utcnow
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "leasectl_leases"
+
+
+@dataclass
+class Health:
+    """What the probes report; updated by the jobs."""
+
+    db_ok: bool = False
+    schema_ok: bool = False
+    db_error: str | None = None
+    last_pass_ok_at: datetime | None = None
+    last_pass_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        db: dbmod.Database,
+        provider: SandboxProvider,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
+        from controller.applier import Applier, ApplierConfig
+        from controller.reconciler import Reconciler
+
+        self.settings = settings
+        self.db = db
+        self.provider = provider
+        self.metrics = metrics or Metrics()
+        self.health = Health()
+        c = settings.controller
+        self.elector = LeaderElector(db, c.instance, c.leader_lease_seconds)
+        self.applier = Applier(
+            provider,
+            ApplierConfig(
+                max_concurrent_actions=c.max_concurrent_actions,
+                backoff_base_seconds=c.backoff_base_seconds,
+                backoff_max_seconds=c.backoff_max_seconds,
+                api_rate_per_second=c.api_rate_per_second,
+                create_rate_per_minute=c.create_rate_per_minute,
+                action_timeout_seconds=c.action_timeout_seconds,
+            ),
+        )
+        self.reconciler = Reconciler(
+            db, provider, settings, applier=self.applier, elector=self.elector, metrics=self.metrics
+        )
+        self.dispatcher = self._make_dispatcher()
+        self.scheduler = BlockingScheduler(
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        )
+        self._stopping = threading.Event()
+        self._jobs_idle = threading.Condition()
+        self._active_jobs = 0
+        self._http: ThreadingHTTPServer | None = None
+
+    def _make_dispatcher(self) -> Any:
+        from controller.execution import Dispatcher
+
+        return Dispatcher(self.db, self.provider, self.settings.exec, worker_id=self.elector.holder)
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def _guard(self, name: str, fn: Callable[[], None]) -> Callable[[], None]:
+        def job() -> None:
+            with self._jobs_idle:
+                if self._stopping.is_set():
+                    return
+                self._active_jobs += 1
+            try:
+                fn()
+            except Exception as exc:
+                log.error("job %s failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                if name == "reconcile":
+                    self.health.last_pass_error = str(exc)
+            finally:
+                with self._jobs_idle:
+                    self._active_jobs -= 1
+                    self._jobs_idle.notify_all()
+
+        return job
+
+    def job_leader(self) -> None:
+        leading = self.elector.try_acquire()
+        self.metrics.leader.set(1 if leading else 0)
+
+    def job_reconcile(self) -> None:
+        if not self.elector.is_leader():
+            return
+        self.reconciler.run_pass()
+        self.health.last_pass_ok_at = utcnow()
+        self.health.last_pass_error = None
+
+    def job_gc(self) -> None:
+        if not self.elector.is_leader():
+            return
+        from controller.gc import collect_garbage
+
+        result = collect_garbage(self.db, self.provider, self.settings, dry_run=False, elector=self.elector)
+        deleted = getattr(result, "deleted", [])
+        self.metrics.orphans_collected.inc(len(deleted))
+
+    def job_exec(self) -> None:
+        self.dispatcher.run_once(wait=False)
+
+    def job_housekeeping(self) -> None:
+        try:
+            with self.db.session() as session:
+                rows = session.execute(sa.select(Execution.state, sa.func.count()).group_by(Execution.state))
+                counts: dict[str, int] = {state: int(n) for state, n in rows}
+            self.health.db_ok, self.health.db_error = True, None
+            for state in EXECUTION_STATES:
+                self.metrics.executions.labels(state=state).set(counts.get(state, 0))
+            self.health.schema_ok = dbmod.schema_is_current(self.db)
+        except sa.exc.SQLAlchemyError as exc:
+            self.health.db_ok, self.health.db_error = False, str(exc).splitlines()[0]
+            log.warning("database unreachable: %s", self.health.db_error)
+
+    # -- readiness -------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        interval = self.settings.controller.reconcile_interval_seconds
+        leader = self.elector.is_leader()
+        fresh = True
+        if leader:
+            last = self.health.last_pass_ok_at
+            fresh = (
+                last is not None
+                and self.health.last_pass_error is None
+                and utcnow() - last < timedelta(seconds=3 * interval + 30)
+            )
+        ready = self.health.db_ok and self.health.schema_ok and fresh
+        return ready, {
+            "ready": ready,
+            "database": "ok" if self.health.db_ok else (self.health.db_error or "unknown"),
+            "schema_current": self.health.schema_ok,
+            "leader": leader,
+            "last_pass_ok_at": self.health.last_pass_ok_at.isoformat()
+            if self.health.last_pass_ok_at
+            else None,
+            "last_pass_error": self.health.last_pass_error,
+        }
+
+    def _start_http(self) -> None:
+        host, _, port = self.settings.server.listen.rpartition(":")
+        daemon = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                elif self.path == "/readyz":
+                    ready, body = daemon.readiness()
+                    self._send(200 if ready else 503, json.dumps(body).encode() + b"\n", "application/json")
+                elif self.path == "/metrics":
+                    self._send(200, daemon.metrics.render(), "text/plain; version=0.0.4")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self._http = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self._http.daemon_threads = True
+        threading.Thread(target=self._http.serve_forever, name="health-http", daemon=True).start()
+        log.info("health and metrics on http://%s:%d", host, self._http.server_address[1])
+
+    # -- PostgreSQL LISTEN/NOTIFY wake-up ---------------------------------------------------------
+
+    def _listen_for_changes(self) -> None:
+        if self.db.engine.dialect.name != "postgresql":
+            return
+
+        def loop() -> None:
+            while not self._stopping.is_set():
+                try:
+                    raw = self.db.engine.raw_connection()
+                    try:
+                        driver = raw.driver_connection
+                        assert driver is not None
+                        driver.autocommit = True
+                        driver.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                        while not self._stopping.is_set():
+                            for _ in driver.notifies(timeout=1.0, stop_after=1):
+                                log.info("lease change notified; reconciling now")
+                                self.wake_reconcile()
+                    finally:
+                        raw.close()
+                except Exception as exc:
+                    log.debug("LISTEN loop: %s", exc)
+                    self._stopping.wait(5)
+
+        threading.Thread(target=loop, name="pg-listen", daemon=True).start()
+
+    def wake_reconcile(self) -> None:
+        job = self.scheduler.get_job("reconcile")
+        if job is not None:
+            job.modify(next_run_time=utcnow())
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing in-flight work, then exiting", signal.Signals(signum).name)
+        self._stopping.set()
+        threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": False}, daemon=True).start()
+
+    def run(self) -> int:
+        c = self.settings.controller
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._start_http()
+        self.job_housekeeping()
+        self.dispatcher.recover_interrupted()
+        now = utcnow()
+        add = self.scheduler.add_job
+        add(
+            self._guard("leader", self.job_leader),
+            "interval",
+            seconds=max(1.0, c.leader_lease_seconds / 3),
+            id="leader",
+            next_run_time=now,
+        )
+        add(
+            self._guard("reconcile", self.job_reconcile),
+            "interval",
+            seconds=c.reconcile_interval_seconds,
+            id="reconcile",
+            next_run_time=now + timedelta(seconds=0.5),
+        )
+        add(
+            self._guard("gc", self.job_gc),
+            "interval",
+            seconds=c.gc_interval_seconds,
+            id="gc",
+            next_run_time=now + timedelta(seconds=1),
+        )
+        add(
+            self._guard("exec", self.job_exec),
+            "interval",
+            seconds=self.settings.exec.poll_interval_seconds,
+            id="exec",
+            next_run_time=now + timedelta(seconds=1),
+        )
+        add(self._guard("housekeeping", self.job_housekeeping), "interval", seconds=15, id="housekeeping")
+        self._listen_for_changes()
+        log.info("leasectl daemon started (instance %s, holder %s)", c.instance, self.elector.holder)
+        try:
+            self.scheduler.start()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        self._stopping.set()
+        timeout = self.settings.controller.shutdown_timeout_seconds
+        deadline = time.monotonic() + timeout
+        self.applier.shutdown(timeout=timeout)
+        self.dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+        with self._jobs_idle:  # let running jobs write their results (status, execution rows)
+            while self._active_jobs and time.monotonic() < deadline:
+                self._jobs_idle.wait(max(0.0, deadline - time.monotonic()))
+            if self._active_jobs:
+                log.warning("shutdown time-out: %d job(s) still running", self._active_jobs)
+        self.elector.release()
+        self.metrics.leader.set(0)
+        if self._http is not None:
+            self._http.shutdown()
+        log.info("leasectl daemon stopped")
