@@ -799,14 +799,13 @@ def gc_command(
     if output is OutputFormat.table:
         if rows:
             table = Table(box=None, pad_edge=False)
-            for col in ("SANDBOX", "NAME", "LEASE", "STATE", "AGE", "STATUS", "WHY"):
+            for col in ("SANDBOX", "NAME", "LEASE", "AGE", "STATUS", "WHY"):
                 table.add_column(col, overflow="fold")
             for o, r in zip(result.report.orphans, rows, strict=True):
                 table.add_row(
                     o.sandbox.id,
                     o.sandbox.name,
                     o.lease_label or "-",
-                    o.sandbox.state,
                     _gc_age(o.orphaned_seconds),
                     str(r["status"]),
                     o.reason,

@@ -344,12 +344,13 @@ def collect_garbage(
             known = read_sightings(session)
         report = find_orphans(observed, lease_names, known, when, instance=instance, grace_seconds=grace)
         for orphan in report.orphans:
-            log.info(
-                "orphan %s (%s): %s; %s",
+            log.debug(
+                "orphan %s (%s): %s; %s, orphaned %.0fs",
                 orphan.sandbox.id,
                 orphan.sandbox.name,
                 orphan.reason,
-                orphan.status if not orphan.deletable else "deletable",
+                orphan.status,
+                orphan.orphaned_seconds,
             )
         if dry_run:
             cleanup = _count_cleanup(db, settings, observed, when)
