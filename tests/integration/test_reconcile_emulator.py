@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,12 @@ def get(database_url: str) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in json.loads(out)}
 
 
-def converge(database_url: str, expected: dict[str, str], passes: int = 8) -> dict[str, dict[str, Any]]:
+def converge(
+    database_url: str, expected: dict[str, str], passes: int = 8, pause: float = 0.0
+) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for _ in range(passes):
+        time.sleep(pause)
         reconcile(database_url)
         rows = get(database_url)
         if all(rows[name]["phase"] == phase for name, phase in expected.items()):
@@ -165,7 +169,8 @@ def test_converges_through_api_faults(env: EmulatorProcess, database_url: str, t
     )
     n = 12
     cli(database_url, "apply", "-f", str(write_leases(tmp_path / "l.yaml", n)))
-    converge(database_url, {f"box-{i:02d}": "Ready" for i in range(n)}, passes=30)
+    # Faulty passes fail whole (a list error) or leave leases backing off; give it ~20 s.
+    converge(database_url, {f"box-{i:02d}": "Ready" for i in range(n)}, passes=80, pause=0.2)
     env.reset_faults()
     for _ in range(3):  # let the lagging list catch up, then count
         reconcile(database_url)
