@@ -112,8 +112,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table."""
     cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -172,7 +174,11 @@ def database(backend: str, workdir: Path, pg_admin_url: str) -> Iterator[str]:
         return
     name = f"leasectl_bench_{uuid.uuid4().hex[:10]}"
     _pg_admin(pg_admin_url, f'CREATE DATABASE "{name}"')
-    url = sa.make_url(dbmod.normalize_url(pg_admin_url)).set(database=name).render_as_string(hide_password=False)
+    url = (
+        sa.make_url(dbmod.normalize_url(pg_admin_url))
+        .set(database=name)
+        .render_as_string(hide_password=False)
+    )
     try:
         _migrate(url)
         yield url

@@ -64,8 +64,10 @@ def _views(names: Sequence[str]) -> list[Any]:
     from controller.reconciler import lease_view
     from models import Lease
 
-    return [lease_view(Lease(name=n, desired_state="running", env={}, labels={}), INSTANCE, "workspace")
-            for n in names]
+    return [
+        lease_view(Lease(name=n, desired_state="running", env={}, labels={}), INSTANCE, "workspace")
+        for n in names
+    ]
 
 
 def seed_sandboxes(state_dir: Path, names: Sequence[str]) -> dict[str, str]:
@@ -126,17 +128,32 @@ def seed_database(url: str, ids: dict[str, str]) -> None:
     the_plan = plan(views, statuses, observed, now, instance=INSTANCE)
     assert not the_plan.actions, "seeded fleet is not converged"
     lease_rows = [
-        {"name": v.name, "desired_state": "running", "env": {}, "labels": {}, "paused": False,
-         "created_at": now, "updated_at": now}
+        {
+            "name": v.name,
+            "desired_state": "running",
+            "env": {},
+            "labels": {},
+            "paused": False,
+            "created_at": now,
+            "updated_at": now,
+        }
         for v in views
     ]
     status_rows = []
     for v in views:
         values = the_plan.decisions[v.name].status_values()
         status_rows.append(
-            {"lease_name": v.name, "failures": 0, "updated_at": now, "last_reconciled_at": now,
-             "create_attempt_name": None, "create_attempt_at": None, "next_attempt_at": None,
-             "last_error": None, **values}
+            {
+                "lease_name": v.name,
+                "failures": 0,
+                "updated_at": now,
+                "last_reconciled_at": now,
+                "create_attempt_name": None,
+                "create_attempt_at": None,
+                "next_attempt_at": None,
+                "last_error": None,
+                **values,
+            }
         )
     db = dbmod.connect(url)
     try:
@@ -256,8 +273,14 @@ def _run_child(params: dict[str, Any]) -> dict[str, Any]:
 # -- the parent -----------------------------------------------------------------------------------
 
 
-def run(out: Output, *, quick: bool, pg_admin_url: str, sizes: Sequence[int] | None = None,
-        backends: Sequence[str] = ("sqlite", "postgres")) -> list[dict[str, Any]]:
+def run(
+    out: Output,
+    *,
+    quick: bool,
+    pg_admin_url: str,
+    sizes: Sequence[int] | None = None,
+    backends: Sequence[str] = ("sqlite", "postgres"),
+) -> list[dict[str, Any]]:
     sizes = tuple(sizes or (QUICK_SIZES if quick else FULL_SIZES))
     pg_problem = pg_reachable(pg_admin_url) if "postgres" in backends else None
     concurrency = 8
@@ -281,22 +304,50 @@ def run(out: Output, *, quick: bool, pg_admin_url: str, sizes: Sequence[int] | N
                             {"database_url": url, "api_url": emu.api_url, "concurrency": concurrency}
                         )
                     figures["seed_db_s"] = round(seeded, 2)
-                    params = {"leases": n, "backend": backend, "imperative_concurrency": concurrency,
-                              "api": "local Daytona API (subprocess)"}
+                    params = {
+                        "leases": n,
+                        "backend": backend,
+                        "imperative_concurrency": concurrency,
+                        "api": "local Daytona API (subprocess)",
+                    }
                     records.append(out.emit("scale", params, figures))
             finally:
                 emu.kill()
     print()
     print("scale: one reconcile pass over a converged fleet vs one GET per lease")
-    print(table(
-        ["leases", "db", "wall s", "cpu s", "rss MiB", "queries", "api req", "imp api", "imp wall s",
-         "api ratio", "wall ratio"],
-        [[r["parameters"]["leases"], r["parameters"]["backend"], r["figures"]["wall_s"],
-          r["figures"]["cpu_s"], r["figures"]["peak_rss_mib"], r["figures"]["db_queries"],
-          r["figures"]["api_requests"], r["figures"]["imperative_api_requests"],
-          r["figures"]["imperative_wall_s"], r["figures"]["ratio_api_requests"],
-          r["figures"]["ratio_wall"]] for r in records],
-    ))
+    print(
+        table(
+            [
+                "leases",
+                "db",
+                "wall s",
+                "cpu s",
+                "rss MiB",
+                "queries",
+                "api req",
+                "imp api",
+                "imp wall s",
+                "api ratio",
+                "wall ratio",
+            ],
+            [
+                [
+                    r["parameters"]["leases"],
+                    r["parameters"]["backend"],
+                    r["figures"]["wall_s"],
+                    r["figures"]["cpu_s"],
+                    r["figures"]["peak_rss_mib"],
+                    r["figures"]["db_queries"],
+                    r["figures"]["api_requests"],
+                    r["figures"]["imperative_api_requests"],
+                    r["figures"]["imperative_wall_s"],
+                    r["figures"]["ratio_api_requests"],
+                    r["figures"]["ratio_wall"],
+                ]
+                for r in records
+            ],
+        )
+    )
     print()
     return records
 

@@ -1,0 +1,286 @@
+"""Execution: throughput and per-command overhead of the queue dispatcher vs the SDK's exec.
+
+A few leases are made Ready with real reconcile passes against the local Daytona API. Then, in the
+same run and at the same concurrency C:
+
+* direct: the official SDK, ``sandbox.process.exec(command)`` from C threads, with the ``Sandbox``
+  objects fetched once beforehand (the cheapest a caller can do); once with the bare command and
+  once with the dispatcher's login-shell script around it (the script's own cost, without the queue);
+* dispatcher, drain: M rows INSERTed with SQL, then ``controller.execution.Dispatcher.drain()``
+  (claims up to C rows, runs them, claims again);
+* dispatcher, poll: the same, driven the way the daemon drives it: ``run_once(wait=False)`` every
+  ``poll_interval`` (50 ms here), so free slots refill without waiting for a whole batch.
+
+Each dispatcher command goes through the whole path: claim transaction, login-shell script
+(profiles, cwd, env, subshell), provider call (a GET of the sandbox, then the toolbox execute),
+result row and event. Per-command overhead = (dispatcher wall - direct wall) x C / M.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.common import (
+    API_KEY,
+    EmulatorAdmin,
+    Output,
+    bench_settings,
+    database,
+    log,
+    make_reconciler,
+    ratio,
+    start_emulator,
+    table,
+    wait_until,
+    workdir,
+)
+
+LEASES = 4
+
+
+def _ready_fleet(url: str, api_url: str) -> dict[str, str]:
+    """LEASES leases made Ready by real passes; lease name -> sandbox id."""
+    from controller import db as dbmod
+    from controller.providers import build_provider
+    from models import Lease, LeaseStatus, utcnow
+
+    now = utcnow()
+    db = dbmod.connect(url)
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.insert(Lease.__table__),
+            [
+                {
+                    "name": f"exec-{i}",
+                    "desired_state": "running",
+                    "env": {},
+                    "labels": {},
+                    "paused": False,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i in range(LEASES)
+            ],
+        )
+    settings = bench_settings(url, api_url, api_rate_per_second=1000)
+    reconciler = make_reconciler(settings, db, build_provider(settings))
+
+    def all_ready() -> bool:
+        reconciler.run_pass()
+        with db.session(readonly=True) as session:
+            rows = session.execute(
+                sa.select(LeaseStatus.lease_name, LeaseStatus.sandbox_id).where(LeaseStatus.phase == "Ready")
+            ).all()
+        found.update({r.lease_name: r.sandbox_id for r in rows})
+        return len(found) == LEASES
+
+    found: dict[str, str] = {}
+    if not wait_until(all_ready, timeout=60, interval=0.1):
+        raise RuntimeError("execution bench: leases did not become Ready")
+    reconciler.applier.shutdown()
+    db.dispose()
+    return found
+
+
+def _direct(
+    api_url: str, sandbox_ids: list[str], m: int, concurrency: int, *, login_shell: bool = False
+) -> tuple[float, list[float]]:
+    from daytona import Daytona, DaytonaConfig
+
+    from controller.execution import command_line
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = Daytona(
+            DaytonaConfig(
+                api_key=API_KEY,
+                api_url=api_url,
+                target="local",
+                use_deprecated_polling=True,
+                connection_pool_maxsize=32,
+            )
+        )
+    sandboxes = [client.get(sid) for sid in sandbox_ids]
+    latencies: list[float] = []
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        command = f"echo direct-{i}"
+        if login_shell:  # the same script the dispatcher runs: isolates the cost of the queue
+            command = command_line(command, env={})
+        response = sandboxes[i % len(sandboxes)].process.exec(command)
+        latencies.append(time.perf_counter() - t0)
+        assert response.exit_code == 0, response
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(m)))
+    return time.perf_counter() - started, latencies
+
+
+def _queue(db: Any, leases: list[str], m: int, tag: str) -> None:
+    from models import Execution
+
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.insert(Execution.__table__),
+            [
+                {"lease_name": leases[i % len(leases)], "command": f"echo {tag}-{i}", "state": "queued"}
+                for i in range(m)
+            ],
+        )
+
+
+def _dispatch(
+    db: Any, provider: Any, m: int, concurrency: int, mode: str, leases: list[str]
+) -> dict[str, Any]:
+    from controller.config import ExecSettings
+    from controller.execution import Dispatcher
+    from models import Execution
+
+    _queue(db, leases, m, mode)
+    dispatcher = Dispatcher(
+        db, provider, ExecSettings(max_concurrent=concurrency, poll_interval_seconds=0.05)
+    )
+    started = time.perf_counter()
+    if mode == "drain":
+        dispatcher.drain()
+    else:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            dispatcher.run_once(wait=False)
+            with db.session(readonly=True) as session:
+                left = session.scalar(
+                    sa.select(sa.func.count()).where(
+                        Execution.state.in_(("queued", "running")), Execution.command.like(f"echo {mode}-%")
+                    )
+                )
+            if not left:
+                break
+            time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    dispatcher.shutdown()
+    with db.session(readonly=True) as session:
+        rows = session.execute(
+            sa.select(Execution.state, Execution.started_at, Execution.finished_at).where(
+                Execution.command.like(f"echo {mode}-%")
+            )
+        ).all()
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r.state] = states.get(r.state, 0) + 1
+    run_s = [(r.finished_at - r.started_at).total_seconds() for r in rows if r.started_at and r.finished_at]
+    return {
+        "seconds": elapsed,
+        "states": states,
+        "mean_row_seconds": sum(run_s) / len(run_s) if run_s else None,
+    }
+
+
+def run(out: Output, *, quick: bool, pg_admin_url: str, backend: str = "sqlite") -> list[dict[str, Any]]:
+    from controller import db as dbmod
+    from controller.providers import build_provider
+
+    m = 200 if quick else 1000
+    concurrency = 8
+    records = []
+    with workdir("execution") as tmp:
+        emu = start_emulator(tmp / "daytona")
+        try:
+            admin = EmulatorAdmin(emu.api_url)
+            with database(backend, tmp, pg_admin_url) as url:
+                fleet = _ready_fleet(url, emu.api_url)
+                leases = sorted(fleet)
+                log(f"execution: {m} commands on {len(leases)} leases, concurrency {concurrency}")
+                admin.reset_stats()
+                direct_s, latencies = _direct(emu.api_url, [fleet[n] for n in leases], m, concurrency)
+                direct_api = admin.stats()
+                wrapped_s, _ = _direct(
+                    emu.api_url, [fleet[n] for n in leases], m, concurrency, login_shell=True
+                )
+                settings = bench_settings(url, emu.api_url)
+                db = dbmod.connect(url)
+                provider = build_provider(settings)
+                results = {}
+                for mode in ("drain", "poll"):
+                    admin.reset_stats()
+                    results[mode] = _dispatch(db, provider, m, concurrency, mode, leases)
+                    results[mode]["api"] = admin.stats()
+                db.dispose()
+        finally:
+            emu.kill()
+    direct_tput = m / direct_s
+    for mode, res in results.items():
+        tput = m / res["seconds"]
+        figures = {
+            "commands": m,
+            "direct_seconds": round(direct_s, 3),
+            "direct_per_second": round(direct_tput, 1),
+            "direct_mean_latency_ms": round(1000 * sum(latencies) / len(latencies), 2),
+            "direct_api_requests": sum(direct_api.values()),
+            "direct_login_shell_seconds": round(wrapped_s, 3),
+            "direct_login_shell_per_second": round(m / wrapped_s, 1),
+            "dispatcher_seconds": round(res["seconds"], 3),
+            "dispatcher_per_second": round(tput, 1),
+            "dispatcher_mean_row_ms": round(1000 * res["mean_row_seconds"], 2)
+            if res["mean_row_seconds"]
+            else None,
+            "dispatcher_states": res["states"],
+            "dispatcher_api_requests": sum(res["api"].values()),
+            "dispatcher_api_by_op": res["api"],
+            "overhead_per_command_ms": round(1000 * (res["seconds"] - direct_s) * concurrency / m, 2),
+            "ratio_throughput_direct_over_dispatcher": ratio(direct_tput, tput),
+            "ratio_throughput_login_shell_over_dispatcher": ratio(m / wrapped_s, tput),
+        }
+        records.append(
+            out.emit(
+                "execution",
+                {
+                    "mode": mode,
+                    "commands": m,
+                    "leases": LEASES,
+                    "concurrency": concurrency,
+                    "backend": backend,
+                    "command": "echo <tag>-<i>",
+                },
+                figures,
+            )
+        )
+    print()
+    print("execution: queue dispatcher vs the SDK's process.exec at the same concurrency")
+    print(
+        table(
+            [
+                "mode",
+                "cmds",
+                "direct/s",
+                "direct+shell/s",
+                "dispatcher/s",
+                "ratio",
+                "overhead ms/cmd",
+                "api/cmd direct",
+                "api/cmd queue",
+            ],
+            [
+                [
+                    r["parameters"]["mode"],
+                    r["figures"]["commands"],
+                    r["figures"]["direct_per_second"],
+                    r["figures"]["direct_login_shell_per_second"],
+                    r["figures"]["dispatcher_per_second"],
+                    r["figures"]["ratio_throughput_direct_over_dispatcher"],
+                    r["figures"]["overhead_per_command_ms"],
+                    r["figures"]["direct_api_requests"] / m,
+                    r["figures"]["dispatcher_api_requests"] / m,
+                ]
+                for r in records
+            ],
+        )
+    )
+    print()
+    return records
