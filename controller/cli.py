@@ -218,13 +218,14 @@ def get(
 ) -> None:
     """Show desired and observed state of leases."""
     cli = _ctx(ctx)
-    with handled(), cli.database().session() as session:
+    with handled(), cli.database().session(readonly=True) as session:
         rows = overview(session, names or ())
     missing = sorted(set(names or ()) - {r["name"] for r in rows})
     if output is OutputFormat.table:
         table = Table(box=None, pad_edge=False)
-        for col in ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX", "MESSAGE"):
-            table.add_column(col, overflow="fold")
+        for col in ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("MESSAGE", no_wrap=True, overflow="ellipsis")
         for r in rows:
             desired = r["desired_state"] + (" (paused)" if r["paused"] else "")
             table.add_row(
@@ -256,7 +257,7 @@ def export(
 ) -> None:
     """Print the leases as YAML that `apply` accepts."""
     cli = _ctx(ctx)
-    with handled(), cli.database().session() as session:
+    with handled(), cli.database().session(readonly=True) as session:
         text = dump_leases(read_specs(session, names or ()))
     if output is None:
         sys.stdout.write(text)
@@ -372,7 +373,7 @@ def events(
     from models import Event
 
     cli = _ctx(ctx)
-    with handled(), cli.database().session() as session:
+    with handled(), cli.database().session(readonly=True) as session:
         query = sa.select(Event).order_by(Event.id.desc()).limit(limit)
         if name:
             query = query.where(Event.lease_name == name)
@@ -589,7 +590,7 @@ def executions(
     cli = _ctx(ctx)
     if state is not None and state not in EXECUTION_STATES:
         fail(f"--state must be one of {', '.join(EXECUTION_STATES)}", EXIT_INVALID)
-    with handled(), cli.database().session() as session:
+    with handled(), cli.database().session(readonly=True) as session:
         query = sa.select(Execution).order_by(Execution.id.desc()).limit(limit)
         if lease:
             query = query.where(Execution.lease_name == lease)
@@ -687,6 +688,98 @@ def exec_worker(
 
 
 # -- end of executions ---------------------------------------------------------------------------
+
+
+# -- doctor --------------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    ctx: typer.Context,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="Also create, exec in and delete a throwaway sandbox.")
+    ] = False,
+) -> None:
+    """Check settings, database and schema, Daytona credentials and reachability."""
+    import time
+    import uuid
+
+    from controller.config import redacted
+    from controller.providers import build_provider
+    from controller.providers.base import LABEL_INSTANCE, CreateRequest
+
+    cli = _ctx(ctx)
+    settings = cli.settings
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        mark = "[green]ok[/]  " if ok else "[red]FAIL[/]"
+        out.print(f"{mark} {what}: {detail}", highlight=False)
+
+    out.print("settings (secrets masked):", highlight=False)
+    sys.stdout.write(yaml.safe_dump(redacted(settings), sort_keys=False))
+
+    try:
+        database = cli.database()
+        current, head = dbmod.current_revision(database), dbmod.head_revision()
+        report(True, "database", database.url)
+        report(
+            current == head,
+            "schema",
+            f"at {current}, newest {head}" + ("" if current == head else " (run `leasectl db upgrade`)"),
+        )
+    except sa.exc.SQLAlchemyError as exc:
+        report(False, "database", str(exc.orig if hasattr(exc, "orig") else exc).splitlines()[0])
+
+    try:
+        provider = build_provider(settings)
+        report(True, "credentials", "API key set")
+    except ConfigError as exc:
+        report(False, "credentials", str(exc))
+        raise typer.Exit(1) from None
+    instance = settings.controller.instance
+    try:
+        started = time.monotonic()
+        mine = provider.list_sandboxes({LABEL_INSTANCE: instance})
+        report(
+            True,
+            "Daytona API",
+            f"{settings.daytona.api_url} answered in "
+            f"{time.monotonic() - started:.2f}s; {len(mine)} sandbox(es) of instance {instance!r}",
+        )
+    except LeasectlError as exc:
+        report(False, "Daytona API", f"{settings.daytona.api_url}: {exc}")
+        raise typer.Exit(1) from None
+
+    if probe:
+        name = f"leasectl-doctor-{uuid.uuid4().hex[:8]}"
+        labels = {LABEL_INSTANCE: f"{instance}-doctor"}  # never this instance's: GC must not see it
+        sandbox_id: str | None = None
+        try:
+            sandbox = provider.create(CreateRequest(name=name, labels=labels))
+            sandbox_id = sandbox.id
+            deadline = time.monotonic() + settings.controller.action_timeout_seconds
+            while sandbox.state != "started" and time.monotonic() < deadline:
+                if sandbox.state in ("error", "build_failed"):
+                    raise LeasectlError(f"probe sandbox fell into {sandbox.state}: {sandbox.error_reason}")
+                time.sleep(1)
+                sandbox = provider.get(sandbox_id) or sandbox
+            result = provider.exec(sandbox_id, "echo leasectl-probe-ok", timeout=60)
+            ok = result.exit_code == 0 and "leasectl-probe-ok" in result.output
+            report(ok, "probe", f"created {name}, exec exit {result.exit_code}")
+        except LeasectlError as exc:
+            report(False, "probe", str(exc))
+        finally:
+            if sandbox_id is not None:
+                try:
+                    provider.delete(sandbox_id)
+                    report(True, "probe cleanup", f"deleted {name}")
+                except LeasectlError as exc:
+                    report(False, "probe cleanup", f"{name} ({sandbox_id}) NOT deleted: {exc}")
+    if problems:
+        raise typer.Exit(1)
 
 
 # -- local Daytona API (controller/emulator) ------------------------------------------------------

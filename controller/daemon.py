@@ -154,7 +154,7 @@ class Daemon:
 
     def job_housekeeping(self) -> None:
         try:
-            with self.db.session() as session:
+            with self.db.session(readonly=True) as session:
                 rows = session.execute(sa.select(Execution.state, sa.func.count()).group_by(Execution.state))
                 counts: dict[str, int] = {state: int(n) for state, n in rows}
             self.health.db_ok, self.health.db_error = True, None

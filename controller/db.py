@@ -2,9 +2,11 @@
 small repositories the rest of the controller uses to read and write its tables.
 
 Callers get a ``Database`` from :func:`connect` (CLI, daemon, tests) and open short transactions with
-``db.session()``. SQLite runs in WAL mode with a busy timeout; ``db.session(immediate=True)`` takes
-SQLite's write lock at BEGIN (``BEGIN IMMEDIATE``) for claim-style transactions, and is a plain
-transaction on PostgreSQL (which uses row locks instead).
+``db.session()``. SQLite runs in WAL mode with a busy timeout, and a transaction that may write
+takes the write lock at its start (``BEGIN IMMEDIATE``): a transaction that read first and wrote
+later would otherwise fail at once with "database is locked" whenever another connection wrote in
+between, without waiting for the busy timeout. Pure reads say ``db.session(readonly=True)`` and
+run concurrently with a writer. On PostgreSQL both are plain transactions.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class Database:
     engine: Engine
 
     def __post_init__(self) -> None:
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = self.engine.execution_options(sqlite_immediate=True)
 
     @property
     def url(self) -> str:
@@ -99,9 +101,9 @@ class Database:
         return self.engine.dialect.name == "sqlite"
 
     @contextmanager
-    def session(self, *, immediate: bool = False) -> Iterator[Session]:
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
         """A transaction: committed on success, rolled back on any exception."""
-        bind = self.engine.execution_options(sqlite_immediate=True) if immediate else self.engine
+        bind = self.engine if readonly else self._writer
         with Session(bind, expire_on_commit=False) as session, session.begin():
             yield session
 

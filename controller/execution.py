@@ -657,7 +657,7 @@ class Dispatcher:
         self._last_recover = time.monotonic()
         now = self._clock()
         marked: list[tuple[int, str, str | None, str]] = []
-        with self.db.session(immediate=True) as session:
+        with self.db.session() as session:
             rows = session.execute(
                 sa.select(
                     Execution.id,
@@ -763,7 +763,7 @@ class Dispatcher:
             query = query.with_for_update(of=Execution, skip_locked=True)
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        with self.db.session(immediate=True) as session:
+        with self.db.session() as session:
             for execution, lease, status in session.execute(query).tuples():
                 job, problem = self._decide(execution, lease, status, now)
                 if job is None and problem is None:

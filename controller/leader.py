@@ -128,13 +128,13 @@ class LeaderElector:
                 expires_at=expires,
             )
         )
-        with self.db.session(immediate=True) as session:
+        with self.db.session() as session:
             result = session.execute(statement, execution_options={"synchronize_session": False})
             return cast("CursorResult[Any]", result).rowcount == 1
 
     def _insert(self, now: datetime, expires: datetime) -> bool:
         try:
-            with self.db.session(immediate=True) as session:
+            with self.db.session() as session:
                 if session.get(LeaderElection, self.instance) is not None:
                     return False
                 session.add(
@@ -178,7 +178,7 @@ class LeaderElector:
         if self._term is None:
             return
         try:
-            with self.db.session(immediate=True) as session:
+            with self.db.session() as session:
                 session.execute(
                     sa.update(LeaderElection)
                     .where(LeaderElection.instance == self.instance, LeaderElection.holder == self.holder)

@@ -120,7 +120,7 @@ class Reconciler:
 
     def _load(self) -> tuple[list[LeaseView], dict[str, StatusView]]:
         workspace = self.settings.controller.workspace_dir
-        with self.db.session() as session:
+        with self.db.session(readonly=True) as session:
             leases = [
                 lease_view(row, self.instance, workspace)
                 for row in session.scalars(sa.select(Lease).order_by(Lease.name))
