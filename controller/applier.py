@@ -28,6 +28,7 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import posixpath
 import random
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from controller import logs
 from controller.errors import (
     ConflictError,
     NotFoundError,
@@ -302,7 +304,9 @@ class Applier:
             if self.stopping:
                 futures.append(self._not_run(action, SKIPPED, "the controller is shutting down"))
                 continue
-            futures.append(self._pool.submit(self._run, action, hook))
+            # Run in a copy of the caller's context so log records keep the pass id.
+            context = contextvars.copy_context()
+            futures.append(self._pool.submit(context.run, self._run, action, hook))
         outcomes = [f if isinstance(f, Outcome) else f.result() for f in futures]
         if notify is not None:
             for outcome in outcomes:
@@ -351,7 +355,8 @@ class Applier:
         try:
             if self.stopping:
                 return self._not_run(action, SKIPPED, "the controller is shutting down")
-            return self._execute(action, before_create)
+            with logs.bound(lease=lease):
+                return self._execute(action, before_create)
         finally:
             with self._idle:
                 self._in_flight.discard(lease)
