@@ -281,7 +281,11 @@ class DaytonaProvider:
     # -- toolbox ---------------------------------------------------------------------------------
 
     def _sandbox(self, sandbox_id: str) -> Any:
-        return self._call("get", f"get sandbox {sandbox_id}", lambda: self._sdk.get(sandbox_id))
+        return self._call(
+            "get",
+            f"get sandbox {sandbox_id}",
+            lambda: self._sdk.get(sandbox_id, request_timeout=self._timeout),
+        )
 
     def exec(
         self,
@@ -312,15 +316,27 @@ class DaytonaProvider:
 
     def make_dir(self, sandbox_id: str, path: str) -> None:
         sandbox = self._sandbox(sandbox_id)
-        self._call("folder", f"create folder {path}", lambda: sandbox.fs.create_folder(path, "755"))
+        self._call(
+            "folder",
+            f"create folder {path}",
+            lambda: sandbox.fs.create_folder(path, "755", request_timeout=self._timeout),
+        )
 
     def upload(self, sandbox_id: str, path: str, data: bytes) -> None:
         sandbox = self._sandbox(sandbox_id)
-        self._call("upload", f"upload {path}", lambda: sandbox.fs.upload_file(data, path))
+        self._call(
+            "upload",
+            f"upload {path}",
+            lambda: sandbox.fs.upload_file(data, path, timeout=max(60, int(self._timeout) * 5)),
+        )
 
     def delete_file(self, sandbox_id: str, path: str) -> None:
         sandbox = self._sandbox(sandbox_id)
         try:
-            self._call("delete_file", f"delete {path}", lambda: sandbox.fs.delete_file(path))
+            self._call(
+                "delete_file",
+                f"delete {path}",
+                lambda: sandbox.fs.delete_file(path, request_timeout=self._timeout),
+            )
         except NotFoundError:
             return
