@@ -22,8 +22,9 @@ Then faults go off, kills stop, the daemon keeps running, and the soak settles (
 * ``duplicate_sandboxes``: live sandboxes of this instance beyond one per ``leasectl-lease`` label;
 * ``orphans``: live sandboxes of this instance whose lease row is gone or desired ``absent``;
 * ``leases_not_converged``: phase differs from what the desired state asks (running -> Ready,
-  stopped -> Stopped, archived -> Archived, absent -> Deleted), or the sandbox on the API does
-  not match (state, and for running the spec label);
+  stopped -> Stopped, archived -> Archived, absent -> Deleted), or the sandboxes on the API do
+  not match (running: exactly one, started, with the lease's spec label; stopped/archived: none,
+  or one in that state; absent: none);
 * ``executions_lost``: rows still ``queued`` or ``running``;
 * ``executions_run_twice``: tokens found more than once in the markers file.
 
@@ -90,6 +91,7 @@ class Soak:
         self.ops: collections.Counter[str] = collections.Counter()
         self.kills = 0
         self.restart_failures = 0
+        self.start_seconds: list[float] = []
         self.emu = EmulatorProcess(tmp / "daytona", api_key=API_KEY, startup_timeout=60).start()
         self.admin = EmulatorAdmin(self.emu.api_url)
         self.db = dbmod.connect(url)
@@ -217,7 +219,9 @@ class Soak:
     def _start_daemon(self) -> None:
         for _ in range(3):
             try:
+                t0 = time.monotonic()
                 self.daemon.start()
+                self.start_seconds.append(time.monotonic() - t0)
                 return
             except RuntimeError as exc:
                 self.restart_failures += 1
@@ -263,10 +267,11 @@ class Soak:
             ok = status is not None and status.phase == EXPECTED_PHASE[desired]
             if desired == "absent":
                 ok = ok and not group
-            else:
+            elif desired == "running":
                 ok = ok and len(group) == 1 and group[0].state == EXPECTED_STATE[desired]
-                if desired == "running":
-                    ok = ok and group[0].labels.get(LABEL_SPEC) == view.spec_hash
+                ok = ok and group[0].labels.get(LABEL_SPEC) == view.spec_hash
+            else:  # stopped/archived: no sandbox is fine (nothing is created for them), else one in that state
+                ok = ok and len(group) <= 1 and all(sb.state == EXPECTED_STATE[desired] for sb in group)
             if not ok:
                 not_converged.append(
                     {
@@ -368,6 +373,7 @@ def soak(
     figures.update(
         sigkills=run.kills,
         daemon_restart_failures=run.restart_failures,
+        daemon_mean_start_to_healthy_s=round(sum(run.start_seconds) / max(len(run.start_seconds), 1), 2),
         daemon_alive_at_end=daemon_alive,
         settle_seconds=round(settled, 1),
         driver_ops=dict(run.ops),

@@ -1,0 +1,63 @@
+"""``python -m bench --quick|--full [--only NAME] [--pg-url URL] [--jsonl PATH]``.
+
+Runs scale, convergence, execution and the soak in that order (``--only`` picks some). Exit status
+1 when the soak counted a loss or a duplicate; the benchmarks themselves never fail on a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench import common, convergence, execution, scale, soak
+
+BENCHES = ("scale", "convergence", "execution", "soak")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="leasectl benchmarks")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes in all")
+    size.add_argument("--full", action="store_true", help="full sizes (minutes)")
+    parser.add_argument("--only", action="append", choices=BENCHES, help="run only this (repeatable)")
+    parser.add_argument(
+        "--pg-url",
+        default=common.DEFAULT_PG_ADMIN_URL,
+        help="PostgreSQL URL used to create and drop the benchmark databases "
+        "(default: $LEASECTL_TEST_PG_URL or postgres@127.0.0.1:5432/test)",
+    )
+    parser.add_argument("--jsonl", type=Path, default=None, help="also append every JSON line to this file")
+    parser.add_argument("--soak-minutes", type=float, default=5.0, help="soak drive time with --full")
+    args = parser.parse_args(argv)
+    quick = bool(args.quick)
+    chosen = args.only or list(BENCHES)
+    out = common.Output(args.pg_url, args.jsonl)
+    started = time.monotonic()
+    status = 0
+    for name in BENCHES:
+        if name not in chosen:
+            continue
+        t0 = time.monotonic()
+        if name == "scale":
+            scale.run(out, quick=quick, pg_admin_url=args.pg_url)
+        elif name == "convergence":
+            convergence.run(out, quick=quick, pg_admin_url=args.pg_url)
+        elif name == "execution":
+            execution.run(out, quick=quick, pg_admin_url=args.pg_url)
+        else:
+            record = soak.soak(
+                out,
+                drive_seconds=30.0 if quick else args.soak_minutes * 60,
+                settle_seconds=40.0 if quick else 120.0,
+                pg_admin_url=args.pg_url,
+            )
+            status = 1 if soak.failed(record) else status
+        common.log(f"{name} took {time.monotonic() - t0:.1f}s")
+    common.log(f"all done in {time.monotonic() - started:.1f}s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
