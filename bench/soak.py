@@ -270,7 +270,7 @@ class Soak:
             elif desired == "running":
                 ok = ok and len(group) == 1 and group[0].state == EXPECTED_STATE[desired]
                 ok = ok and group[0].labels.get(LABEL_SPEC) == view.spec_hash
-            else:  # stopped/archived: no sandbox is fine (nothing is created for them), else one in that state
+            else:  # stopped/archived: no sandbox is fine (none is created for them), else one in that state
                 ok = ok and len(group) <= 1 and all(sb.state == EXPECTED_STATE[desired] for sb in group)
             if not ok:
                 not_converged.append(
