@@ -221,3 +221,29 @@ def test_survives_api_and_postgres_outages(
             d.kill()
         proxy.stop()
         drop_pg_database(url)
+
+
+def test_postgres_notify_wakes_the_daemon_before_its_interval(
+    emulator: EmulatorProcess, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    url = create_pg_database("leasectl_notify")
+    try:
+        database = dbmod.connect(url)
+        dbmod.upgrade(database)
+        database.dispose()
+        apply(url, tmp_path, "leases:\n  - name: quick\n")
+        env = {**daemon_env(emulator, url), "LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS": "120"}
+        d = DaemonProcess(tmp_path / "n.log", env).start()
+        daemons.append(d)
+        # The first pass runs right after start; after that only a NOTIFY can wake it early.
+        wait_for(lambda: phases(url).get("quick") in ("Provisioning", "Ready"), timeout=15, what="first pass")
+        started = time.monotonic()
+        query(url, "UPDATE leases SET desired_state = 'absent' WHERE name = 'quick'")
+        wait_for(
+            lambda: phases(url).get("quick") in ("Deleting", "Deleted"), timeout=20, what="woken by NOTIFY"
+        )
+        assert time.monotonic() - started < 20  # far below the 120 s interval
+    finally:
+        for d in daemons:
+            d.kill()
+        drop_pg_database(url)
