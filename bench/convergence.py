@@ -128,11 +128,20 @@ def converge(
     }
 
 
-def run(out: Output, *, quick: bool, pg_admin_url: str, backend: str = "sqlite") -> list[dict[str, Any]]:
-    n = 100 if quick else 500
-    concurrency = 16
-    latency = 0.5 if quick else 1.0
-    rate = 1200.0 if quick else 1500.0
+def run(
+    out: Output,
+    *,
+    quick: bool,
+    pg_admin_url: str,
+    backend: str = "sqlite",
+    n: int | None = None,
+    concurrency: int = 16,
+    latency: float | None = None,
+    rate: float | None = None,
+) -> list[dict[str, Any]]:
+    n = n or (100 if quick else 500)
+    latency = latency or (0.5 if quick else 1.0)
+    rate = rate or (1200.0 if quick else 1500.0)
     records = []
 
     log(f"convergence: {n} leases, create latency {latency}s, concurrency {concurrency}")

@@ -182,12 +182,19 @@ def _dispatch(
     }
 
 
-def run(out: Output, *, quick: bool, pg_admin_url: str, backend: str = "sqlite") -> list[dict[str, Any]]:
+def run(
+    out: Output,
+    *,
+    quick: bool,
+    pg_admin_url: str,
+    backend: str = "sqlite",
+    m: int | None = None,
+    concurrency: int = 8,
+) -> list[dict[str, Any]]:
     from controller import db as dbmod
     from controller.providers import build_provider
 
-    m = 200 if quick else 1000
-    concurrency = 8
+    m = m or (200 if quick else 1000)
     records = []
     with workdir("execution") as tmp:
         emu = start_emulator(tmp / "daytona")

@@ -12,7 +12,7 @@ Jobs (BlockingScheduler, in-memory job store, ``max_instances=1``, coalescing):
 A job that fails logs the error and the daemon goes on. SIGTERM/SIGINT: no new work is taken, the
 applier lets in-flight actions finish within ``controller.shutdown_timeout_seconds``, leadership is
 released, the process exits 0. On PostgreSQL a LISTEN on channel ``leasectl_leases`` wakes the
-reconcile job early when a NOTIFY arrives (``NOTIFY leasectl_leases`` after an edit); it is a
+reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``leases``); it is a
 bonus, the interval is the guarantee.
 
 ``/healthz`` answers while the process runs; ``/readyz`` is 200 only when the database is
