@@ -92,6 +92,7 @@ class Soak:
         self.kills = 0
         self.restart_failures = 0
         self.start_seconds: list[float] = []
+        self.killer_error: BaseException | None = None
         self.emu = EmulatorProcess(tmp / "daytona", api_key=API_KEY, startup_timeout=60).start()
         self.admin = EmulatorAdmin(self.emu.api_url)
         self.db = dbmod.connect(url)
@@ -211,10 +212,14 @@ class Soak:
     # -- the killer ------------------------------------------------------------------------------
 
     def killer(self, stop: threading.Event) -> None:
-        while not stop.wait(self.rng.uniform(4, 10)):
-            self.daemon.kill()
-            self.kills += 1
-            self._start_daemon()
+        try:
+            while not stop.wait(self.rng.uniform(4, 10)):
+                self.daemon.kill()
+                self.kills += 1
+                self._start_daemon()
+        except BaseException as exc:  # re-raised by the drive loop
+            self.killer_error = exc
+            stop.set()
 
     def _start_daemon(self) -> None:
         for _ in range(3):
@@ -344,11 +349,13 @@ def soak(
             killer.start()
             started = time.monotonic()
             last_apply = 0.0
-            while time.monotonic() - started < drive_seconds:
+            while time.monotonic() - started < drive_seconds and not stop.is_set():
                 last_apply = run.step(last_apply)
                 time.sleep(run.rng.uniform(0.2, 0.8))
             stop.set()
             killer.join(timeout=120)
+            if run.killer_error is not None:
+                raise RuntimeError(f"soak: could not restart the daemon: {run.killer_error}")
             if run.daemon.process is None or run.daemon.process.poll() is not None:
                 run._start_daemon()
             api_during_drive = run.admin.stats()

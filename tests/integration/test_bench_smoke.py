@@ -1,0 +1,65 @@
+"""The benchmarks still run: the smallest size of scale, convergence and execution, on SQLite.
+
+Asserts the shape of the JSON lines (name, parameters, figures, machine) and that the runs did what
+they claim (every lease Ready, every command succeeded), never a duration: benchmarks are not timed
+tests. The chaos soak is left out: its shortest meaningful run (daemon restarts, a settle period)
+takes about a minute; run it with ``python -m bench.soak --quick``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import common, convergence, execution, scale
+
+pytestmark = pytest.mark.timeout(120)
+
+MACHINE_KEYS = {"hostname", "cpus", "cpu_model", "python", "sqlite", "postgres"}
+
+
+def _check_shape(path: Path, stdout: str, name: str, count: int) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert lines == printed
+    assert len(lines) == count
+    for record in lines:
+        assert record["name"] == name
+        assert isinstance(record["parameters"], dict)
+        assert isinstance(record["figures"], dict)
+        assert MACHINE_KEYS <= set(record["machine"])
+    return lines
+
+
+def test_bench_functions_print_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jsonl = tmp_path / "bench.jsonl"
+    out = common.Output(None, jsonl)
+
+    scale.run(out, quick=True, pg_admin_url="", sizes=[20], backends=("sqlite",))
+    (rec,) = _check_shape(jsonl, capsys.readouterr().out, "scale", 1)
+    figures = rec["figures"]
+    assert isinstance(figures, dict)
+    assert figures["actions"] == 0 and figures["phases"] == {"Ready": 20}
+    assert figures["api_requests"] == 1 and figures["imperative_api_requests"] == 20
+    for key in ("wall_s", "cpu_s", "peak_rss_mib", "db_queries", "ratio_api_requests", "ratio_wall"):
+        assert key in figures
+
+    jsonl.unlink()
+    convergence.run(out, quick=True, pg_admin_url="", n=8, concurrency=4, latency=0.05, rate=600)
+    records = _check_shape(jsonl, capsys.readouterr().out, "convergence", 2)
+    for record in records:
+        figures = record["figures"]
+        assert isinstance(figures, dict)
+        assert figures["converged"] is True and figures["ready"] == 8
+        assert "ratio" in figures and "bound_s" in figures
+
+    jsonl.unlink()
+    execution.run(out, quick=True, pg_admin_url="", m=8, concurrency=2)
+    records = _check_shape(jsonl, capsys.readouterr().out, "execution", 2)
+    for record in records:
+        figures = record["figures"]
+        assert isinstance(figures, dict)
+        assert figures["dispatcher_states"] == {"succeeded": 8}
+        assert "ratio_throughput_direct_over_dispatcher" in figures
