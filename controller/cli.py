@@ -270,25 +270,11 @@ def export(
 
 
 def _reconciler(cli: CliContext, *, elector: Any = None) -> Any:
-    from controller.applier import Applier, ApplierConfig
     from controller.providers import build_provider
-    from controller.reconciler import Reconciler
+    from controller.reconciler import build_reconciler
 
     settings = cli.settings
-    c = settings.controller
-    provider = build_provider(settings)
-    applier = Applier(
-        provider,
-        ApplierConfig(
-            max_concurrent_actions=c.max_concurrent_actions,
-            backoff_base_seconds=c.backoff_base_seconds,
-            backoff_max_seconds=c.backoff_max_seconds,
-            api_rate_per_second=c.api_rate_per_second,
-            create_rate_per_minute=c.create_rate_per_minute,
-            action_timeout_seconds=c.action_timeout_seconds,
-        ),
-    )
-    return Reconciler(cli.database(), provider, settings, applier=applier, elector=elector)
+    return build_reconciler(cli.database(), build_provider(settings), settings, elector=elector)
 
 
 @app.command()

@@ -70,8 +70,7 @@ class Daemon:
         *,
         metrics: Metrics | None = None,
     ) -> None:
-        from controller.applier import Applier, ApplierConfig
-        from controller.reconciler import Reconciler
+        from controller.reconciler import build_reconciler
 
         self.settings = settings
         self.db = db
@@ -80,20 +79,8 @@ class Daemon:
         self.health = Health()
         c = settings.controller
         self.elector = LeaderElector(db, c.instance, c.leader_lease_seconds)
-        self.applier = Applier(
-            provider,
-            ApplierConfig(
-                max_concurrent_actions=c.max_concurrent_actions,
-                backoff_base_seconds=c.backoff_base_seconds,
-                backoff_max_seconds=c.backoff_max_seconds,
-                api_rate_per_second=c.api_rate_per_second,
-                create_rate_per_minute=c.create_rate_per_minute,
-                action_timeout_seconds=c.action_timeout_seconds,
-            ),
-        )
-        self.reconciler = Reconciler(
-            db, provider, settings, applier=self.applier, elector=self.elector, metrics=self.metrics
-        )
+        self.reconciler = build_reconciler(db, provider, settings, elector=self.elector, metrics=self.metrics)
+        self.applier = self.reconciler.applier
         self.dispatcher = self._make_dispatcher()
         self.scheduler = BlockingScheduler(
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}

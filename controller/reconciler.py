@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from controller import logs
-from controller.applier import Applier, Outcome
+from controller.applier import Applier, ApplierConfig, Outcome
 from controller.config import Settings
 from controller.db import Database
 from controller.errors import NotLeaderError
@@ -275,6 +275,30 @@ class Reconciler:
             controller_id=self.controller_id,
             pass_id=pass_id,
         )
+
+
+def build_reconciler(
+    db: Database,
+    provider: SandboxProvider,
+    settings: Settings,
+    *,
+    elector: LeaderElector | None = None,
+    metrics: Metrics | None = None,
+) -> Reconciler:
+    """A Reconciler with an Applier configured from ``settings.controller`` (CLI, daemon, bench)."""
+    c = settings.controller
+    applier = Applier(
+        provider,
+        ApplierConfig(
+            max_concurrent_actions=c.max_concurrent_actions,
+            backoff_base_seconds=c.backoff_base_seconds,
+            backoff_max_seconds=c.backoff_max_seconds,
+            api_rate_per_second=c.api_rate_per_second,
+            create_rate_per_minute=c.create_rate_per_minute,
+            action_timeout_seconds=c.action_timeout_seconds,
+        ),
+    )
+    return Reconciler(db, provider, settings, applier=applier, elector=elector, metrics=metrics)
 
 
 def summarize(result: PassResult) -> dict[str, Any]:
