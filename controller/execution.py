@@ -385,6 +385,8 @@ def execute_now(
         execution_id = row.id
     with logs.bound(lease=lease_name):
         log.info("execution %d: running on sandbox %s", execution_id, target.sandbox_id)
+        # The row must reach a final state whatever happens (KeyboardInterrupt, a bug included).
+        outcome = CommandOutcome(state="interrupted", error="interrupted before the command returned")
         try:
             outcome = run_command(
                 provider,
@@ -396,8 +398,10 @@ def execute_now(
                 stdin=stdin,
                 timeout_seconds=timeout,
             )
-        except BaseException as exc:  # KeyboardInterrupt, a bug: the row must not stay running
+        except BaseException as exc:
             outcome = CommandOutcome(state="interrupted", error=f"interrupted: {type(exc).__name__}")
+            raise
+        finally:
             finish(
                 db,
                 execution_id,
@@ -408,17 +412,6 @@ def execute_now(
                 max_output_bytes=settings.max_output_bytes,
                 clock=clock,
             )
-            raise
-        finish(
-            db,
-            execution_id,
-            worker,
-            outcome,
-            lease_name=lease_name,
-            sandbox_id=target.sandbox_id,
-            max_output_bytes=settings.max_output_bytes,
-            clock=clock,
-        )
         log.info("execution %d: %s", execution_id, _detail(outcome) or outcome.state)
     return execution_id, outcome
 
