@@ -133,8 +133,9 @@ class Daemon:
         from controller.gc import collect_garbage
 
         result = collect_garbage(self.db, self.provider, self.settings, dry_run=False, elector=self.elector)
-        deleted = getattr(result, "deleted", [])
-        self.metrics.orphans_collected.inc(len(deleted))
+        self.metrics.orphans_collected.inc(len(result.deleted))
+        if result.failed:
+            log.warning("gc: %d orphan deletion(s) failed; retried next run (see events)", len(result.failed))
 
     def job_exec(self) -> None:
         self.dispatcher.run_once(wait=False)
