@@ -39,7 +39,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-out = Console(soft_wrap=True)
+# Tables are never squeezed to the terminal's width (rich would cut the NAME column first): one
+# row per line, as kubectl prints them, which also keeps them greppable when piped.
+out = Console(soft_wrap=True, width=10_000)
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_INVALID = 2
@@ -91,8 +93,11 @@ def handled() -> Iterator[None]:
         fail(str(exc))
     except sa.exc.IntegrityError as exc:
         fail(f"the database refused the change: {exc.orig}", EXIT_INVALID)
-    except sa.exc.OperationalError as exc:
-        fail(f"database error: {exc.orig}")
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+        detail = str(exc.orig)
+        if "no such table" in detail or "does not exist" in detail:
+            detail += " (is the schema there? run `leasectl db upgrade`)"
+        fail(f"database error: {detail}")
 
 
 def _version(value: bool) -> None:
@@ -223,9 +228,8 @@ def get(
     missing = sorted(set(names or ()) - {r["name"] for r in rows})
     if output is OutputFormat.table:
         table = Table(box=None, pad_edge=False)
-        for col in ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX"):
+        for col in ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX", "MESSAGE"):
             table.add_column(col, no_wrap=True)
-        table.add_column("MESSAGE", no_wrap=True, overflow="ellipsis")
         for r in rows:
             desired = r["desired_state"] + (" (paused)" if r["paused"] else "")
             table.add_row(
@@ -379,7 +383,7 @@ def events(
     if output is OutputFormat.table:
         table = Table(box=None, pad_edge=False)
         for col in ("TIME", "LEASE", "ACTION", "OUTCOME", "MESSAGE"):
-            table.add_column(col, overflow="fold")
+            table.add_column(col, no_wrap=True)
         for d in data:
             table.add_row(str(d["at"])[:19], d["lease"] or "-", d["action"], d["outcome"], d["message"] or "")
         out.print(table)
