@@ -252,6 +252,10 @@ class Soak:
             }
             status_rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus))}
             exec_states = collections.Counter(session.scalars(sa.select(Execution.state)).all())
+            errors = collections.Counter(
+                (e or "")[:48]
+                for e in session.scalars(sa.select(Execution.error).where(Execution.state == "error"))
+            )
             succeeded_commands = list(
                 session.scalars(sa.select(Execution.command).where(Execution.state == "succeeded"))
             )
@@ -300,6 +304,7 @@ class Soak:
             "executions_interrupted": exec_states.get("interrupted", 0),
             "executions_by_state": dict(exec_states),
             "executions_queued_total": len(self.tokens),
+            "execution_errors": dict(errors.most_common(6)),
             "markers_written": len(seen),
             "succeeded_without_marker": len(tokens_succeeded - set(seen)),
             "leases": len(leases),
