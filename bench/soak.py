@@ -39,6 +39,7 @@ import collections
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -73,6 +74,13 @@ FAULTS: dict[str, Any] = {
 EXPECTED_PHASE = {"running": "Ready", "stopped": "Stopped", "archived": "Archived", "absent": "Deleted"}
 EXPECTED_STATE = {"running": "started", "stopped": "stopped", "archived": "archived"}
 GONE_STATES = {"destroyed"}
+
+
+def _reason(error: str | None) -> str:
+    """An error message with names and ids taken out, so that equal causes group together."""
+    text = re.sub(r"'[^']*'", "'…'", error or "")
+    text = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27,}", "<id>", text)
+    return text[:80]
 
 
 class Soak:
@@ -253,7 +261,7 @@ class Soak:
             status_rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus))}
             exec_states = collections.Counter(session.scalars(sa.select(Execution.state)).all())
             errors = collections.Counter(
-                (e or "")[:48]
+                _reason(e)
                 for e in session.scalars(sa.select(Execution.error).where(Execution.state == "error"))
             )
             succeeded_commands = list(
