@@ -44,7 +44,7 @@ def _insert_leases(url: str, n: int) -> None:
     try:
         with db.engine.begin() as conn:
             conn.execute(
-                sa.insert(Lease.__table__),
+                sa.insert(Lease),
                 [
                     {
                         "name": f"conv-{i:04d}",

@@ -53,7 +53,7 @@ def _ready_fleet(url: str, api_url: str) -> dict[str, str]:
     db = dbmod.connect(url)
     with db.engine.begin() as conn:
         conn.execute(
-            sa.insert(Lease.__table__),
+            sa.insert(Lease),
             [
                 {
                     "name": f"exec-{i}",
@@ -128,7 +128,7 @@ def _queue(db: Any, leases: list[str], m: int, tag: str) -> None:
 
     with db.engine.begin() as conn:
         conn.execute(
-            sa.insert(Execution.__table__),
+            sa.insert(Execution),
             [
                 {"lease_name": leases[i % len(leases)], "command": f"echo {tag}-{i}", "state": "queued"}
                 for i in range(m)

@@ -17,7 +17,7 @@ from bench.common import table
 
 def _key(record: dict[str, Any]) -> str:
     params = {k: v for k, v in record["parameters"].items() if k not in ("seed",)}
-    return record["name"] + json.dumps(params, sort_keys=True)
+    return str(record["name"]) + json.dumps(params, sort_keys=True)
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

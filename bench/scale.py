@@ -159,8 +159,8 @@ def seed_database(url: str, ids: dict[str, str]) -> None:
     try:
         with db.engine.begin() as conn:
             for start in range(0, len(lease_rows), 2000):
-                conn.execute(sa.insert(Lease.__table__), lease_rows[start : start + 2000])
-                conn.execute(sa.insert(LeaseStatus.__table__), status_rows[start : start + 2000])
+                conn.execute(sa.insert(Lease), lease_rows[start : start + 2000])
+                conn.execute(sa.insert(LeaseStatus), status_rows[start : start + 2000])
     finally:
         db.dispose()
 
@@ -207,7 +207,11 @@ def child(params: dict[str, Any]) -> dict[str, Any]:
         counter.take()
         w0, c0 = time.perf_counter(), time.process_time()
         with db.session(readonly=True) as session:
-            ids = list(session.scalars(sa.select(LeaseStatus.sandbox_id).order_by(LeaseStatus.lease_name)))
+            ids = [
+                sid
+                for sid in session.scalars(sa.select(LeaseStatus.sandbox_id).order_by(LeaseStatus.lease_name))
+                if sid is not None
+            ]
         if workers == 1:
             found = [provider.get(sid) for sid in ids]
         else:

@@ -29,7 +29,7 @@ def _check_shape(path: Path, stdout: str, name: str, count: int) -> list[dict[st
         assert record["name"] == name
         assert isinstance(record["parameters"], dict)
         assert isinstance(record["figures"], dict)
-        assert MACHINE_KEYS <= set(record["machine"])
+        assert set(record["machine"]) >= MACHINE_KEYS
     return lines
 
 
