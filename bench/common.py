@@ -243,22 +243,9 @@ def bench_settings(database_url: str, api_url: str, **controller: Any) -> Settin
 
 def make_reconciler(settings: Settings, db: dbmod.Database, provider: Any) -> Any:
     """A Reconciler wired as ``leasectl reconcile`` wires one (no elector: the bench is alone)."""
-    from controller.applier import Applier, ApplierConfig
-    from controller.reconciler import Reconciler
+    from controller.reconciler import build_reconciler
 
-    c = settings.controller
-    applier = Applier(
-        provider,
-        ApplierConfig(
-            max_concurrent_actions=c.max_concurrent_actions,
-            backoff_base_seconds=c.backoff_base_seconds,
-            backoff_max_seconds=c.backoff_max_seconds,
-            api_rate_per_second=c.api_rate_per_second,
-            create_rate_per_minute=c.create_rate_per_minute,
-            action_timeout_seconds=c.action_timeout_seconds,
-        ),
-    )
-    return Reconciler(db, provider, settings, applier=applier)
+    return build_reconciler(db, provider, settings)
 
 
 @contextmanager
