@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -40,6 +41,7 @@ from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 200  # Daytona's maximum page size
+SANDBOX_CACHE_SIZE = 1024
 LANGUAGE_LABEL = "code-toolbox-language"
 T = TypeVar("T")
 
@@ -145,6 +147,8 @@ class DaytonaProvider:
         self._timeout = request_timeout
         self._target = target
         self._on_request = on_request
+        self._sandboxes: dict[str, Any] = {}
+        self._cache_lock = threading.Lock()
         configuration = Configuration(host=api_url.rstrip("/"))
         configuration.retries = False
         self._api_client = ApiClient(configuration)
@@ -269,6 +273,7 @@ class DaytonaProvider:
         )
 
     def delete(self, sandbox_id: str) -> None:
+        self._forget(sandbox_id)
         try:
             self._call(
                 "delete",
@@ -281,11 +286,26 @@ class DaytonaProvider:
     # -- toolbox ---------------------------------------------------------------------------------
 
     def _sandbox(self, sandbox_id: str) -> Any:
-        return self._call(
+        """The SDK's Sandbox object (it carries the toolbox URL), fetched once per id and cached:
+        toolbox calls then cost one request each. Dropped on delete and after any toolbox error."""
+        with self._cache_lock:
+            cached = self._sandboxes.get(sandbox_id)
+        if cached is not None:
+            return cached
+        sandbox = self._call(
             "get",
             f"get sandbox {sandbox_id}",
             lambda: self._sdk.get(sandbox_id, request_timeout=self._timeout),
         )
+        with self._cache_lock:
+            if len(self._sandboxes) >= SANDBOX_CACHE_SIZE:
+                self._sandboxes.pop(next(iter(self._sandboxes)))
+            self._sandboxes[sandbox_id] = sandbox
+        return sandbox
+
+    def _forget(self, sandbox_id: str) -> None:
+        with self._cache_lock:
+            self._sandboxes.pop(sandbox_id, None)
 
     def exec(
         self,
@@ -303,6 +323,7 @@ class DaytonaProvider:
             if getattr(exc, "status_code", None) == 408 or "Timeout" in type(exc).__name__:
                 self._record("execute", "timeout")
                 return ExecResult(exit_code=None, output="", timed_out=True)
+            self._forget(sandbox_id)
             error = translate(exc, f"exec in sandbox {sandbox_id}")
             self._record("execute", type(error).__name__)
             raise error from exc
@@ -310,33 +331,41 @@ class DaytonaProvider:
         code = response.exit_code
         return ExecResult(exit_code=int(code) if code is not None else -1, output=response.result or "")
 
-    def work_dir(self, sandbox_id: str) -> str:
+    def _toolbox(self, sandbox_id: str, operation: str, what: str, fn: Callable[[Any], T]) -> T:
+        """A toolbox call on the cached Sandbox object; any failure drops it from the cache."""
         sandbox = self._sandbox(sandbox_id)
-        return str(self._call("work_dir", "get work dir", sandbox.get_work_dir))
+        try:
+            return self._call(operation, what, lambda: fn(sandbox))
+        except ProviderError:
+            self._forget(sandbox_id)
+            raise
+
+    def work_dir(self, sandbox_id: str) -> str:
+        return str(self._toolbox(sandbox_id, "work_dir", "get work dir", lambda sb: sb.get_work_dir()))
 
     def make_dir(self, sandbox_id: str, path: str) -> None:
-        sandbox = self._sandbox(sandbox_id)
-        self._call(
+        self._toolbox(
+            sandbox_id,
             "folder",
             f"create folder {path}",
-            lambda: sandbox.fs.create_folder(path, "755", request_timeout=self._timeout),
+            lambda sb: sb.fs.create_folder(path, "755", request_timeout=self._timeout),
         )
 
     def upload(self, sandbox_id: str, path: str, data: bytes) -> None:
-        sandbox = self._sandbox(sandbox_id)
-        self._call(
+        self._toolbox(
+            sandbox_id,
             "upload",
             f"upload {path}",
-            lambda: sandbox.fs.upload_file(data, path, timeout=max(60, int(self._timeout) * 5)),
+            lambda sb: sb.fs.upload_file(data, path, timeout=max(60, int(self._timeout) * 5)),
         )
 
     def delete_file(self, sandbox_id: str, path: str) -> None:
-        sandbox = self._sandbox(sandbox_id)
         try:
-            self._call(
+            self._toolbox(
+                sandbox_id,
                 "delete_file",
                 f"delete {path}",
-                lambda: sandbox.fs.delete_file(path, request_timeout=self._timeout),
+                lambda sb: sb.fs.delete_file(path, request_timeout=self._timeout),
             )
         except NotFoundError:
             return
