@@ -175,7 +175,8 @@ def render(records: list[dict[str, Any]], source: str) -> str:
             "`sandbox.process.exec` from C threads with the sandboxes fetched once (bare command, and "
             "with the dispatcher's login-shell script). Dispatcher: rows INSERTed with SQL, drained "
             "by `controller.execution.Dispatcher` (`drain()`, or `run_once(wait=False)` every 50 ms as "
-            "the daemon does), each with its claim, script, execute (one request: the sandbox object is cached), result row and event. "
+            "the daemon does), each with its claim, script, execute (one request: the sandbox object is "
+            "cached), result row and event. "
             "Overhead per command = (dispatcher wall - direct wall) x C / M."
         )
         out.append("")
