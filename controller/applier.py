@@ -84,6 +84,17 @@ class ApplierConfig:
     action_timeout_seconds: float = 120.0
 
 
+# lease_status columns that describe the lease's sandbox, cleared when it is known to be gone.
+NO_SANDBOX: dict[str, Any] = {
+    "sandbox_id": None,
+    "sandbox_name": None,
+    "observed_state": None,
+    "spec_hash": None,
+    "workspace_path": None,
+    "ready_at": None,
+}
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one action. ``failures``/``next_attempt_at`` are the lease's new back-off state."""
@@ -144,23 +155,9 @@ class Outcome:
                 if sb.id != action.sandbox_id:
                     values.update(workspace_path=None, ready_at=None)
             else:
-                values.update(
-                    sandbox_id=None,
-                    sandbox_name=None,
-                    observed_state=None,
-                    spec_hash=None,
-                    workspace_path=None,
-                    ready_at=None,
-                )
+                values.update(NO_SANDBOX)
         elif kind == "delete" and not action.duplicate:
-            values.update(
-                sandbox_id=None,
-                sandbox_name=None,
-                observed_state=None,
-                spec_hash=None,
-                workspace_path=None,
-                ready_at=None,
-            )
+            values.update(NO_SANDBOX)
         elif kind == "realize_workspace":
             values.update(phase=READY, workspace_path=self.workspace_path, ready_at=self.finished_at)
         return values
