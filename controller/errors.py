@@ -12,10 +12,15 @@
     │   └── LeaseNotReadyError      unknown lease, or not Ready
     └── ProviderError               anything a sandbox provider call failed with
         ├── TransientError          worth retrying; ``retry_after`` seconds when the API said so
-        │   └── RateLimitedError    HTTP 429: slows the whole controller for ``retry_after``
-        ├── PermanentError          the API refuses the request as given; retrying will not help
+        │   ├── RateLimitedError    HTTP 429: pauses calls of its ``scope`` for ``retry_after``
+        │   ├── CapacityError       quota or capacity exhausted (Daytona: 400): clears by itself
+        │   └── StartFailedError    create/start/recover waited and the sandbox fell into error;
+        │                           the errored sandbox exists: look it up before anything else
+        ├── PermanentError          the API refuses the request as given; only a spec change helps
         ├── NotFoundError           the sandbox (or file) does not exist
-        └── ConflictError           a transition is in progress, or the name is taken
+        └── ConflictError           the name is taken (create)
+            └── StateConflictError  the sandbox's state refuses the call (a repeat of a change that
+                                    already happened, or a change in progress): re-observe, no failure
 
 Providers translate vendor exceptions into these (``raise ... from exc``); nothing above the
 provider layer ever sees a vendor exception.
@@ -52,12 +57,35 @@ class TransientError(ProviderError):
         self.retry_after = retry_after
 
 
+# Scopes of a RateLimitedError: which calls must wait (Daytona's named throttlers).
+SCOPE_ALL = "all"  # ``authenticated``: every call
+SCOPE_CREATE = "create"  # ``sandbox-create``
+SCOPE_LIFECYCLE = "lifecycle"  # ``sandbox-lifecycle``: start, stop, archive, recover, delete, ...
+RATE_LIMIT_SCOPES = (SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE)
+
+
 class RateLimitedError(TransientError):
-    """The API answered 429; the whole controller should slow down for ``retry_after``."""
+    """The API answered 429; calls of ``scope`` should wait ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None, scope: str = SCOPE_ALL) -> None:
+        super().__init__(message, retry_after)
+        self.scope = scope
+
+
+class CapacityError(TransientError):
+    """A quota or capacity limit refused the call; it clears when capacity returns (phase Blocked)."""
+
+
+class StartFailedError(TransientError):
+    """The sandbox fell into ``error``/``build_failed`` while the call waited for it to start.
+
+    The sandbox exists (under its name) although the call failed: callers look it up before
+    creating again.
+    """
 
 
 class PermanentError(ProviderError):
-    """The API refused the request as given (bad spec, quota, forbidden): do not retry as is."""
+    """The API refused the request as given (a spec it does not accept): only a spec change helps."""
 
 
 class NotFoundError(ProviderError):
@@ -65,4 +93,8 @@ class NotFoundError(ProviderError):
 
 
 class ConflictError(ProviderError):
-    """A conflicting operation is in progress, or the name is already taken."""
+    """The name is already taken, or another conflicting operation is in progress."""
+
+
+class StateConflictError(ConflictError):
+    """The sandbox's current state refuses the call: the observation it was planned from is stale."""

@@ -30,6 +30,8 @@ PHASES = (
     "Error",
     "Failed",
     "Paused",
+    "Blocked",
+    "Idle",
 )
 EXECUTION_STATES = (
     "queued",
