@@ -14,8 +14,21 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
   separate limits for creation (tier 1: 300 per minute, DESIGN.md) and much higher ones for other
   authenticated and lifecycle calls (tens of thousands per minute), so the API default of 20/s
   (``controller.api_rate_per_second``) is about politeness and emulator load, not a hard ceiling.
-- A 429 (``RateLimitedError``) pauses every further call of this applier until its ``retry_after``
-  (or the back-off base when the API gave none).
+- A 429 (``RateLimitedError``) pauses the calls of its scope until its ``retry_after`` (or the
+  back-off base when the API gave none): Daytona's throttlers are named, so a ``sandbox-create`` 429
+  pauses creates, ``sandbox-lifecycle`` pauses start/stop/archive/recover/delete, and
+  ``authenticated`` (or a plain ``Retry-After``) pauses every call.
+- Quota and capacity refusals (``CapacityError``) are retried with the lease's back-off, capped at
+  ``blocked_backoff_max_seconds`` so that a lease converges soon after capacity returns; the lease
+  shows phase ``Blocked`` with the reason.
+- A create that failed in a way that may have left a sandbox (a late "failed to start", a name
+  conflict, no answer) is followed at once by one ``get`` by the deterministic name: a sandbox of this
+  lease found there is recorded (an errored one is then recovered or replaced by the planner), never
+  left behind and never duplicated.
+- A lifecycle call refused by the sandbox's state (``StateConflictError``: stop of a stopped sandbox,
+  delete while destroying, ...) is followed by one ``get``: when the sandbox is no longer in the state
+  the action was planned from, the list was stale; the outcome is ``reobserved`` (not a failure) and
+  carries the fresh observation, from which the reconciler plans the lease again.
 - A wait for tokens or for a pause longer than ``action_timeout_seconds`` gives up (outcome
   ``deferred``; not counted as a failure). Provider calls are bounded by the provider's own time-outs.
 - Per-lease exponential back-off with full jitter over [base, min(cap, base * 2**(n-1))] for the n-th
@@ -36,21 +49,34 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from controller import logs
 from controller.errors import (
+    SCOPE_ALL,
+    SCOPE_CREATE,
+    SCOPE_LIFECYCLE,
+    CapacityError,
     ConflictError,
     NotFoundError,
     PermanentError,
     ProviderError,
     RateLimitedError,
+    StartFailedError,
+    StateConflictError,
     TransientError,
 )
-from controller.planner import FAILED, READY, Action, LeaseView
-from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, ObservedSandbox, SandboxProvider
+from controller.planner import BLOCKED, FAILED, READY, Action, LeaseView
+from controller.providers.base import (
+    LABEL_INSTANCE,
+    LABEL_LEASE,
+    STATE_BUILD_FAILED,
+    STATE_ERROR,
+    ObservedSandbox,
+    SandboxProvider,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +90,16 @@ TRANSIENT = "transient"
 PERMANENT = "permanent"
 NOT_FOUND = "not_found"
 CONFLICT = "conflict"
+BLOCKED_KIND = "blocked"  # quota or capacity: phase Blocked
+START_FAILED = "start_failed"  # the sandbox fell into error while the call waited
+REOBSERVED = "reobserved"  # refused by a state the list did not show yet: not a failure
 INTERNAL = "error"
 BEFORE_CREATE = "before_create"
 BUSY = "busy"  # another action for the lease was in flight: not run
 SKIPPED = "skipped"  # shutting down: not run
 DEFERRED = "deferred"  # waited too long for a rate limit: not run
 NOT_RUN = frozenset({BUSY, SKIPPED, DEFERRED, BEFORE_CREATE})
+REOBSERVABLE = frozenset({"start", "stop", "archive", "recover", "delete"})
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,7 @@ class ApplierConfig:
     api_rate_per_second: float = 20.0
     create_rate_per_minute: float = 300.0  # Daytona tier 1
     action_timeout_seconds: float = 120.0
+    blocked_backoff_max_seconds: float = 60.0  # cap of the back-off while quota/capacity is exhausted
 
 
 # lease_status columns that describe the lease's sandbox, cleared when it is known to be gone.
@@ -109,6 +140,11 @@ class Outcome:
     workspace_path: str | None = None  # realize_workspace
     failures: int = 0
     next_attempt_at: datetime | None = None
+    observed_gone: bool = False  # reobserved: the sandbox no longer exists
+
+    @property
+    def reobserved(self) -> bool:
+        return self.error_kind == REOBSERVED
 
     @property
     def sandbox_id(self) -> str | None:
@@ -128,6 +164,8 @@ class Outcome:
         action = self.action
         if not self.ok:
             return self._failure_values(lease)
+        if self.reobserved:  # the reconciler plans the lease again from the fresh observation
+            return {"message": self.message or action.reason}
         values: dict[str, Any] = {"message": self.message or action.reason}
         if action.penalize:
             values.update(failures=self.failures, next_attempt_at=self.next_attempt_at)
@@ -172,7 +210,23 @@ class Outcome:
             "last_error": f"{action.kind}: {self.message}",
         }
         when = self.next_attempt_at.isoformat() if self.next_attempt_at else "the next pass"
-        if action.kind == "create" and self.permanent:
+        if action.kind == "create" and self.sandbox is not None:
+            # The create failed but left a sandbox (found by name): record it so that the planner
+            # recovers or replaces it instead of creating a second one.
+            sb = self.sandbox
+            values.update(
+                sandbox_id=sb.id,
+                sandbox_name=sb.name,
+                observed_state=sb.state,
+                spec_hash=sb.spec_hash,
+                workspace_path=None,
+                ready_at=None,
+                create_attempt_name=None,
+                create_attempt_at=None,
+            )
+        if self.error_kind == BLOCKED_KIND:
+            values.update(phase=BLOCKED, message=f"Blocked: {self.message}; next attempt after {when}")
+        elif action.kind == "create" and self.permanent:
             values.update(
                 phase=FAILED,
                 failed_spec_hash=action.spec_hash or (lease.spec_hash if lease else None),
@@ -251,7 +305,7 @@ class Applier:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight: set[str] = set()
-        self._paused_until = float("-inf")
+        self._paused_until: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=c.max_concurrent_actions, thread_name_prefix="applier")
 
     def _interruptible_sleep(self, seconds: float) -> None:
@@ -263,11 +317,10 @@ class Applier:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    @property
-    def paused_until(self) -> float:
-        """Monotonic time until which every call waits (after a 429)."""
+    def paused_until(self, scope: str = SCOPE_ALL) -> float:
+        """Monotonic time until which calls of ``scope`` wait (after a 429); -inf when not paused."""
         with self._lock:
-            return self._paused_until
+            return self._paused_until.get(scope, float("-inf"))
 
     def in_flight(self) -> set[str]:
         with self._lock:
@@ -379,7 +432,12 @@ class Applier:
                             exc,
                         )
                         return self._not_run(action, BEFORE_CREATE, f"create attempt not recorded: {exc}")
-                sandbox = self._call(self.provider.create, action.create, deadline=deadline, gated=True)
+                try:
+                    sandbox = self._call(self.provider.create, action.create, deadline=deadline, gated=True)
+                except (StartFailedError, ConflictError, TransientError) as exc:
+                    if isinstance(exc, RateLimitedError | CapacityError | StateConflictError):
+                        raise
+                    return self._after_failed_create(action, started, exc, deadline)
                 message = f"created sandbox {sandbox.name} ({sandbox.id}), {sandbox.state}"
             elif action.kind == "lookup":
                 sandbox, message = self._lookup(action, deadline)
@@ -387,16 +445,33 @@ class Applier:
                 workspace = self._realize(action, deadline)
                 message = f"workspace {workspace} ready in sandbox {action.sandbox_name}"
             elif action.kind == "delete":
+                if action.penalize and action.from_state is not None:
+                    # Replacing an errored sandbox destroys it: confirm the state with one get first,
+                    # since the list may lag (a sandbox recovered meanwhile would be lost).
+                    confirmed = self._confirm(action, started, deadline)
+                    if confirmed is not None:
+                        log.info("lease %s: delete not run: %s", action.lease_name, confirmed.message)
+                        return replace(confirmed, message=f"delete not run: {confirmed.message}")
                 try:
-                    self._call(self.provider.delete, _sid(action), deadline=deadline)
+                    self._call(self.provider.delete, _sid(action), deadline=deadline, scope=SCOPE_LIFECYCLE)
                     message = f"deleted sandbox {action.sandbox_name} ({action.sandbox_id})"
                 except NotFoundError:
                     message = f"sandbox {action.sandbox_name} ({action.sandbox_id}) was already gone"
             elif action.kind in ("start", "stop", "archive", "recover"):
-                self._call(getattr(self.provider, action.kind), _sid(action), deadline=deadline)
+                self._call(
+                    getattr(self.provider, action.kind),
+                    _sid(action),
+                    deadline=deadline,
+                    scope=SCOPE_LIFECYCLE,
+                )
                 message = f"{action.kind} accepted for sandbox {action.sandbox_name} ({action.sandbox_id})"
             else:
                 raise ValueError(f"unknown action kind {action.kind!r}")
+        except StateConflictError as exc:
+            if action.kind not in REOBSERVABLE or action.sandbox_id is None:
+                return self._failed(action, started, exc)
+            reobserved = self._reobserve(action, started, exc, deadline)
+            return reobserved if reobserved is not None else self._failed(action, started, exc)
         except _Deferred as exc:
             return self._not_run(action, DEFERRED, str(exc))
         except _Stopped:
@@ -415,10 +490,100 @@ class Applier:
         log.info("lease %s: %s ok: %s", action.lease_name, action.kind, message)
         return Outcome(action, True, started, finished, None, message, sandbox, workspace, failures, next_at)
 
+    def _after_failed_create(
+        self, action: Action, started: datetime, exc: ProviderError, deadline: float
+    ) -> Outcome:
+        """A create failed in a way that may have left a sandbox: look it up by name once.
+
+        Found and ours: recorded. A sandbox in error (a late "failed to start") is a failure with
+        back-off, and the planner recovers or replaces it; a healthy one (the answer was lost, or
+        the name was taken by our own earlier attempt) is adopted as if the create had answered.
+        """
+        name = action.sandbox_name or (action.create.name if action.create else None)
+        found: ObservedSandbox | None = None
+        if name:
+            try:
+                found = self._call(self.provider.get, name, deadline=deadline)
+            except (ProviderError, _Deferred) as lookup_exc:
+                log.warning(
+                    "lease %s: lookup of %s after a failed create failed too: %s",
+                    action.lease_name,
+                    name,
+                    lookup_exc,
+                )
+        if found is not None and not _ours(found, action):
+            log.warning(
+                "lease %s: the name %s is taken by sandbox %s, which is not ours",
+                action.lease_name,
+                name,
+                found.id,
+            )
+            found = None
+        if found is None:
+            return self._failed(action, started, exc)
+        if found.state in (STATE_ERROR, STATE_BUILD_FAILED) or isinstance(exc, StartFailedError):
+            failed = self._failed(action, started, exc)
+            return replace(
+                failed,
+                sandbox=found,
+                message=f"{failed.message}; found sandbox {found.name} ({found.id}), {found.state}, "
+                "by name: it is recovered or replaced, never left behind",
+            )
+        message = (
+            f"create answered {type(exc).__name__} ({exc}); found sandbox {found.name} ({found.id}), "
+            f"{found.state}, by name: adopted"
+        )
+        log.info("lease %s: %s", action.lease_name, message)
+        return Outcome(action, True, started, self.clock(), None, message, found)
+
+    def _reobserve(
+        self, action: Action, started: datetime, exc: StateConflictError, deadline: float
+    ) -> Outcome | None:
+        """One ``get`` after a refusal by state; an outcome when the list had been stale, else None."""
+        try:
+            outcome = self._confirm(action, started, deadline)
+        except (ProviderError, _Deferred) as get_exc:
+            log.warning("lease %s: re-reading %s failed: %s", action.lease_name, action.sandbox_id, get_exc)
+            return None
+        if outcome is None:
+            return None  # the state we planned from holds: a real refusal, counted as a failure
+        message = f"{action.kind} refused ({exc}): {outcome.message}"
+        log.info("lease %s: %s", action.lease_name, message)
+        return replace(outcome, message=message)
+
+    def _confirm(self, action: Action, started: datetime, deadline: float) -> Outcome | None:
+        """None when the sandbox is still in the state the action was planned from; else a
+        ``reobserved`` outcome carrying what it is now (the action is not run)."""
+        fresh = self._call(self.provider.get, _sid(action), deadline=deadline)
+        if fresh is not None and fresh.state == action.from_state:
+            return None
+        now_state = fresh.state if fresh is not None else "gone"
+        message = (
+            f"sandbox {action.sandbox_name} is {now_state}, not {action.from_state} as listed; "
+            "planned again from a fresh read"
+        )
+        return Outcome(
+            action,
+            True,
+            started,
+            self.clock(),
+            REOBSERVED,
+            message,
+            fresh,
+            failures=action.failures,
+            observed_gone=fresh is None,
+        )
+
     def _failed(self, action: Action, started: datetime, exc: BaseException) -> Outcome:
         retry_after: float | None = None
+        cap: float | None = None
         if isinstance(exc, RateLimitedError):
             kind, retry_after = RATE_LIMITED, exc.retry_after
+        elif isinstance(exc, CapacityError):
+            kind, retry_after = BLOCKED_KIND, exc.retry_after
+            cap = self.config.blocked_backoff_max_seconds
+        elif isinstance(exc, StartFailedError):
+            kind, retry_after = START_FAILED, exc.retry_after
         elif isinstance(exc, TransientError):
             kind, retry_after = TRANSIENT, exc.retry_after
         elif isinstance(exc, PermanentError):
@@ -434,6 +599,8 @@ class Applier:
             log.exception("lease %s: %s failed unexpectedly", action.lease_name, action.kind, exc_info=exc)
         failures = action.failures + 1
         delay = self.backoff_seconds(failures)
+        if cap is not None:
+            delay = min(delay, cap)
         if retry_after is not None:
             delay = max(delay, retry_after)
         finished = self.clock()
@@ -456,10 +623,7 @@ class Applier:
             found = self._call(self.provider.get, key, deadline=deadline)
             if found is None:
                 continue
-            labels = found.labels
-            if labels.get(LABEL_LEASE) != action.lease_name or (
-                action.instance and labels.get(LABEL_INSTANCE) != action.instance
-            ):
+            if not _ours(found, action):
                 log.warning(
                     "lease %s: lookup of %s found sandbox %s, which is not ours",
                     action.lease_name,
@@ -483,24 +647,35 @@ class Applier:
 
     # -- rate limits -----------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[..., T], *args: Any, deadline: float, gated: bool = False) -> T:
+    def _call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        deadline: float,
+        gated: bool = False,
+        scope: str = SCOPE_ALL,
+    ) -> T:
         if not gated:
-            self._gate(deadline)
+            self._gate(deadline, scope=scope)
         try:
             return fn(*args)
         except RateLimitedError as exc:
-            self._pause(exc.retry_after)
+            self._pause(exc)
             raise
 
-    def _pause(self, retry_after: float | None) -> None:
-        seconds = (
-            retry_after if retry_after is not None and retry_after > 0 else self.config.backoff_base_seconds
-        )
-        with self._lock:
-            until = self.monotonic() + seconds
-            if until > self._paused_until:
-                self._paused_until = until
-        log.warning("rate limited (429): every provider call waits %.1fs", seconds)
+    def _pause(self, exc: RateLimitedError) -> None:
+        for scope, retry_after in exc.pauses.items():
+            seconds = (
+                retry_after
+                if retry_after is not None and retry_after > 0
+                else self.config.backoff_base_seconds
+            )
+            with self._lock:
+                until = self.monotonic() + seconds
+                if until > self._paused_until.get(scope, float("-inf")):
+                    self._paused_until[scope] = until
+            which = "every provider call" if scope == SCOPE_ALL else f"{scope} calls"
+            log.warning("rate limited (429): %s wait %.1fs", which, seconds)
 
     def _wait(self, seconds: float, deadline: float, why: str) -> None:
         if seconds <= 0:
@@ -509,11 +684,13 @@ class Applier:
             raise _Deferred(f"{why}: would wait {seconds:.1f}s, beyond the action time-out")
         self.sleep(seconds)
 
-    def _gate(self, deadline: float, *, create: bool = False) -> None:
-        """Wait for a 429 pause to end and for rate-limit tokens (one API token, one create token)."""
+    def _gate(self, deadline: float, *, create: bool = False, scope: str = SCOPE_ALL) -> None:
+        """Wait for the 429 pauses of the call's scopes to end and for rate-limit tokens (one API
+        token, one create token)."""
+        scopes = {SCOPE_ALL, SCOPE_CREATE if create else scope}
         while True:
             with self._lock:
-                pause = self._paused_until - self.monotonic()
+                pause = max(self._paused_until.get(s, float("-inf")) for s in scopes) - self.monotonic()
             if pause <= 0:
                 break
             if self.stopping:
@@ -524,6 +701,13 @@ class Applier:
         if create:
             self._wait(self.create_bucket.reserve(), deadline, "create rate limit")
         self._wait(self.api_bucket.reserve(), deadline, "API rate limit")
+
+
+def _ours(found: ObservedSandbox, action: Action) -> bool:
+    labels = found.labels
+    return labels.get(LABEL_LEASE) == action.lease_name and (
+        not action.instance or labels.get(LABEL_INSTANCE) == action.instance
+    )
 
 
 def _sid(action: Action) -> str:

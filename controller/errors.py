@@ -28,6 +28,8 @@ provider layer ever sees a vendor exception.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class LeasectlError(Exception):
     """Base class of every error leasectl raises on purpose."""
@@ -65,11 +67,22 @@ RATE_LIMIT_SCOPES = (SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE)
 
 
 class RateLimitedError(TransientError):
-    """The API answered 429; calls of ``scope`` should wait ``retry_after`` seconds."""
+    """The API answered 429; calls of ``scope`` should wait ``retry_after`` seconds.
 
-    def __init__(self, message: str, retry_after: float | None = None, scope: str = SCOPE_ALL) -> None:
+    ``pauses`` maps every scope the answer named to its wait (Daytona may name several throttlers);
+    ``retry_after`` is the largest of them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        retry_after: float | None = None,
+        scope: str = SCOPE_ALL,
+        pauses: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__(message, retry_after)
         self.scope = scope
+        self.pauses: dict[str, float | None] = dict(pauses) if pauses else {scope: retry_after}
 
 
 class CapacityError(TransientError):

@@ -58,6 +58,15 @@ transit.   wait (Provisioning wait (Stopping)             wait (Archiving)      
 unknown    wait, phase kept   wait, phase kept            wait, phase kept             delete
 =========  =================  ==========================  ===========================  ====================
 
+Idle: on a lease with ``auto_stop_interval`` (> 0), a stopped or archived sandbox that the lease had
+Ready (or Idle) is one Daytona parked for inactivity: phase ``Idle``, no start (``leasectl exec`` and
+the queue start it on demand). Without ``auto_stop_interval`` the sandbox is created with auto-stop
+off (0), so Daytona never stops it behind our back. Ephemeral (``auto_delete_interval`` 0): Daytona
+deletes the sandbox when it stops and refuses to archive it, so a lease desired stopped/archived
+never gets a stop or archive for one: phase ``Failed`` with the reason, the sandbox left as it is.
+``Blocked`` (quota or capacity) comes from the applier's outcome; while its back-off holds the phase
+stays ``Blocked`` with the reason.
+
 Spec change (the sandbox's ``leasectl-spec`` label differs from the lease's spec hash): on a lease
 desired ``running`` the old sandbox is deleted (phase ``Provisioning``, "replacing ...") and the new one
 is created on a later pass, once the old one is gone, under a new name (the name contains the spec
@@ -123,6 +132,8 @@ DELETED: Final = "Deleted"
 ERROR: Final = "Error"
 FAILED: Final = "Failed"
 PAUSED: Final = "Paused"
+BLOCKED: Final = "Blocked"  # waiting on a quota or capacity (set from an applier outcome)
+IDLE: Final = "Idle"  # stopped by Daytona's auto-stop on a lease that asked for it
 
 _KNOWN_STABLE = frozenset(
     {STATE_STARTED, STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED, STATE_ERROR, STATE_BUILD_FAILED}
@@ -191,7 +202,9 @@ def build_create_request(
         memory=_int_or_none(spec.get("memory")),
         disk=_int_or_none(spec.get("disk")),
         gpu=_int_or_none(spec.get("gpu")),
-        auto_stop_interval=_int_or_none(spec.get("auto_stop_interval")),
+        # Daytona auto-stops after 15 idle minutes unless told otherwise; a lease that does not ask
+        # for auto-stop must never be stopped behind the controller's back.
+        auto_stop_interval=_int_or_none(spec.get("auto_stop_interval")) or 0,
         auto_archive_interval=_int_or_none(spec.get("auto_archive_interval")),
         auto_delete_interval=_int_or_none(spec.get("auto_delete_interval")),
     )
@@ -211,6 +224,16 @@ class LeaseView:
     paused: bool = False
     expires_at: datetime | None = None
     workspace_dir: str = "workspace"  # relative to the sandbox work dir, or absolute
+
+    @property
+    def ephemeral(self) -> bool:
+        """Daytona deletes an ephemeral sandbox (auto_delete_interval 0) when it stops."""
+        return self.create.auto_delete_interval == 0
+
+    @property
+    def parks_when_idle(self) -> bool:
+        """The lease asked for auto-stop: a sandbox Daytona stopped for inactivity is not drift."""
+        return bool(self.create.auto_stop_interval)
 
 
 @dataclass(frozen=True)
@@ -260,6 +283,7 @@ class Action:
     penalize: bool = False
     duplicate: bool = False
     instance: str = ""
+    from_state: str | None = None  # the observed state the action was planned from
 
 
 @dataclass(frozen=True)
@@ -451,6 +475,7 @@ def _action(ctx: _Ctx, kind: str, reason: str, sb: ObservedSandbox | None = None
         reason=reason,
         sandbox_id=sb.id if sb is not None else kw.pop("sandbox_id", None),
         sandbox_name=sb.name if sb is not None else kw.pop("sandbox_name", None),
+        from_state=sb.state if sb is not None else None,
         failures=ctx.failures,
         **kw,
     )
@@ -473,10 +498,17 @@ def _apply_backoff(ctx: _Ctx, decision: Decision) -> Decision:
     if spec_changed_after_failure:
         return decision
     assert decision.action is not None
-    message = (
-        f"backing off until {status.next_attempt_at.isoformat()} "
-        f"after {ctx.failures} failure(s); then: {decision.action.kind} ({decision.action.reason})"
-    )
+    until = status.next_attempt_at.isoformat()
+    if status.phase == BLOCKED:
+        message = (
+            f"Blocked: {status.last_error or 'waiting for quota or capacity'}; "
+            f"next attempt after {until}, then: {decision.action.kind}"
+        )
+    else:
+        message = (
+            f"backing off until {until} after {ctx.failures} failure(s); "
+            f"then: {decision.action.kind} ({decision.action.reason})"
+        )
     return replace(decision, phase=status.phase or ERROR, message=message, action=None, reset_failures=False)
 
 
@@ -622,6 +654,15 @@ def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
         reason = f"realizing workspace {lease.workspace_dir!r} in {_describe(sb)}"
         action = _action(ctx, "realize_workspace", reason, sb, workspace_dir=lease.workspace_dir)
         return _base(ctx, sb, PROVISIONING, reason, action=action)
+    if state in (STATE_STOPPED, STATE_ARCHIVED) and _idle(ctx, sb):
+        return _converged(
+            ctx,
+            sb,
+            IDLE,
+            f"{_describe(sb)} is {state}: Daytona parked it after "
+            f"{lease.create.auto_stop_interval} idle minute(s) (auto_stop_interval); "
+            "`leasectl exec` and queued executions start it on demand",
+        )
     if state in (STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED):
         reason = f"starting {_describe(sb)} ({state})"
         return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "start", reason, sb))
@@ -640,6 +681,32 @@ def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
         FAILED,
         f"{_describe(sb)} build failed ({why}); change the spec to retry",
         failed_spec_hash=lease.spec_hash,
+    )
+
+
+def _idle(ctx: _Ctx, sb: ObservedSandbox) -> bool:
+    """A stopped/archived sandbox of a lease with auto-stop that was Ready (or Idle) under us: Daytona
+    parked it for inactivity. A sandbox that was stopped because the lease asked for it (phase
+    Stopped, Archived, ...) is started when the lease wants it running again."""
+    status = ctx.status
+    return (
+        ctx.lease.parks_when_idle
+        and sb.id == status.sandbox_id
+        and status.phase in (READY, IDLE)
+        and sb.spec_hash == ctx.lease.spec_hash
+    )
+
+
+def _ephemeral_kept(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
+    """An ephemeral sandbox (auto_delete_interval 0) on a lease desired stopped/archived: Daytona
+    deletes it on stop and refuses to archive it, so the planner leaves it alone and says why
+    (``leasectl apply`` refuses such a lease; only SQL can write one)."""
+    return _base(
+        ctx,
+        sb,
+        FAILED,
+        f"{_describe(sb)} is ephemeral (auto_delete_interval 0): Daytona deletes it when it stops, so it "
+        f"is left {sb.state}; desire running or absent, or set auto_delete_interval to keep it {ctx.desired}",
     )
 
 
@@ -667,6 +734,8 @@ def _build_failed(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
 
 def _stopped(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
     state = sb.state
+    if state in (STATE_STARTED, STATE_PAUSED) and ctx.lease.ephemeral:
+        return _ephemeral_kept(ctx, sb)
     if state == STATE_STARTED:
         reason = f"stopping {_describe(sb)}"
         return _base(ctx, sb, STOPPING, reason, action=_action(ctx, "stop", reason, sb))
@@ -679,6 +748,8 @@ def _stopped(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
 
 def _archived(ctx: _Ctx, sb: ObservedSandbox) -> Decision:
     state = sb.state
+    if state in (STATE_STARTED, STATE_PAUSED, STATE_STOPPED) and ctx.lease.ephemeral:
+        return _ephemeral_kept(ctx, sb)
     if state in (STATE_STARTED, STATE_PAUSED):
         reason = f"stopping {_describe(sb)} before archiving"
         return _base(ctx, sb, ARCHIVING, reason, action=_action(ctx, "stop", reason, sb))

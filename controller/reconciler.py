@@ -234,7 +234,10 @@ class Reconciler:
             for name, decision in the_plan.decisions.items():
                 values = decision.status_values()
                 outcome = by_lease.get(name)
-                if outcome is not None:
+                if outcome is not None and outcome.reobserved and name in views:
+                    values = self._replan(views[name], before.get(name), outcome, now)
+                    session.add(self._event(outcome, pass_id, now))
+                elif outcome is not None:
                     values.update(outcome.status_values(views.get(name)))
                     session.add(self._event(outcome, pass_id, now))
                 phases[values.get("phase", "Pending")] = phases.get(values.get("phase", "Pending"), 0) + 1
@@ -262,6 +265,18 @@ class Reconciler:
                 self.metrics.leases.labels(*phase).set(0)
             for phase, count in phases.items():
                 self.metrics.leases.labels(phase=phase).set(count)
+
+    def _replan(
+        self, lease: LeaseView, status: StatusView | None, outcome: Outcome, now: datetime
+    ) -> dict[str, Any]:
+        """Status values for a lease whose action was refused by a state the list did not show yet:
+        the planner decides again from the fresh ``get`` (its action, if any, runs next pass)."""
+        fresh = [] if outcome.observed_gone or outcome.sandbox is None else [outcome.sandbox]
+        again = plan([lease], {lease.name: status or StatusView()}, fresh, now, instance=self.instance)
+        decision = again.decisions[lease.name]
+        values = decision.status_values()
+        values["message"] = f"{outcome.message}: {decision.message}"
+        return values
 
     def _event(self, outcome: Outcome, pass_id: str, now: datetime) -> Event:
         action = outcome.action

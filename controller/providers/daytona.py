@@ -7,17 +7,24 @@ blocking a worker in the high-level client's wait loops. Toolbox calls (exec, fi
 the high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable
 socket can neither slow nor break anything.
 
-Every vendor exception is translated into ``controller.errors`` and raised ``from`` the original:
-429 -> RateLimitedError (Retry-After honoured); 408, 5xx, network errors, 401/403 (credentials or
-quota, which an operator can fix without touching the spec) -> TransientError; 404 -> NotFoundError;
-409 -> ConflictError; other 4xx (a spec Daytona refuses) -> PermanentError. urllib3's own retries are
-off: backoff belongs to the applier, which sees every failure.
+Every vendor exception is translated into ``controller.errors`` by ``classify`` and raised ``from``
+the original. Daytona's server decides much with 400 (quota, capacity, "failed to start", a state
+that refuses the call), so the message and the call matter, not only the status: 429 ->
+RateLimitedError scoped by the ``Retry-After-<throttler>`` headers; 408, 5xx, network errors, 401/403
+(credentials, suspended org: fixed without touching the spec) -> TransientError; quota/capacity ->
+CapacityError; create/start/recover "failed to start" -> StartFailedError; a lifecycle call its state
+refuses (400/409) -> StateConflictError; create 409 -> ConflictError (name taken); 404 ->
+NotFoundError; any other 4xx (a spec Daytona refuses) -> PermanentError. The list is walked in
+creation order (``sort=createdAt&order=asc``): Daytona's default order, last activity first, can make
+a cursor skip a sandbox that sees activity while we page. urllib3's own retries are off: backoff
+belongs to the applier, which sees every failure.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,15 +32,29 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from daytona import Daytona, DaytonaConfig, DaytonaError
-from daytona_api_client import ApiClient, Configuration, CreateBuildInfo, CreateSandbox, SandboxApi
+from daytona_api_client import (
+    ApiClient,
+    Configuration,
+    CreateBuildInfo,
+    CreateSandbox,
+    SandboxApi,
+    SandboxListSortDirection,
+    SandboxListSortField,
+)
 from daytona_api_client.exceptions import ApiException
 
 from controller.errors import (
+    SCOPE_ALL,
+    SCOPE_CREATE,
+    SCOPE_LIFECYCLE,
+    CapacityError,
     ConflictError,
     NotFoundError,
     PermanentError,
     ProviderError,
     RateLimitedError,
+    StartFailedError,
+    StateConflictError,
     TransientError,
 )
 from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox
@@ -46,20 +67,88 @@ LANGUAGE_LABEL = "code-toolbox-language"
 T = TypeVar("T")
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    if not headers:
-        return None
-    for key, value in headers.items():
-        if key.lower() == "retry-after":
-            try:
-                return max(0.0, float(value))
-            except (TypeError, ValueError):
-                return None
-    return None
+# What a 400/409 means depends on its message and on the call (Daytona's server, read from its source:
+# ../shared/reference/daytona-server-semantics.md). Checked in this order; docs/architecture.md has
+# the table.
+_CAPACITY = re.compile(
+    r"limit exceeded|quota|no available runners?|insufficient (resources|capacity)|capacity", re.I
+)
+_START_FAILED = re.compile(r"failed to start|failed to (create|recover)", re.I)
+_STATE_REFUSED = re.compile(
+    r"not in a stoppable state|is not stopped|not in (a )?valid state|errored state|"
+    r"state change in progress|is not recoverable|another operation is in progress|cannot (start|stop|"
+    r"archive|recover)",
+    re.I,
+)
+LIFECYCLE_OPERATIONS = frozenset({"start", "stop", "archive", "recover", "delete"})
+_THROTTLER_SCOPES = {
+    "authenticated": SCOPE_ALL,
+    "sandbox-create": SCOPE_CREATE,
+    "sandbox-lifecycle": SCOPE_LIFECYCLE,
+}
 
 
-def translate(exc: BaseException, what: str) -> ProviderError:
-    """Map an SDK, HTTP or network exception to the project's error tree."""
+def rate_limit_pauses(headers: Mapping[str, str] | None) -> dict[str, float]:
+    """Scope -> seconds from ``Retry-After`` (every call) and Daytona's ``Retry-After-<throttler>``.
+
+    Unknown throttler names pause every call (the safe reading); the largest value per scope wins.
+    """
+    pauses: dict[str, float] = {}
+    for key, value in (headers or {}).items():
+        lowered = key.lower()
+        if lowered == "retry-after":
+            scope = SCOPE_ALL
+        elif lowered.startswith("retry-after-"):
+            scope = _THROTTLER_SCOPES.get(lowered.removeprefix("retry-after-"), SCOPE_ALL)
+        else:
+            continue
+        try:
+            seconds = max(0.0, float(value))
+        except (TypeError, ValueError):
+            continue
+        pauses[scope] = max(seconds, pauses.get(scope, 0.0))
+    return pauses
+
+
+def classify(
+    status: int | None,
+    detail: str,
+    operation: str,
+    headers: Mapping[str, str] | None = None,
+    message: str | None = None,
+) -> ProviderError:
+    """The project error for an HTTP answer ``status`` with Daytona's error ``detail`` to ``operation``.
+
+    ``message`` is the text of the error (defaults to ``detail``). Pure: the unit tables of
+    tests/unit/test_daytona_translate.py cover every row.
+    """
+    text = message if message is not None else detail
+    if not status:  # no HTTP answer: connection refused, reset, time-out, unparseable body
+        return TransientError(text)
+    if status == 429:
+        pauses = rate_limit_pauses(headers)
+        if not pauses:
+            return RateLimitedError(text, None, SCOPE_ALL)
+        scope = max(pauses, key=lambda s: (pauses[s], s == SCOPE_ALL))
+        return RateLimitedError(text, max(pauses.values()), scope, pauses)
+    if status == 404:
+        return NotFoundError(text)
+    retry_after = rate_limit_pauses(headers).get(SCOPE_ALL)
+    if status in (401, 403, 408) or status >= 500:
+        return TransientError(text, retry_after)
+    if _CAPACITY.search(detail):
+        return CapacityError(text, retry_after)
+    if status == 409:
+        return StateConflictError(text) if operation in LIFECYCLE_OPERATIONS else ConflictError(text)
+    if status == 400 and operation in ("create", "start", "recover") and _START_FAILED.search(detail):
+        return StartFailedError(text, retry_after)
+    if status == 400 and operation in LIFECYCLE_OPERATIONS and _STATE_REFUSED.search(detail):
+        return StateConflictError(text)
+    return PermanentError(text)
+
+
+def translate(exc: BaseException, what: str, operation: str = "") -> ProviderError:
+    """Map an SDK, HTTP or network exception to the project's error tree (see ``classify``)."""
     status: int | None = None
     headers: Mapping[str, str] | None = None
     if isinstance(exc, ApiException):
@@ -67,18 +156,8 @@ def translate(exc: BaseException, what: str) -> ProviderError:
     elif isinstance(exc, DaytonaError):
         status = getattr(exc, "status_code", None)
         headers = getattr(exc, "headers", None)
-    message = f"{what}: {_short(exc)}"
-    if not status:  # no HTTP answer: connection refused, reset, time-out, unparseable body
-        return TransientError(message)
-    if status == 429:
-        return RateLimitedError(message, _retry_after(headers))
-    if status == 404:
-        return NotFoundError(message)
-    if status == 409:
-        return ConflictError(message)
-    if status in (401, 403, 408) or status >= 500:
-        return TransientError(message, _retry_after(headers))
-    return PermanentError(message)
+    detail = _short(exc)
+    return classify(status, detail, operation, headers, f"{what}: {detail}")
 
 
 def _short(exc: BaseException) -> str:
@@ -176,7 +255,7 @@ class DaytonaProvider:
         except ProviderError:
             raise
         except Exception as exc:
-            error = translate(exc, what)
+            error = translate(exc, what, operation)
             self._record(operation, type(error).__name__)
             raise error from exc
         self._record(operation, "ok")
@@ -197,7 +276,12 @@ class DaytonaProvider:
                 "list",
                 "list sandboxes",
                 lambda c=cursor: self._api.list_sandboxes(  # type: ignore[misc]
-                    cursor=c, limit=PAGE_SIZE, labels=encoded, _request_timeout=self._timeout
+                    cursor=c,
+                    limit=PAGE_SIZE,
+                    labels=encoded,
+                    sort=SandboxListSortField.CREATEDAT,
+                    order=SandboxListSortDirection.ASC,
+                    _request_timeout=self._timeout,
                 ),
             )
             found.extend(to_observed(item) for item in page.items or [])
@@ -324,7 +408,7 @@ class DaytonaProvider:
                 self._record("execute", "timeout")
                 return ExecResult(exit_code=None, output="", timed_out=True)
             self._forget(sandbox_id)
-            error = translate(exc, f"exec in sandbox {sandbox_id}")
+            error = translate(exc, f"exec in sandbox {sandbox_id}", "execute")
             self._record("execute", type(error).__name__)
             raise error from exc
         self._record("execute", "ok")

@@ -3,11 +3,16 @@
 Used by tests (planner/applier/convergence, execution) in place of ``providers.daytona``; nothing in
 the daemon uses it. Tests assert on its state (``sandboxes``, ``calls``, ``counters``), not on mocks.
 
-Behaviour, by default: every lifecycle call takes effect at once (create lands in ``started``, start
--> ``started``, stop -> ``stopped``, ...). Names are unique (create with a taken name raises
-``ConflictError``), an operation the current state does not allow raises ``ConflictError`` (like a
-transition in progress), ``get`` returns None for an unknown id or name, ``delete`` of a missing
-sandbox is a no-op. Scripting hooks:
+Behaviour, by default, follows Daytona's server (../shared/reference/daytona-server-semantics.md):
+every lifecycle call takes effect at once (create lands in ``started``, start -> ``started``, stop ->
+``stopped``, ...). Names are unique (create with a taken name raises ``ConflictError``); an operation
+the current state does not allow raises ``StateConflictError`` (a transition in progress, a stop of a
+stopped sandbox, an archive of an archived one; a start of a started one is a no-op); a sandbox in
+``error`` refuses start/stop/archive; a create/start/recover that ends in ``error``/``build_failed``
+raises ``StartFailedError`` while the sandbox stays (``create_waits``); ``quota`` live sandboxes at
+most (``CapacityError`` beyond); an ephemeral sandbox (``auto_delete_interval`` 0) is deleted by stop
+and refuses archive. ``get`` returns None for an unknown id or name, ``delete`` of a missing sandbox
+is a no-op. Scripting hooks:
 
 - ``fail_next(op, error, times=1, after_effect=False)``: the next ``times`` calls of ``op`` (or ``"*"``)
   raise ``error`` (an exception, or a callable making one), before the effect or, with
@@ -19,7 +24,8 @@ sandbox is a no-op. Scripting hooks:
 - ``fall_into_error(id, recoverable=..., reason=...)``, ``set_state(id, state)``: out-of-band changes;
   ``remove(id)``: deleted behind the controller's back; ``add_sandbox(...)``: seed existing sandboxes.
 - ``list_lag`` seconds of the injectable clock: ``list_sandboxes`` omits sandboxes created less than
-  ``list_lag`` ago and still shows (in their last state) sandboxes deleted less than ``list_lag`` ago.
+  ``list_lag`` ago, still shows (in their last state) sandboxes deleted less than ``list_lag`` ago,
+  and shows every sandbox in the state it had ``list_lag`` ago (states lag too, as on Daytona).
   The default clock is a manual one moved by ``advance(seconds)``.
 - ``on_call(op, key)``: called outside the lock before each call (latency, barriers in tests).
 - ``exec_hook(sandbox_id, command, cwd, env, timeout)``: answers ``exec`` (default: echoes the command).
@@ -35,12 +41,20 @@ import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from controller.errors import ConflictError, NotFoundError
+from controller.errors import (
+    CapacityError,
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    StartFailedError,
+    StateConflictError,
+)
 from controller.providers.base import (
     STATE_ARCHIVED,
+    STATE_BUILD_FAILED,
     STATE_DESTROYED,
     STATE_ERROR,
     STATE_PAUSED,
@@ -71,6 +85,12 @@ OPS = (
 )
 
 ErrorSpec = BaseException | Callable[[], BaseException]
+_REFUSAL = {
+    "stop": "Sandbox is not in a stoppable state",
+    "archive": "Sandbox is not stopped",
+    "start": "Sandbox is not in valid state",
+    "recover": "Sandbox is not in an errored state",
+}
 ExecHook = Callable[[str, str, str | None, Mapping[str, str] | None, int | None], ExecResult]
 
 
@@ -90,6 +110,22 @@ class MemorySandbox:
     deleted_at: float | None = None
     files: dict[str, bytes] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
+    # (time, state, error_reason, recoverable) of every change, for a list that lags in states
+    history: list[tuple[float, str, str | None, bool]] = field(default_factory=list)
+
+    def record(self, at: float) -> None:
+        self.history.append((at, self.state, self.error_reason, self.recoverable))
+
+    def observe_at(self, when: float) -> ObservedSandbox:
+        """The sandbox as it was at ``when`` (what a list lagging to ``when`` shows)."""
+        current = self.observe()
+        past = next((h for h in reversed(self.history) if h[0] <= when), None)
+        if past is None:
+            past = self.history[0] if self.history else None
+        if past is None:
+            return current
+        _, state, reason, recoverable = past
+        return replace(current, state=state, error_reason=reason, recoverable=recoverable)
 
     def observe(self) -> ObservedSandbox:
         req = self.request
@@ -152,6 +188,8 @@ class MemoryProvider:
         self._create_script: deque[tuple[str, str | None, bool]] = deque()
         self._stick_next: dict[str, deque[str]] = {}
         self._ids = itertools.count(1)
+        self.quota: int | None = None  # live sandboxes allowed; a create over it: CapacityError
+        self.create_waits = True  # create/start/recover that end in error raise StartFailedError
 
     # -- scripting ------------------------------------------------------------------------------
 
@@ -188,7 +226,7 @@ class MemoryProvider:
         with self._lock:
             sb = self._live(sandbox_id)
             sb.pending_state = sb.pending_state or sb.state
-            sb.state = state
+            self._set(sb, state)
 
     def release(self, sandbox_id: str) -> None:
         """Finish a stuck transition (a stuck delete removes the sandbox)."""
@@ -198,7 +236,7 @@ class MemoryProvider:
             if final == STATE_DESTROYED:
                 self._bury(sb)
             elif final is not None:
-                sb.state = final
+                self._set(sb, final)
 
     def fall_into_error(
         self, sandbox_id: str, *, recoverable: bool = False, reason: str = "injected"
@@ -211,9 +249,10 @@ class MemoryProvider:
         """Change a sandbox's state out of band (no call is logged)."""
         with self._lock:
             sb = self._live(sandbox_id)
-            sb.state, sb.pending_state = state, None
+            sb.pending_state = None
             sb.error_reason = reason if state in (STATE_ERROR, "build_failed") else None
             sb.recoverable = recoverable if state == STATE_ERROR else False
+            self._set(sb, state)
 
     def remove(self, sandbox_id: str) -> None:
         """Delete a sandbox behind the controller's back (no call is logged)."""
@@ -244,6 +283,7 @@ class MemoryProvider:
                 recoverable=recoverable,
                 error_reason=error_reason,
             )
+            sb.record(sb.created_at)
             self.sandboxes[sb.id] = sb
             return sb
 
@@ -273,6 +313,10 @@ class MemoryProvider:
             raise NotFoundError(f"sandbox {sandbox_id} not found")
         return sb
 
+    def _set(self, sb: MemorySandbox, state: str) -> None:
+        sb.state = state
+        sb.record(self.clock())
+
     def _bury(self, sb: MemorySandbox) -> None:
         self.sandboxes.pop(sb.id, None)
         sb.deleted_at = self.clock()
@@ -301,13 +345,14 @@ class MemoryProvider:
     def _transition(self, op: str, sb: MemorySandbox, final: str) -> None:
         queue = self._stick_next.get(op)
         if queue:
-            sb.state, sb.pending_state = queue.popleft(), final
+            self._set(sb, queue.popleft())
+            sb.pending_state = final
         else:
-            sb.state = final
+            self._set(sb, final)
 
     def _check_not_stuck(self, sb: MemorySandbox, op: str) -> None:
         if sb.pending_state is not None:
-            raise ConflictError(
+            raise StateConflictError(
                 f"sandbox {sb.id} is {sb.state}: cannot {op} while a transition is in progress"
             )
 
@@ -324,7 +369,7 @@ class MemoryProvider:
                 if sb.deleted_at is not None and now - sb.deleted_at < self.list_lag
             ]
             result = [
-                sb.observe()
+                sb.observe_at(now - self.list_lag) if self.list_lag > 0 else sb.observe()
                 for sb in sorted(visible, key=lambda s: (s.created_at, s.id))
                 if all(sb.labels.get(k) == v for k, v in labels.items())
             ]
@@ -343,7 +388,9 @@ class MemoryProvider:
         fault = self._enter("create", request.name)
         with self._lock:
             if self._by_name(request.name) is not None:
-                raise ConflictError(f"sandbox name {request.name} is already taken")
+                raise ConflictError(f"Sandbox with name {request.name} already exists")
+            if self.quota is not None and len(self.sandboxes) >= self.quota:
+                raise CapacityError(f"Total sandbox limit exceeded. Maximum allowed: {self.quota}.")
             sb = MemorySandbox(
                 id=self._new_id(),
                 name=request.name,
@@ -352,35 +399,54 @@ class MemoryProvider:
                 created_at=self.clock(),
                 request=request,
             )
+            sb.history.append((sb.created_at, "creating", None, False))
             self.sandboxes[sb.id] = sb
             if self._create_script:
                 state, reason, recoverable = self._create_script.popleft()
-                sb.state, sb.error_reason, sb.recoverable = state, reason, recoverable
+                sb.error_reason, sb.recoverable = reason, recoverable
+                self._set(sb, state)
             else:
                 self._transition("create", sb, STATE_STARTED)
             result = sb.observe()
         _after(fault)
+        if self.create_waits and result.state in (STATE_ERROR, STATE_BUILD_FAILED):
+            raise StartFailedError(f"Sandbox failed to start: {result.error_reason or result.state}")
         return result
 
     def _lifecycle(self, op: str, sandbox_id: str, allowed: frozenset[str], final: str) -> None:
+        """Daytona's rules (daytona-server-semantics.md): a start of a started sandbox is a no-op;
+        every other call its state does not allow is refused (StateConflictError), repeats included."""
         fault = self._enter(op, sandbox_id)
         with self._lock:
             sb = self._live(sandbox_id)
             self._check_not_stuck(sb, op)
-            if sb.state == final:
-                pass  # already there: accepted, nothing to do
+            ephemeral = sb.request is not None and sb.request.auto_delete_interval == 0
+            if op == "start" and sb.state == final:
+                pass  # already started: accepted, nothing to do
+            elif sb.state == STATE_ERROR and op != "recover":
+                raise StateConflictError(f"Sandbox {sb.id} is in an errored state")
+            elif op == "archive" and ephemeral:
+                raise PermanentError(f"Sandbox {sb.id} is ephemeral and cannot be archived")
             elif sb.state in allowed:
                 if op == "recover" and not sb.recoverable:
-                    raise ConflictError(f"sandbox {sb.id} is in error and not recoverable")
-                self._transition(op, sb, final)
-                if final != STATE_ERROR:
-                    sb.error_reason, sb.recoverable = None, False
+                    raise StateConflictError(f"Sandbox {sb.id} is not recoverable")
+                if op == "stop" and ephemeral:
+                    self._bury(sb)  # Daytona deletes an ephemeral sandbox when it stops
+                else:
+                    if final != STATE_ERROR:
+                        sb.error_reason, sb.recoverable = None, False
+                    self._transition(op, sb, final)
             else:
-                raise ConflictError(f"sandbox {sb.id} is {sb.state}: cannot {op}")
+                raise StateConflictError(_REFUSAL.get(op, f"Sandbox {sb.id} is {sb.state}: cannot {op}"))
         _after(fault)
+        if self.create_waits and op in ("start", "recover"):
+            with self._lock:
+                state = sb.state
+            if state in (STATE_ERROR, STATE_BUILD_FAILED):
+                raise StartFailedError(f"Sandbox failed to start: {sb.error_reason or state}")
 
     def start(self, sandbox_id: str) -> None:
-        allowed = frozenset({STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED})
+        allowed = frozenset({STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED, "archiving"})
         self._lifecycle("start", sandbox_id, allowed, STATE_STARTED)
 
     def stop(self, sandbox_id: str) -> None:
@@ -396,10 +462,13 @@ class MemoryProvider:
         fault = self._enter("delete", sandbox_id)
         with self._lock:
             sb = self.sandboxes.get(sandbox_id) or self._by_name(sandbox_id)
+            if sb is not None and sb.pending_state == STATE_DESTROYED:
+                raise StateConflictError("Sandbox state change in progress")
             if sb is not None:
                 queue = self._stick_next.get("delete")
                 if queue:
-                    sb.state, sb.pending_state = queue.popleft(), STATE_DESTROYED
+                    self._set(sb, queue.popleft())
+                    sb.pending_state = STATE_DESTROYED
                 else:
                     self._bury(sb)
         _after(fault)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -54,6 +55,10 @@ def applier(provider: MemoryProvider, clock: FakeClock | None = None, **cfg: Any
 
 def seed(provider: MemoryProvider, lease: str, state: str = "stopped") -> str:
     return provider.add_sandbox(f"sb-{lease}", ownership_labels(INSTANCE, lease, "s"), state).id
+
+
+def replace_failures(action: Action, failures: int) -> Action:
+    return dataclasses.replace(action, failures=failures)
 
 
 def act(kind: str, lease: str, sandbox_id: str | None = None, **kw: Any) -> Action:
@@ -169,12 +174,112 @@ def test_permanent_create_failure_marks_the_spec_failed() -> None:
     assert values["create_attempt_name"] is None
 
 
-def test_transient_create_failure_keeps_the_create_attempt() -> None:
+def test_create_whose_answer_was_lost_is_found_by_name_and_adopted() -> None:
     p = MemoryProvider()
     p.fail_next("create", TransientError("timed out"), after_effect=True)
     [o] = applier(p).apply([create_action("a")])
+    [sb] = p.sandboxes.values()
+    assert o.ok and o.sandbox is not None and o.sandbox.id == sb.id
+    assert p.calls[-1] == ("get", sb.name)  # one lookup by the deterministic name
+    values = o.status_values()
+    assert values["sandbox_id"] == sb.id and values["failures"] == 0
+
+
+def test_transient_create_failure_keeps_the_create_attempt_when_the_lookup_fails_too() -> None:
+    p = MemoryProvider()
+    p.fail_next("create", TransientError("timed out"), after_effect=True)
+    p.fail_next("get", TransientError("connection reset"))
+    [o] = applier(p).apply([create_action("a")])
     assert not o.ok and "create_attempt_name" not in o.status_values()
     assert len(p.sandboxes) == 1  # it exists: the next pass looks it up by name
+
+
+def test_create_that_fails_late_records_the_errored_sandbox_and_counts_a_failure() -> None:
+    p = MemoryProvider()
+    p.script_create("error", reason="image pull failed", recoverable=False)
+    [o] = applier(p).apply([create_action("a")])
+    [sb] = p.sandboxes.values()
+    assert not o.ok and o.error_kind == "start_failed" and o.failures == 1
+    values = o.status_values()
+    assert values["sandbox_id"] == sb.id and values["create_attempt_name"] is None
+    assert values["phase"] == "Error" and "recovered or replaced" in values["message"]
+    assert len(p.sandboxes) == 1
+
+
+def test_create_name_taken_by_another_lease_is_a_failure() -> None:
+    p = MemoryProvider()
+    req = build_create_request(INSTANCE, "a", "s", {})
+    p.add_sandbox(req.name, ownership_labels(INSTANCE, "other", "s"))
+    [o] = applier(p).apply([create_action("a")])
+    assert not o.ok and o.error_kind == "conflict" and o.sandbox is None
+    assert o.status_values()["failures"] == 1
+
+
+def test_capacity_error_blocks_with_a_capped_backoff() -> None:
+    p = MemoryProvider()
+    p.quota = 0
+    a = applier(p, backoff_base_seconds=5, backoff_max_seconds=600, blocked_backoff_max_seconds=30)
+    [o] = a.apply([replace_failures(create_action("a"), 9)])
+    assert o.error_kind == "blocked" and o.failures == 10
+    assert o.next_attempt_at is not None and (o.next_attempt_at - o.finished_at).total_seconds() <= 30
+    values = o.status_values()
+    assert values["phase"] == "Blocked" and values["message"].startswith("Blocked: ")
+    assert "limit exceeded" in values["message"]
+    assert "failed_spec_hash" not in values  # never Failed: it clears by itself
+
+
+def test_refused_repeat_from_a_stale_list_is_reobserved_not_a_failure() -> None:
+    p = MemoryProvider()
+    sid = seed(p, "a", "stopped")  # the list said started; it is stopped already
+    [o] = applier(p).apply([act("stop", "a", sid, from_state="started", failures=2)])
+    assert o.ok and o.reobserved and o.sandbox is not None and o.sandbox.state == "stopped"
+    assert o.failures == 2 and "failures" not in o.status_values()
+    assert [c[0] for c in p.calls] == ["stop", "get"]
+
+
+def test_refusal_by_the_state_planned_from_is_a_failure() -> None:
+    p = MemoryProvider()
+    sid = seed(p, "a", "stopped")
+    [o] = applier(p).apply([act("stop", "a", sid, from_state="stopped")])
+    assert not o.ok and o.error_kind == "conflict" and o.failures == 1
+
+
+def test_delete_of_a_sandbox_gone_meanwhile_is_fine() -> None:
+    p = MemoryProvider()
+    sid = seed(p, "a", "started")
+    p.stick(sid, "destroying")
+    p.sandboxes[sid].pending_state = "destroyed"
+    [o] = applier(p).apply([act("delete", "a", sid, from_state="started")])
+    assert o.ok and o.reobserved and o.sandbox is not None and o.sandbox.state == "destroying"
+
+
+def test_named_429_pauses_only_its_scope() -> None:
+    clock = FakeClock()
+    p = MemoryProvider()
+    sid = seed(p, "a", "stopped")
+    a = applier(p, clock, api_rate_per_second=1000, create_rate_per_minute=60000)
+    p.fail_next("create", RateLimitedError("429", 30, "create", {"create": 30.0}))
+    [o] = a.apply([create_action("b")])
+    assert o.error_kind == "rate_limited"
+    assert a.paused_until("create") == pytest.approx(clock.t + 30)
+    assert a.paused_until("all") == float("-inf")
+    before = clock.t
+    [o] = a.apply([act("start", "a", sid)])
+    assert o.ok and clock.t - before < 1  # a lifecycle call does not wait for the create pause
+    [o] = a.apply([create_action("c")])
+    assert o.ok and clock.t - before >= 29  # the next create waited
+
+
+def test_authenticated_429_pauses_every_call() -> None:
+    clock = FakeClock()
+    p = MemoryProvider()
+    sid = seed(p, "a", "stopped")
+    a = applier(p, clock, api_rate_per_second=1000)
+    p.fail_next("start", RateLimitedError("429", 20, "all", {"all": 20.0}))
+    a.apply([act("start", "a", sid)])
+    before = clock.t
+    [o] = a.apply([act("start", "a", sid)])
+    assert o.ok and clock.t - before >= 19
 
 
 def test_retry_after_extends_the_backoff() -> None:

@@ -8,14 +8,20 @@ from daytona import DaytonaError
 from daytona_api_client.exceptions import ApiException
 
 from controller.errors import (
+    SCOPE_ALL,
+    SCOPE_CREATE,
+    SCOPE_LIFECYCLE,
+    CapacityError,
     ConflictError,
     NotFoundError,
     PermanentError,
     ProviderError,
     RateLimitedError,
+    StartFailedError,
+    StateConflictError,
     TransientError,
 )
-from controller.providers.daytona import translate
+from controller.providers.daytona import classify, rate_limit_pauses, translate
 
 
 def api_error(
@@ -65,3 +71,79 @@ def test_no_http_answer_is_transient() -> None:
 def test_sdk_errors_map_by_status() -> None:
     exc = DaytonaError("gone", status_code=404)
     assert type(translate(exc, "get")) is NotFoundError
+
+
+# -- classify: what a status + Daytona's message + the call mean (docs/architecture.md) ----------------
+
+CLASSIFY_TABLE = [
+    # status, detail, operation, expected
+    (400, "HTTP 400: Total CPU limit exceeded. Maximum allowed: 10", "create", CapacityError),
+    (400, "HTTP 400: Total disk limit exceeded. Maximum allowed: 30GiB", "start", CapacityError),
+    (400, "HTTP 400: Total memory limit exceeded", "create", CapacityError),
+    (400, "HTTP 400: Total GPU limit exceeded", "create", CapacityError),
+    (400, "HTTP 400: Total sandbox limit exceeded. Maximum allowed: 2.", "create", CapacityError),
+    (400, "HTTP 400: No available runners", "create", CapacityError),
+    (403, "HTTP 403: Total sandbox limit exceeded. Maximum allowed: 2.", "create", TransientError),
+    (400, "HTTP 400: Sandbox failed to start: image pull failed", "create", StartFailedError),
+    (400, "HTTP 400: Sandbox failed to start: boom", "start", StartFailedError),
+    (400, "HTTP 400: Sandbox failed to start: boom", "recover", StartFailedError),
+    (400, "HTTP 400: Sandbox is not in a stoppable state", "stop", StateConflictError),
+    (400, "HTTP 400: Sandbox is not stopped", "archive", StateConflictError),
+    (400, "HTTP 400: Sandbox is not in valid state", "start", StateConflictError),
+    (400, "HTTP 400: Sandbox is in an errored state", "start", StateConflictError),
+    (400, "HTTP 400: Sandbox is in an errored state", "stop", StateConflictError),
+    (409, "HTTP 409: Sandbox state change in progress", "delete", StateConflictError),
+    (409, "HTTP 409: Sandbox state change in progress", "start", StateConflictError),
+    (409, "HTTP 409: Sandbox with name x already exists", "create", ConflictError),
+    (400, "HTTP 400: Sandbox is not in a stoppable state", "create", PermanentError),
+    (400, "HTTP 400: Invalid snapshot name", "create", PermanentError),
+    (400, "HTTP 400: GPU sandboxes must be ephemeral", "create", PermanentError),
+    (422, "HTTP 422: cpu must be a number", "create", PermanentError),
+    (400, "HTTP 400: Sandbox failed to start: boom", "stop", PermanentError),
+    (404, "HTTP 404: Sandbox with ID or name x not found", "get", NotFoundError),
+    (408, "HTTP 408: Request timeout", "create", TransientError),
+    (502, "HTTP 502: bad gateway", "delete", TransientError),
+    (None, "connection refused", "list", TransientError),
+]
+
+
+@pytest.mark.parametrize(("status", "detail", "operation", "expected"), CLASSIFY_TABLE)
+def test_classify_table(status: int | None, detail: str, operation: str, expected: type) -> None:
+    error = classify(status, detail, operation)
+    assert type(error) is expected, (status, detail, operation, type(error).__name__)
+    assert str(error) == detail
+
+
+def test_capacity_is_transient_not_permanent() -> None:
+    error = translate(
+        api_error(400, body='{"message": "Total disk limit exceeded. Maximum allowed: 30"}'),
+        "create sandbox x",
+        "create",
+    )
+    assert isinstance(error, TransientError) and not isinstance(error, PermanentError)
+
+
+@pytest.mark.parametrize(
+    ("headers", "scope", "retry_after"),
+    [
+        ({"Retry-After-sandbox-create": "12"}, SCOPE_CREATE, 12.0),
+        ({"retry-after-sandbox-lifecycle": "3"}, SCOPE_LIFECYCLE, 3.0),
+        ({"Retry-After-authenticated": "5"}, SCOPE_ALL, 5.0),
+        ({"Retry-After": "4"}, SCOPE_ALL, 4.0),
+        ({"Retry-After-sandbox-create": "2", "Retry-After-authenticated": "9"}, SCOPE_ALL, 9.0),
+        ({"Retry-After-sandbox-create": "20", "Retry-After-authenticated": "9"}, SCOPE_CREATE, 20.0),
+        ({"Retry-After-some-new-throttler": "6"}, SCOPE_ALL, 6.0),
+        ({"X-RateLimit-Reset-sandbox-create": "60"}, SCOPE_ALL, None),
+    ],
+)
+def test_named_throttler_headers(headers: dict[str, str], scope: str, retry_after: float | None) -> None:
+    error = translate(api_error(429, headers), "create sandbox x", "create")
+    assert isinstance(error, RateLimitedError)
+    assert error.scope == scope and error.retry_after == retry_after
+
+
+def test_every_named_scope_is_kept() -> None:
+    headers = {"Retry-After-sandbox-create": "20", "Retry-After-authenticated": "9"}
+    assert rate_limit_pauses(headers) == {SCOPE_CREATE: 20.0, SCOPE_ALL: 9.0}
+    error = translate(api_error(429, headers), "create", "create")
+    assert isinstance(error, RateLimitedError) and error.pauses == {SCOPE_CREATE: 20.0, SCOPE_ALL: 9.0}

@@ -7,7 +7,16 @@ from collections.abc import Mapping
 
 import pytest
 
-from controller.errors import ConflictError, NotFoundError, PermanentError, RateLimitedError, TransientError
+from controller.errors import (
+    CapacityError,
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    RateLimitedError,
+    StartFailedError,
+    StateConflictError,
+    TransientError,
+)
 from controller.providers.base import CreateRequest, ExecResult, SandboxProvider
 from controller.providers.memory import MemoryProvider
 
@@ -32,8 +41,10 @@ def test_lifecycle_and_call_log() -> None:
     assert p.sandboxes[sb.id].state == "archived"
     p.start(sb.id)
     assert p.sandboxes[sb.id].state == "started"
+    p.start(sb.id)  # already started: a no-op, as on Daytona
     p.stop(sb.id)
-    p.stop(sb.id)  # already there: accepted
+    with pytest.raises(StateConflictError, match="not in a stoppable state"):
+        p.stop(sb.id)  # a repeat is refused, as on Daytona
     with pytest.raises(ConflictError):
         p.recover(sb.id)
     p.delete(sb.id)
@@ -43,6 +54,7 @@ def test_lifecycle_and_call_log() -> None:
         ("create", "t-web"),
         ("stop", sb.id),
         ("archive", sb.id),
+        ("start", sb.id),
         ("start", sb.id),
         ("stop", sb.id),
         ("stop", sb.id),
@@ -82,7 +94,7 @@ def test_list_lag_hides_new_and_shows_deleted() -> None:
     assert [s.id for s in p.list_sandboxes({})] == [sb.id]
     p.stop(sb.id)
     p.delete(sb.id)
-    assert [s.state for s in p.list_sandboxes({})] == ["stopped"]  # stale
+    assert [s.state for s in p.list_sandboxes({})] == ["started"]  # stale: as it was 5 s ago
     p.advance(5)
     assert p.list_sandboxes({}) == []
 
@@ -139,6 +151,7 @@ def test_scripted_create_states() -> None:
     p = MemoryProvider()
     p.script_create("build_failed", reason="bad image")
     p.script_create("error", reason="no runner", recoverable=True)
+    p.create_waits = False  # answer with the sandbox as created, not the server's late 400
     a, b, c = p.create(req("a")), p.create(req("b")), p.create(req("c"))
     assert (a.state, a.error_reason) == ("build_failed", "bad image")
     assert (b.state, b.recoverable) == ("error", True)
@@ -247,3 +260,31 @@ def test_on_call_runs_outside_the_lock() -> None:
     p.on_call = on_call
     p.create(req())
     assert inside == ["0"]
+
+
+def test_follows_the_server_on_quota_late_failures_ephemeral_and_lagging_states() -> None:
+    p = MemoryProvider(list_lag=5)
+    p.quota = 1
+    first = p.create(req())
+    with pytest.raises(CapacityError, match="limit exceeded"):
+        p.create(CreateRequest(name="t-other", labels={"leasectl-lease": "other"}))
+    p.quota = None
+    p.script_create("error", reason="image pull failed")
+    with pytest.raises(StartFailedError, match="failed to start"):
+        p.create(CreateRequest(name="t-late", labels={"leasectl-lease": "late"}))
+    assert p.get("t-late") is not None  # the errored sandbox stays
+    with pytest.raises(StateConflictError, match="errored state"):
+        p.start("t-late")
+    ephemeral = p.create(CreateRequest(name="t-eph", labels={}, auto_delete_interval=0))
+    with pytest.raises(PermanentError):
+        p.archive(ephemeral.id)
+    p.stop(ephemeral.id)
+    assert p.get(ephemeral.id) is None  # stop deleted it
+    p.advance(10)
+    p.stop(first.id)
+    listed = {sb.id: sb.state for sb in p.list_sandboxes({})}
+    assert listed[first.id] == "started"  # the list still shows the state of 5 s ago
+    get = p.get(first.id)
+    assert get is not None and get.state == "stopped"
+    p.advance(6)
+    assert {sb.id: sb.state for sb in p.list_sandboxes({})}[first.id] == "stopped"

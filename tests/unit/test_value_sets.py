@@ -37,5 +37,7 @@ def test_every_planner_phase_is_allowed_by_the_database() -> None:
         "ERROR",
         "FAILED",
         "PAUSED",
+        "BLOCKED",
+        "IDLE",
     )
     assert {getattr(planner, n) for n in named} == planner_phases == set(PHASES)
