@@ -49,6 +49,7 @@ class ControllerSettings(_Section):
     max_concurrent_actions: int = Field(default=8, ge=1, le=256)
     backoff_base_seconds: float = Field(default=5.0, gt=0)
     backoff_max_seconds: float = Field(default=600.0, gt=0)
+    blocked_backoff_max_seconds: float = Field(default=60.0, gt=0)
     api_rate_per_second: float = Field(default=20.0, gt=0)
     create_rate_per_minute: float = Field(default=300.0, gt=0)
     action_timeout_seconds: float = Field(default=120.0, gt=0)

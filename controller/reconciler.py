@@ -308,6 +308,7 @@ def build_reconciler(
             max_concurrent_actions=c.max_concurrent_actions,
             backoff_base_seconds=c.backoff_base_seconds,
             backoff_max_seconds=c.backoff_max_seconds,
+            blocked_backoff_max_seconds=c.blocked_backoff_max_seconds,
             api_rate_per_second=c.api_rate_per_second,
             create_rate_per_minute=c.create_rate_per_minute,
             action_timeout_seconds=c.action_timeout_seconds,

@@ -44,6 +44,14 @@ SPEC_COLUMNS = (
 )
 
 
+class FieldRuleError(ValueError):
+    """A rule across fields, reported against ``field`` (``parse_leases`` names it in the message)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -114,6 +122,24 @@ class LeaseSpec(BaseModel):
             raise ValueError("give either snapshot or image, not both")
         if self.resources is not None and self.image is None:
             raise ValueError("resources can only be set together with image")
+        return self
+
+    @model_validator(mode="after")
+    def _ephemeral_rules(self) -> LeaseSpec:
+        """Daytona's rules for ``auto_delete_interval: 0`` (ephemeral): stopping deletes the sandbox,
+        archiving is refused, and a GPU sandbox must be ephemeral."""
+        if self.auto_delete_interval == 0 and self.state in ("stopped", "archived"):
+            raise FieldRuleError(
+                "auto_delete_interval",
+                f"0 makes the sandbox ephemeral: Daytona deletes it when it stops and cannot archive it, "
+                f"so it cannot be kept {self.state}; use state running or absent, or another "
+                "auto_delete_interval (-1 = never)",
+            )
+        if self.resources is not None and self.resources.gpu and self.auto_delete_interval != 0:
+            raise FieldRuleError(
+                "auto_delete_interval",
+                "a GPU sandbox must be ephemeral on Daytona: set auto_delete_interval: 0",
+            )
         return self
 
     # -- row form -------------------------------------------------------------------------------
@@ -209,7 +235,11 @@ def parse_leases(data: Any, source: str) -> list[LeaseSpec]:
             specs.append(LeaseSpec.model_validate(dict(item)))
         except ValidationError as exc:
             for err in exc.errors():
-                problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
+                rule = (err.get("ctx") or {}).get("error")
+                if isinstance(rule, FieldRuleError):
+                    problems.append(f"{source}: {label}: {rule.field}: {rule}")
+                else:
+                    problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
     if problems:
         raise SpecError("\n".join(problems))
     return specs

@@ -472,3 +472,90 @@ def test_create_never_clears_the_create_attempt_it_is_about_to_record() -> None:
 def test_actions_carry_the_instance() -> None:
     _, _, result = one(lease(), [sandbox("stopped")])
     assert result.actions[0].instance == INSTANCE
+
+
+# -- auto-stop (Idle), ephemeral, Blocked ------------------------------------------------------------
+
+
+def lease_with(desired: str = "running", **spec: Any) -> LeaseView:
+    return LeaseView(
+        name="web",
+        desired_state=desired,
+        spec_hash=SPEC,
+        create=build_create_request(INSTANCE, "web", SPEC, {"snapshot": "base", **spec}),
+    )
+
+
+def test_auto_stop_is_off_unless_the_lease_asks_for_it() -> None:
+    assert build_create_request(INSTANCE, "web", SPEC, {}).auto_stop_interval == 0
+    assert build_create_request(INSTANCE, "web", SPEC, {"auto_stop_interval": None}).auto_stop_interval == 0
+    assert build_create_request(INSTANCE, "web", SPEC, {"auto_stop_interval": 30}).auto_stop_interval == 30
+
+
+IDLE_TABLE = [
+    # auto_stop, observed state, previous phase, same sandbox id -> action, phase
+    (30, "stopped", "Ready", True, None, "Idle"),
+    (30, "archived", "Idle", True, None, "Idle"),
+    (30, "stopped", "Idle", True, None, "Idle"),
+    (30, "stopped", "Stopped", True, "start", "Provisioning"),  # stopped because we were asked
+    (30, "archived", "Archived", True, "start", "Provisioning"),
+    (30, "stopped", "Ready", False, "start", "Provisioning"),  # not the sandbox that was Ready
+    (30, "paused", "Ready", True, "start", "Provisioning"),
+    (None, "stopped", "Ready", True, "start", "Provisioning"),  # no auto-stop asked: drift
+    (0, "stopped", "Ready", True, "start", "Provisioning"),
+    (30, "started", "Idle", True, None, "Ready"),  # started on demand: Ready again
+]
+
+
+@pytest.mark.parametrize(("auto_stop", "state", "phase", "same", "action", "new_phase"), IDLE_TABLE)
+def test_idle_table(
+    auto_stop: int | None, state: str, phase: str, same: bool, action: str | None, new_phase: str
+) -> None:
+    the_lease = lease_with(auto_stop_interval=auto_stop)
+    status = StatusView(
+        sandbox_id="sb-1" if same else "sb-0",
+        phase=phase,
+        spec_hash=SPEC,
+        workspace_path="/home/daytona/workspace",
+    )
+    kind, got, result = one(the_lease, [sandbox(state)], status)
+    assert (kind, got) == (action, new_phase)
+    if got == "Idle":
+        message = result.decisions["web"].message
+        assert "30 idle minute(s)" in message and "on demand" in message
+        assert result.decisions["web"].reset_failures
+
+
+@pytest.mark.parametrize("desired", ["stopped", "archived"])
+@pytest.mark.parametrize("state", ["started", "paused"])
+def test_an_ephemeral_sandbox_is_never_stopped_or_archived(desired: str, state: str) -> None:
+    kind, phase, result = one(lease_with(desired, auto_delete_interval=0), [sandbox(state)])
+    assert kind is None and phase == "Failed"
+    assert "ephemeral" in result.decisions["web"].message
+
+
+def test_an_ephemeral_lease_is_deleted_and_run_as_usual() -> None:
+    assert one(lease_with("absent", auto_delete_interval=0), [sandbox("started")])[0] == "delete"
+    status = StatusView(sandbox_id="sb-1", phase="Provisioning")
+    assert one(lease_with("running", auto_delete_interval=0), [sandbox("stopped")], status)[0] == "start"
+
+
+def test_a_blocked_lease_stays_blocked_while_backing_off() -> None:
+    status = StatusView(
+        phase="Blocked",
+        failures=3,
+        last_error="create: Total disk limit exceeded. Maximum allowed: 30",
+        next_attempt_at=NOW + timedelta(seconds=30),
+    )
+    kind, phase, result = one(lease_with(), [], status)
+    assert (kind, phase) == (None, "Blocked")
+    message = result.decisions["web"].message
+    assert message.startswith("Blocked: create: Total disk limit exceeded") and "then: create" in message
+    kind, phase, _ = one(lease_with(), [], status, now=NOW + timedelta(seconds=31))
+    assert (kind, phase) == ("create", "Provisioning")
+
+
+def test_actions_carry_the_state_they_were_planned_from() -> None:
+    status = StatusView(sandbox_id="sb-1", phase="Ready", workspace_path="/w")
+    _, _, result = one(lease_with("stopped"), [sandbox("started")], status)
+    assert result.actions[0].from_state == "started"

@@ -90,7 +90,7 @@ def test_row_and_yaml_round_trip(tmp_path: Path) -> None:
                 "image": "python:3.12-slim",
                 "target": "us",
                 "language": "typescript",
-                "resources": {"cpu": 2, "memory": 4, "disk": 10, "gpu": 1},
+                "resources": {"cpu": 2, "memory": 4, "disk": 10},
                 "env": {"A": "1", "B": "two words"},
                 "labels": {"team": "a"},
                 "auto_stop_interval": 0,
@@ -122,3 +122,36 @@ def test_spec_hash_tracks_spec_columns_only() -> None:
     assert spec_hash({**base, "env": {"B": "2", "A": "1"}}) == spec_hash(
         {**base, "env": {"A": "1", "B": "2"}}
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"state": "stopped", "auto_delete_interval": 0}, "cannot be kept stopped"),
+        ({"state": "archived", "auto_delete_interval": 0}, "cannot be kept archived"),
+        ({"image": "python:3.12", "resources": {"gpu": 1}}, "GPU sandbox must be ephemeral"),
+        (
+            {"image": "python:3.12", "resources": {"gpu": 1}, "auto_delete_interval": -1},
+            "GPU sandbox must be ephemeral",
+        ),
+    ],
+)
+def test_ephemeral_rules_name_the_field(fields: dict[str, object], needle: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_leases({"leases": [{"name": "eph", **fields}]}, "f.yaml")
+    assert str(info.value).startswith("f.yaml: lease 'eph': auto_delete_interval: ")
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"state": "running", "auto_delete_interval": 0},
+        {"state": "absent", "auto_delete_interval": 0},
+        {"state": "stopped", "auto_delete_interval": 60},
+        {"image": "python:3.12", "resources": {"gpu": 1}, "auto_delete_interval": 0},
+    ],
+)
+def test_ephemeral_leases_that_daytona_accepts(fields: dict[str, object]) -> None:
+    [spec] = parse_leases({"leases": [{"name": "eph", **fields}]}, "f.yaml")
+    assert spec.name == "eph"
