@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint typecheck unit integration bench bench-quick clean
+.PHONY: venv run test test-live lint typecheck unit integration bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ typecheck: venv
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Against a real Daytona organization: needs DAYTONA_API_KEY and DAYTONA_API_URL (skips otherwise).
+# Every sandbox the run creates carries its own instance label and is deleted at the end.
+test-live: venv
+	$(BIN)/pytest tests/live -v -rs
 
 unit: venv
 	$(BIN)/pytest tests/unit
