@@ -68,6 +68,7 @@ class ExecSettings(_Section):
     default_timeout_seconds: int = Field(default=600, ge=1)
     max_concurrent: int = Field(default=4, ge=1, le=256)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
+    idle_start_timeout_seconds: float = Field(default=120.0, gt=0)
 
 
 class ServerSettings(_Section):

@@ -13,6 +13,10 @@ Callers:
   :class:`Dispatcher`, which claims ``queued`` rows atomically (PostgreSQL ``FOR UPDATE SKIP LOCKED``,
   SQLite one ``BEGIN IMMEDIATE`` transaction) and runs them with bounded concurrency.
 
+Idle leases (auto-stopped by Daytona on a lease with ``auto_stop_interval``, phase ``Idle``) are
+runnable: :func:`wake` starts the sandbox on demand and waits until it is started, then the command
+runs as on a Ready lease; the next reconcile pass shows the lease Ready again.
+
 Row states: ``queued -> running -> succeeded | failed | timed_out | error``; ``queued -> error`` when
 the lease is missing, not desired running, expired, or not Ready within ``exec.queue_wait_seconds``
 of the row's ``created_at``; ``queued -> cancelled`` by an operator (the claim only takes ``queued``
@@ -55,7 +59,7 @@ from sqlalchemy.orm import Session
 from controller import logs
 from controller.config import ExecSettings
 from controller.db import Database
-from controller.errors import LeasectlError, ProviderError
+from controller.errors import LeasectlError, ProviderError, StateConflictError
 from controller.execution_script import ScriptInputError, build_script, validate_env, wrap_for_exec
 from controller.providers.base import SandboxProvider
 from models import Event, Execution, Lease, LeaseStatus, utcnow
@@ -217,13 +221,17 @@ def run_command(
 # -- rows ----------------------------------------------------------------------------------------
 
 
+RUNNABLE_PHASES = ("Ready", "Idle")
+
+
 @dataclass(frozen=True)
 class Target:
-    """A Ready lease: where its commands run."""
+    """A Ready (or Idle) lease: where its commands run."""
 
     lease_name: str
     sandbox_id: str
     workspace: str | None
+    idle: bool = False
 
 
 def check_runnable(session: Session, lease_name: str, now: datetime | None = None) -> None:
@@ -239,10 +247,53 @@ def ready_target(session: Session, lease_name: str, now: datetime | None = None)
     """The sandbox of a Ready lease, or LeaseNotReadyError saying why not."""
     check_runnable(session, lease_name, now)
     status = session.get(LeaseStatus, lease_name)
-    if status is None or status.phase != "Ready" or not status.sandbox_id:
+    if status is None or status.phase not in RUNNABLE_PHASES or not status.sandbox_id:
         phase = status.phase if status is not None else "Pending"
         raise LeaseNotReadyError(f"lease {lease_name!r} is not Ready (phase {phase})")
-    return Target(lease_name, status.sandbox_id, status.workspace_path)
+    return Target(lease_name, status.sandbox_id, status.workspace_path, idle=status.phase == "Idle")
+
+
+def wake(
+    provider: SandboxProvider,
+    sandbox_id: str,
+    *,
+    timeout_seconds: float,
+    poll_seconds: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    """Start the sandbox of an Idle lease and wait until it is ``started``.
+
+    A start refused because the sandbox is already starting or started is fine; LeaseNotReadyError
+    when it is gone, falls into error, or is not started within ``timeout_seconds``.
+    """
+    deadline = monotonic() + timeout_seconds
+    try:
+        provider.start(sandbox_id)
+    except StateConflictError:
+        pass  # already starting (or started meanwhile): wait below
+    except ProviderError as exc:
+        raise LeaseNotReadyError(f"could not start idle sandbox {sandbox_id}: {exc}") from exc
+    log.info("sandbox %s: started on demand (the lease was Idle)", sandbox_id)
+    while True:
+        error: ProviderError | None = None
+        try:
+            observed = provider.get(sandbox_id)
+        except ProviderError as exc:
+            observed, error = None, exc
+        else:
+            if observed is None:
+                raise LeaseNotReadyError(f"idle sandbox {sandbox_id} is gone")
+            if observed.state == "started":
+                return
+            if observed.state in ("error", "build_failed", "destroying", "destroyed"):
+                raise LeaseNotReadyError(f"idle sandbox {sandbox_id} is {observed.state}; not started")
+        if monotonic() >= deadline:
+            state = observed.state if observed is not None else f"unknown ({error})"
+            raise LeaseNotReadyError(
+                f"idle sandbox {sandbox_id} not started within {timeout_seconds:g} s (state {state})"
+            )
+        sleep(poll_seconds)
 
 
 def _not_runnable(lease_name: str, lease: Lease | None, now: datetime) -> str | None:
@@ -369,6 +420,9 @@ def execute_now(
     now = clock()
     with db.session() as session:
         target = ready_target(session, lease_name, now)
+    if target.idle:
+        wake(provider, target.sandbox_id, timeout_seconds=settings.idle_start_timeout_seconds)
+    with db.session() as session:
         row = Execution(
             lease_name=lease_name,
             command=command,
@@ -527,6 +581,7 @@ class Job:
     env: Mapping[str, str] = field(repr=False)
     stdin: bytes | None = field(repr=False)
     timeout_seconds: int
+    idle: bool = False  # the lease was Idle when claimed: start its sandbox first
 
 
 def _pid_alive(pid: int) -> bool:
@@ -742,7 +797,7 @@ class Dispatcher:
             .where(Execution.state == "queued")
             .where(
                 sa.or_(
-                    LeaseStatus.phase == "Ready",
+                    LeaseStatus.phase.in_(RUNNABLE_PHASES),
                     Lease.id.is_(None),
                     Lease.desired_state != "running",
                     Lease.expires_at <= now,
@@ -804,7 +859,7 @@ class Dispatcher:
             variables = check_env(env)
         except InvalidCommandError as exc:
             return None, f"invalid env: {exc}"
-        if status is not None and status.phase == "Ready" and status.sandbox_id:
+        if status is not None and status.phase in RUNNABLE_PHASES and status.sandbox_id:
             stdin: Any = row.stdin
             if isinstance(stdin, str):  # written as text with SQL on SQLite
                 stdin = stdin.encode("utf-8")
@@ -819,6 +874,7 @@ class Dispatcher:
                     env=variables,
                     stdin=bytes(stdin) if stdin is not None else None,
                     timeout_seconds=row.timeout_seconds or self.settings.default_timeout_seconds,
+                    idle=status.phase == "Idle",
                 ),
                 None,
             )
@@ -836,6 +892,12 @@ class Dispatcher:
         with logs.bound(lease=job.lease_name):
             log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
             try:
+                if job.idle:
+                    wake(
+                        self.provider,
+                        job.sandbox_id,
+                        timeout_seconds=self.settings.idle_start_timeout_seconds,
+                    )
                 outcome = run_command(
                     self.provider,
                     job.sandbox_id,
@@ -847,7 +909,7 @@ class Dispatcher:
                     timeout_seconds=job.timeout_seconds,
                     max_output_bytes=self.settings.max_output_bytes,
                 )
-            except InvalidCommandError as exc:
+            except (InvalidCommandError, LeaseNotReadyError) as exc:
                 outcome = CommandOutcome(state="error", error=str(exc))
             except Exception as exc:
                 log.exception("execution %d: unexpected failure", job.id)
