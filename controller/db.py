@@ -137,7 +137,10 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(db: Database, revision: str = "head") -> None:
-    """Migrate the schema to ``revision`` (idempotent)."""
+    """Migrate the schema to ``revision`` (idempotent); refuses a schema newer than it knows."""
+    state = schema_state(db)
+    if state.newer:
+        raise SchemaError(state.problem() or "")
     with db.engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
