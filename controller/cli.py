@@ -38,6 +38,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+config_app = typer.Typer(help="Settings file commands.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 # Tables are never squeezed to the terminal's width (rich would cut the NAME column first): one
 # row per line, as kubectl prints them, which also keeps them greppable when piped.
@@ -169,6 +171,15 @@ def db_current(ctx: typer.Context) -> None:
     with handled():
         database = cli.database()
         out.print(f"current: {dbmod.current_revision(database)}  head: {dbmod.head_revision()}")
+
+
+@config_app.command("example")
+def config_example() -> None:
+    """Print config.example.yaml: every setting, commented, with its default."""
+    from controller.resources import example_config
+
+    with handled():
+        sys.stdout.write(example_config())
 
 
 # -- leases --------------------------------------------------------------------------------------
@@ -404,8 +415,7 @@ def run(ctx: typer.Context) -> None:
     with handled():
         settings = cli.settings
         database = cli.database()
-        if not dbmod.schema_is_current(database):
-            fail("the database schema is not current: run `leasectl db upgrade`", EXIT_INVALID)
+        dbmod.check_schema(database)
         metrics = Metrics()
         provider = build_provider(settings, on_request=metrics.record_request)
         code = Daemon(settings, database, provider, metrics=metrics).run()
@@ -652,8 +662,7 @@ def exec_worker(
     with handled():
         settings = cli.settings
         database = cli.database()
-        if not dbmod.schema_is_current(database):
-            fail("the database schema is not current: run `leasectl db upgrade`", EXIT_INVALID)
+        dbmod.check_schema(database)
         dispatcher = Dispatcher(database, build_provider(settings), settings.exec)
         if once:
             try:
@@ -715,11 +724,9 @@ def doctor(
         database = cli.database()
         current, head = dbmod.current_revision(database), dbmod.head_revision()
         report(True, "database", database.url)
-        report(
-            current == head,
-            "schema",
-            f"at {current}, newest {head}" + ("" if current == head else " (run `leasectl db upgrade`)"),
-        )
+        problem = dbmod.schema_state(database).problem()
+        detail = f"at {current}, newest {head}"
+        report(problem is None, "schema", f"{detail}: {problem}" if problem else detail)
     except sa.exc.SQLAlchemyError as exc:
         report(False, "database", str(exc.orig if hasattr(exc, "orig") else exc).splitlines()[0])
 

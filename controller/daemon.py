@@ -15,6 +15,11 @@ released, the process exits 0. On PostgreSQL a LISTEN on channel ``leasectl_leas
 reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``leases``); it is a
 bonus, the interval is the guarantee.
 
+The daemon refuses to start on a schema older or newer than it knows (``SchemaError`` names
+``leasectl db upgrade`` or "upgrade leasectl"); when the schema changes under a running replica
+(another version migrated it), housekeeping notices within 15 s, releases leadership and every job
+but housekeeping stops until the schema is one this replica knows again.
+
 ``/healthz`` answers while the process runs; ``/readyz`` is 200 only when the database is
 reachable, the schema is current and (when leader) the last pass succeeded, within three intervals;
 ``/metrics`` is Prometheus text.
@@ -55,6 +60,7 @@ class Health:
 
     db_ok: bool = False
     schema_ok: bool = False
+    schema_problem: str | None = None
     db_error: str | None = None
     last_pass_ok_at: datetime | None = None
     last_pass_error: str | None = None
@@ -100,7 +106,7 @@ class Daemon:
     def _guard(self, name: str, fn: Callable[[], None]) -> Callable[[], None]:
         def job() -> None:
             with self._jobs_idle:
-                if self._stopping.is_set():
+                if self._stopping.is_set() or (not self.health.schema_ok and name != "housekeeping"):
                     return
                 self._active_jobs += 1
             try:
@@ -148,10 +154,21 @@ class Daemon:
             self.health.db_ok, self.health.db_error = True, None
             for state in EXECUTION_STATES:
                 self.metrics.executions.labels(state=state).set(counts.get(state, 0))
-            self.health.schema_ok = dbmod.schema_is_current(self.db)
+            self._check_schema()
         except sa.exc.SQLAlchemyError as exc:
             self.health.db_ok, self.health.db_error = False, str(exc).splitlines()[0]
             log.warning("database unreachable: %s", self.health.db_error)
+
+    def _check_schema(self) -> None:
+        """A replica whose schema moved under it (a rolling upgrade) stops acting and steps down."""
+        problem = dbmod.schema_state(self.db).problem()
+        if problem is not None and problem != self.health.schema_problem:
+            log.error("%s; this replica stops reconciling, collecting and executing", problem)
+            self.elector.release()
+            self.metrics.leader.set(0)
+        elif problem is None and self.health.schema_problem is not None:
+            log.info("database schema is current again; acting again")
+        self.health.schema_ok, self.health.schema_problem = problem is None, problem
 
     # -- readiness -------------------------------------------------------------------------------
 
@@ -171,6 +188,7 @@ class Daemon:
             "ready": ready,
             "database": "ok" if self.health.db_ok else (self.health.db_error or "unknown"),
             "schema_current": self.health.schema_ok,
+            "schema_problem": self.health.schema_problem,
             "leader": leader,
             "last_pass_ok_at": self.health.last_pass_ok_at.isoformat()
             if self.health.last_pass_ok_at
@@ -250,6 +268,7 @@ class Daemon:
 
     def run(self) -> int:
         c = self.settings.controller
+        dbmod.check_schema(self.db)  # SchemaError names the command to run
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._start_http()

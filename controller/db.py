@@ -11,11 +11,11 @@ run concurrently with a writer. On PostgreSQL both are plain transactions.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,9 +26,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from controller import resources
+from controller.errors import SchemaError
+
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -85,12 +87,20 @@ def _install_sqlite_hooks(engine: Engine) -> None:
 
 @dataclass
 class Database:
-    """An engine plus a session factory. Cheap to pass around; one per process."""
+    """An engine plus a session factory. Cheap to pass around; one per process.
+
+    The first writable session checks that the schema is at the revision this code knows
+    (:func:`check_schema`) and raises :class:`SchemaError` otherwise, so no command of an older or
+    newer leasectl writes into a schema it was not built for. ``db upgrade`` migrates through the
+    engine and is not subject to it; ``check_schema=False`` turns it off (migration tests).
+    """
 
     engine: Engine
+    check_schema: bool = True
 
     def __post_init__(self) -> None:
         self._writer = self.engine.execution_options(sqlite_immediate=True)
+        self._schema_checked = not self.check_schema
 
     @property
     def url(self) -> str:
@@ -103,6 +113,9 @@ class Database:
     @contextmanager
     def session(self, *, readonly: bool = False) -> Iterator[Session]:
         """A transaction: committed on success, rolled back on any exception."""
+        if not readonly and not self._schema_checked:
+            check_schema(self)
+            self._schema_checked = True
         bind = self.engine if readonly else self._writer
         with Session(bind, expire_on_commit=False) as session, session.begin():
             yield session
@@ -111,20 +124,23 @@ class Database:
         self.engine.dispose()
 
 
-def connect(url: str) -> Database:
-    return Database(create_db_engine(url))
+def connect(url: str, *, check_schema: bool = True) -> Database:
+    return Database(create_db_engine(url), check_schema=check_schema)
 
 
 def alembic_config(url: str | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(resources.migrations_dir()))
     if url is not None:
         cfg.attributes["database_url"] = url
     return cfg
 
 
 def upgrade(db: Database, revision: str = "head") -> None:
-    """Migrate the schema to ``revision`` (idempotent)."""
+    """Migrate the schema to ``revision`` (idempotent); refuses a schema newer than it knows."""
+    state = schema_state(db)
+    if state.newer:
+        raise SchemaError(state.problem() or "")
     with db.engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
@@ -138,8 +154,19 @@ def downgrade(db: Database, revision: str = "base") -> None:
         command.downgrade(cfg, revision)
 
 
+@functools.cache
+def _script() -> ScriptDirectory:
+    """The migrations this leasectl ships (read once per process)."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _script().get_current_head()
+
+
+def known_revisions() -> list[str]:
+    """Every revision this leasectl's migrations hold, oldest first."""
+    return [rev.revision for rev in reversed(list(_script().walk_revisions()))]
 
 
 def current_revision(db: Database) -> str | None:
@@ -149,3 +176,52 @@ def current_revision(db: Database) -> str | None:
 
 def schema_is_current(db: Database) -> bool:
     return current_revision(db) == head_revision()
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """The database's schema revision against the ones this leasectl knows."""
+
+    current: str | None
+    head: str | None
+    known: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.current == self.head
+
+    @property
+    def newer(self) -> bool:
+        """The database was migrated by a newer leasectl (a revision this one does not have)."""
+        return self.current is not None and not self.known
+
+    def problem(self) -> str | None:
+        """What is wrong and the command that fixes it; None when the schema is current."""
+        if self.ok:
+            return None
+        if self.current is None:
+            return "the database has no leasectl schema yet: run `leasectl db upgrade`"
+        if self.newer:
+            from controller import __version__
+
+            return (
+                f"the database schema (revision {self.current}) is newer than leasectl {__version__} "
+                f"knows (newest: {self.head}): upgrade leasectl"
+            )
+        return (
+            f"the database schema (revision {self.current}) is older than this leasectl's "
+            f"({self.head}): run `leasectl db upgrade`"
+        )
+
+
+def schema_state(db: Database) -> SchemaState:
+    current = current_revision(db)
+    known = known_revisions()
+    return SchemaState(current=current, head=head_revision(), known=current in known)
+
+
+def check_schema(db: Database) -> None:
+    """Raise :class:`SchemaError` (naming the command to run) unless the schema is at head."""
+    problem = schema_state(db).problem()
+    if problem is not None:
+        raise SchemaError(problem)

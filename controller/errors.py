@@ -7,6 +7,8 @@
     ├── SpecError                   invalid lease YAML (names the file, the lease and the field)
     │   └── ScriptInputError        (execution_script) an argument or env value that cannot be run
     ├── NotLeaderError              a write attempted by a replica that no longer holds leadership
+    ├── SchemaError                 (db) the schema is older or newer than this leasectl knows
+    ├── MissingResourceError        (resources) a file a wheel must carry is missing
     ├── ExecutionError              (execution) a command that cannot run
     │   ├── InvalidCommandError     bad command, cwd, env or stdin
     │   └── LeaseNotReadyError      unknown lease, or not Ready
@@ -45,6 +47,14 @@ class SpecError(LeasectlError):
 
 class NotLeaderError(LeasectlError):
     """This replica does not (or no longer) hold the leader lease."""
+
+
+class SchemaError(LeasectlError):
+    """The database schema is not the revision this leasectl was built for; says what to run."""
+
+
+class MissingResourceError(LeasectlError):
+    """A file leasectl ships (migrations, config.example.yaml) is not where it should be."""
 
 
 class ProviderError(LeasectlError):
