@@ -7,8 +7,8 @@ One module per command group over one shared output helper:
 * :mod:`~controller.cli.db`, :mod:`~controller.cli.leases`, :mod:`~controller.cli.control`,
   :mod:`~controller.cli.executions`, :mod:`~controller.cli.gc` - the commands.
 
-Exit codes: 0 success; 1 runtime failure; 2 invalid input (bad config, lease file, arguments, or a
-lease that cannot take the request). Commands that report differences (``plan``) document their own.
+Exit codes: every command exits with a code of :mod:`controller.exitcodes` (the README's table);
+``exec`` also passes the remote command's own status through.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controller.cli.base import app
+from controller.cli.output import run_guarded
 
 # Importing a command module registers its commands on the app; `--help` lists them in this order.
 from controller.cli import db, leases, control, executions, gc  # noqa: F401  # isort: skip
@@ -24,7 +25,8 @@ __all__ = ["app", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    app(args=list(argv) if argv is not None else None, prog_name="leasectl")
+    """The console script: the app, with unexpected errors turned into one line (see output.py)."""
+    run_guarded(lambda: app(args=list(argv) if argv is not None else None, prog_name="leasectl"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 import typer
@@ -12,9 +14,18 @@ import yaml
 from rich.table import Table
 
 from controller import db as dbmod
+from controller import exitcodes
 from controller.cli.base import CliContext, app, context_of
-from controller.cli.output import EXIT_INVALID, OutputFormat, fail, handled, out
-from controller.errors import ConfigError, LeasectlError, SpecError
+from controller.cli.output import (
+    EXIT_INVALID,
+    OutputFormat,
+    UnusableDatabaseError,
+    fail,
+    first_line,
+    handled,
+    out,
+)
+from controller.errors import ConfigError, LeasectlError
 
 
 def _reconciler(cli: CliContext, *, elector: Any = None) -> Any:
@@ -28,13 +39,19 @@ def _reconciler(cli: CliContext, *, elector: Any = None) -> Any:
 @app.command()
 def reconcile(
     ctx: typer.Context,
-    once: Annotated[bool, typer.Option("--once", help="Run exactly one pass (required for now).")] = True,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--once/--loop",
+            help="One pass, then exit (the default). For a loop run the daemon: `leasectl run`.",
+        ),
+    ] = True,
     output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
 ) -> None:
     """Run one reconcile pass now and print a summary; exit 1 if a lease ended in error.
 
     Takes the leader lease for the pass, so it never acts beside a running daemon of the same
-    instance.
+    instance: while a daemon leads it, exit 3 and change nothing (`leasectl plan` still works).
     """
     from controller.leader import LeaderElector
     from controller.reconciler import summarize
@@ -62,24 +79,27 @@ def reconcile(
     else:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     if result.errors or any(d.phase in ("Error", "Failed") for d in result.plan.decisions.values()):
-        raise typer.Exit(1)
+        raise typer.Exit(exitcodes.FAILURE)
 
 
 @app.command()
 def plan(
     ctx: typer.Context,
     detailed_exitcode: Annotated[
-        bool, typer.Option("--detailed-exitcode", help="Exit 0: no changes, 2: changes, 1: error.")
+        bool,
+        typer.Option("--detailed-exitcode", help="Exit 0: no changes, 2: changes, 1: any error."),
     ] = False,
 ) -> None:
-    """Show the actions a pass would take, taking none."""
+    """Show the actions a pass would take, taking none (works beside a running daemon)."""
     cli = context_of(ctx)
     try:
-        the_plan, _, _ = _reconciler(cli).plan_pass()
-    except (SpecError, ConfigError) as exc:
-        fail(str(exc), EXIT_INVALID)
-    except (LeasectlError, sa.exc.SQLAlchemyError) as exc:
-        fail(str(exc), 1)
+        with handled():
+            the_plan, _, _ = _reconciler(cli).plan_pass()
+    except typer.Exit as exc:
+        # With --detailed-exitcode, 2 means "changes": every error is 1, as with Terraform.
+        if detailed_exitcode and exc.exit_code != exitcodes.OK:
+            raise typer.Exit(exitcodes.FAILURE) from None
+        raise
     table = Table(box=None, pad_edge=False)
     for col in ("ACTION", "LEASE", "SANDBOX", "REASON"):
         table.add_column(col, overflow="fold")
@@ -93,7 +113,7 @@ def plan(
         f"{len(the_plan.actions)} action(s) planned for {len(the_plan.decisions)} lease(s)", highlight=False
     )
     if detailed_exitcode and the_plan.actions:
-        raise typer.Exit(2)
+        raise typer.Exit(exitcodes.PLAN_CHANGES)
 
 
 @app.command()
@@ -104,15 +124,34 @@ def run(ctx: typer.Context) -> None:
     from controller.providers import build_provider
 
     cli = context_of(ctx)
+    cli.long_running = True
     with handled():
         settings = cli.settings
         database = cli.database()
         if not dbmod.schema_is_current(database):
-            fail("the database schema is not current: run `leasectl db upgrade`", EXIT_INVALID)
+            fail(
+                f"the schema of {cli.describe_database()} is not current: run `leasectl db upgrade`",
+                exitcodes.NO_DATABASE,
+            )
         metrics = Metrics()
         provider = build_provider(settings, on_request=metrics.record_request)
         code = Daemon(settings, database, provider, metrics=metrics).run()
     raise typer.Exit(code)
+
+
+QUICKSTART_KEY_FILE = Path(".leasectl") / "api-key"
+
+
+def _local_key_hint(api_url: str) -> str:
+    """Where the quick start keeps the local API's key, when the API is a local one."""
+    host = (urlsplit(api_url).hostname or "").lower()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return ""
+    if QUICKSTART_KEY_FILE.is_file():
+        where = f"the file {QUICKSTART_KEY_FILE.resolve()}"
+    else:
+        where = f"{QUICKSTART_KEY_FILE} of the checkout that ran `make run`"
+    return f"; the local Daytona API of `make run` keeps its key in {where} (`. .leasectl/env` exports it)"
 
 
 @app.command()
@@ -152,15 +191,18 @@ def doctor(
             "schema",
             f"at {current}, newest {head}" + ("" if current == head else " (run `leasectl db upgrade`)"),
         )
+    except UnusableDatabaseError as exc:
+        report(False, "database", str(exc))
     except sa.exc.SQLAlchemyError as exc:
-        report(False, "database", str(exc.orig if hasattr(exc, "orig") else exc).splitlines()[0])
+        detail = first_line(exc.orig if hasattr(exc, "orig") else exc)
+        report(False, "database", f"{cli.describe_database()}: {detail}")
 
     try:
         provider = build_provider(settings)
         report(True, "credentials", "API key set")
     except ConfigError as exc:
-        report(False, "credentials", str(exc))
-        raise typer.Exit(1) from None
+        report(False, "credentials", f"{exc}{_local_key_hint(settings.daytona.api_url)}")
+        raise typer.Exit(exitcodes.FAILURE) from None
     instance = settings.controller.instance
     try:
         started = time.monotonic()
@@ -173,7 +215,7 @@ def doctor(
         )
     except LeasectlError as exc:
         report(False, "Daytona API", f"{settings.daytona.api_url}: {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(exitcodes.FAILURE) from None
 
     if probe:
         name = f"leasectl-doctor-{uuid.uuid4().hex[:8]}"
@@ -201,7 +243,7 @@ def doctor(
                 except LeasectlError as exc:
                     report(False, "probe cleanup", f"{name} ({sandbox_id}) NOT deleted: {exc}")
     if problems:
-        raise typer.Exit(1)
+        raise typer.Exit(exitcodes.FAILURE)
 
 
 # -- local Daytona API (controller/emulator) ------------------------------------------------------

@@ -14,7 +14,7 @@ def db_upgrade(ctx: typer.Context) -> None:
     """Create or migrate the schema to the newest revision (safe to run again)."""
     cli = context_of(ctx)
     with handled():
-        database = cli.database()
+        database = cli.database(create=True)
         dbmod.upgrade(database)
         out.print(f"database {database.url} at revision {dbmod.current_revision(database)}")
 
