@@ -270,9 +270,9 @@ def _one_line(lines: Sequence[str]) -> str:
         line = raw.strip()
         if not joined:
             joined = line
-        elif joined.endswith(("{", "(", "then", "else", "do", ";", "&&", "||", "|")) or line.startswith(
-            ("elif", "else", "fi")
-        ) and joined.endswith(";"):
+        elif joined.endswith(("{", "(", "then", "else", "do", ";", "&&", "||", "|")) or (
+            line.startswith(("elif", "else", "fi")) and joined.endswith(";")
+        ):
             joined += " " + line
         else:
             joined += "; " + line

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -13,6 +18,7 @@ import yaml
 from rich.table import Table
 
 from controller import db as dbmod
+from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import (
     EXIT_INVALID,
@@ -126,33 +132,169 @@ def exec_command(
             except execution.ExecutionError as exc:
                 fail(str(exc), EXIT_INVALID)
             err.print(f"execution {execution_id} queued; waiting for a dispatcher", highlight=False)
+            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # the same as Ctrl-C
             try:
                 record = execution.wait_for(
                     database, execution_id, poll_seconds=min(0.5, settings.exec.poll_interval_seconds)
                 )
             except KeyboardInterrupt:
-                if execution.cancel_if_queued(database, execution_id):
-                    fail(f"execution {execution_id} cancelled", 130)
-                fail(f"execution {execution_id} already started; see `leasectl executions`", 130)
+                _cancel_queued_or_running(cli, database, execution_id)
             _report_outcome(execution_id, record.outcome)
         from controller.providers import build_provider
 
         provider = build_provider(settings)
         try:
-            execution_id, outcome = execution.execute_now(
-                database,
+            execution_id, outcome = _execute_interruptibly(
+                lambda on_start, interrupted: execution.execute_now(
+                    database,
+                    provider,
+                    settings.exec,
+                    lease_name=name,
+                    command=command,
+                    cwd=cwd,
+                    env=env,
+                    stdin=stdin,
+                    timeout_seconds=timeout,
+                    on_start=on_start,
+                    interrupted=interrupted,
+                ),
                 provider,
-                settings.exec,
-                lease_name=name,
-                command=command,
-                cwd=cwd,
-                env=env,
-                stdin=stdin,
-                timeout_seconds=timeout,
             )
         except execution.ExecutionError as exc:
             fail(str(exc), EXIT_INVALID)
     _report_outcome(execution_id, outcome)
+
+
+STOP_WAIT_SECONDS = 15.0
+SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: exitcodes.INTERRUPTED, signal.SIGTERM: exitcodes.TERMINATED}
+
+
+def _execute_interruptibly(run: Callable[..., tuple[int, Any]], provider: Any) -> tuple[int, Any]:
+    """Run ``run(on_start, interrupted)`` (a blocking execute_now) in a worker thread; on SIGINT or
+    SIGTERM stop the command in the sandbox, print what it had written and exit 130 (143).
+
+    A second signal while stopping gives up at once (exit 130) and says the command may still run.
+    """
+    from controller import execution
+
+    started: dict[str, Any] = {}
+    reason: list[str] = []
+    received: list[int] = []
+    result: list[tuple[int, Any]] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+    progress = threading.Event()
+
+    def on_start(execution_id: int, sandbox_id: str, marker: str) -> None:
+        started.update(id=execution_id, sandbox=sandbox_id, marker=marker)
+        progress.set()
+
+    def work() -> None:
+        try:
+            result.append(run(on_start, lambda: reason[0] if reason else None))
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+            progress.set()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if received:
+            where = f" in sandbox {started['sandbox']}" if started else ""
+            err.print(f"gave up stopping it: the command may still run{where}", highlight=False)
+            os._exit(exitcodes.INTERRUPTED)
+        received.append(signum)
+        progress.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in SIGNAL_EXIT}
+    try:
+        threading.Thread(target=work, name="leasectl-exec", daemon=True).start()
+        while not done.is_set() and not received:
+            progress.wait()
+            progress.clear()
+        if received and not done.is_set():
+            signum = received[0]
+            name = signal.Signals(signum).name
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            while not started and not done.is_set() and time.monotonic() < deadline:
+                done.wait(0.1)  # the row and the command are about to start: stop them once they do
+            if started and not done.is_set():
+                reason.append(f"interrupted by {name}: the command was stopped in the sandbox")
+                err.print(f"{name}: stopping execution {started['id']} in the sandbox...", highlight=False)
+                problem = execution.stop_in_sandbox(provider, started["sandbox"], started["marker"])
+                done.wait(STOP_WAIT_SECONDS)
+                if result:
+                    write_raw(result[0][1].output)
+                if problem is not None:
+                    fail(
+                        f"execution {started['id']} interrupted, but {problem}; it may still run in "
+                        f"sandbox {started['sandbox']} (see `leasectl executions`)",
+                        SIGNAL_EXIT[signum],
+                    )
+                fail(
+                    f"execution {started['id']} interrupted: the command was stopped in the sandbox",
+                    SIGNAL_EXIT[signum],
+                )
+            if not done.is_set():
+                fail(f"interrupted by {name} before the command started", SIGNAL_EXIT[signum])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _cancel_queued_or_running(cli: Any, database: Any, execution_id: int) -> NoReturn:
+    """Ctrl-C while waiting for a queued execution: cancel it; if it runs, stop it in the sandbox."""
+    from controller import execution
+
+    try:
+        cancelled = execution.cancel(database, execution_id, by=execution.make_worker_id("cli"))
+    except execution.ExecutionError:
+        fail(f"execution {execution_id} had already ended; see `leasectl executions`", exitcodes.INTERRUPTED)
+    if cancelled.marker is None or cancelled.sandbox_id is None:
+        fail(f"execution {execution_id} cancelled before it started", exitcodes.INTERRUPTED)
+    fail(_stop_message(cli, cancelled), exitcodes.INTERRUPTED)
+
+
+def _stop_message(cli: Any, cancelled: Any) -> str:
+    from controller import execution
+    from controller.providers import build_provider
+
+    problem = execution.stop_in_sandbox(build_provider(cli.settings), cancelled.sandbox_id, cancelled.marker)
+    if problem is None:
+        return f"execution {cancelled.id} cancelled: the command was stopped in the sandbox"
+    return (
+        f"execution {cancelled.id} cancelled, but {problem}; "
+        f"it may still run in sandbox {cancelled.sandbox_id}"
+    )
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    ids: Annotated[list[int], typer.Argument(help="Execution ids (see `leasectl executions`).")],
+) -> None:
+    """Cancel queued or running executions; a running command is stopped in its sandbox.
+
+    A queued one never runs. A running one is stopped at once from here (SIGTERM, then SIGKILL after
+    2 s, to every process carrying its marker); its dispatcher would also stop it within one poll.
+    """
+    from controller import execution
+
+    cli = context_of(ctx)
+    with handled():
+        database = cli.database()
+        for execution_id in ids:
+            try:
+                cancelled = execution.cancel(database, execution_id, by=execution.make_worker_id("cli"))
+            except execution.ExecutionError as exc:
+                fail(str(exc), EXIT_INVALID)
+            if cancelled.marker is None or cancelled.sandbox_id is None:
+                out.print(f"execution {execution_id} cancelled (it had not started)", highlight=False)
+            else:
+                out.print(_stop_message(cli, cancelled), highlight=False)
 
 
 EXECUTION_COLUMNS = ("ID", "LEASE", "STATE", "EXIT", "CREATED", "SECONDS", "COMMAND")
