@@ -23,8 +23,10 @@ app = typer.Typer(
     name="leasectl",
     help="Declarative lease controller for Daytona sandboxes.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels print Python types (<list[Path]>, <bool>) as metavars.
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -126,15 +128,26 @@ def main_options(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="Settings file (default: $LEASECTL_CONFIG or ./leasectl.yaml)."),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="PATH",
+            help="Settings file (default: $LEASECTL_CONFIG or ./leasectl.yaml).",
+        ),
     ] = None,
     database_url: Annotated[
-        str | None, typer.Option("--database-url", help="SQLAlchemy URL of the database.")
+        str | None, typer.Option("--database-url", metavar="URL", help="SQLAlchemy URL of the database.")
     ] = None,
-    instance: Annotated[str | None, typer.Option("--instance", help="Controller instance name.")] = None,
-    api_url: Annotated[str | None, typer.Option("--api-url", help="Daytona API URL.")] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")] = None,
-    log_format: Annotated[str | None, typer.Option("--log-format", help="text or json.")] = None,
+    instance: Annotated[
+        str | None, typer.Option("--instance", metavar="NAME", help="Controller instance name.")
+    ] = None,
+    api_url: Annotated[str | None, typer.Option("--api-url", metavar="URL", help="Daytona API URL.")] = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR.")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", metavar="FORMAT", help="text or json.")
+    ] = None,
     verbose: Annotated[
         int,
         typer.Option("--verbose", "-v", count=True, help="Show log lines of one-off commands (-vv: debug)."),

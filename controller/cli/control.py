@@ -46,7 +46,7 @@ def reconcile(
             help="One pass, then exit (the default). For a loop run the daemon: `leasectl run`.",
         ),
     ] = True,
-    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", metavar="FORMAT")] = OutputFormat.table,
 ) -> None:
     """Run one reconcile pass now and print a summary; exit 1 if a lease ended in error.
 
@@ -143,15 +143,11 @@ QUICKSTART_KEY_FILE = Path(".leasectl") / "api-key"
 
 
 def _local_key_hint(api_url: str) -> str:
-    """Where the quick start keeps the local API's key, when the API is a local one."""
+    """The absolute path of the quick start's key file, when the API is a local one and it exists."""
     host = (urlsplit(api_url).hostname or "").lower()
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in ("127.0.0.1", "localhost", "::1") or not QUICKSTART_KEY_FILE.is_file():
         return ""
-    if QUICKSTART_KEY_FILE.is_file():
-        where = f"the file {QUICKSTART_KEY_FILE.resolve()}"
-    else:
-        where = f"{QUICKSTART_KEY_FILE} of the checkout that ran `make run`"
-    return f"; the local Daytona API of `make run` keeps its key in {where} (`. .leasectl/env` exports it)"
+    return f" (here: {QUICKSTART_KEY_FILE.resolve()}; `. .leasectl/env` exports it)"
 
 
 @app.command()

@@ -71,19 +71,30 @@ def exec_command(
         list[str] | None, typer.Argument(help="After `--`: the program and its arguments, passed as is.")
     ] = None,
     shell: Annotated[
-        str | None, typer.Option("--shell", help="A command line run as written, instead of `-- PROG ARGS`.")
+        str | None,
+        typer.Option(
+            "--shell", metavar="LINE", help="A command line run as written, instead of `-- PROG ARGS`."
+        ),
     ] = None,
     cwd: Annotated[
-        str | None, typer.Option("--cwd", help="Working directory (default: the lease workspace).")
+        str | None,
+        typer.Option("--cwd", metavar="DIR", help="Working directory (default: the lease workspace)."),
     ] = None,
     env_items: Annotated[
-        list[str] | None, typer.Option("--env", "-e", help="NAME=VALUE for the command; repeatable.")
+        list[str] | None,
+        typer.Option("--env", "-e", metavar="NAME=VALUE", help="NAME=VALUE for the command; repeatable."),
     ] = None,
     stdin_file: Annotated[
-        str | None, typer.Option("--stdin", help="Feed FILE ('-' for this process's stdin) to the command.")
+        str | None,
+        typer.Option(
+            "--stdin", metavar="FILE", help="Feed FILE ('-' for this process's stdin) to the command."
+        ),
     ] = None,
     timeout: Annotated[
-        int | None, typer.Option("--timeout", min=1, help="Seconds before the command is stopped (exit 124).")
+        int | None,
+        typer.Option(
+            "--timeout", metavar="SECONDS", min=1, help="Seconds before the command is stopped (exit 124)."
+        ),
     ] = None,
     queue: Annotated[
         bool, typer.Option("--queue", help="Enqueue for a dispatcher (daemon or exec-worker) and wait.")
@@ -303,12 +314,14 @@ EXECUTION_COLUMNS = ("ID", "LEASE", "STATE", "EXIT", "CREATED", "SECONDS", "COMM
 @app.command()
 def executions(
     ctx: typer.Context,
-    lease: Annotated[str | None, typer.Option("--lease", help="Only this lease.")] = None,
+    lease: Annotated[str | None, typer.Option("--lease", metavar="NAME", help="Only this lease.")] = None,
     state: Annotated[
-        str | None, typer.Option("--state", help="Only this state (queued, running, ...).")
+        str | None, typer.Option("--state", metavar="STATE", help="Only this state (queued, running, ...).")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N executions.")] = 50,
-    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", metavar="N", min=1, help="Newest N executions.")
+    ] = 50,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", metavar="FORMAT")] = OutputFormat.table,
 ) -> None:
     """List executions, newest last (env and stdin are never shown)."""
     from models import Execution

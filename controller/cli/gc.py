@@ -39,10 +39,13 @@ def gc_command(
     grace: Annotated[
         float | None,
         typer.Option(
-            "--grace", min=0, help="Orphan grace in seconds (default: controller.orphan_grace_seconds)."
+            "--grace",
+            metavar="SECONDS",
+            min=0,
+            help="Orphan grace in seconds (default: controller.orphan_grace_seconds).",
         ),
     ] = None,
-    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.table,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", metavar="FORMAT")] = OutputFormat.table,
 ) -> None:
     """Delete this instance's orphaned sandboxes (after the grace), stale status rows and old history.
 

@@ -23,7 +23,9 @@ from controller.specs import dump_leases, load_lease_files
 @app.command()
 def apply(
     ctx: typer.Context,
-    files: Annotated[list[Path], typer.Option("--file", "-f", help="Lease YAML file ('-' for stdin).")],
+    files: Annotated[
+        list[Path], typer.Option("--file", "-f", metavar="FILE", help="Lease YAML file ('-' for stdin).")
+    ],
     prune: Annotated[
         bool, typer.Option("--prune", help="Set leases missing from the files to desired state 'absent'.")
     ] = False,
@@ -124,14 +126,17 @@ def get(
     ctx: typer.Context,
     names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
     output: Annotated[
-        OutputFormat, typer.Option("--output", "-o", help="table, json or yaml.")
+        OutputFormat, typer.Option("--output", "-o", metavar="FORMAT", help="table, json or yaml.")
     ] = OutputFormat.table,
     watch: Annotated[
         bool,
         typer.Option("--watch", "-w", help="After the table, print each lease again when it changes."),
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.05, help="Seconds between looks in --watch mode.")
+        float,
+        typer.Option(
+            "--interval", metavar="SECONDS", min=0.05, help="Seconds between looks in --watch mode."
+        ),
     ] = 1.0,
 ) -> None:
     """Show desired and observed state of leases (-w: keep watching; Ctrl-C ends it, exit 0)."""
@@ -185,7 +190,7 @@ def get(
 def export(
     ctx: typer.Context,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write to FILE (default stdout).")
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write to FILE (default stdout).")
     ] = None,
     names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
 ) -> None:
@@ -220,15 +225,18 @@ def _event_cells(d: dict[str, str | None]) -> tuple[str, ...]:
 def events(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Only this lease.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Newest N events.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", "-n", metavar="N", min=1, help="Newest N events.")] = 50,
     output: Annotated[
-        OutputFormat, typer.Option("--output", "-o", help="table, json or yaml.")
+        OutputFormat, typer.Option("--output", "-o", metavar="FORMAT", help="table, json or yaml.")
     ] = OutputFormat.table,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing events as they are written.")
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.05, help="Seconds between looks in --follow mode.")
+        float,
+        typer.Option(
+            "--interval", metavar="SECONDS", min=0.05, help="Seconds between looks in --follow mode."
+        ),
     ] = 1.0,
 ) -> None:
     """Show the event history, newest last (-f: follow; Ctrl-C ends it, exit 0).
