@@ -60,6 +60,7 @@ class ControllerSettings(_Section):
     execution_retention_days: float = Field(default=7.0, gt=0)
     deleted_lease_retention_days: float | None = Field(default=None, gt=0)
     retention_batch_size: int = Field(default=1000, ge=1)
+    max_prune_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class ExecSettings(_Section):
@@ -237,6 +238,27 @@ def load_settings(
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
     finally:
         _LOWER_LAYERS.reset(token)
+
+
+def describe_origin(
+    key: str, config_file: Path | None = None, cli_overrides: Mapping[str, Any] | None = None
+) -> str:
+    """Where the value of the dotted setting ``key`` came from, for messages: ``command line``,
+    ``environment variable NAME``, ``config file PATH`` or ``built-in default``."""
+    loc = tuple(key.split("."))
+    path = resolve_config_path(config_file, os.environ)
+    try:
+        file_data = read_config_file(path) if path is not None else {}
+    except ConfigError:
+        file_data = {}
+    if path is not None and not _dotted_has(file_data, loc):
+        path = None
+    origin = _origin(loc, path, file_data, dict(cli_overrides or {}), os.environ)
+    if origin == "settings":
+        return "built-in default"
+    if path is not None and origin == str(path):
+        return f"config file {path}"
+    return origin
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -31,6 +31,12 @@ dispatcher (at start, then once a minute) marks a ``running`` row claimed by som
 * ``started_at + timeout + INTERRUPT_GRACE_SECONDS`` has passed: no live worker holds a command
   that long, because every provider call is bounded.
 
+Cancelling a running command. Every command runs under a marker derived from its row id and its
+claimer (:func:`execution_marker`); :func:`stop_in_sandbox` runs a second command through the toolbox
+that kills the marked processes. ``leasectl exec`` does so on SIGINT/SIGTERM; :func:`cancel` (``leasectl
+cancel``) does so for a running row, and a dispatcher does so for its own rows that were set
+``cancelled`` (e.g. with SQL) while they ran.
+
 A row is never put back to ``queued``, so nothing runs twice. A worker that is still alive but was
 declared gone (clock skew, two hosts with one host name and separate PID namespaces) finishes with
 a conditional UPDATE (``state = 'running' AND claimed_by = me``) that then matches nothing: its
@@ -39,6 +45,7 @@ result is logged and dropped, the row stays ``interrupted``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -60,7 +67,13 @@ from controller import logs
 from controller.config import ExecSettings
 from controller.db import Database
 from controller.errors import LeasectlError, ProviderError, StateConflictError
-from controller.execution_script import ScriptInputError, build_script, validate_env, wrap_for_exec
+from controller.execution_script import (
+    ScriptInputError,
+    build_script,
+    stop_script,
+    validate_env,
+    wrap_for_exec,
+)
 from controller.providers.base import SandboxProvider
 from models import Event, Execution, Lease, LeaseStatus, utcnow
 from models.tables import EXECUTION_TERMINAL_STATES
@@ -161,10 +174,13 @@ def command_line(
     workspace: str | None = None,
     env: Mapping[str, str],
     stdin_path: str | None = None,
+    marker: str | None = None,
 ) -> str:
     """The one line handed to ``provider.exec``, or InvalidCommandError (nothing has run yet)."""
     try:
-        script = build_script(command, cwd=cwd, workspace=workspace, env=env, stdin_path=stdin_path)
+        script = build_script(
+            command, cwd=cwd, workspace=workspace, env=env, stdin_path=stdin_path, marker=marker
+        )
         return wrap_for_exec(script)
     except ScriptInputError as exc:
         raise InvalidCommandError(str(exc)) from exc
@@ -181,6 +197,7 @@ def run_command(
     stdin: bytes | None = None,
     timeout_seconds: int,
     max_output_bytes: int | None = None,
+    marker: str | None = None,
 ) -> CommandOutcome:
     """Run the shell command line ``command`` in a login shell of the sandbox, now.
 
@@ -190,7 +207,9 @@ def run_command(
     """
     variables = check_env(env or {})
     stdin_path = f"{STDIN_DIR}/leasectl-stdin-{uuid.uuid4().hex}" if stdin is not None else None
-    line = command_line(command, cwd=cwd, workspace=workspace, env=variables, stdin_path=stdin_path)
+    line = command_line(
+        command, cwd=cwd, workspace=workspace, env=variables, stdin_path=stdin_path, marker=marker
+    )
     log.debug("exec in sandbox %s: env keys %s, stdin %s", sandbox_id, sorted(variables), stdin_path)
     try:
         if stdin is not None and stdin_path is not None:
@@ -216,6 +235,29 @@ def run_command(
     code = result.exit_code
     state = "succeeded" if code == 0 else "failed"
     return CommandOutcome(state=state, exit_code=code, output=output, output_truncated=truncated)
+
+
+def execution_marker(execution_id: int, claimed_by: str | None) -> str:
+    """The marker the command of row ``execution_id`` runs under when ``claimed_by`` runs it; anyone
+    holding the row can derive it to stop the command."""
+    digest = hashlib.sha256((claimed_by or "").encode()).hexdigest()[:12]
+    return f"x{execution_id}-{digest}"
+
+
+STOP_TIMEOUT_SECONDS = 30
+
+
+def stop_in_sandbox(provider: SandboxProvider, sandbox_id: str, marker: str) -> str | None:
+    """Kill the processes of the command running under ``marker`` (SIGTERM, then SIGKILL) through
+    the toolbox. None when none is left, else why that is not certain."""
+    try:
+        result = provider.exec(sandbox_id, stop_script(marker), timeout=STOP_TIMEOUT_SECONDS)
+    except ProviderError as exc:
+        log.warning("could not stop command %s in sandbox %s: %s", marker, sandbox_id, exc)
+        return f"could not reach the sandbox to stop it ({type(exc).__name__}: {exc})"
+    if result.timed_out or result.exit_code != 0:
+        return "some of its processes may still run (they did not stop on SIGKILL)"
+    return None
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -407,8 +449,14 @@ def execute_now(
     timeout_seconds: int | None = None,
     worker_id: str | None = None,
     clock: Clock = utcnow,
+    on_start: Callable[[int, str, str], None] | None = None,
+    interrupted: Callable[[], str | None] | None = None,
 ) -> tuple[int, CommandOutcome]:
     """Run a command on a Ready lease now and record it as an ``executions`` row.
+
+    ``on_start(execution_id, sandbox_id, marker)`` is called once the row exists, before the
+    command starts (a caller that may stop it keeps these). If ``interrupted()`` returns a reason
+    when the command returns, the row ends ``interrupted`` with that reason.
 
     Raises InvalidCommandError or LeaseNotReadyError before anything runs. The returned outcome
     carries the whole output; the row keeps it up to ``max_output_bytes``.
@@ -437,6 +485,9 @@ def execute_now(
         session.add(row)
         session.flush()
         execution_id = row.id
+    marker = execution_marker(execution_id, worker)
+    if on_start is not None:
+        on_start(execution_id, target.sandbox_id, marker)
     with logs.bound(lease=lease_name):
         log.info("execution %d: running on sandbox %s", execution_id, target.sandbox_id)
         # The row must reach a final state whatever happens (KeyboardInterrupt, a bug included).
@@ -451,7 +502,16 @@ def execute_now(
                 env=variables,
                 stdin=stdin,
                 timeout_seconds=timeout,
+                marker=marker,
             )
+            reason = interrupted() if interrupted is not None else None
+            if reason is not None:
+                outcome = CommandOutcome(
+                    state="interrupted",
+                    output=outcome.output,
+                    output_truncated=outcome.output_truncated,
+                    error=reason,
+                )
         except BaseException as exc:
             outcome = CommandOutcome(state="interrupted", error=f"interrupted: {type(exc).__name__}")
             raise
@@ -565,6 +625,46 @@ def cancel_if_queued(db: Database, execution_id: int, clock: Clock = utcnow) -> 
         return result == 1
 
 
+@dataclass(frozen=True)
+class Cancelled:
+    """What :func:`cancel` did to a row: ``was`` its state before (``queued`` or ``running``)."""
+
+    id: int
+    lease_name: str
+    was: str
+    sandbox_id: str | None
+    marker: str | None  # set when it was running: stop_in_sandbox(sandbox_id, marker) stops it
+
+
+def cancel(db: Database, execution_id: int, *, by: str, clock: Clock = utcnow) -> Cancelled:
+    """Set a queued or running row ``cancelled`` (env and stdin cleared, event written).
+
+    ExecutionError when the row does not exist or has already ended. A running command keeps
+    running until someone calls :func:`stop_in_sandbox` with the returned marker (``leasectl cancel``
+    does at once; its dispatcher does within one poll).
+    """
+    with db.session() as session:
+        row = session.get(Execution, execution_id)
+        if row is None:
+            raise ExecutionError(f"no such execution: {execution_id}")
+        if row.state not in ("queued", "running"):
+            raise ExecutionError(f"execution {execution_id} already ended ({row.state})")
+        was, claimed_by, sandbox_id = row.state, row.claimed_by, row.sandbox_id
+        reason = "cancelled by an operator" + (" while running" if was == "running" else "")
+        done = _update(
+            session,
+            sa.update(Execution)
+            .where(Execution.id == execution_id, Execution.state == was)
+            .values(state="cancelled", error=reason, finished_at=clock(), env=sa.null(), stdin=sa.null()),
+        )
+        if done != 1:
+            raise ExecutionError(f"execution {execution_id} changed state meanwhile; look again")
+        _event(session, execution_id, row.lease_name, sandbox_id, "cancelled", reason, by)
+        lease_name = row.lease_name
+    marker = execution_marker(execution_id, claimed_by) if was == "running" else None
+    return Cancelled(execution_id, lease_name, was, sandbox_id, marker)
+
+
 # -- the queue -----------------------------------------------------------------------------------
 
 
@@ -630,6 +730,8 @@ class Dispatcher:
         self._inflight: set[Future[None]] = set()
         self._closed = False
         self._last_recover = float("-inf")
+        self._running: dict[int, Job] = {}
+        self._stopping: set[int] = set()
         self._pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
@@ -648,6 +750,8 @@ class Dispatcher:
             if time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS:
                 self.recover_interrupted()
                 self._sweep_cancelled()
+            if self._running:
+                self._stop_cancelled()
             if not self._anything_queued():
                 return 0
             self._inflight = {f for f in self._inflight if not f.done()}
@@ -765,6 +869,30 @@ class Dispatcher:
                 f"its time-out plus {self._grace:g} s"
             )
         return None
+
+    def _stop_cancelled(self) -> None:
+        """Stop, in the sandbox, commands of this dispatcher whose rows were cancelled meanwhile."""
+        ids = [i for i in self._running if i not in self._stopping]
+        if not ids:
+            return
+        with self.db.session(readonly=True) as session:
+            cancelled = session.scalars(
+                sa.select(Execution.id).where(Execution.id.in_(ids), Execution.state == "cancelled")
+            ).all()
+        for execution_id in cancelled:
+            job = self._running.get(execution_id)
+            if job is None:
+                continue
+            self._stopping.add(execution_id)
+            marker = execution_marker(job.id, self.worker_id)
+            with logs.bound(lease=job.lease_name):
+                log.info("execution %d: cancelled while running; stopping it in the sandbox", job.id)
+            threading.Thread(
+                target=stop_in_sandbox,
+                args=(self.provider, job.sandbox_id, marker),
+                name=f"leasectl-stop-{job.id}",
+                daemon=True,
+            ).start()
 
     def _anything_queued(self) -> bool:
         """A cheap read first, so an idle queue never takes SQLite's write lock."""
@@ -889,6 +1017,16 @@ class Dispatcher:
         return None, None
 
     def _run(self, job: Job) -> None:
+        with self._lock:
+            self._running[job.id] = job
+        try:
+            self._run_job(job)
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+                self._stopping.discard(job.id)
+
+    def _run_job(self, job: Job) -> None:
         with logs.bound(lease=job.lease_name):
             log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
             try:
@@ -908,6 +1046,7 @@ class Dispatcher:
                     stdin=job.stdin,
                     timeout_seconds=job.timeout_seconds,
                     max_output_bytes=self.settings.max_output_bytes,
+                    marker=execution_marker(job.id, self.worker_id),
                 )
             except (InvalidCommandError, LeaseNotReadyError) as exc:
                 outcome = CommandOutcome(state="error", error=str(exc))

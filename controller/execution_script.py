@@ -28,6 +28,17 @@ What the script does, in order:
    ``env K=V`` prefix, so they reach every program of a line with ``;``, pipes or ``&&``), then the
    command, with stdin from the file or from ``/dev/null`` (so nothing waits for input).
 
+The command is kept in a shell variable and run with ``eval`` in the same shell (so functions the
+profiles define are visible to it): bash then reports errors as an interactive shell does
+(``bash: nosuchprog: command not found``) and dash with the command's own line numbers, never the
+wrapper script's.
+
+Cancellation: with a ``marker``, the script exports :data:`MARKER_VAR` ``=marker`` before anything
+else; every process the command starts inherits it (unless it clears its environment).
+:func:`stop_script` is the line that, run through the same toolbox, sends those processes SIGTERM
+and, after :data:`STOP_GRACE_SECONDS`, SIGKILL (found through ``/proc/*/environ``, so a process that
+left the command's process group is found too).
+
 Exit status: the command's own, unchanged. Before the command runs, the script itself fails with
 :data:`EXIT_SETUP_FAILED` (125, like ``env``/``timeout``/``docker run`` when the tool itself fails) and a
 ``leasectl: ...`` line on stderr when the cwd cannot be entered or the stdin file cannot be read.
@@ -53,6 +64,16 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 EXIT_SETUP_FAILED = 125
 """The script's status when it cannot start the command (cwd or stdin file unusable)."""
+
+MARKER_VAR = "LEASECTL_EXEC_MARKER"
+"""The variable that tags every process of one command, for :func:`stop_script`."""
+
+MARKER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+STOP_GRACE_SECONDS = 2
+"""How long :func:`stop_script` waits after SIGTERM before SIGKILL."""
+
+COMMAND_VAR = "leasectl_command"
 
 MAX_COMMAND_BYTES = 131071
 """Longest command line a Linux shell can receive as one ``-c`` argument (MAX_ARG_STRLEN - 1)."""
@@ -171,6 +192,7 @@ def build_script(
     workspace: str | None = None,
     env: Mapping[str, str],
     stdin_path: str | None = None,
+    marker: str | None = None,
 ) -> str:
     """The POSIX sh script that runs the shell command line ``command`` in a login shell.
 
@@ -178,6 +200,7 @@ def build_script(
     :func:`quote_argv`. ``cwd`` wins over ``workspace``; empty or ``None`` means not given. A relative
     directory is taken from where the shell is after the profiles (normally the user's home).
     ``stdin_path`` is a file in the sandbox read as the command's stdin (else ``/dev/null``).
+    ``marker`` (letters, digits, ``_.-``) tags the command's processes for :func:`stop_script`.
     Raises :class:`ScriptInputError` for an invalid env, a NUL byte anywhere, or an empty command.
     """
     _check_text("the command", command)
@@ -185,7 +208,11 @@ def build_script(
         raise ScriptInputError("the command is empty")
     variables = validate_env(env)
     directory = cwd or workspace
-    lines = [
+    lines = [_assign(COMMAND_VAR, command)]
+    if marker is not None:
+        _check_marker(marker)
+        lines.append(f"{MARKER_VAR}={marker}; export {MARKER_VAR}")
+    lines += [
         "{",
         "  if [ -f /etc/profile ]; then command . /etc/profile || :; set +eu; fi",
         '  if [ -n "${HOME:-}" ]; then',
@@ -204,22 +231,78 @@ def build_script(
     if stdin_path:
         _check_text("the stdin path", stdin_path)
         stdin = stdin_path
+        lines.append(_assign("leasectl_stdin", stdin))
         lines.append(
-            f"if [ ! -r {quote(stdin)} ] || [ -d {quote(stdin)} ]; then "
+            'if [ ! -r "$leasectl_stdin" ] || [ -d "$leasectl_stdin" ]; then '
             f"{_fail('cannot read the stdin file ' + stdin)}; fi"
         )
-    lines.append("(")
+    else:
+        lines.append("leasectl_stdin=/dev/null")
     if directory:
         _check_text("the working directory", directory)
-        target = directory if directory.startswith("/") else "./" + directory
-        lines.append(f"  cd -- {quote(target)} || {{ {_fail('cannot change directory to ' + directory)}; }}")
+        lines.append(_assign("leasectl_cwd", directory if directory.startswith("/") else "./" + directory))
+    lines.append("(")
+    if directory:
+        lines.append(f'  cd -- "$leasectl_cwd" || {{ {_fail("cannot change directory to " + directory)}; }}')
     for key, value in NONINTERACTIVE_DEFAULTS.items():
         if key not in variables:
             lines.append(f'  if [ -z "${{{key}+set}}" ]; then export {key}={quote(value)}; fi')
-    lines.extend(f"  export {key}={quote(value)}" for key, value in variables.items())
-    lines.append(command)
-    lines.append(f") <{quote(stdin)}")
-    return "\n".join(lines) + "\n"
+    lines.extend(f"  {_assign(key, value)}; export {key}" for key, value in variables.items())
+    lines.append(f'  eval "${COMMAND_VAR}"')
+    lines.append(') <"$leasectl_stdin"')
+    return _one_line(lines) + "\n"
+
+
+def _assign(name: str, value: str) -> str:
+    """``name=value`` as a statement on one physical line, whatever ``value`` holds (newlines are
+    decoded by ``printf %b``; the ``x`` keeps trailing newlines from command substitution)."""
+    if "\n" not in value:
+        return f"{name}={quote(value)}"
+    encoded = value.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"{name}=$(printf '%bx' {quote(encoded)}); {name}=${{{name}%x}}"
+
+
+def _one_line(lines: Sequence[str]) -> str:
+    """Join script lines into one physical line, so that the ``eval`` of the command is on line 1
+    and the shell numbers the command's lines as its own."""
+    joined = ""
+    for raw in lines:
+        line = raw.strip()
+        if not joined:
+            joined = line
+        elif joined.endswith(("{", "(", "then", "else", "do", ";", "&&", "||", "|")) or (
+            line.startswith(("elif", "else", "fi")) and joined.endswith(";")
+        ):
+            joined += " " + line
+        else:
+            joined += "; " + line
+    return joined
+
+
+def stop_script(marker: str) -> str:
+    """The POSIX sh command line that stops every process tagged with ``marker`` (see the module
+    docstring): SIGTERM, up to :data:`STOP_GRACE_SECONDS` of grace, then SIGKILL. Exit 0 when none
+    is left (or there was none), 1 when some could not be stopped. Contains no secret."""
+    _check_marker(marker)
+    tag = quote(f"{MARKER_VAR}={marker}")
+    ticks = STOP_GRACE_SECONDS * 5
+    return (
+        "leasectl_found() { for d in /proc/[0-9]*; do p=${d#/proc/}; "
+        '[ "$p" = "$$" ] && continue; '
+        f'grep -qaF -- {tag} "$d/environ" 2>/dev/null && printf "%s " "$p"; done; }}; '
+        'pids=$(leasectl_found); [ -z "$pids" ] && exit 0; '
+        "kill -TERM $pids 2>/dev/null; i=0; "
+        f"while [ $i -lt {ticks} ]; do "
+        'pids=$(leasectl_found); [ -z "$pids" ] && exit 0; '
+        "sleep 0.2 2>/dev/null || sleep 1; i=$((i+1)); done; "
+        "kill -KILL $pids 2>/dev/null; sleep 0.2 2>/dev/null || sleep 1; "
+        'pids=$(leasectl_found); [ -z "$pids" ]'
+    )
+
+
+def _check_marker(marker: str) -> None:
+    if not isinstance(marker, str) or not MARKER_RE.fullmatch(marker):
+        raise ScriptInputError("the execution marker must be 1-100 letters, digits, '_', '.' or '-'")
 
 
 def wrap_for_exec(script: str) -> str:
@@ -244,6 +327,7 @@ def wrap_for_exec(script: str) -> str:
 
 
 def _fail(message: str) -> str:
+    message = message.replace("\n", "?")  # a message stays on the script's one line
     return f"printf '%s\\n' {quote('leasectl: ' + message)} >&2; exit {EXIT_SETUP_FAILED}"
 
 

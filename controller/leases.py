@@ -2,7 +2,10 @@
 
 Used by the CLI (``apply``, ``get``, ``export``). ``apply`` writes only operator columns, in one
 transaction: on any error nothing is written. It never deletes a row: pruning sets the desired
-state to ``absent`` so the controller can still find and delete the sandbox.
+state to ``absent`` so the controller can still find and delete the sandbox. A prune that would
+take every live lease, or more than ``max_prune_share`` of them, is refused (nothing is written, dry
+run or not) unless the caller allows it explicitly (``apply --prune-all``): an empty or truncated
+file must not be able to delete a fleet.
 """
 
 from __future__ import annotations
@@ -16,10 +19,33 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from controller.db import Database
+from controller.errors import SpecError
 from controller.specs import LeaseSpec
 from models import Lease, lease_overview, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
+DEFAULT_MAX_PRUNE_SHARE = 0.5
+
+
+class PruneRefusedError(SpecError):
+    """A prune would remove all, or too large a share, of the live leases; nothing was written."""
+
+
+def prune_refusal(live: int, pruned: int, max_share: float) -> str | None:
+    """Why a prune of ``pruned`` of ``live`` leases (desired state not absent) is refused, or None.
+
+    Pure. Refused: every live lease (when there is at least one), or a share above ``max_share``.
+    """
+    if pruned == 0 or live == 0:
+        return None
+    if pruned >= live:
+        return f"refusing to prune all {live} live lease(s): the files name none of them"
+    if pruned / live > max_share:
+        return (
+            f"refusing to prune {pruned} of {live} live leases ({pruned / live:.0%}, more than the "
+            f"{max_share:.0%} that controller.max_prune_share allows)"
+        )
+    return None
 
 
 @dataclass
@@ -39,13 +65,24 @@ def _row_values(lease: Lease) -> dict[str, Any]:
 
 
 def apply_specs(
-    db: Database, specs: Sequence[LeaseSpec], *, prune: bool = False, dry_run: bool = False
+    db: Database,
+    specs: Sequence[LeaseSpec],
+    *,
+    prune: bool = False,
+    dry_run: bool = False,
+    prune_all: bool = False,
+    max_prune_share: float = DEFAULT_MAX_PRUNE_SHARE,
 ) -> ApplyResult:
-    """Upsert ``specs`` into ``leases`` in one transaction (rolled back when ``dry_run``)."""
+    """Upsert ``specs`` into ``leases`` in one transaction (rolled back when ``dry_run``).
+
+    Raises :class:`PruneRefusedError` (nothing written) when the prune guard refuses and
+    ``prune_all`` is not set.
+    """
     result = ApplyResult()
     wanted = {s.name for s in specs}
+    guard = None if prune_all else max_prune_share
     with contextlib.suppress(_RolledBack):
-        _apply(db, specs, wanted, result, prune=prune, dry_run=dry_run)
+        _apply(db, specs, wanted, result, prune=prune, dry_run=dry_run, max_prune_share=guard)
     return result
 
 
@@ -61,6 +98,7 @@ def _apply(
     *,
     prune: bool,
     dry_run: bool,
+    max_prune_share: float | None,
 ) -> None:
     with db.session() as session:
         existing = {lease.name: lease for lease in session.scalars(sa.select(Lease).with_for_update())}
@@ -79,11 +117,22 @@ def _apply(
             else:
                 result.unchanged.append(spec.name)
         if prune:
+            live = sum(1 for lease in existing.values() if lease.desired_state != "absent")
             for name, lease in sorted(existing.items()):
                 if name not in wanted and lease.desired_state != "absent":
                     lease.desired_state = "absent"
                     lease.updated_at = now
                     result.pruned.append(name)
+            refusal = (
+                prune_refusal(live, len(result.pruned), max_prune_share)
+                if max_prune_share is not None
+                else None
+            )
+            if refusal is not None:
+                raise PruneRefusedError(
+                    f"{refusal}; nothing was written. Check the files (an empty or truncated file "
+                    "prunes everything); if you mean it, run again with --prune-all"
+                )
         session.flush()  # let the database's own constraints speak before we report success
         if dry_run:
             raise _RolledBack

@@ -209,7 +209,38 @@ def _field_path(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc) or "(lease)"
 
 
-def parse_leases(data: Any, source: str) -> list[LeaseSpec]:
+LineMap = dict[int, tuple[int, dict[str, int]]]
+"""Per lease index: (line of the item, {key: line of the key}); lines are 1-based."""
+
+
+def yaml_lines(text: str) -> LineMap:
+    """Where each lease and each of its keys is in the YAML text (empty when it cannot tell)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    lines: LineMap = {}
+    for key, value in root.value:
+        if getattr(key, "value", None) != "leases" or not isinstance(value, yaml.SequenceNode):
+            continue
+        for index, item in enumerate(value.value):
+            keys: dict[str, int] = {}
+            if isinstance(item, yaml.MappingNode):
+                keys = {str(k.value): k.start_mark.line + 1 for k, _ in item.value}
+            lines[index] = (item.start_mark.line + 1, keys)
+    return lines
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(LeaseSpec.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[LeaseSpec]:
     """Validate the parsed YAML of one file; every error names the source, the lease and the field."""
     if data is None:
         return []
@@ -234,12 +265,19 @@ def parse_leases(data: Any, source: str) -> list[LeaseSpec]:
         try:
             specs.append(LeaseSpec.model_validate(dict(item)))
         except ValidationError as exc:
+            item_line, key_lines = (lines or {}).get(index, (None, {}))
             for err in exc.errors():
+                loc = err["loc"]
                 rule = (err.get("ctx") or {}).get("error")
                 if isinstance(rule, FieldRuleError):
-                    problems.append(f"{source}: {label}: {rule.field}: {rule}")
-                else:
-                    problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
+                    loc = (rule.field,)
+                line = key_lines.get(str(loc[0])) if loc else None
+                line = line or item_line
+                where = f"{source}:{line}" if line else source
+                message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
+                if err["type"] == "extra_forbidden" and len(loc) == 1:
+                    message = f"unknown field{_did_you_mean(str(loc[0]))}"
+                problems.append(f"{where}: {label}: {_field_path(loc)}: {message}")
     if problems:
         raise SpecError("\n".join(problems))
     return specs
@@ -259,9 +297,12 @@ def load_lease_files(paths: Iterable[Path]) -> list[LeaseSpec]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SpecError(f"{source}: not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark is not None else source
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError(f"{where}: not valid YAML: {problem}") from exc
         try:
-            file_specs = parse_leases(data, source)
+            file_specs = parse_leases(data, source, yaml_lines(text))
         except SpecError as exc:
             problems.append(str(exc))
             continue

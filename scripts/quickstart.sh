@@ -24,10 +24,14 @@ export LEASECTL_CONTROLLER__GC_INTERVAL_SECONDS="${LEASECTL_CONTROLLER__GC_INTER
 export LEASECTL_EXEC__POLL_INTERVAL_SECONDS="${LEASECTL_EXEC__POLL_INTERVAL_SECONDS:-1}"
 
 umask 077
+# Everything the daemon runs with, so `leasectl doctor` / `plan` in another terminal see the same.
 cat > "$STATE/env" <<ENV
-export DAYTONA_API_KEY="\$(cat '$STATE/api-key')"
+export DAYTONA_API_KEY="\$(cat '$STATE/api-key')"   # the local API's key lives in $STATE/api-key
 export DAYTONA_API_URL='$DAYTONA_API_URL'
 export LEASECTL_DATABASE_URL='$LEASECTL_DATABASE_URL'
+export LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS='$LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS'
+export LEASECTL_CONTROLLER__GC_INTERVAL_SECONDS='$LEASECTL_CONTROLLER__GC_INTERVAL_SECONDS'
+export LEASECTL_EXEC__POLL_INTERVAL_SECONDS='$LEASECTL_EXEC__POLL_INTERVAL_SECONDS'
 ENV
 
 "$BIN/leasectl" local-daytona --port "$PORT" --state-dir "$STATE/daytona" >"$STATE/local-daytona.log" 2>&1 &
@@ -56,8 +60,24 @@ PY
 done
 
 echo "local Daytona API: $DAYTONA_API_URL (log: $STATE/local-daytona.log)"
+# The examples are applied only to a new database or when the file changed since the last time:
+# a restart must not revert what the operator changed with SQL or `leasectl apply`.
+EXAMPLES=examples/leases.yaml
+STAMP="$STATE/examples.sha256"
+new_db=no
+[ -s "$STATE/leasectl.db" ] || new_db=yes
 "$BIN/leasectl" db upgrade
-"$BIN/leasectl" apply -f examples/leases.yaml
+digest="$(sha256sum "$EXAMPLES" | cut -d' ' -f1)"
+if [ "$new_db" = yes ]; then
+  echo "new database: applying $EXAMPLES"
+  "$BIN/leasectl" apply -f "$EXAMPLES"
+elif [ "$(cat "$STAMP" 2>/dev/null)" != "$digest" ]; then
+  echo "$EXAMPLES changed since it was last applied: applying it"
+  "$BIN/leasectl" apply -f "$EXAMPLES"
+else
+  echo "existing database, $EXAMPLES unchanged: not applied (your edits stay; delete .leasectl/ to start over)"
+fi
+echo "$digest" > "$STAMP"
 echo
 echo "Starting the daemon. In another terminal:  . .leasectl/env && .venv/bin/leasectl get"
 echo "Metrics: http://127.0.0.1:9464/metrics   Ctrl-C stops everything."

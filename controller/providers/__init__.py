@@ -24,7 +24,7 @@ def build_provider(
     if settings.daytona.api_key is None:
         raise ConfigError(
             "no Daytona API key: set DAYTONA_API_KEY (or daytona.api_key in the config file); "
-            "for the local Daytona API use the key it printed at start"
+            "the local Daytona API of `make run` keeps its key in .leasectl/api-key"
         )
     from controller.providers.daytona import DaytonaProvider
 

@@ -83,12 +83,18 @@ def test_update_prune_and_dry_run(database_url: str, tmp_path: Path) -> None:
     changed.write_text("leases:\n  - name: web-1\n    snapshot: daytona-large\n")
 
     before = leases_table(database_url)
-    code, out, _ = run(database_url, "apply", "-f", str(changed), "--prune", "--dry-run")
+    # 2 of 3 live leases is more than the default max_prune_share (0.5): refused, dry run or not.
+    for dry in (("--dry-run",), ()):
+        code, _, err = run(database_url, "apply", "-f", str(changed), "--prune", *dry)
+        assert code == 2 and "refusing to prune 2 of 3" in err and "--prune-all" in err
+        assert leases_table(database_url) == before
+
+    code, out, _ = run(database_url, "apply", "-f", str(changed), "--prune", "--prune-all", "--dry-run")
     assert code == 0
     assert "0 created, 1 updated, 0 unchanged, 2 pruned (dry run" in out
     assert leases_table(database_url) == before
 
-    code, out, _ = run(database_url, "apply", "-f", str(changed), "--prune")
+    code, out, _ = run(database_url, "apply", "-f", str(changed), "--prune", "--prune-all")
     assert "lease/build-box pruned" in out and "lease/idle pruned" in out
     _, out, _ = run(database_url, "get", "-o", "json")
     states = {r["name"]: r["desired_state"] for r in json.loads(out)}

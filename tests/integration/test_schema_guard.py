@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from controller import db as dbmod
+from controller import exitcodes
 from controller.cli import app
 from controller.config import load_settings
 from controller.daemon import Daemon
@@ -80,7 +81,7 @@ def test_daemon_and_writing_commands_refuse_an_unknown_schema(
     leases.write_text("leases:\n  - name: alpha\n")
     for command in (["run"], ["apply", "-f", str(leases)], ["exec-worker", "--once"]):
         code, output = _cli(empty_url, *command)
-        assert code == 1, (command, output)
+        assert code == exitcodes.NO_DATABASE, (command, output)
         assert fix in output, (command, output)
     if state != "empty":  # nothing was written: the lease table holds no row
         probe = dbmod.connect(empty_url, check_schema=False)
@@ -95,7 +96,7 @@ def test_daemon_and_writing_commands_refuse_an_unknown_schema(
 
     code, output = _cli(empty_url, "db", "upgrade")
     if state == "newer":
-        assert code == 1 and NEWER in output, output
+        assert code == exitcodes.NO_DATABASE and NEWER in output, output
     else:
         assert code == 0, output
         code, output = _cli(empty_url, "apply", "-f", str(leases))

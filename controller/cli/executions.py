@@ -1,0 +1,426 @@
+"""``exec``, ``executions`` and ``exec-worker``: commands on Ready leases (controller/execution.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import sqlalchemy as sa
+import typer
+import yaml
+from rich.table import Table
+
+from controller import db as dbmod
+from controller import exitcodes
+from controller.cli.base import app, context_of
+from controller.cli.output import (
+    EXIT_INVALID,
+    OutputFormat,
+    err,
+    fail,
+    handled,
+    jsonable,
+    out,
+    write_raw,
+)
+
+
+def _parse_env_options(items: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            # Never echo the item: it may be a secret given without its name.
+            fail("every --env must be NAME=VALUE (one had no '=')", EXIT_INVALID)
+        env[key] = value
+    return env
+
+
+def _report_outcome(execution_id: int, outcome: Any) -> NoReturn:
+    from controller.execution import EXIT_TIMED_OUT
+
+    write_raw(outcome.output)
+    if outcome.output_truncated:
+        err.print(f"note: output of execution {execution_id} was cut at the configured cap", highlight=False)
+    code = outcome.cli_exit_code
+    if outcome.state == "timed_out":
+        err.print(
+            f"[bold red]error:[/] execution {execution_id} {outcome.error or 'timed out'}", highlight=False
+        )
+        code = EXIT_TIMED_OUT
+    elif outcome.state not in ("succeeded", "failed"):
+        detail = outcome.error or outcome.state
+        err.print(
+            f"[bold red]error:[/] execution {execution_id} ended {outcome.state}: {detail}", highlight=False
+        )
+    raise typer.Exit(code)
+
+
+@app.command("exec")
+def exec_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The lease (must be Ready).")],
+    argv: Annotated[
+        list[str] | None, typer.Argument(help="After `--`: the program and its arguments, passed as is.")
+    ] = None,
+    shell: Annotated[
+        str | None,
+        typer.Option(
+            "--shell", metavar="LINE", help="A command line run as written, instead of `-- PROG ARGS`."
+        ),
+    ] = None,
+    cwd: Annotated[
+        str | None,
+        typer.Option("--cwd", metavar="DIR", help="Working directory (default: the lease workspace)."),
+    ] = None,
+    env_items: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", metavar="NAME=VALUE", help="NAME=VALUE for the command; repeatable."),
+    ] = None,
+    stdin_file: Annotated[
+        str | None,
+        typer.Option(
+            "--stdin", metavar="FILE", help="Feed FILE ('-' for this process's stdin) to the command."
+        ),
+    ] = None,
+    timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--timeout", metavar="SECONDS", min=1, help="Seconds before the command is stopped (exit 124)."
+        ),
+    ] = None,
+    queue: Annotated[
+        bool, typer.Option("--queue", help="Enqueue for a dispatcher (daemon or exec-worker) and wait.")
+    ] = False,
+) -> None:
+    """Run a command in a login shell of a Ready lease; exit with its exit code (124: timed out).
+
+    Usage: leasectl exec NAME [OPTIONS] -- PROG [ARGS...]   or   leasectl exec NAME --shell 'LINE'
+    """
+    from controller import execution
+    from controller.execution_script import quote_argv
+
+    cli = context_of(ctx)
+    if (shell is None) == (not argv):
+        fail("give exactly one of `-- PROG [ARGS...]` and `--shell 'LINE'`", EXIT_INVALID)
+    env = _parse_env_options(env_items)
+    try:
+        env = execution.check_env(env)
+        command = shell if shell is not None else quote_argv(list(argv or ()))
+    except (execution.InvalidCommandError, ValueError) as exc:
+        fail(str(exc), EXIT_INVALID)
+    stdin: bytes | None = None
+    if stdin_file == "-":
+        stdin = sys.stdin.buffer.read()
+    elif stdin_file is not None:
+        try:
+            stdin = Path(stdin_file).read_bytes()
+        except OSError as exc:
+            fail(f"--stdin {stdin_file}: {exc.strerror or exc}", EXIT_INVALID)
+    settings = cli.settings
+    with handled():
+        database = cli.database()
+        if queue:
+            try:
+                with database.session() as session:
+                    execution.check_runnable(session, name)  # still starting is fine: it waits
+                execution_id = execution.enqueue(
+                    database,
+                    lease_name=name,
+                    command=command,
+                    cwd=cwd,
+                    env=env,
+                    stdin=stdin,
+                    timeout_seconds=timeout,
+                )
+            except execution.ExecutionError as exc:
+                fail(str(exc), EXIT_INVALID)
+            err.print(f"execution {execution_id} queued; waiting for a dispatcher", highlight=False)
+            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # the same as Ctrl-C
+            try:
+                record = execution.wait_for(
+                    database, execution_id, poll_seconds=min(0.5, settings.exec.poll_interval_seconds)
+                )
+            except KeyboardInterrupt:
+                _cancel_queued_or_running(cli, database, execution_id)
+            _report_outcome(execution_id, record.outcome)
+        from controller.providers import build_provider
+
+        provider = build_provider(settings)
+        try:
+            execution_id, outcome = _execute_interruptibly(
+                lambda on_start, interrupted: execution.execute_now(
+                    database,
+                    provider,
+                    settings.exec,
+                    lease_name=name,
+                    command=command,
+                    cwd=cwd,
+                    env=env,
+                    stdin=stdin,
+                    timeout_seconds=timeout,
+                    on_start=on_start,
+                    interrupted=interrupted,
+                ),
+                provider,
+            )
+        except execution.ExecutionError as exc:
+            fail(str(exc), EXIT_INVALID)
+    _report_outcome(execution_id, outcome)
+
+
+STOP_WAIT_SECONDS = 15.0
+SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: exitcodes.INTERRUPTED, signal.SIGTERM: exitcodes.TERMINATED}
+
+
+def _execute_interruptibly(run: Callable[..., tuple[int, Any]], provider: Any) -> tuple[int, Any]:
+    """Run ``run(on_start, interrupted)`` (a blocking execute_now) in a worker thread; on SIGINT or
+    SIGTERM stop the command in the sandbox, print what it had written and exit 130 (143).
+
+    A second signal while stopping gives up at once (exit 130) and says the command may still run.
+    """
+    from controller import execution
+
+    started: dict[str, Any] = {}
+    reason: list[str] = []
+    received: list[int] = []
+    result: list[tuple[int, Any]] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+    progress = threading.Event()
+
+    def on_start(execution_id: int, sandbox_id: str, marker: str) -> None:
+        started.update(id=execution_id, sandbox=sandbox_id, marker=marker)
+        progress.set()
+
+    def work() -> None:
+        try:
+            result.append(run(on_start, lambda: reason[0] if reason else None))
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+            progress.set()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if received:
+            where = f" in sandbox {started['sandbox']}" if started else ""
+            err.print(f"gave up stopping it: the command may still run{where}", highlight=False)
+            os._exit(exitcodes.INTERRUPTED)
+        received.append(signum)
+        progress.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in SIGNAL_EXIT}
+    try:
+        threading.Thread(target=work, name="leasectl-exec", daemon=True).start()
+        while not done.is_set() and not received:
+            progress.wait()
+            progress.clear()
+        if received and not done.is_set():
+            signum = received[0]
+            name = signal.Signals(signum).name
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            while not started and not done.is_set() and time.monotonic() < deadline:
+                done.wait(0.1)  # the row and the command are about to start: stop them once they do
+            if started and not done.is_set():
+                reason.append(f"interrupted by {name}: the command was stopped in the sandbox")
+                err.print(f"{name}: stopping execution {started['id']} in the sandbox...", highlight=False)
+                problem = execution.stop_in_sandbox(provider, started["sandbox"], started["marker"])
+                done.wait(STOP_WAIT_SECONDS)
+                if result:
+                    write_raw(result[0][1].output)
+                if problem is not None:
+                    fail(
+                        f"execution {started['id']} interrupted, but {problem}; it may still run in "
+                        f"sandbox {started['sandbox']} (see `leasectl executions`)",
+                        SIGNAL_EXIT[signum],
+                    )
+                fail(
+                    f"execution {started['id']} interrupted: the command was stopped in the sandbox",
+                    SIGNAL_EXIT[signum],
+                )
+            if not done.is_set():
+                fail(f"interrupted by {name} before the command started", SIGNAL_EXIT[signum])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _cancel_queued_or_running(cli: Any, database: Any, execution_id: int) -> NoReturn:
+    """Ctrl-C while waiting for a queued execution: cancel it; if it runs, stop it in the sandbox."""
+    from controller import execution
+
+    try:
+        cancelled = execution.cancel(database, execution_id, by=execution.make_worker_id("cli"))
+    except execution.ExecutionError:
+        fail(f"execution {execution_id} had already ended; see `leasectl executions`", exitcodes.INTERRUPTED)
+    if cancelled.marker is None or cancelled.sandbox_id is None:
+        fail(f"execution {execution_id} cancelled before it started", exitcodes.INTERRUPTED)
+    fail(_stop_message(cli, cancelled), exitcodes.INTERRUPTED)
+
+
+def _stop_message(cli: Any, cancelled: Any) -> str:
+    from controller import execution
+    from controller.providers import build_provider
+
+    problem = execution.stop_in_sandbox(build_provider(cli.settings), cancelled.sandbox_id, cancelled.marker)
+    if problem is None:
+        return f"execution {cancelled.id} cancelled: the command was stopped in the sandbox"
+    return (
+        f"execution {cancelled.id} cancelled, but {problem}; "
+        f"it may still run in sandbox {cancelled.sandbox_id}"
+    )
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    ids: Annotated[list[int], typer.Argument(help="Execution ids (see `leasectl executions`).")],
+) -> None:
+    """Cancel queued or running executions; a running command is stopped in its sandbox.
+
+    A queued one never runs. A running one is stopped at once from here (SIGTERM, then SIGKILL after
+    2 s, to every process carrying its marker); its dispatcher would also stop it within one poll.
+    """
+    from controller import execution
+
+    cli = context_of(ctx)
+    with handled():
+        database = cli.database()
+        for execution_id in ids:
+            try:
+                cancelled = execution.cancel(database, execution_id, by=execution.make_worker_id("cli"))
+            except execution.ExecutionError as exc:
+                fail(str(exc), EXIT_INVALID)
+            if cancelled.marker is None or cancelled.sandbox_id is None:
+                out.print(f"execution {execution_id} cancelled (it had not started)", highlight=False)
+            else:
+                out.print(_stop_message(cli, cancelled), highlight=False)
+
+
+EXECUTION_COLUMNS = ("ID", "LEASE", "STATE", "EXIT", "CREATED", "SECONDS", "COMMAND")
+
+
+@app.command()
+def executions(
+    ctx: typer.Context,
+    lease: Annotated[str | None, typer.Option("--lease", metavar="NAME", help="Only this lease.")] = None,
+    state: Annotated[
+        str | None, typer.Option("--state", metavar="STATE", help="Only this state (queued, running, ...).")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", metavar="N", min=1, help="Newest N executions.")
+    ] = 50,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", metavar="FORMAT")] = OutputFormat.table,
+) -> None:
+    """List executions, newest last (env and stdin are never shown)."""
+    from models import Execution
+    from models.tables import EXECUTION_STATES
+
+    cli = context_of(ctx)
+    if state is not None and state not in EXECUTION_STATES:
+        fail(f"--state must be one of {', '.join(EXECUTION_STATES)}", EXIT_INVALID)
+    with handled(), cli.database().session(readonly=True) as session:
+        query = sa.select(Execution).order_by(Execution.id.desc()).limit(limit)
+        if lease:
+            query = query.where(Execution.lease_name == lease)
+        if state:
+            query = query.where(Execution.state == state)
+        rows = list(reversed(session.scalars(query).all()))
+    data = [
+        {
+            "id": r.id,
+            "lease": r.lease_name,
+            "state": r.state,
+            "exit_code": r.exit_code,
+            "command": r.command,
+            "cwd": r.cwd,
+            "timeout_seconds": r.timeout_seconds,
+            "error": r.error,
+            "output": r.output,
+            "output_truncated": r.output_truncated,
+            "claimed_by": r.claimed_by,
+            "sandbox_id": r.sandbox_id,
+            "created_at": jsonable(r.created_at),
+            "started_at": jsonable(r.started_at),
+            "finished_at": jsonable(r.finished_at),
+        }
+        for r in rows
+    ]
+    if output is OutputFormat.table:
+        table = Table(box=None, pad_edge=False)
+        for col in EXECUTION_COLUMNS:
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            seconds = (
+                f"{(r.finished_at - r.started_at).total_seconds():.1f}"
+                if r.started_at and r.finished_at
+                else "-"
+            )
+            command = r.command if len(r.command) <= 60 else r.command[:57] + "..."
+            table.add_row(
+                str(r.id),
+                r.lease_name,
+                r.state + (" (cut)" if r.output_truncated else ""),
+                "-" if r.exit_code is None else str(r.exit_code),
+                r.created_at.isoformat()[:19] if r.created_at else "-",
+                seconds,
+                command,
+            )
+        out.print(table, markup=False, highlight=False)
+    elif output is OutputFormat.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+@app.command("exec-worker")
+def exec_worker(
+    ctx: typer.Context,
+    once: Annotated[
+        bool, typer.Option("--once", help="Run what is runnable now, then exit (no waiting for leases).")
+    ] = False,
+) -> None:
+    """Run the execution dispatcher alone (the daemon runs one too); Ctrl-C or SIGTERM stops it."""
+    import signal
+    import threading
+
+    from controller.execution import Dispatcher
+    from controller.providers import build_provider
+
+    cli = context_of(ctx)
+    with handled():
+        settings = cli.settings
+        database = cli.database()
+        dbmod.check_schema(database)
+        dispatcher = Dispatcher(database, build_provider(settings), settings.exec)
+        if once:
+            try:
+                dispatcher.recover_interrupted()
+                processed = dispatcher.drain()
+            finally:
+                dispatcher.shutdown()
+            out.print(f"{processed} execution(s) processed", highlight=False)
+            return
+        stop = threading.Event()
+
+        def _stop(signum: int, _frame: Any) -> None:
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop)
+        err.print(
+            f"exec-worker {dispatcher.worker_id}: polling every {settings.exec.poll_interval_seconds:g} s",
+            highlight=False,
+        )
+        dispatcher.run_forever(stop)
