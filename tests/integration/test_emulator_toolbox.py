@@ -18,7 +18,6 @@ from daytona import (
     DaytonaError,
     DaytonaFileNotFoundError,
     DaytonaNotFoundError,
-    DaytonaProcessExecutionTimeoutError,
     DaytonaTimeoutError,
     FileDownloadRequest,
 )
@@ -73,15 +72,26 @@ def test_exec_large_output(sandbox: Any) -> None:
     assert len(result.result) == size and set(result.result) == {"x"}
 
 
-def test_exec_timeout_kills_the_process_group(sandbox: Any) -> None:
+def test_exec_timeout_kills_the_process_group(sandbox: Any, emulator: EmulatorProcess) -> None:
     marker = "timeout-marker"
-    started = time.monotonic()
-    with pytest.raises(DaytonaProcessExecutionTimeoutError) as info:
+    with pytest.raises(DaytonaTimeoutError) as info:
         sandbox.process.exec(f"(sleep 2; touch {marker}) & sleep 2; touch {marker}", timeout=1)
-    assert isinstance(info.value, DaytonaTimeoutError)
-    assert time.monotonic() - started < 2
+    assert info.value.status_code == 408 and info.value.code == "REQUEST_TIMEOUT"
     time.sleep(1.5)
     assert sandbox.process.exec(f"test -e {marker}").exit_code == 1
+    execute = f"/toolbox/{sandbox.id}/process/execute"
+    answer = emulator.call("POST", execute, {"command": "sleep 5", "timeout": 1})
+    assert answer.status == 408
+    assert answer.body["code"] == "REQUEST_TIMEOUT" and answer.body["statusCode"] == 408
+    assert {"path", "timestamp", "error", "message"} <= set(answer.body)
+
+
+def test_exec_signal_and_start_failure_report_minus_one(sandbox: Any) -> None:
+    assert sandbox.process.exec("kill -9 $$").exit_code == -1
+    assert sandbox.process.exec("kill -TERM $$").exit_code == -1
+    assert sandbox.process.exec("exit 3").exit_code == 3
+    missing = sandbox.process.exec("echo never", cwd="no/such/dir")  # the shell cannot start there
+    assert missing.exit_code == -1
 
 
 def test_work_and_home_dir_are_real_paths(sandbox: Any, emulator: EmulatorProcess) -> None:

@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ _URL_LINE = re.compile(r"local-daytona listening on (http://\S+)")
 
 class EmulatorError(RuntimeError):
     """The emulator did not start, or an admin call failed."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer of the emulator: status, headers and the decoded JSON body (or None)."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
 
 
 class EmulatorProcess:
@@ -176,8 +186,8 @@ class EmulatorProcess:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """An authorised JSON call to the emulator (``path`` from the root, e.g. ``/_emulator/stats``)."""
+    def call(self, method: str, path: str, body: Any = None) -> Answer:
+        """An authorised JSON call that returns any answer, errors included (status, headers, body)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.base_url + path,
@@ -186,11 +196,18 @@ class EmulatorProcess:
             headers={"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                raw = response.read()
+            with urllib.request.urlopen(req, timeout=60) as response:
+                status, headers, raw = response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as exc:
-            raise EmulatorError(f"{method} {path}: {exc.code} {exc.read()!r}") from exc
-        return json.loads(raw) if raw else None
+            status, headers, raw = exc.code, dict(exc.headers), exc.read()
+        return Answer(status, headers, json.loads(raw) if raw else None)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """An authorised JSON call to the emulator (``path`` from the root, e.g. ``/_emulator/stats``)."""
+        answer = self.call(method, path, body)
+        if answer.status >= 400:
+            raise EmulatorError(f"{method} {path}: {answer.status} {answer.body!r}")
+        return answer.body
 
     def stats(self) -> dict[str, int]:
         """Requests served per operation (list, get, create, ..., execute, upload, download)."""
