@@ -66,10 +66,6 @@ def _inside(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
-def _allowed(path: str, root: str, state_dir: str) -> bool:
-    return _inside(path, root) or (_inside(path, "/tmp") and not _inside(path, state_dir))
-
-
 def resolve_path(store: Store, record: SandboxRecord, raw: str | None, *, follow_last: bool = True) -> Path:
     """Map a toolbox path to a host path (see the module docstring); 403 if it leaves the sandbox.
 
@@ -82,21 +78,22 @@ def resolve_path(store: Store, record: SandboxRecord, raw: str | None, *, follow
         raise ApiError(400, "path contains a NUL byte", code="INVALID_FILE_PATH", source=SOURCE_DAEMON)
     root = str(store.root_of(record))
     state_dir = str(store.state_dir)
+    shared_tmp = False
     if not raw.startswith("/"):
         candidate = os.path.normpath(os.path.join(home_of(store, record), raw))
     else:
-        normal = os.path.normpath(raw)
-        if _allowed(normal, root, state_dir):
-            candidate = normal
-        else:
-            candidate = os.path.normpath(os.path.join(root, normal.lstrip("/")))
-    if _allowed(candidate, root, state_dir):
+        candidate = os.path.normpath(raw)
+        shared_tmp = _inside(candidate, "/tmp") and not _inside(candidate, state_dir)
+        if not shared_tmp and not _inside(candidate, root):
+            candidate = os.path.normpath(os.path.join(root, candidate.lstrip("/")))
+    if shared_tmp or _inside(candidate, root):
         head, tail = os.path.split(candidate)
         real = os.path.realpath(candidate) if follow_last else os.path.join(os.path.realpath(head), tail)
-        real_root = os.path.realpath(root)
-        real_tmp = os.path.realpath("/tmp")
-        real_state = os.path.realpath(state_dir)
-        if _inside(real, real_root) or (_inside(real, real_tmp) and not _inside(real, real_state)):
+        if shared_tmp:
+            real_state = os.path.realpath(state_dir)
+            if _inside(real, os.path.realpath("/tmp")) and not _inside(real, real_state):
+                return Path(candidate)
+        elif _inside(real, os.path.realpath(root)):
             return Path(candidate)
     raise ApiError(403, f"access to {raw} is denied", code="FILE_ACCESS_DENIED", source=SOURCE_DAEMON)
 
