@@ -235,7 +235,7 @@ def test_created_at_cursor_is_stable_while_activity_changes(emulator: EmulatorPr
 def test_list_shows_derived_states_and_hides_the_destroyed(emulator: EmulatorProcess) -> None:
     for name in ("a", "b", "c", "d", "e", "f"):
         create(emulator, name)
-    emulator.request("POST", "/_emulator/sandboxes/a/state", {"state": "started", "desiredState": "stopped"})
+    emulator.force_state("a", "started", desired_state="stopped")
     emulator.request("POST", "/_emulator/sandboxes/b/state", {"state": "stopped", "desiredState": "started"})
     emulator.request("POST", "/_emulator/sandboxes/c/state", {"state": "archived", "desiredState": "started"})
     emulator.request(

@@ -7,6 +7,8 @@ Usage::
         client.create()
         assert emu.stats()["create"] == 1
         emu.set_faults(fail_rate={"get": {"429": 1.0}})     # PATCH the live fault settings
+        emu.set_faults(quota=2, time_scale=600)             # server-like knobs (docs/local-daytona.md)
+        answer = emu.call("POST", "/api/sandbox/x/stop")    # status, headers, body; never raises
         emu.restart()                                       # same port, same state dir
         emu.kill()                                          # SIGKILL, for crash tests
 
@@ -235,12 +237,24 @@ class EmulatorProcess:
         self.request("POST", "/_emulator/faults/reset")
 
     def force_state(
-        self, id_or_name: str, state: str, *, recoverable: bool = False, error_reason: str | None = None
+        self,
+        id_or_name: str,
+        state: str,
+        *,
+        recoverable: bool = False,
+        error_reason: str | None = None,
+        desired_state: str | None = None,
     ) -> dict[str, Any]:
-        """Put a sandbox into any state (e.g. ``error``), cancelling a transition in progress."""
+        """Put a sandbox into any state (e.g. ``error``), cancelling a transition in progress.
+
+        ``desired_state`` defaults to the state itself for started/stopped/archived/paused (else it
+        is kept); e.g. ``force_state(x, "started", desired_state="stopped")`` lists as ``stopping``.
+        """
         body: dict[str, Any] = {"state": state, "recoverable": recoverable}
         if error_reason is not None:
             body["errorReason"] = error_reason
+        if desired_state is not None:
+            body["desiredState"] = desired_state
         result: dict[str, Any] = self.request("POST", f"/_emulator/sandboxes/{id_or_name}/state", body)
         return result
 
