@@ -2,10 +2,17 @@
 
 The middleware does, in order: answer ``/api/socket.io/`` with 404 (no event stream; the SDK falls
 back to polling), check the bearer key (401 with Daytona's envelope), complete due transitions,
-count the request under its operation name, apply injected latency and failures, run the handler
-and turn :class:`ApiError` and aiohttp's HTTP errors into Daytona's envelope. Route names are the
-operation names of ``faults.OPERATIONS``; admin routes start with ``admin_`` and are neither
-counted nor faulted.
+count the request under its operation name, apply injected latency and failures (a 429 carries the
+named throttler headers of Daytona, ``Retry-After-<name>`` and ``X-RateLimit-*-<name>``, and no
+plain ``Retry-After``), run the handler and turn :class:`ApiError` and aiohttp's HTTP errors into
+Daytona's envelope. Route names are the operation names of ``faults.OPERATIONS``; admin routes
+start with ``admin_`` and are neither counted nor faulted.
+
+Every call on one sandbox (REST other than the list, and the toolbox) is activity: it resets the
+sandbox's auto-stop timer and its ``lastActivityAt``. Create, start and recover answer once the
+sandbox is started (or after ``start_wait_seconds``), and 400 "Sandbox failed to start: ..." when
+it reached ``error``/``build_failed`` first. The list sorts by ``lastActivityAt`` descending unless
+asked otherwise, shows derived states, and with ``list_lag`` shows every sandbox as it was.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from aiohttp import web
 
 from . import toolbox
 from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response
-from .faults import Faults, FaultSettings, validate
+from .faults import THROTTLE_LIMITS, Faults, FaultSettings, throttler_for, validate
 from .lifecycle import Lifecycle
-from .state import DEFAULT_SNAPSHOT, SandboxRecord, Store, decode_cursor, encode_cursor
+from .state import DEFAULT_SNAPSHOT, ERRORED, SandboxRecord, Store, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +47,11 @@ SORT_FIELDS: dict[str, Callable[[SandboxRecord], Any]] = {
     "cpu": lambda r: r.cpu,
     "memoryGib": lambda r: r.memory,
     "diskGib": lambda r: r.disk,
-    "lastActivityAt": lambda r: r.updated_at,
-    "createdAt": lambda r: r.seq,
+    "lastActivityAt": lambda r: r.last_activity_ts,
+    "createdAt": lambda r: r.created_ts,
 }
+DEFAULT_SORT = "lastActivityAt"
+DEFAULT_ORDER = "desc"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,10 +65,12 @@ def dto(request: web.Request, record: SandboxRecord) -> web.Response:
 
 
 def find(request: web.Request, key: str = "idOrName") -> SandboxRecord:
+    """The sandbox a REST call names (404 if unknown); the call counts as activity on it."""
     ident = request.match_info[key]
     record = request.app[STORE].find(ident)
     if record is None:
         raise ApiError(404, f"Sandbox with ID or name {ident} not found", source=SOURCE_API)
+    request.app[LIFECYCLE].touch(record)
     return record
 
 
@@ -112,8 +123,7 @@ async def _with_faults(request: web.Request, handler: Handler, op: str) -> web.S
         await asyncio.sleep(delay)
     kind = faults.failure(op)
     if kind == "429":
-        retry = str(faults.settings.retry_after)
-        raise ApiError(429, "ThrottlerException: Too Many Requests", headers={"Retry-After": retry})
+        raise ApiError(429, "ThrottlerException: Too Many Requests", headers=throttle_headers(faults, op))
     if kind in ("500", "503"):
         raise ApiError(int(kind), f"injected fault on {op}", source=SOURCE_API)
     if kind == "timeout":
@@ -125,14 +135,34 @@ async def _with_faults(request: web.Request, handler: Handler, op: str) -> web.S
     return await handler(request)
 
 
+def throttle_headers(faults: Faults, op: str) -> dict[str, str]:
+    """The headers of a 429 from the Daytona throttler that guards ``op`` (no plain Retry-After)."""
+    name = throttler_for(op)
+    retry = str(faults.settings.retry_after)
+    return {
+        f"Retry-After-{name}": retry,
+        f"X-RateLimit-Limit-{name}": str(THROTTLE_LIMITS[name]),
+        f"X-RateLimit-Remaining-{name}": "0",
+        f"X-RateLimit-Reset-{name}": retry,
+    }
+
+
 # -- REST --------------------------------------------------------------------------------------
+
+
+async def _started_or_failed(request: web.Request, record: SandboxRecord) -> web.StreamResponse:
+    """Wait as the server does for ``started``; an errored sandbox is a 400 (and stays)."""
+    record = await request.app[LIFECYCLE].wait_started(record)
+    if record.state in ERRORED:
+        raise ApiError(400, f"Sandbox failed to start: {record.error_reason}", source=SOURCE_API)
+    return dto(request, record)
 
 
 async def create_sandbox(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object", source=SOURCE_API)
-    return dto(request, request.app[LIFECYCLE].create(body))
+    return await _started_or_failed(request, request.app[LIFECYCLE].create(body))
 
 
 async def get_sandbox(request: web.Request) -> web.StreamResponse:
@@ -156,6 +186,8 @@ def _int_query(request: web.Request, key: str) -> int | None:
 
 
 def _matcher(request: web.Request) -> Callable[[SandboxRecord], bool]:
+    """The list filters. ``states`` matches the stored state (the server filters its state column),
+    not the derived state the list item shows."""
     query = request.query
     labels: dict[str, Any] = {}
     if query.get("labels"):
@@ -172,6 +204,7 @@ def _matcher(request: web.Request) -> Callable[[SandboxRecord], bool]:
     name_prefix = (query.get("name") or "").lower()
     is_public = _flag(query.get("isPublic"))
     is_recoverable = _flag(query.get("isRecoverable"))
+    errored_deleted = _flag(query.get("includeErroredDeleted")) or False
     bounds = [
         (_int_query(request, "minCpu"), _int_query(request, "maxCpu"), "cpu"),
         (_int_query(request, "minMemoryGiB"), _int_query(request, "maxMemoryGiB"), "memory"),
@@ -182,6 +215,8 @@ def _matcher(request: web.Request) -> Callable[[SandboxRecord], bool]:
     label_items = list(labels.items())
 
     def match(r: SandboxRecord) -> bool:
+        if r.state in ERRORED and r.desired_state == "destroyed" and not errored_deleted:
+            return False
         if label_items and any(r.labels.get(k) != v for k, v in label_items):
             return False
         if states and r.state not in states:
@@ -213,26 +248,19 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     if not 1 <= limit <= MAX_LIMIT:
         raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}", source=SOURCE_API)
     store = request.app[STORE]
-    faults = request.app[FAULTS]
+    lag = request.app[FAULTS].settings.list_lag
     match = _matcher(request)
-    lag = faults.settings.list_lag
-    if lag > 0:
-        horizon = request.app[LIFECYCLE].clock() - lag
-        visible = [r for r in store.ordered() if r.created_ts <= horizon]
-        visible += [t for t in store.tombstones if t.created_ts <= horizon < (t.deleted_ts or 0)]
-        visible.sort(key=lambda r: r.seq)
-    else:
-        visible = list(store.ordered())
-    rows = [r for r in visible if match(r)]
-    sort = request.query.get("sort") or "createdAt"
+    sort = request.query.get("sort") or DEFAULT_SORT
     if sort not in SORT_FIELDS:
         raise ApiError(400, f"sort must be one of {', '.join(SORT_FIELDS)}", source=SOURCE_API)
-    descending = (request.query.get("order") or "asc").lower() == "desc"
+    order = (request.query.get("order") or DEFAULT_ORDER).lower()
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order must be asc or desc", source=SOURCE_API)
+    descending = order == "desc"
     field = SORT_FIELDS[sort]
-    if sort != "createdAt":
-        rows.sort(key=lambda r: (field(r), r.seq))
-    if descending:
-        rows.reverse()
+    # The list is eventually consistent: with a lag it shows each sandbox as it was then.
+    visible = store.as_of(request.app[LIFECYCLE].clock() - lag) if lag > 0 else store.ordered()
+    rows = sorted((r for r in visible if match(r)), key=lambda r: (field(r), r.id), reverse=descending)
     cursor = request.query.get("cursor")
     if cursor:
         after = decode_cursor(cursor)
@@ -241,7 +269,7 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
         mark = tuple(after)
 
         def beyond(r: SandboxRecord) -> bool:
-            key = (field(r), r.seq)
+            key = (field(r), r.id)
             return key < mark if descending else key > mark
 
         try:
@@ -252,17 +280,22 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     next_cursor = None
     if len(rows) > limit:
         last = page[-1]
-        next_cursor = encode_cursor([field(last), last.seq])
+        next_cursor = encode_cursor([field(last), last.id])
     base = toolbox_url(request)
     return json_response({"items": [r.to_dto(base, list_item=True) for r in page], "nextCursor": next_cursor})
 
 
 def _lifecycle_route(action: str) -> Handler:
+    waits = action in ("start", "recover")
+
     async def handle(request: web.Request) -> web.StreamResponse:
         record = find(request)
         lifecycle = request.app[LIFECYCLE]
         method: Callable[[SandboxRecord], SandboxRecord] = getattr(lifecycle, action)
-        return dto(request, method(record))
+        record = method(record)
+        if waits:
+            return await _started_or_failed(request, record)
+        return dto(request, record)
 
     return handle
 
@@ -331,11 +364,13 @@ async def get_config(request: web.Request) -> web.StreamResponse:
 
 
 def started(request: web.Request) -> SandboxRecord:
+    """The started sandbox a toolbox call is for; the call counts as activity on it."""
     ident = request.match_info["sandboxId"]
     record = request.app[STORE].find(ident)
     if record is None:
         raise ApiError(404, f"sandbox {ident} not found", source=SOURCE_PROXY)
     toolbox.require_started(record)
+    request.app[LIFECYCLE].touch(record)
     return record
 
 
@@ -425,6 +460,7 @@ async def _ticker(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(0.1)
             try:
                 app[LIFECYCLE].tick()
+                app[LIFECYCLE].sweep()
             except Exception:  # keep ticking; a broken record must not stop time
                 log.exception("transition tick failed")
 

@@ -44,8 +44,12 @@ def build_faults(
     retry_after: int,
     hang_seconds: float,
     seed: int | None,
+    **scalars: float | int | None,
 ) -> FaultSettings:
-    """Fault settings from CLI flag values (``--fail-rate OP:KIND=P``, the others ``OP=NUMBER``)."""
+    """Fault settings from CLI flag values (``--fail-rate OP:KIND=P``, the maps ``OP=NUMBER``).
+
+    ``scalars`` are the other settings by their FaultSettings name (``None``: the default).
+    """
     rates: dict[str, dict[str, float]] = {}
     for key, probability in _pairs(fail_rate, "--fail-rate").items():
         op, sep, kind = key.partition(":")
@@ -66,6 +70,7 @@ def build_faults(
                 "retry_after": retry_after,
                 "hang_seconds": hang_seconds,
                 "seed": seed,
+                **{key: value for key, value in scalars.items() if value is not None},
             }
         )
     except ValueError as exc:
@@ -95,9 +100,32 @@ def local_daytona(
     error_recoverable: bool = typer.Option(
         True, "--error-recoverable/--error-unrecoverable", help="Whether injected errors are recoverable."
     ),
-    list_lag: float = typer.Option(0.0, "--list-lag", help="List results lag creates/deletes by SECONDS."),
-    quota: int | None = typer.Option(None, "--quota", help="Maximum number of sandboxes (403 over it)."),
-    retry_after: int = typer.Option(1, "--retry-after", help="Retry-After seconds sent with injected 429."),
+    build_failed: float = typer.Option(
+        0.0, "--build-failed", help="P: a create ends in state build_failed with probability P."
+    ),
+    no_runners: float = typer.Option(
+        0.0, "--no-runners", help='P: create/start answer 400 "No available runners" with probability P.'
+    ),
+    list_lag: float = typer.Option(
+        0.0, "--list-lag", help="The list shows sandboxes as they were SECONDS ago (also states)."
+    ),
+    quota: int | None = typer.Option(None, "--quota", help="Maximum number of live sandboxes (400 over it)."),
+    quota_cpu: int | None = typer.Option(None, "--quota-cpu", help="Total CPUs of running sandboxes."),
+    quota_memory: int | None = typer.Option(
+        None, "--quota-memory", help="Total memory (GiB) of running sandboxes."
+    ),
+    quota_disk: int | None = typer.Option(
+        None, "--quota-disk", help="Total disk (GiB) of sandboxes that are not archived."
+    ),
+    start_wait_seconds: float = typer.Option(
+        30.0, "--start-wait-seconds", help="How long create/start/recover wait for started (server: 30)."
+    ),
+    time_scale: float = typer.Option(
+        1.0, "--time-scale", help="Auto-stop/archive/delete minutes run F x faster (600: 15 min = 1.5 s)."
+    ),
+    retry_after: int = typer.Option(
+        1, "--retry-after", help="Retry-After-<name> seconds sent with injected 429."
+    ),
     hang_seconds: float = typer.Option(5.0, "--hang-seconds", help="How long an injected time-out hangs."),
     seed: int | None = typer.Option(None, "--seed", help="Seed the fault dice for repeatable runs."),
     verbose: bool = typer.Option(False, "--verbose", help="Log at INFO level."),
@@ -115,6 +143,13 @@ def local_daytona(
         retry_after,
         hang_seconds,
         seed,
+        build_failed=build_failed,
+        no_runners=no_runners,
+        quota_cpu=quota_cpu,
+        quota_memory=quota_memory,
+        quota_disk=quota_disk,
+        start_wait_seconds=start_wait_seconds,
+        time_scale=time_scale,
     )
     key = api_key or os.environ.get("DAYTONA_API_KEY")
     if not key:

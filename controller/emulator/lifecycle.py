@@ -1,19 +1,36 @@
-"""The sandbox state machine: which operation is allowed from which state, and transitions in time.
+"""The sandbox state machine: which call is allowed from which state, transitions in time, waits.
 
-Each lifecycle operation moves a sandbox to a transitional state (``creating``, ``starting``,
-``restoring``, ``stopping``, ``archiving``, ``destroying``) and records the final state with a due
-time (``transition_latency`` of the operation, from the fault settings). With latency 0 the final
-state is set at once, so the SDK's waits cost nothing. ``tick`` completes due transitions; the app
-calls it before every request and a timer calls it a few times a second, so states advance without
-requests too (and after a restart, since due times are stored).
+Each lifecycle call sets the desired state and moves the sandbox to a transitional state
+(``creating``, ``starting``, ``restoring``, ``stopping``, ``archiving``, ``destroying``,
+``pending_build``) with the final state due after the ``transition_latency`` of the call (fault
+settings); with latency 0 the final state is set at once. ``tick`` completes due transitions: the app
+calls it before every request, a timer a few times a second and a callback at each due time, so
+states advance without requests too (and after a restart, since due times are stored). ``sweep``
+(timer only) stops, archives or deletes sandboxes whose auto-stop / auto-archive / auto-delete
+interval has run out, in minutes scaled by ``time_scale``.
 
-Refusals follow Daytona: 409 while a transition is in progress and for a duplicate name, 400 for an
-operation the current state does not allow, 403 over the sandbox quota.
+Refusals follow Daytona's ``sandbox.service.ts`` (reference/daytona-server-semantics.md):
+
+- start: no-op on ``started``; allowed from stopped, archived, archiving and paused; errored -> 400
+  "Sandbox is in an errored state"; a change in progress -> 409 "Sandbox state change in
+  progress"; otherwise 400 "Sandbox is not in valid state";
+- stop: from started or paused (an ephemeral sandbox is deleted instead), else 400 "Sandbox is not
+  in a stoppable state"; archive: from stopped only, else 400 "Sandbox is not stopped";
+  ephemeral -> 400;
+- delete: from any state without a change in progress (archiving and pending_build included),
+  else 409; it renames the sandbox at once to ``DESTROYED_<name>_<ms>``, freeing the name;
+- recover: only ``error`` with ``recoverable``; create: 409 for a duplicate name, 400 for quota,
+  capacity ("No available runners") and a GPU sandbox that is not ephemeral.
+
+``wait_started`` is what create, start and recover await before answering (up to
+``start_wait_seconds``): the app answers 400 "Sandbox failed to start: ..." when the sandbox reached
+``error``/``build_failed`` first, and leaves the errored sandbox in place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 import uuid
@@ -23,7 +40,7 @@ from typing import Any
 
 from .errors import SOURCE_API, ApiError, now_iso
 from .faults import Faults
-from .state import DEFAULT_SNAPSHOT, HOME_RELATIVE, SandboxRecord, Store
+from .state import DEFAULT_SNAPSHOT, ERRORED, HOME_RELATIVE, SandboxRecord, Store
 
 TRANSITIONAL = frozenset(
     {
@@ -44,6 +61,12 @@ TRANSITIONAL = frozenset(
     }
 )
 LANGUAGES = ("python", "typescript", "javascript")
+# After a call returns with its target state or an error, the wait is over.
+WAIT_DONE = frozenset({"started", *ERRORED, "destroying", "destroyed"})
+# Resources a sandbox holds against the CPU/memory quota: anything but stopped, archived or gone.
+NOT_RUNNING = frozenset({"stopped", "archived", "archiving", "destroyed", "destroying", *ERRORED})
+MAX_AUTO_ARCHIVE_MINUTES = 43200  # autoArchiveInterval 0 means "the maximum" (30 days)
+IN_PROGRESS = "Sandbox state change in progress"
 
 
 def _str_map(value: Any, name: str) -> dict[str, str]:
@@ -65,34 +88,72 @@ def _int(body: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, source=SOURCE_API)
+
+
 class Lifecycle:
-    """Applies lifecycle operations to the store, with fault settings and a clock."""
+    """Applies lifecycle calls to the store, with fault settings and a clock."""
 
     def __init__(self, store: Store, faults: Faults, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.faults = faults
         self.clock = clock
+        self._waiters: dict[str, asyncio.Event] = {}
 
     # -- time ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Complete every transition that is due; drop tombstones no lagging list can show."""
+        """Complete every transition that is due."""
         now = self.clock()
         for sandbox_id in [i for i in self.store.pending if self._due(i, now)]:
             record = self.store.by_id[sandbox_id]
             self._finish(record, record.pending_state or record.state, now)
-        if self.store.tombstones:
-            self.store.prune_tombstones(now - max(self.faults.settings.list_lag, 0.0) - 1.0)
+
+    def sweep(self) -> None:
+        """Timer work: auto-stop, auto-archive and auto-delete; prune versions no list can show."""
+        now = self.clock()
+        for record in list(self.store.by_id.values()):
+            if record.pending_until is not None or record.desired_state == "destroyed":
+                continue
+            if record.state == "started" and record.auto_stop_interval > 0:
+                if now - record.last_activity_ts >= self.faults.minutes(record.auto_stop_interval):
+                    self._stop_or_destroy(record)
+            elif record.state == "stopped":
+                if record.auto_delete_interval > 0 and now - record.state_since_ts >= self.faults.minutes(
+                    record.auto_delete_interval
+                ):
+                    self._destroy(record)
+                    continue
+                archive_after = record.auto_archive_interval or MAX_AUTO_ARCHIVE_MINUTES
+                if record.auto_delete_interval != 0 and now - record.state_since_ts >= self.faults.minutes(
+                    archive_after
+                ):
+                    record.desired_state = "archived"
+                    self._begin(record, "archive", "archiving", "archived")
+        self.store.prune_versions(now - self.faults.settings.list_lag - 1.0)
 
     def _due(self, sandbox_id: str, now: float) -> bool:
         record = self.store.by_id.get(sandbox_id)
         return record is not None and record.pending_until is not None and record.pending_until <= now
 
+    def _save(self, record: SandboxRecord) -> None:
+        """Persist a change and wake whoever waits on this sandbox."""
+        self.store.save(record)
+        self._notify(record)
+
+    def _notify(self, record: SandboxRecord) -> None:
+        event = self._waiters.pop(record.id, None)
+        if event is not None:
+            event.set()
+
     def _finish(self, record: SandboxRecord, final: str, now: float) -> None:
+        if final != record.state:
+            record.state_since_ts = now
         record.state = final
-        if final == "error":
-            record.error_reason = record.pending_error or "injected fault: the sandbox failed"
-            record.recoverable = record.pending_recoverable
+        if final in ERRORED:
+            record.error_reason = record.pending_error or f"injected fault: the sandbox reached {final}"
+            record.recoverable = record.pending_recoverable if final == "error" else False
         elif final != "destroyed":
             record.error_reason = None
             record.recoverable = False
@@ -102,9 +163,10 @@ class Lifecycle:
         record.updated_at = now_iso()
         if final == "destroyed":
             self.store.remove(record, now)
+            self._notify(record)
             self._discard_dir(self.store.root_of(record))
         else:
-            self.store.save(record)
+            self._save(record)
 
     def _discard_dir(self, path: Path) -> None:
         try:
@@ -114,43 +176,99 @@ class Lifecycle:
             return
         loop.run_in_executor(None, shutil.rmtree, path, True)
 
-    def _begin(
-        self, record: SandboxRecord, op: str, transitional: str, final: str, *, may_fail: bool = False
-    ) -> None:
+    def _begin(self, record: SandboxRecord, op: str, transitional: str, final: str) -> None:
         now = self.clock()
-        if may_fail and self.faults.sandbox_error(op):
-            final = "error"
-            record.pending_error = f"injected fault: {op} failed"
-            record.pending_recoverable = self.faults.settings.error_recoverable
-        elif may_fail and self.faults.stuck_starting(op):
-            record.state = "starting"
-            record.pending_state = None
-            record.pending_until = None
-            record.updated_at = now_iso()
-            self.store.save(record)
-            return
         latency = self.faults.transition_latency(op)
         if latency <= 0:
             self._finish(record, final, now)
             return
+        if record.state != transitional:
+            record.state_since_ts = now
         record.state = transitional
         record.pending_state = final
         record.pending_until = now + latency
         record.updated_at = now_iso()
+        self._save(record)
+        # Without a running loop (direct use) the next tick completes it.
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_later(latency + 0.005, self.tick)
+
+    def _begin_start(self, record: SandboxRecord, op: str, transitional: str) -> None:
+        """A transition to ``started`` that the fault dice may send to error or leave stuck."""
+        if op == "create" and self.faults.build_failed():
+            record.pending_error = "injected fault: the build failed"
+            self._begin(record, op, "pending_build", "build_failed")
+        elif self.faults.sandbox_error(op):
+            record.pending_error = f"injected fault: {op} failed"
+            record.pending_recoverable = self.faults.settings.error_recoverable
+            self._begin(record, op, transitional, "error")
+        elif self.faults.stuck_starting(op):
+            now = self.clock()
+            record.state = "starting"
+            record.state_since_ts = now
+            record.pending_state = None
+            record.pending_until = None
+            record.updated_at = now_iso()
+            self._save(record)
+        else:
+            self._begin(record, op, transitional, "started")
+
+    def touch(self, record: SandboxRecord) -> None:
+        """Record activity (an SDK or toolbox call on this sandbox): it resets the auto-stop timer."""
+        record.last_activity_ts = self.clock()
+        record.last_activity_at = now_iso()
         self.store.save(record)
+
+    async def wait_started(self, record: SandboxRecord) -> SandboxRecord:
+        """Wait until the sandbox is started, errored or deleted, at most ``start_wait_seconds``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.faults.settings.start_wait_seconds
+        while record.state not in WAIT_DONE and record.desired_state != "destroyed":
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            event = self._waiters.setdefault(record.id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                break
+        return record
 
     # -- guards -------------------------------------------------------------------------------
 
-    def _busy(self, record: SandboxRecord) -> None:
-        if record.state in TRANSITIONAL:
-            raise ApiError(
-                409,
-                f"Sandbox {record.id} is in state {record.state}: another operation is in progress",
-                source=SOURCE_API,
-            )
+    def _changing(self, record: SandboxRecord) -> bool:
+        return record.pending_until is not None or record.state in TRANSITIONAL
 
-    def _refuse(self, record: SandboxRecord, op: str) -> ApiError:
-        return ApiError(400, f"Sandbox {record.id} is {record.state}: cannot {op}", source=SOURCE_API)
+    def _in_progress(self) -> ApiError:
+        return ApiError(409, IN_PROGRESS, source=SOURCE_API)
+
+    def _refuse_errored(self, record: SandboxRecord) -> None:
+        if record.state in ERRORED:
+            raise _bad("Sandbox is in an errored state")
+
+    def _capacity(self, adding: SandboxRecord, *, new: bool) -> None:
+        """Quota and runner checks of create (``new``) and start; all answer 400, as Daytona does."""
+        settings = self.faults.settings
+        if self.faults.no_runners():
+            raise _bad("No available runners")
+        if new and settings.quota is not None and self.store.count() + 1 > settings.quota:
+            raise _bad(f"Total sandbox limit exceeded. Maximum allowed: {settings.quota}.")
+        if settings.quota_cpu is None and settings.quota_memory is None and settings.quota_disk is None:
+            return
+        live = [r for r in self.store.by_id.values() if r is not adding]
+        running = [r for r in live if r.state not in NOT_RUNNING]
+        if settings.quota_cpu is not None and sum(r.cpu for r in running) + adding.cpu > settings.quota_cpu:
+            raise _bad(f"Total CPU limit exceeded. Maximum allowed: {settings.quota_cpu}")
+        if (
+            settings.quota_memory is not None
+            and sum(r.memory for r in running) + adding.memory > settings.quota_memory
+        ):
+            raise _bad(f"Total memory limit exceeded. Maximum allowed: {settings.quota_memory}GiB")
+        holding = [r for r in live if r.state not in ("archived", "destroyed")]
+        if settings.quota_disk is not None and sum(r.disk for r in holding) + (
+            adding.disk if new or adding.state == "archived" else 0
+        ) > (settings.quota_disk):
+            raise _bad(f"Total disk limit exceeded. Maximum allowed: {settings.quota_disk}GiB")
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -160,29 +278,23 @@ class Lifecycle:
         if name is None or name == "":
             name = sandbox_id
         if not isinstance(name, str):
-            raise ApiError(400, "name must be a string", source=SOURCE_API)
+            raise _bad("name must be a string")
         if self.store.find(name) is not None:
             raise ApiError(409, f"Sandbox with name {name} already exists", source=SOURCE_API)
         labels = _str_map(body.get("labels"), "labels")
         if labels.get("code-toolbox-language", "python") not in LANGUAGES:
-            raise ApiError(400, "Invalid code-toolbox-language label", source=SOURCE_API)
-        quota = self.faults.settings.quota
-        if quota is not None and self.store.count() >= quota:
-            raise ApiError(
-                403,
-                f"Total sandbox limit exceeded. Maximum allowed: {quota}.",
-                source=SOURCE_API,
-            )
+            raise _bad("Invalid code-toolbox-language label")
         build_info = body.get("buildInfo")
         snapshot = body.get("snapshot")
         if snapshot is not None and not isinstance(snapshot, str):
-            raise ApiError(400, "snapshot must be a string", source=SOURCE_API)
+            raise _bad("snapshot must be a string")
+        now = self.clock()
         now_text = now_iso()
         stored_build: dict[str, Any] | None = None
         if isinstance(build_info, dict):
             dockerfile = build_info.get("dockerfileContent")
             if not isinstance(dockerfile, str):
-                raise ApiError(400, "buildInfo.dockerfileContent must be a string", source=SOURCE_API)
+                raise _bad("buildInfo.dockerfileContent must be a string")
             stored_build = {
                 "dockerfileContent": dockerfile,
                 "contextHashes": list(build_info.get("contextHashes") or []),
@@ -201,8 +313,8 @@ class Lifecycle:
         record = SandboxRecord(
             id=sandbox_id,
             name=name,
-            seq=self.store.next_seq(),
-            created_ts=self.clock(),
+            seq=0,
+            created_ts=now,
             created_at=now_text,
             updated_at=now_text,
             state="creating",
@@ -225,79 +337,123 @@ class Lifecycle:
             build_info=stored_build,
             volumes=[v for v in body.get("volumes") or [] if isinstance(v, dict)],
             extra=extra,
+            last_activity_ts=now,
+            last_activity_at=now_text,
+            state_since_ts=now,
         )
+        if record.gpu > 0 and record.auto_delete_interval != 0:
+            raise _bad("GPU sandboxes must be ephemeral (autoDeleteInterval 0)")
+        self._capacity(record, new=True)
+        record.seq = self.store.next_seq()
         root = self.store.root_of(record)
         (root / HOME_RELATIVE).mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
-        self.store.save(record)
-        self._begin(record, "create", "creating", "started", may_fail=True)
+        self._save(record)
+        self._begin_start(record, "create", "creating")
         return record
 
     def start(self, record: SandboxRecord) -> SandboxRecord:
-        if record.state == "started":
+        if record.state == "started" and record.pending_until is None:
             return record
-        self._busy(record)
-        if record.state not in ("stopped", "archived"):
-            raise self._refuse(record, "start")
+        self._refuse_errored(record)
+        if record.state == "archiving":  # the archive is abandoned; the disk is still local
+            record.pending_state = None
+            record.pending_until = None
+        elif self._changing(record):
+            raise self._in_progress()
+        if record.state not in ("stopped", "archived", "archiving", "paused"):
+            raise _bad("Sandbox is not in valid state")
+        self._capacity(record, new=False)
         record.desired_state = "started"
         transitional = "restoring" if record.state == "archived" else "starting"
-        self._begin(record, "start", transitional, "started", may_fail=True)
+        self._begin_start(record, "start", transitional)
         return record
 
     def stop(self, record: SandboxRecord) -> SandboxRecord:
-        if record.state == "stopped":
-            return record
-        self._busy(record)
-        if record.state != "started":
-            raise self._refuse(record, "stop")
-        record.desired_state = "stopped"
-        self._begin(record, "stop", "stopping", "stopped")
+        self._refuse_errored(record)
+        if record.state not in ("started", "paused"):
+            raise _bad("Sandbox is not in a stoppable state")
+        if self._changing(record) or record.desired_state not in ("started", "paused"):
+            raise self._in_progress()
+        self._stop_or_destroy(record)
         return record
 
+    def _stop_or_destroy(self, record: SandboxRecord) -> None:
+        if record.auto_delete_interval == 0:  # ephemeral: stopping deletes it
+            self._destroy(record)
+            return
+        record.desired_state = "stopped"
+        self._begin(record, "stop", "stopping", "stopped")
+
     def archive(self, record: SandboxRecord) -> SandboxRecord:
-        if record.state == "archived":
-            return record
-        self._busy(record)
+        self._refuse_errored(record)
+        if record.auto_delete_interval == 0:
+            raise _bad("Ephemeral sandboxes cannot be archived")
         if record.state != "stopped":
-            raise self._refuse(record, "archive (it must be stopped first)")
+            raise _bad("Sandbox is not stopped")
+        if self._changing(record) or record.desired_state != "stopped":
+            raise self._in_progress()
         record.desired_state = "archived"
         self._begin(record, "archive", "archiving", "archived")
         return record
 
     def recover(self, record: SandboxRecord) -> SandboxRecord:
-        self._busy(record)
+        if self._changing(record):
+            raise self._in_progress()
         if record.state != "error":
-            raise self._refuse(record, "recover (only a sandbox in error can)")
+            raise _bad("Sandbox is not in an errored state")
         if not record.recoverable:
-            raise ApiError(400, f"Sandbox {record.id} is not recoverable", source=SOURCE_API)
+            raise _bad("Sandbox cannot be recovered")
         record.desired_state = "started"
-        self._begin(record, "recover", "starting", "started", may_fail=True)
+        self._begin_start(record, "recover", "starting")
         return record
 
     def delete(self, record: SandboxRecord) -> SandboxRecord:
-        if record.state in ("destroying", "destroyed"):
-            return record
-        self._busy(record)
-        record.desired_state = "destroyed"
-        self._begin(record, "delete", "destroying", "destroyed")
+        if record.desired_state == "destroyed" or (
+            self._changing(record) and record.state not in ("archiving", "pending_build")
+        ):
+            raise self._in_progress()
+        self._destroy(record)
         return record
 
-    def force_state(self, record: SandboxRecord, body: dict[str, Any]) -> SandboxRecord:
-        """Admin: put a sandbox into any state (e.g. ``error``), cancelling its transition."""
-        state = body.get("state")
-        if not isinstance(state, str) or not state:
-            raise ApiError(400, "state must be a non-empty string", source=SOURCE_API)
+    def _destroy(self, record: SandboxRecord) -> None:
         record.pending_state = None
         record.pending_until = None
+        record.desired_state = "destroyed"
+        self.store.rename(record, f"DESTROYED_{record.name}_{int(self.clock() * 1000)}")
+        self._begin(record, "delete", "destroying", "destroyed")
+
+    def force_state(self, record: SandboxRecord, body: dict[str, Any]) -> SandboxRecord:
+        """Admin: put a sandbox into any state (e.g. ``error``), cancelling its transition.
+
+        The desired state follows a stable forced state (started, stopped, archived, paused) unless
+        ``desiredState`` is given, so the list does not show a change nobody asked for.
+        """
+        state = body.get("state")
+        if not isinstance(state, str) or not state:
+            raise _bad("state must be a non-empty string")
+        desired = body.get("desiredState")
+        if desired is not None and not isinstance(desired, str):
+            raise _bad("desiredState must be a string")
+        now = self.clock()
+        record.pending_state = None
+        record.pending_until = None
+        if state != record.state:
+            record.state_since_ts = now
         record.state = state
-        record.error_reason = body.get("errorReason") if state in ("error", "build_failed") else None
-        if state == "error" and record.error_reason is None:
+        if desired is not None:
+            record.desired_state = desired
+        elif state in ("started", "stopped", "archived", "paused"):
+            record.desired_state = state
+        record.error_reason = body.get("errorReason") if state in ERRORED else None
+        if state in ERRORED and record.error_reason is None:
             record.error_reason = "injected fault"
         record.recoverable = bool(body.get("recoverable", False)) if state == "error" else False
         record.updated_at = now_iso()
         if state == "destroyed":
-            self.store.remove(record, self.clock())
+            self.store.remove(record, now)
+            self._notify(record)
             self._discard_dir(self.store.root_of(record))
         else:
-            self.store.save(record)
+            self._save(record)
         return record

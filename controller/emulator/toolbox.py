@@ -14,7 +14,15 @@ Path mapping (the SDK only round-trips the strings):
   used as is (the host's ``/tmp`` is shared, as commands see it);
 - any other absolute path is mapped into the root: ``/home/daytona/x`` -> ``<root>/home/daytona/x``
   (file calls round-trip; commands see only the host path, so prefer the reported dirs);
-- anything else (e.g. ``..`` out of the root) is refused (403 ``FILE_ACCESS_DENIED``).
+- anything else (e.g. ``..`` out of the root) is refused (403 ``FILE_ACCESS_DENIED``);
+- the check is made on the real path (symlinks resolved), so a symlink inside the sandbox that
+  points out of it (``ln -s /etc etclink``) cannot be read, written or used as a cwd through the
+  file API; deleting such a link removes the link only. (A command can of course still follow it:
+  commands are not confined.)
+
+Exec: ``timeout`` > 0 kills the process group when it runs out and answers 408 with code
+``REQUEST_TIMEOUT``; a shell killed by a signal reports exit code -1, as does a command that cannot
+start (answered 200).
 
 A sandbox that is not ``started`` refuses toolbox calls with 400, as Daytona's proxy does ("bad
 request: ... Is the Sandbox started?", daytonaio/daytona#4142).
@@ -58,26 +66,36 @@ def _inside(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
-def resolve_path(store: Store, record: SandboxRecord, raw: str | None) -> Path:
-    """Map a toolbox path to a host path (see the module docstring)."""
+def resolve_path(store: Store, record: SandboxRecord, raw: str | None, *, follow_last: bool = True) -> Path:
+    """Map a toolbox path to a host path (see the module docstring); 403 if it leaves the sandbox.
+
+    The lexical check runs on the normalized path, then again on the real path (every symlink
+    resolved; with ``follow_last=False`` all but the last component, for deleting a link itself).
+    """
     if not raw:
         raise ApiError(400, "path is required", code="INVALID_FILE_PATH", source=SOURCE_DAEMON)
+    if "\0" in raw:
+        raise ApiError(400, "path contains a NUL byte", code="INVALID_FILE_PATH", source=SOURCE_DAEMON)
     root = str(store.root_of(record))
     state_dir = str(store.state_dir)
+    shared_tmp = False
     if not raw.startswith("/"):
         candidate = os.path.normpath(os.path.join(home_of(store, record), raw))
-        allowed = _inside(candidate, root)
     else:
-        normal = os.path.normpath(raw)
-        if _inside(normal, root) or (_inside(normal, "/tmp") and not _inside(normal, state_dir)):
-            candidate = normal
-            allowed = True
-        else:
-            candidate = os.path.normpath(os.path.join(root, normal.lstrip("/")))
-            allowed = _inside(candidate, root)
-    if not allowed:
-        raise ApiError(403, f"access to {raw} is denied", code="FILE_ACCESS_DENIED", source=SOURCE_DAEMON)
-    return Path(candidate)
+        candidate = os.path.normpath(raw)
+        shared_tmp = _inside(candidate, "/tmp") and not _inside(candidate, state_dir)
+        if not shared_tmp and not _inside(candidate, root):
+            candidate = os.path.normpath(os.path.join(root, candidate.lstrip("/")))
+    if shared_tmp or _inside(candidate, root):
+        head, tail = os.path.split(candidate)
+        real = os.path.realpath(candidate) if follow_last else os.path.join(os.path.realpath(head), tail)
+        if shared_tmp:
+            real_state = os.path.realpath(state_dir)
+            if _inside(real, os.path.realpath("/tmp")) and not _inside(real, real_state):
+                return Path(candidate)
+        elif _inside(real, os.path.realpath(root)):
+            return Path(candidate)
+    raise ApiError(403, f"access to {raw} is denied", code="FILE_ACCESS_DENIED", source=SOURCE_DAEMON)
 
 
 def _not_found(raw: str) -> ApiError:
@@ -141,14 +159,11 @@ async def execute(store: Store, record: SandboxRecord, body: Any) -> web.Respons
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
         raise ApiError(
-            408,
-            f"command execution timeout after {timeout} seconds",
-            code="PROCESS_EXECUTION_TIMEOUT",
-            source=SOURCE_DAEMON,
+            408, "command execution timeout", code="REQUEST_TIMEOUT", source=SOURCE_DAEMON
         ) from None
-    code = process.returncode if process.returncode is not None else -1
-    if code < 0:
-        code = 128 - code
+    code = process.returncode
+    if code is None or code < 0:  # killed by a signal: the daemon reports -1
+        code = -1
     return json_response({"exitCode": code, "result": output.decode("utf-8", errors="replace")})
 
 
@@ -172,7 +187,7 @@ def create_folder(store: Store, record: SandboxRecord, query: Any) -> web.Respon
 
 def delete_file(store: Store, record: SandboxRecord, query: Any) -> web.Response:
     raw = query.get("path")
-    path = resolve_path(store, record, raw)
+    path = resolve_path(store, record, raw, follow_last=False)
     recursive = (query.get("recursive") or "false").lower() == "true"
     if not path.exists() and not path.is_symlink():
         raise _not_found(raw)

@@ -22,18 +22,39 @@ from tests.support.emulator import EmulatorError, EmulatorProcess
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_rate_limit_maps_and_is_retried_by_urllib3(emulator: EmulatorProcess) -> None:
+def test_rate_limit_uses_named_throttlers_and_is_not_replayed(emulator: EmulatorProcess) -> None:
     client = emulator.client()
     client.create(CreateSandboxFromSnapshotParams(name="rl"), timeout=10)
-    emulator.set_faults(fail_rate={"get": {"429": 1.0}}, retry_after=0)
+    emulator.set_faults(fail_rate={"get": {"429": 1.0}}, retry_after=7)
     emulator.reset_stats()
-    with pytest.raises(DaytonaRateLimitError):
+    with pytest.raises(DaytonaRateLimitError) as info:
         client.get("rl")
-    assert emulator.stats()["get"] == 4  # the SDK's urllib3 retries a GET 3 times on Retry-After
-    emulator.set_faults(fail_rate={"create": {"429": 1.0}})
-    with pytest.raises(DaytonaRateLimitError):
-        client.create(timeout=10)
-    assert emulator.stats()["create"] == 1  # POST is not retried
+    # urllib3 replays a GET only on a plain Retry-After; Daytona's named header is not one.
+    assert emulator.stats()["get"] == 1
+    headers = {k.lower(): v for k, v in (info.value.headers or {}).items()}
+    assert headers["retry-after-authenticated"] == "7"
+    assert "retry-after" not in headers
+
+    emulator.replace_faults(fail_rate={"*": {"429": 1.0}}, retry_after=2)
+    expected = {
+        ("POST", "/api/sandbox"): "sandbox-create",
+        ("POST", "/api/sandbox/rl/stop"): "sandbox-lifecycle",
+        ("POST", "/api/sandbox/rl/start"): "sandbox-lifecycle",
+        ("DELETE", "/api/sandbox/rl"): "sandbox-lifecycle",
+        ("PUT", "/api/sandbox/rl/labels"): "sandbox-lifecycle",
+        ("GET", "/api/sandbox"): "authenticated",
+        ("GET", "/api/sandbox/rl"): "authenticated",
+    }
+    for (method, path), name in expected.items():
+        answer = emulator.call(method, path, {} if method in ("POST", "PUT") else None)
+        assert answer.status == 429, (method, path)
+        assert answer.body["message"] == "ThrottlerException: Too Many Requests"
+        got = {k.lower(): v for k, v in answer.headers.items()}
+        assert got[f"retry-after-{name}"] == "2"
+        assert {f"x-ratelimit-{part}-{name}" for part in ("limit", "remaining", "reset")} <= set(got)
+        assert "retry-after" not in got, (method, path)
+    emulator.reset_faults()
+    assert client.get("rl").state == "started"  # nothing happened behind the 429s
 
 
 def test_5xx_and_timeouts(emulator: EmulatorProcess) -> None:
@@ -148,10 +169,40 @@ def test_start_flags_set_faults(tmp_path: object) -> None:
 
     emu = EmulatorProcess(
         Path(str(tmp_path)) / "flags",
-        args=["--quota", "2", "--list-lag", "1.5", "--fail-rate", "get:429=0.25", "--latency", "list=0.1"],
+        args=[
+            *("--quota", "2", "--list-lag", "1.5", "--fail-rate", "get:429=0.25", "--latency", "list=0.1"),
+            *("--quota-cpu", "8", "--quota-memory", "16", "--quota-disk", "30", "--no-runners", "0.5"),
+            *("--build-failed", "0.2", "--start-wait-seconds", "5", "--time-scale", "600"),
+        ],
     )
     with emu:
         settings = emu.faults()
         assert settings["quota"] == 2 and settings["list_lag"] == 1.5
         assert settings["fail_rate"] == {"get": {"429": 0.25}}
         assert settings["latency"] == {"list": 0.1}
+        assert (settings["quota_cpu"], settings["quota_memory"], settings["quota_disk"]) == (8, 16, 30)
+        assert (settings["no_runners"], settings["build_failed"]) == (0.5, 0.2)
+        assert (settings["start_wait_seconds"], settings["time_scale"]) == (5.0, 600.0)
+
+
+def test_start_flags_are_validated(tmp_path: object) -> None:
+    from pathlib import Path
+
+    emu = EmulatorProcess(Path(str(tmp_path)) / "bad", args=["--time-scale", "0"], startup_timeout=20)
+    with pytest.raises(EmulatorError, match="time_scale must be positive"):
+        emu.start()
+
+
+def test_new_settings_are_validated(emulator: EmulatorProcess) -> None:
+    for bad in (
+        {"no_runners": 1.5},
+        {"build_failed": -0.1},
+        {"time_scale": 0},
+        {"start_wait_seconds": -1},
+        {"quota_cpu": -2},
+        {"quota_disk": 1.5},
+        {"list_lag": "soon"},
+    ):
+        with pytest.raises(EmulatorError, match="400"):
+            emulator.set_faults(**bad)
+    assert emulator.set_faults(no_runners=True)["no_runners"] == 1.0

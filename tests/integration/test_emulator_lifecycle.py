@@ -16,8 +16,6 @@ from daytona import (
     DaytonaAuthenticationError,
     DaytonaBadRequestError,
     DaytonaConflictError,
-    DaytonaError,
-    DaytonaForbiddenError,
     DaytonaNotFoundError,
     ListSandboxesQuery,
     Resources,
@@ -111,11 +109,15 @@ def test_list_pagination_and_filters(emulator: EmulatorProcess) -> None:
             emulator, "POST", "/sandbox", {"name": f"p-{i}", "labels": {"team": team, "n": str(i)}, "env": {}}
         )
     emulator.reset_stats()
-    names = [s.name for s in client.list(ListSandboxesQuery(limit=2))]
+    oldest_first = ListSandboxesQuery(limit=2, sort="createdAt", order="asc")
+    names = [s.name for s in client.list(oldest_first)]
     assert names == [f"p-{i}" for i in range(7)]
     assert emulator.stats()["list"] == 4  # 2 + 2 + 2 + 1
 
-    team_a = [s.name for s in client.list(ListSandboxesQuery(labels={"team": "a"}, limit=1))]
+    team_a = [
+        s.name
+        for s in client.list(ListSandboxesQuery(labels={"team": "a"}, limit=1, sort="createdAt", order="asc"))
+    ]
     assert team_a == ["p-0", "p-2", "p-4", "p-6"]
     both = [s.name for s in client.list(ListSandboxesQuery(labels={"team": "a", "n": "2"}))]
     assert both == ["p-2"]
@@ -123,7 +125,7 @@ def test_list_pagination_and_filters(emulator: EmulatorProcess) -> None:
     client.stop(client.get("p-1"), timeout=10)
     client.stop(client.get("p-3"), timeout=10)
     stopped = [s.name for s in client.list(ListSandboxesQuery(states=[SandboxState.STOPPED]))]
-    assert stopped == ["p-1", "p-3"]
+    assert sorted(stopped) == ["p-1", "p-3"]
     either = client.list(ListSandboxesQuery(states=[SandboxState.STOPPED, SandboxState.STARTED]))
     assert len(list(either)) == 7
 
@@ -142,7 +144,8 @@ def test_list_limit_bounds(emulator: EmulatorProcess) -> None:
 
 
 def test_transitional_states_visible_with_latency(emulator: EmulatorProcess) -> None:
-    emulator.set_faults(transition_latency={"*": 0.5})
+    # The server answers create/start when started, or with the sandbox as it is after its wait.
+    emulator.set_faults(transition_latency={"*": 0.5}, start_wait_seconds=0.1)
     body = raw(emulator, "POST", "/sandbox", {"name": "slow", "env": {}, "labels": {}})
     assert body["state"] == "creating"
     client = emulator.client()
@@ -150,29 +153,35 @@ def test_transitional_states_visible_with_latency(emulator: EmulatorProcess) -> 
     sandbox.wait_for_sandbox_start(timeout=10)
     assert sandbox.state == SandboxState.STARTED
 
-    started = time.monotonic()
     sandbox.stop(timeout=10)
     assert sandbox.state == SandboxState.STOPPED
-    assert time.monotonic() - started >= 0.4
     body = raw(emulator, "POST", "/sandbox/slow/start")
     assert body["state"] == "starting"
-    with pytest.raises(DaytonaConflictError):
+    with pytest.raises(DaytonaConflictError, match="state change in progress"):
         client.delete(client.get("slow"))
     time.sleep(0.7)  # advances without requests (timer)
     assert raw(emulator, "GET", "/sandbox/slow")["state"] == "started"
+    emulator.set_faults(start_wait_seconds=30)
+    client.get("slow").stop(timeout=10)
+    assert raw(emulator, "POST", "/sandbox/slow/start")["state"] == "started"  # waited for it
 
     created = client.create(CreateSandboxFromSnapshotParams(name="slow-2"), timeout=10)
     assert created.state == SandboxState.STARTED
-    assert raw(emulator, "DELETE", "/sandbox/slow-2")["state"] == "destroying"
-    client.delete(created, timeout=10, wait=True)
+    deleting = raw(emulator, "DELETE", "/sandbox/slow-2")
+    assert deleting["state"] == "destroying" and deleting["name"].startswith("DESTROYED_slow-2_")
+    with pytest.raises(DaytonaConflictError, match="state change in progress"):
+        client.delete(created)  # a repeated delete while destroying
     with pytest.raises(DaytonaNotFoundError):
-        client.get("slow-2")
+        client.get("slow-2")  # the name is free at once
+    time.sleep(0.7)
+    with pytest.raises(DaytonaNotFoundError):
+        client.get(created.id)
 
 
 def test_state_machine_refusals(emulator: EmulatorProcess) -> None:
     client = emulator.client()
     sandbox = client.create(CreateSandboxFromSnapshotParams(name="sm"), timeout=10)
-    with pytest.raises(DaytonaBadRequestError, match="must be stopped"):
+    with pytest.raises(DaytonaBadRequestError, match="Sandbox is not stopped"):
         sandbox.archive()  # only from stopped
     with pytest.raises(DaytonaConflictError):
         client.create(CreateSandboxFromSnapshotParams(name="sm"), timeout=10)
@@ -221,18 +230,20 @@ def test_unauthorized_envelope_and_socketio(emulator: EmulatorProcess) -> None:
     assert socket_info.value.code == 404 and time.monotonic() - started < 1
 
 
-def test_quota_is_forbidden(emulator: EmulatorProcess) -> None:
+def test_quota_is_a_bad_request(emulator: EmulatorProcess) -> None:
     emulator.set_faults(quota=1)
     client = emulator.client()
-    client.create(timeout=10)
-    with pytest.raises(DaytonaForbiddenError, match="limit exceeded"):
+    first = client.create(timeout=10)
+    with pytest.raises(DaytonaBadRequestError, match=r"Total sandbox limit exceeded. Maximum allowed: 1\."):
         client.create(timeout=10)
+    client.delete(first)
+    client.create(timeout=10)  # the quota counts live sandboxes only
 
 
 def test_injected_sandbox_error_and_stuck_starting(emulator: EmulatorProcess) -> None:
     client = emulator.client()
     emulator.set_faults(sandbox_error={"create": 1.0}, error_recoverable=True)
-    with pytest.raises(DaytonaError, match="error"):
+    with pytest.raises(DaytonaBadRequestError, match="Sandbox failed to start: injected fault"):
         client.create(CreateSandboxFromSnapshotParams(name="broken"), timeout=10)
     broken = client.get("broken")
     assert broken.state == SandboxState.ERROR and broken.recoverable

@@ -16,9 +16,9 @@ from daytona import (
     CreateSandboxFromSnapshotParams,
     DaytonaBadRequestError,
     DaytonaError,
+    DaytonaFileAccessDeniedError,
     DaytonaFileNotFoundError,
     DaytonaNotFoundError,
-    DaytonaProcessExecutionTimeoutError,
     DaytonaTimeoutError,
     FileDownloadRequest,
 )
@@ -73,15 +73,26 @@ def test_exec_large_output(sandbox: Any) -> None:
     assert len(result.result) == size and set(result.result) == {"x"}
 
 
-def test_exec_timeout_kills_the_process_group(sandbox: Any) -> None:
+def test_exec_timeout_kills_the_process_group(sandbox: Any, emulator: EmulatorProcess) -> None:
     marker = "timeout-marker"
-    started = time.monotonic()
-    with pytest.raises(DaytonaProcessExecutionTimeoutError) as info:
+    with pytest.raises(DaytonaTimeoutError) as info:
         sandbox.process.exec(f"(sleep 2; touch {marker}) & sleep 2; touch {marker}", timeout=1)
-    assert isinstance(info.value, DaytonaTimeoutError)
-    assert time.monotonic() - started < 2
+    assert info.value.status_code == 408 and info.value.code == "REQUEST_TIMEOUT"
     time.sleep(1.5)
     assert sandbox.process.exec(f"test -e {marker}").exit_code == 1
+    execute = f"/toolbox/{sandbox.id}/process/execute"
+    answer = emulator.call("POST", execute, {"command": "sleep 5", "timeout": 1})
+    assert answer.status == 408
+    assert answer.body["code"] == "REQUEST_TIMEOUT" and answer.body["statusCode"] == 408
+    assert {"path", "timestamp", "error", "message"} <= set(answer.body)
+
+
+def test_exec_signal_and_start_failure_report_minus_one(sandbox: Any) -> None:
+    assert sandbox.process.exec("kill -9 $$").exit_code == -1
+    assert sandbox.process.exec("kill -TERM $$").exit_code == -1
+    assert sandbox.process.exec("exit 3").exit_code == 3
+    missing = sandbox.process.exec("echo never", cwd="no/such/dir")  # the shell cannot start there
+    assert missing.exit_code == -1
 
 
 def test_work_and_home_dir_are_real_paths(sandbox: Any, emulator: EmulatorProcess) -> None:
@@ -191,3 +202,73 @@ def test_toolbox_refused_when_not_started(sandbox: Any, emulator: EmulatorProces
     assert sandbox.process.exec("echo back").result == "back\n"
     stats = emulator.stats()
     assert stats["execute"] == 2 and stats["upload"] == 1
+
+
+# -- the file API stays inside the sandbox (issue 17) ------------------------------------------
+
+
+def test_dot_dot_and_absolute_paths_stay_inside(sandbox: Any, emulator: EmulatorProcess) -> None:
+    host_hostname = Path("/etc/hostname")
+    for escape in ("../../../../../etc/hostname", "sub/../../../../../../etc/hostname"):
+        with pytest.raises(DaytonaFileAccessDeniedError):
+            sandbox.fs.download_file(escape)
+        with pytest.raises(DaytonaError):
+            sandbox.fs.upload_file(b"x", escape.replace("hostname", "leasectl-escape"))
+        with pytest.raises(DaytonaFileAccessDeniedError):
+            sandbox.fs.create_folder(escape + "-dir", "755")
+    # an absolute path outside the sandbox maps into its root: never the host's file
+    with pytest.raises(DaytonaFileNotFoundError):
+        sandbox.fs.download_file("/etc/hostname")
+    sandbox.fs.upload_file(b"mapped", "/etc/hostname")
+    assert sandbox.fs.download_file("/etc/hostname") == b"mapped"
+    assert not host_hostname.exists() or host_hostname.read_bytes() != b"mapped"
+    root = Path(sandbox.get_user_home_dir()).parents[1]
+    assert (root / "etc/hostname").read_bytes() == b"mapped"
+
+
+def test_url_encoded_traversal_is_refused(sandbox: Any, emulator: EmulatorProcess) -> None:
+    outside = emulator.state_dir / "victim.txt"
+    outside.write_text("keep me")
+    relative = "..%2F..%2F..%2F..%2Fvictim.txt"  # decoded once by the server: ../../../../victim.txt
+    answer = emulator.call("DELETE", f"/toolbox/{sandbox.id}/files?path={relative}&recursive=false")
+    assert answer.status == 403 and answer.body["code"] == "FILE_ACCESS_DENIED"
+    answer = emulator.call(
+        "POST", f"/toolbox/{sandbox.id}/files/folder?path=%2E%2E%2F%2E%2E%2F%2E%2E%2F%2E%2E%2Fevil&mode=755"
+    )
+    assert answer.status == 403
+    double = "%252E%252E%252Fvictim.txt"  # decoded once: a literal name "%2E%2E%2Fvictim.txt"
+    answer = emulator.call("DELETE", f"/toolbox/{sandbox.id}/files?path={double}")
+    assert answer.status == 404
+    assert outside.read_text() == "keep me"
+
+
+def test_symlinks_pointing_out_are_refused(sandbox: Any, emulator: EmulatorProcess) -> None:
+    outside = emulator.state_dir / "outside"  # beside the sandboxes (the host's /tmp is shared on purpose)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    assert (
+        sandbox.process.exec(f"ln -s {outside} outlink && ln -s {outside}/secret.txt filelink").exit_code == 0
+    )
+    assert sandbox.process.exec("ln -s /etc etclink").exit_code == 0
+    for path in ("etclink/hostname", "outlink/secret.txt", "filelink"):
+        with pytest.raises(DaytonaFileAccessDeniedError):
+            sandbox.fs.download_file(path)
+    with pytest.raises(DaytonaError):
+        sandbox.fs.upload_file(b"overwrite", "filelink")
+    with pytest.raises(DaytonaError):
+        sandbox.fs.upload_file(b"planted", "outlink/planted.txt")
+    with pytest.raises(DaytonaFileAccessDeniedError):
+        sandbox.fs.create_folder("outlink/newdir", "755")
+    with pytest.raises(DaytonaFileAccessDeniedError):
+        sandbox.fs.delete_file("outlink/secret.txt")
+    with pytest.raises(DaytonaFileAccessDeniedError):
+        sandbox.process.exec("pwd", cwd="outlink")
+    assert (outside / "secret.txt").read_text() == "secret"
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    # removing the link itself is fine and leaves its target alone
+    sandbox.fs.delete_file("outlink")
+    assert (outside / "secret.txt").exists()
+    # a link that stays inside the sandbox works
+    sandbox.fs.upload_file(b"inside", "real.txt")
+    assert sandbox.process.exec("ln -s real.txt inner").exit_code == 0
+    assert sandbox.fs.download_file("inner") == b"inside"

@@ -7,6 +7,8 @@ Usage::
         client.create()
         assert emu.stats()["create"] == 1
         emu.set_faults(fail_rate={"get": {"429": 1.0}})     # PATCH the live fault settings
+        emu.set_faults(quota=2, time_scale=600)             # server-like knobs (docs/local-daytona.md)
+        answer = emu.call("POST", "/api/sandbox/x/stop")    # status, headers, body; never raises
         emu.restart()                                       # same port, same state dir
         emu.kill()                                          # SIGKILL, for crash tests
 
@@ -32,6 +34,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,15 @@ _URL_LINE = re.compile(r"local-daytona listening on (http://\S+)")
 
 class EmulatorError(RuntimeError):
     """The emulator did not start, or an admin call failed."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer of the emulator: status, headers and the decoded JSON body (or None)."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
 
 
 class EmulatorProcess:
@@ -176,8 +188,8 @@ class EmulatorProcess:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """An authorised JSON call to the emulator (``path`` from the root, e.g. ``/_emulator/stats``)."""
+    def call(self, method: str, path: str, body: Any = None) -> Answer:
+        """An authorised JSON call that returns any answer, errors included (status, headers, body)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.base_url + path,
@@ -186,11 +198,18 @@ class EmulatorProcess:
             headers={"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                raw = response.read()
+            with urllib.request.urlopen(req, timeout=60) as response:
+                status, headers, raw = response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as exc:
-            raise EmulatorError(f"{method} {path}: {exc.code} {exc.read()!r}") from exc
-        return json.loads(raw) if raw else None
+            status, headers, raw = exc.code, dict(exc.headers), exc.read()
+        return Answer(status, headers, json.loads(raw) if raw else None)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """An authorised JSON call to the emulator (``path`` from the root, e.g. ``/_emulator/stats``)."""
+        answer = self.call(method, path, body)
+        if answer.status >= 400:
+            raise EmulatorError(f"{method} {path}: {answer.status} {answer.body!r}")
+        return answer.body
 
     def stats(self) -> dict[str, int]:
         """Requests served per operation (list, get, create, ..., execute, upload, download)."""
@@ -218,12 +237,24 @@ class EmulatorProcess:
         self.request("POST", "/_emulator/faults/reset")
 
     def force_state(
-        self, id_or_name: str, state: str, *, recoverable: bool = False, error_reason: str | None = None
+        self,
+        id_or_name: str,
+        state: str,
+        *,
+        recoverable: bool = False,
+        error_reason: str | None = None,
+        desired_state: str | None = None,
     ) -> dict[str, Any]:
-        """Put a sandbox into any state (e.g. ``error``), cancelling a transition in progress."""
+        """Put a sandbox into any state (e.g. ``error``), cancelling a transition in progress.
+
+        ``desired_state`` defaults to the state itself for started/stopped/archived/paused (else it
+        is kept); e.g. ``force_state(x, "started", desired_state="stopped")`` lists as ``stopping``.
+        """
         body: dict[str, Any] = {"state": state, "recoverable": recoverable}
         if error_reason is not None:
             body["errorReason"] = error_reason
+        if desired_state is not None:
+            body["desiredState"] = desired_state
         result: dict[str, Any] = self.request("POST", f"/_emulator/sandboxes/{id_or_name}/state", body)
         return result
 
