@@ -224,6 +224,9 @@ class Outcome:
                 create_attempt_name=None,
                 create_attempt_at=None,
             )
+        if action.kind == "create" and self.error_kind in (BLOCKED_KIND, RATE_LIMITED):
+            # Refused before anything was made (quota, throttler): there is nothing to look up.
+            values.update(create_attempt_name=None, create_attempt_at=None)
         if self.error_kind == BLOCKED_KIND:
             values.update(phase=BLOCKED, message=f"Blocked: {self.message}; next attempt after {when}")
         elif action.kind == "create" and self.permanent:

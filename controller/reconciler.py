@@ -175,9 +175,8 @@ class Reconciler:
         self._write(pass_id, the_plan, outcomes, views, statuses)
         if self.metrics:
             for outcome in outcomes:
-                self.metrics.actions.labels(
-                    kind=outcome.action.kind, result="ok" if outcome.ok else "error"
-                ).inc()
+                result = "reobserved" if outcome.reobserved else "ok" if outcome.ok else "error"
+                self.metrics.actions.labels(kind=outcome.action.kind, result=result).inc()
         return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes)
 
     def _check_leader(self) -> None:
@@ -285,11 +284,18 @@ class Reconciler:
             lease_name=action.lease_name,
             sandbox_id=outcome.sandbox_id or action.sandbox_id,
             action=action.kind,
-            outcome="ok" if outcome.ok else (outcome.error_kind or "error"),
+            outcome=_outcome_word(outcome),
             message=outcome.message or action.reason,
             controller_id=self.controller_id,
             pass_id=pass_id,
         )
+
+
+def _outcome_word(outcome: Outcome) -> str:
+    """The ``events.outcome`` of an action: ok, reobserved (a stale list; not a failure) or the error."""
+    if outcome.reobserved:
+        return "reobserved"
+    return "ok" if outcome.ok else (outcome.error_kind or "error")
 
 
 def build_reconciler(
