@@ -34,7 +34,10 @@ export LEASECTL_CONTROLLER__GC_INTERVAL_SECONDS='$LEASECTL_CONTROLLER__GC_INTERV
 export LEASECTL_EXEC__POLL_INTERVAL_SECONDS='$LEASECTL_EXEC__POLL_INTERVAL_SECONDS'
 ENV
 
-"$BIN/leasectl" local-daytona --port "$PORT" --state-dir "$STATE/daytona" >"$STATE/local-daytona.log" 2>&1 &
+# LOCAL_DAYTONA_ARGS passes flags to the local API, e.g. "--quota 2" (see docs/local-daytona.md).
+# shellcheck disable=SC2086  # word splitting of the flags is the point
+"$BIN/leasectl" local-daytona --port "$PORT" --state-dir "$STATE/daytona" ${LOCAL_DAYTONA_ARGS:-} \
+  >"$STATE/local-daytona.log" 2>&1 &
 emulator=$!
 cleanup() {
   kill -TERM "$emulator" 2>/dev/null || true
