@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from controller import __version__
@@ -78,7 +79,7 @@ class CliContext:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
@@ -262,7 +263,10 @@ def export(
     """Print the leases as YAML that `apply` accepts."""
     cli = _ctx(ctx)
     with handled(), cli.database().session(readonly=True) as session:
-        text = dump_leases(read_specs(session, names or ()))
+        invalid: list[Any] = []
+        text = dump_leases(read_specs(session, names or (), invalid=invalid))
+    for bad in invalid:
+        err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -331,7 +335,7 @@ def plan(
     """Show the actions a pass would take, taking none."""
     cli = _ctx(ctx)
     try:
-        the_plan, _, _ = _reconciler(cli).plan_pass()
+        the_plan, _, _, invalid = _reconciler(cli).observe_and_plan()
     except (SpecError, ConfigError) as exc:
         fail(str(exc), EXIT_INVALID)
     except (LeasectlError, sa.exc.SQLAlchemyError) as exc:
@@ -343,7 +347,9 @@ def plan(
         table.add_row(
             action.kind, action.lease_name, action.sandbox_id or action.sandbox_name or "-", action.reason
         )
-    if the_plan.actions:
+    for bad in invalid:
+        table.add_row("skip", bad.name, "-", bad.message)
+    if the_plan.actions or invalid:
         out.print(table)
     out.print(
         f"{len(the_plan.actions)} action(s) planned for {len(the_plan.decisions)} lease(s)", highlight=False

@@ -49,6 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy import orm
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -226,10 +227,15 @@ class Target:
     workspace: str | None
 
 
+# Only the lease columns the queue needs: a hand-written spec column (JSON that does not parse on
+# SQLite, say) must not stop the queue; the reconciler reports such a row as Failed.
+_LEASE_COLUMNS = orm.load_only(Lease.id, Lease.name, Lease.desired_state, Lease.expires_at)
+
+
 def check_runnable(session: Session, lease_name: str, now: datetime | None = None) -> None:
     """LeaseNotReadyError if commands can never run on this lease as it is (missing, not desired
     running, expired); a lease that is merely still starting passes."""
-    lease = session.scalar(sa.select(Lease).where(Lease.name == lease_name))
+    lease = session.scalar(sa.select(Lease).options(_LEASE_COLUMNS).where(Lease.name == lease_name))
     problem = _not_runnable(lease_name, lease, now or utcnow())
     if problem is not None:
         raise LeaseNotReadyError(problem)
@@ -737,6 +743,7 @@ class Dispatcher:
         cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
         query = (
             sa.select(Execution, Lease, LeaseStatus)
+            .options(_LEASE_COLUMNS)
             .outerjoin(Lease, Lease.name == Execution.lease_name)
             .outerjoin(LeaseStatus, LeaseStatus.lease_name == Execution.lease_name)
             .where(Execution.state == "queued")

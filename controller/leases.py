@@ -16,8 +16,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from controller.db import Database
+from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
 from controller.specs import LeaseSpec
-from models import Lease, lease_overview, utcnow
+from models import Lease, UTCDateTime, lease_overview, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
 
@@ -89,16 +90,31 @@ def _apply(
             raise _RolledBack
 
 
-def read_specs(session: Session, names: Sequence[str] = ()) -> list[LeaseSpec]:
-    query = sa.select(Lease).order_by(Lease.name)
-    if names:
-        query = query.where(Lease.name.in_(names))
-    return [LeaseSpec.from_row(_row_values(lease)) for lease in session.scalars(query)]
+def read_specs(
+    session: Session, names: Sequence[str] = (), *, invalid: list[InvalidLeaseRow] | None = None
+) -> list[LeaseSpec]:
+    """The valid leases (or those named) as specs; rows that break the rules go to ``invalid``."""
+    rows, bad = load_lease_rows(session, names)
+    if invalid is not None:
+        invalid.extend(bad)
+    return [row.lease for row in rows]
 
 
 def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows of the ``lease_overview`` view, as dicts, ordered by name."""
-    query = sa.select(lease_overview).order_by(lease_overview.c.name)
+    """Rows of the ``lease_overview`` view, as dicts, ordered by name.
+
+    Timestamps are read raw and parsed one by one, so a value written by hand that is not a
+    timestamp shows as its text instead of failing the whole listing.
+    """
+    columns = [
+        sa.type_coerce(c, sa.types.NullType()).label(c.key) if isinstance(c.type, UTCDateTime) else c
+        for c in lease_overview.c
+    ]
+    query = sa.select(*columns).order_by(lease_overview.c.name)
     if names:
         query = query.where(lease_overview.c.name.in_(names))
-    return [dict(row._mapping) for row in session.execute(query)]
+    timestamps = {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)}
+    return [
+        {k: tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
+        for row in session.execute(query)
+    ]

@@ -23,6 +23,9 @@ from controller.errors import SpecError
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_LABEL_PREFIX = "leasectl-"
+# The whole env of a lease (keys and values, UTF-8). It travels in the create request and in every
+# command line (`env K=V ...`); Linux refuses a single argument over 128 KiB (MAX_ARG_STRLEN).
+MAX_ENV_BYTES = 65536
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 Language = Literal["python", "typescript", "javascript"]
 
@@ -89,6 +92,11 @@ class LeaseSpec(BaseModel):
         for key in value:
             if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+        size = sum(
+            len(k.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace")) for k, v in value.items()
+        )
+        if size > MAX_ENV_BYTES:
+            raise ValueError(f"is {size} bytes; at most {MAX_ENV_BYTES} bytes of keys and values are allowed")
         return value
 
     @field_validator("labels")
