@@ -92,7 +92,7 @@ def handled() -> Iterator[None]:
         fail(str(exc), EXIT_INVALID)
     except LeasectlError as exc:
         fail(str(exc))
-    except sa.exc.IntegrityError as exc:
+    except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
         fail(f"the database refused the change: {exc.orig}", EXIT_INVALID)
     except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
         detail = str(exc.orig)

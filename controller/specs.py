@@ -47,13 +47,16 @@ SPEC_COLUMNS = (
 )
 
 
+INT_MAX = 2**31 - 1  # the integer columns of `leases` (PostgreSQL integer)
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cpu: int | None = Field(default=None, gt=0, strict=True)
-    memory: int | None = Field(default=None, gt=0, strict=True, description="GiB")
-    disk: int | None = Field(default=None, gt=0, strict=True, description="GiB")
-    gpu: int | None = Field(default=None, gt=0, strict=True)
+    cpu: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True)
+    memory: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True, description="GiB")
+    disk: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True, description="GiB")
+    gpu: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True)
 
 
 class LeaseSpec(BaseModel):
@@ -63,16 +66,16 @@ class LeaseSpec(BaseModel):
 
     name: str
     state: DesiredState = "running"
-    snapshot: str | None = Field(default=None, min_length=1)
-    image: str | None = Field(default=None, min_length=1)
-    target: str | None = Field(default=None, min_length=1)
+    snapshot: str | None = Field(default=None, min_length=1, max_length=255)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    target: str | None = Field(default=None, min_length=1, max_length=64)
     language: Language | None = None
     resources: Resources | None = None
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
-    auto_stop_interval: int | None = Field(default=None, ge=0, strict=True)
-    auto_archive_interval: int | None = Field(default=None, ge=0, strict=True)
-    auto_delete_interval: int | None = Field(default=None, ge=-1, strict=True)
+    auto_stop_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    auto_archive_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    auto_delete_interval: int | None = Field(default=None, ge=-1, le=INT_MAX, strict=True)
     expires_at: datetime | None = None
     paused: bool = False
 
@@ -107,6 +110,14 @@ class LeaseSpec(BaseModel):
                 raise ValueError(f"label {key!r} uses the reserved prefix {RESERVED_LABEL_PREFIX!r}")
             if not key:
                 raise ValueError("label keys must not be empty")
+        return value
+
+    @field_validator("snapshot", "image", "target", "env", "labels")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise ValueError("must not contain NUL characters")
         return value
 
     @field_validator("expires_at")

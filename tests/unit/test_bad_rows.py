@@ -9,6 +9,7 @@ gets phase ``Failed`` with a message that says what is wrong, and nothing is don
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -288,7 +289,7 @@ def fuzz_db(database_url: str) -> Iterator[dbmod.Database]:
 
 
 @settings(
-    max_examples=15,
+    max_examples=int(os.environ.get("LEASECTL_FUZZ_EXAMPLES", "15")),
     derandomize=True,
     deadline=None,
     suppress_health_check=[
