@@ -269,11 +269,13 @@ def _update(session: Session, statement: sa.Update) -> int:
 
 
 def _finish_values(outcome: CommandOutcome, now: datetime, max_output_bytes: int) -> dict[str, Any]:
-    output, truncated = cap_output(outcome.output, max_output_bytes)
+    # Cap what is stored, not what arrived: each NUL becomes U+FFFD (3 bytes) on the way in, since
+    # PostgreSQL text cannot hold NUL, so the cap applies after that substitution.
+    output, truncated = cap_output(storable(outcome.output), max_output_bytes)
     return {
         "state": outcome.state,
         "exit_code": outcome.exit_code,
-        "output": storable(output),  # PostgreSQL text cannot hold NUL
+        "output": output,
         "output_truncated": truncated or outcome.output_truncated,
         "error": storable(outcome.error) if outcome.error is not None else None,
         "finished_at": now,
