@@ -71,6 +71,8 @@ class ExecSettings(_Section):
 
 class ServerSettings(_Section):
     listen: str = "127.0.0.1:9464"
+    # Health and metrics may be served on a non-loopback address only when this is true.
+    allow_remote: bool = False
 
     @field_validator("listen")
     @classmethod
