@@ -22,6 +22,8 @@ sandbox is a no-op. Scripting hooks:
   ``list_lag`` ago and still shows (in their last state) sandboxes deleted less than ``list_lag`` ago.
   The default clock is a manual one moved by ``advance(seconds)``.
 - ``on_call(op, key)``: called outside the lock before each call (latency, barriers in tests).
+- ``list_hook(result) -> result``: rewrites what ``list_sandboxes`` answers (a list that flaps, shows
+  stale labels or states); ``get`` keeps telling the truth.
 - ``exec_hook(sandbox_id, command, cwd, env, timeout)``: answers ``exec`` (default: echoes the command).
 
 ``calls`` is the list of ``(op, sandbox id or name)`` in call order (``list`` logs ``""``);
@@ -144,6 +146,7 @@ class MemoryProvider:
         self.work_dir_path = work_dir
         self.exec_hook = exec_hook
         self.on_call = on_call
+        self.list_hook: Callable[[list[ObservedSandbox]], list[ObservedSandbox]] | None = None
         self.sandboxes: dict[str, MemorySandbox] = {}  # live ones, by id
         self.graveyard: dict[str, MemorySandbox] = {}  # deleted ones, by id (kept forever)
         self.calls: list[tuple[str, str]] = []
@@ -329,7 +332,8 @@ class MemoryProvider:
                 if all(sb.labels.get(k) == v for k, v in labels.items())
             ]
         _after(fault)
-        return result
+        hook = self.list_hook
+        return hook(result) if hook is not None else result
 
     def get(self, id_or_name: str) -> ObservedSandbox | None:
         fault = self._enter("get", id_or_name)
