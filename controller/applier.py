@@ -131,6 +131,10 @@ class Outcome:
         values: dict[str, Any] = {"message": self.message or action.reason}
         if action.penalize:
             values.update(failures=self.failures, next_attempt_at=self.next_attempt_at)
+        elif action.kind == "lookup" and self.sandbox is None:
+            # Found nothing of ours (e.g. after a create that ended in 409 on a name taken by
+            # another sandbox): not progress, so the failure count and its back-off stay.
+            pass
         else:
             values.update(failures=0, next_attempt_at=None, last_error=None)
         kind = action.kind
