@@ -23,6 +23,10 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
   comes from the action (``Action.failures``, read from ``lease_status`` by the planner).
 - ``before_create(action)`` runs in the worker just before ``provider.create``; if it raises, the
   create is not called. ``on_outcome(outcome)`` is called for every finished action.
+- ``fence()`` runs in the worker at the moment each call that changes a sandbox (create, delete,
+  start, stop, archive, recover) is sent, after every wait; if it raises ``NotLeaderError`` the call
+  is not made (outcome ``fenced``, not a failure). The reconciler passes one that re-checks the
+  leadership term the pass was planned under, so a replica deposed while it waited touches nothing.
 - ``shutdown()``: no new action starts (outcome ``skipped``); actions in flight finish.
 """
 
@@ -44,6 +48,7 @@ from controller import logs
 from controller.errors import (
     ConflictError,
     NotFoundError,
+    NotLeaderError,
     PermanentError,
     ProviderError,
     RateLimitedError,
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ActionHook = Callable[[Action], None]
+Fence = Callable[[], None]
 OutcomeHook = Callable[["Outcome"], None]
 
 # error_kind values of an Outcome
@@ -69,7 +75,8 @@ BEFORE_CREATE = "before_create"
 BUSY = "busy"  # another action for the lease was in flight: not run
 SKIPPED = "skipped"  # shutting down: not run
 DEFERRED = "deferred"  # waited too long for a rate limit: not run
-NOT_RUN = frozenset({BUSY, SKIPPED, DEFERRED, BEFORE_CREATE})
+FENCED = "fenced"  # leadership lost (or moved to a new term) before the call was sent: not run
+NOT_RUN = frozenset({BUSY, SKIPPED, DEFERRED, BEFORE_CREATE, FENCED})
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,7 @@ class Outcome:
 
     def _failure_values(self, lease: LeaseView | None) -> dict[str, Any]:
         action = self.action
-        if self.error_kind in (BUSY, SKIPPED, DEFERRED):
+        if self.error_kind in (BUSY, SKIPPED, DEFERRED, FENCED):
             return {"message": f"{action.kind} not run: {self.message}"}
         values: dict[str, Any] = {
             "failures": self.failures,
@@ -291,6 +298,7 @@ class Applier:
         *,
         before_create: ActionHook | None = None,
         on_outcome: OutcomeHook | None = None,
+        fence: Fence | None = None,
     ) -> list[Outcome]:
         """Run ``actions`` (at most one per lease is run; others are ``busy``); outcomes in input order."""
         hook = before_create or self.before_create
@@ -307,7 +315,7 @@ class Applier:
                 continue
             # Run in a copy of the caller's context so log records keep the pass id.
             context = contextvars.copy_context()
-            futures.append(self._pool.submit(context.run, self._run, action, hook))
+            futures.append(self._pool.submit(context.run, self._run, action, hook, fence))
         outcomes = [f if isinstance(f, Outcome) else f.result() for f in futures]
         if notify is not None:
             for outcome in outcomes:
@@ -343,7 +351,7 @@ class Applier:
         now = self.clock()
         return Outcome(action, False, now, now, kind, message, failures=action.failures)
 
-    def _run(self, action: Action, before_create: ActionHook | None) -> Outcome:
+    def _run(self, action: Action, before_create: ActionHook | None, fence: Fence | None = None) -> Outcome:
         lease = action.lease_name
         with self._lock:
             if lease in self._in_flight:
@@ -357,13 +365,15 @@ class Applier:
             if self.stopping:
                 return self._not_run(action, SKIPPED, "the controller is shutting down")
             with logs.bound(lease=lease):
-                return self._execute(action, before_create)
+                return self._execute(action, before_create, fence)
         finally:
             with self._idle:
                 self._in_flight.discard(lease)
                 self._idle.notify_all()
 
-    def _execute(self, action: Action, before_create: ActionHook | None) -> Outcome:
+    def _execute(
+        self, action: Action, before_create: ActionHook | None, fence: Fence | None = None
+    ) -> Outcome:
         started = self.clock()
         deadline = self.monotonic() + self.config.action_timeout_seconds
         sandbox: ObservedSandbox | None = None
@@ -383,7 +393,9 @@ class Applier:
                             exc,
                         )
                         return self._not_run(action, BEFORE_CREATE, f"create attempt not recorded: {exc}")
-                sandbox = self._call(self.provider.create, action.create, deadline=deadline, gated=True)
+                sandbox = self._call(
+                    self.provider.create, action.create, deadline=deadline, gated=True, fence=fence
+                )
                 message = f"created sandbox {sandbox.name} ({sandbox.id}), {sandbox.state}"
             elif action.kind == "lookup":
                 sandbox, message = self._lookup(action, deadline)
@@ -392,12 +404,12 @@ class Applier:
                 message = f"workspace {workspace} ready in sandbox {action.sandbox_name}"
             elif action.kind == "delete":
                 try:
-                    self._call(self.provider.delete, _sid(action), deadline=deadline)
+                    self._call(self.provider.delete, _sid(action), deadline=deadline, fence=fence)
                     message = f"deleted sandbox {action.sandbox_name} ({action.sandbox_id})"
                 except NotFoundError:
                     message = f"sandbox {action.sandbox_name} ({action.sandbox_id}) was already gone"
             elif action.kind in ("start", "stop", "archive", "recover"):
-                self._call(getattr(self.provider, action.kind), _sid(action), deadline=deadline)
+                self._call(getattr(self.provider, action.kind), _sid(action), deadline=deadline, fence=fence)
                 message = f"{action.kind} accepted for sandbox {action.sandbox_name} ({action.sandbox_id})"
             else:
                 raise ValueError(f"unknown action kind {action.kind!r}")
@@ -405,6 +417,9 @@ class Applier:
             return self._not_run(action, DEFERRED, str(exc))
         except _Stopped:
             return self._not_run(action, SKIPPED, "the controller is shutting down")
+        except NotLeaderError as exc:
+            log.warning("lease %s: %s not sent: %s", action.lease_name, action.kind, exc)
+            return self._not_run(action, FENCED, str(exc))
         except Exception as exc:
             return self._failed(action, started, exc)
         finished = self.clock()
@@ -487,9 +502,18 @@ class Applier:
 
     # -- rate limits -----------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[..., T], *args: Any, deadline: float, gated: bool = False) -> T:
+    def _call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        deadline: float,
+        gated: bool = False,
+        fence: Fence | None = None,
+    ) -> T:
         if not gated:
             self._gate(deadline)
+        if fence is not None:
+            fence()  # after every wait, right before the request: raises NotLeaderError
         try:
             return fn(*args)
         except RateLimitedError as exc:

@@ -172,12 +172,15 @@ class Reconciler:
         the_plan, leases, statuses, invalid = self.observe_and_plan()
         views = {lease.name: lease for lease in leases}
         self._check_leader()
+        fence = self._fence_for_term()
 
         def before_create(action: Action) -> None:
             self._record_create_attempt(action)
 
         outcomes = (
-            self.applier.apply(the_plan.actions, before_create=before_create) if the_plan.actions else []
+            self.applier.apply(the_plan.actions, before_create=before_create, fence=fence)
+            if the_plan.actions
+            else []
         )
         self._write(pass_id, the_plan, outcomes, views, statuses)
         if invalid:
@@ -192,6 +195,20 @@ class Reconciler:
     def _check_leader(self) -> None:
         if self.elector is not None and not self.elector.is_leader():
             raise NotLeaderError(f"not the leader of instance {self.instance}; pass skipped")
+
+    def _fence_for_term(self) -> Callable[[], None] | None:
+        """The applier's fence: every mutating provider call of this pass re-checks that we still
+        lead in the term the pass was planned under (a deposed, then re-elected, replica's old plan
+        is refused too)."""
+        elector = self.elector
+        if elector is None:
+            return None
+        term = elector.term
+
+        def fence() -> None:
+            elector.fence_term(term)
+
+        return fence
 
     def _fence(self, session: Session) -> None:
         if self.elector is not None:
