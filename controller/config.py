@@ -241,7 +241,10 @@ def load_settings(
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """Settings as a plain dict with secrets masked, for `doctor` and debug logs."""
+    from controller.db import redact_url
+
     data = settings.model_dump(mode="json")
     if settings.daytona.api_key is not None:
         data["daytona"]["api_key"] = "**********"
+    data["database_url"] = redact_url(settings.database_url)
     return data
