@@ -313,6 +313,8 @@ def reconcile(
         for outcome in result.outcomes:
             status = "ok" if outcome.ok else f"FAILED: {outcome.message}"
             out.print(f"{outcome.action.kind:<18} {outcome.action.lease_name:<30} {status}", highlight=False)
+        for bad in result.invalid:
+            out.print(f"{'skip':<18} {bad.name:<30} {bad.message}", highlight=False, markup=False)
         phases = ", ".join(f"{k}={v}" for k, v in sorted(summary["phases"].items()))
         out.print(
             f"pass {summary['pass_id']}: {summary['leases']} leases, {summary['actions']} actions, "
@@ -321,7 +323,11 @@ def reconcile(
         )
     else:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-    if result.errors or any(d.phase in ("Error", "Failed") for d in result.plan.decisions.values()):
+    if (
+        result.errors
+        or result.invalid
+        or any(d.phase in ("Error", "Failed") for d in result.plan.decisions.values())
+    ):
         raise typer.Exit(1)
 
 

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -37,7 +37,7 @@ from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
-from controller.specs import spec_hash
+from controller.specs import SPEC_COLUMNS, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,21 @@ class PassResult:
         return [o for o in self.outcomes if not o.ok and o.ran]
 
 
-def lease_view(row: LeaseRow, instance: str, workspace_dir: str) -> LeaseView:
-    digest = spec_hash(row.spec)
+def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> LeaseView:
+    """The planner's view of a validated row (or of an ORM ``Lease`` known to be valid: bench, tests)."""
+    if isinstance(row, Lease):
+        spec: Mapping[str, Any] = {col: getattr(row, col) for col in SPEC_COLUMNS}
+        paused, expires_at = bool(row.paused), row.expires_at
+    else:
+        spec, paused, expires_at = row.spec, row.paused, row.expires_at
+    digest = spec_hash(spec)
     return LeaseView(
         name=row.name,
         desired_state=row.desired_state,
         spec_hash=digest,
-        paused=row.paused,
-        expires_at=row.expires_at,
-        create=build_create_request(instance, row.name, digest, row.spec),
+        paused=paused,
+        expires_at=expires_at,
+        create=build_create_request(instance, row.name, digest, spec),
         workspace_dir=workspace_dir,
     )
 
@@ -185,6 +191,8 @@ class Reconciler:
         self._write(pass_id, the_plan, outcomes, views, statuses)
         if invalid:
             self._write_invalid(pass_id, invalid)
+            if self.metrics:
+                self.metrics.leases.labels(phase=FAILED).inc(len(invalid))  # set afresh by _write
         if self.metrics:
             for outcome in outcomes:
                 self.metrics.actions.labels(
@@ -373,9 +381,12 @@ def summarize(result: PassResult) -> dict[str, Any]:
     phases: dict[str, int] = {}
     for decision in result.plan.decisions.values():
         phases[decision.phase] = phases.get(decision.phase, 0) + 1
+    if result.invalid:
+        phases[FAILED] = phases.get(FAILED, 0) + len(result.invalid)
     return {
         "pass_id": result.pass_id,
-        "leases": len(result.plan.decisions),
+        "leases": len(result.plan.decisions) + len(result.invalid),
+        "invalid": len(result.invalid),
         "actions": len(result.outcomes),
         "failed": len(result.errors),
         "phases": phases,
