@@ -35,10 +35,6 @@ class ApplyResult:
         return bool(self.created or self.updated or self.pruned)
 
 
-def _row_values(lease: Lease) -> dict[str, Any]:
-    return {col: getattr(lease, col) for col in OPERATOR_COLUMNS}
-
-
 def apply_specs(
     db: Database, specs: Sequence[LeaseSpec], *, prune: bool = False, dry_run: bool = False
 ) -> ApplyResult:
@@ -64,28 +60,38 @@ def _apply(
     dry_run: bool,
 ) -> None:
     with db.session() as session:
-        existing = {lease.name: lease for lease in session.scalars(sa.select(Lease).with_for_update())}
+        # Lock and read the rows without loading them through the ORM: a row written by hand that
+        # the ORM cannot load (JSON that does not parse on SQLite) must not stop an apply that
+        # replaces it. Rows that break the lease rules compare as changed, so apply repairs them.
+        states = dict(
+            session.execute(sa.select(Lease.name, Lease.desired_state).with_for_update()).tuples().all()
+        )
+        valid, _ = load_lease_rows(session)
+        current = {row.name: row.lease.to_row() for row in valid}
         now = utcnow()
         for spec in specs:
             values = spec.to_row()
-            lease = existing.get(spec.name)
-            if lease is None:
-                session.add(Lease(**values, created_at=now, updated_at=now))
+            if spec.name not in states:
+                session.execute(sa.insert(Lease).values(**values, created_at=now, updated_at=now))
                 result.created.append(spec.name)
-            elif _row_values(lease) != values:
-                for col, value in values.items():
-                    setattr(lease, col, value)
-                lease.updated_at = now
+            elif current.get(spec.name) != values:
+                session.execute(
+                    sa.update(Lease).where(Lease.name == spec.name).values(**values, updated_at=now),
+                    execution_options={"synchronize_session": False},
+                )
                 result.updated.append(spec.name)
             else:
                 result.unchanged.append(spec.name)
         if prune:
-            for name, lease in sorted(existing.items()):
-                if name not in wanted and lease.desired_state != "absent":
-                    lease.desired_state = "absent"
-                    lease.updated_at = now
+            for name, state in sorted(states.items()):
+                if name not in wanted and state != "absent":
+                    session.execute(
+                        sa.update(Lease)
+                        .where(Lease.name == name)
+                        .values(desired_state="absent", updated_at=now),
+                        execution_options={"synchronize_session": False},
+                    )
                     result.pruned.append(name)
-        session.flush()  # let the database's own constraints speak before we report success
         if dry_run:
             raise _RolledBack
 

@@ -333,3 +333,20 @@ def test_fuzzed_rows_never_stop_the_fleet(fuzz_db: dbmod.Database, data: st.Data
     for sb in provider.sandboxes.values():
         assert sb.labels["leasectl-lease"] not in bad_names
     assert {v.name for v in valid} | bad_names == {*GOOD, *written}
+
+
+def test_apply_replaces_a_bad_row_and_prunes_past_it(db: dbmod.Database) -> None:
+    from controller.leases import apply_specs
+
+    insert_raw(db, name="typo", desired_state="running", env='"oops"', labels="{}")
+    if db.is_sqlite:  # JSON the ORM could not even load
+        insert_raw(db, name="garbled", desired_state="running", env="{nope", labels="{}")
+    spec = LeaseSpec.model_validate({"name": "typo", "env": {"A": "b"}})
+    result = apply_specs(db, [spec], prune=True)
+    assert result.updated == ["typo"]
+    assert result.pruned == (["garbled"] if db.is_sqlite else [])
+    with db.session() as session:
+        valid, invalid = load_lease_rows(session)
+    assert [r.lease for r in valid] == [spec]
+    assert [b.name for b in invalid] == (["garbled"] if db.is_sqlite else [])
+    assert apply_specs(db, [spec]).unchanged == ["typo"]
