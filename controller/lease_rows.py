@@ -31,7 +31,7 @@ from models import Lease
 
 INVALID_PREFIX = "invalid lease row: "
 _JSON_COLUMNS = ("env", "labels")
-_TIME_COLUMNS = ("expires_at", "created_at", "updated_at")
+_TIME_COLUMNS = ("expires_at",)  # created_at/updated_at are not read by anyone who acts on a row
 _MAX_MESSAGE = 500
 
 
