@@ -36,6 +36,10 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
   comes from the action (``Action.failures``, read from ``lease_status`` by the planner).
 - ``before_create(action)`` runs in the worker just before ``provider.create``; if it raises, the
   create is not called. ``on_outcome(outcome)`` is called for every finished action.
+- ``fence()`` runs in the worker at the moment each call that changes a sandbox (create, delete,
+  start, stop, archive, recover) is sent, after every wait; if it raises ``NotLeaderError`` the call
+  is not made (outcome ``fenced``, not a failure). The reconciler passes one that re-checks the
+  leadership term the pass was planned under, so a replica deposed while it waited touches nothing.
 - ``shutdown()``: no new action starts (outcome ``skipped``); actions in flight finish.
 """
 
@@ -61,6 +65,7 @@ from controller.errors import (
     CapacityError,
     ConflictError,
     NotFoundError,
+    NotLeaderError,
     PermanentError,
     ProviderError,
     RateLimitedError,
@@ -82,6 +87,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ActionHook = Callable[[Action], None]
+Fence = Callable[[], None]
 OutcomeHook = Callable[["Outcome"], None]
 
 # error_kind values of an Outcome
@@ -98,7 +104,8 @@ BEFORE_CREATE = "before_create"
 BUSY = "busy"  # another action for the lease was in flight: not run
 SKIPPED = "skipped"  # shutting down: not run
 DEFERRED = "deferred"  # waited too long for a rate limit: not run
-NOT_RUN = frozenset({BUSY, SKIPPED, DEFERRED, BEFORE_CREATE})
+FENCED = "fenced"  # leadership lost (or moved to a new term) before the call was sent: not run
+NOT_RUN = frozenset({BUSY, SKIPPED, DEFERRED, BEFORE_CREATE, FENCED})
 REOBSERVABLE = frozenset({"start", "stop", "archive", "recover", "delete"})
 
 
@@ -169,6 +176,10 @@ class Outcome:
         values: dict[str, Any] = {"message": self.message or action.reason}
         if action.penalize:
             values.update(failures=self.failures, next_attempt_at=self.next_attempt_at)
+        elif action.kind == "lookup" and self.sandbox is None:
+            # Found nothing of ours (e.g. after a create that ended in 409 on a name taken by
+            # another sandbox): not progress, so the failure count and its back-off stay.
+            pass
         else:
             values.update(failures=0, next_attempt_at=None, last_error=None)
         kind = action.kind
@@ -202,7 +213,7 @@ class Outcome:
 
     def _failure_values(self, lease: LeaseView | None) -> dict[str, Any]:
         action = self.action
-        if self.error_kind in (BUSY, SKIPPED, DEFERRED):
+        if self.error_kind in (BUSY, SKIPPED, DEFERRED, FENCED):
             return {"message": f"{action.kind} not run: {self.message}"}
         values: dict[str, Any] = {
             "failures": self.failures,
@@ -343,6 +354,7 @@ class Applier:
         *,
         before_create: ActionHook | None = None,
         on_outcome: OutcomeHook | None = None,
+        fence: Fence | None = None,
     ) -> list[Outcome]:
         """Run ``actions`` (at most one per lease is run; others are ``busy``); outcomes in input order."""
         hook = before_create or self.before_create
@@ -359,7 +371,7 @@ class Applier:
                 continue
             # Run in a copy of the caller's context so log records keep the pass id.
             context = contextvars.copy_context()
-            futures.append(self._pool.submit(context.run, self._run, action, hook))
+            futures.append(self._pool.submit(context.run, self._run, action, hook, fence))
         outcomes = [f if isinstance(f, Outcome) else f.result() for f in futures]
         if notify is not None:
             for outcome in outcomes:
@@ -395,7 +407,7 @@ class Applier:
         now = self.clock()
         return Outcome(action, False, now, now, kind, message, failures=action.failures)
 
-    def _run(self, action: Action, before_create: ActionHook | None) -> Outcome:
+    def _run(self, action: Action, before_create: ActionHook | None, fence: Fence | None = None) -> Outcome:
         lease = action.lease_name
         with self._lock:
             if lease in self._in_flight:
@@ -409,13 +421,15 @@ class Applier:
             if self.stopping:
                 return self._not_run(action, SKIPPED, "the controller is shutting down")
             with logs.bound(lease=lease):
-                return self._execute(action, before_create)
+                return self._execute(action, before_create, fence)
         finally:
             with self._idle:
                 self._in_flight.discard(lease)
                 self._idle.notify_all()
 
-    def _execute(self, action: Action, before_create: ActionHook | None) -> Outcome:
+    def _execute(
+        self, action: Action, before_create: ActionHook | None, fence: Fence | None = None
+    ) -> Outcome:
         started = self.clock()
         deadline = self.monotonic() + self.config.action_timeout_seconds
         sandbox: ObservedSandbox | None = None
@@ -436,7 +450,9 @@ class Applier:
                         )
                         return self._not_run(action, BEFORE_CREATE, f"create attempt not recorded: {exc}")
                 try:
-                    sandbox = self._call(self.provider.create, action.create, deadline=deadline, gated=True)
+                    sandbox = self._call(
+                        self.provider.create, action.create, deadline=deadline, gated=True, fence=fence
+                    )
                 except (StartFailedError, ConflictError, TransientError) as exc:
                     if isinstance(exc, RateLimitedError | CapacityError | StateConflictError):
                         raise
@@ -456,7 +472,13 @@ class Applier:
                         log.info("lease %s: delete not run: %s", action.lease_name, confirmed.message)
                         return replace(confirmed, message=f"delete not run: {confirmed.message}")
                 try:
-                    self._call(self.provider.delete, _sid(action), deadline=deadline, scope=SCOPE_LIFECYCLE)
+                    self._call(
+                        self.provider.delete,
+                        _sid(action),
+                        deadline=deadline,
+                        scope=SCOPE_LIFECYCLE,
+                        fence=fence,
+                    )
                     message = f"deleted sandbox {action.sandbox_name} ({action.sandbox_id})"
                 except NotFoundError:
                     message = f"sandbox {action.sandbox_name} ({action.sandbox_id}) was already gone"
@@ -466,6 +488,7 @@ class Applier:
                     _sid(action),
                     deadline=deadline,
                     scope=SCOPE_LIFECYCLE,
+                    fence=fence,
                 )
                 message = f"{action.kind} accepted for sandbox {action.sandbox_name} ({action.sandbox_id})"
             else:
@@ -479,6 +502,9 @@ class Applier:
             return self._not_run(action, DEFERRED, str(exc))
         except _Stopped:
             return self._not_run(action, SKIPPED, "the controller is shutting down")
+        except NotLeaderError as exc:
+            log.warning("lease %s: %s not sent: %s", action.lease_name, action.kind, exc)
+            return self._not_run(action, FENCED, str(exc))
         except Exception as exc:
             return self._failed(action, started, exc)
         finished = self.clock()
@@ -657,9 +683,12 @@ class Applier:
         deadline: float,
         gated: bool = False,
         scope: str = SCOPE_ALL,
+        fence: Fence | None = None,
     ) -> T:
         if not gated:
             self._gate(deadline, scope=scope)
+        if fence is not None:
+            fence()  # after every wait, right before the request: raises NotLeaderError
         try:
             return fn(*args)
         except RateLimitedError as exc:

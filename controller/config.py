@@ -74,6 +74,8 @@ class ExecSettings(_Section):
 
 class ServerSettings(_Section):
     listen: str = "127.0.0.1:9464"
+    # Health and metrics may be served on a non-loopback address only when this is true.
+    allow_remote: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -263,7 +265,10 @@ def describe_origin(
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """Settings as a plain dict with secrets masked, for `doctor` and debug logs."""
+    from controller.db import redact_url
+
     data = settings.model_dump(mode="json")
     if settings.daytona.api_key is not None:
         data["daytona"]["api_key"] = "**********"
+    data["database_url"] = redact_url(settings.database_url)
     return data

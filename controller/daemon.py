@@ -22,11 +22,14 @@ but housekeeping stops until the schema is one this replica knows again.
 
 ``/healthz`` answers while the process runs; ``/readyz`` is 200 only when the database is
 reachable, the schema is current and (when leader) the last pass succeeded, within three intervals;
-``/metrics`` is Prometheus text.
+``/metrics`` is Prometheus text. The HTTP server binds ``server.listen`` (127.0.0.1 by default); a
+non-loopback address is refused (``ConfigError``) unless ``server.allow_remote`` is true, and then
+logged as a warning: the endpoints have no authentication.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import signal
@@ -44,6 +47,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from controller import db as dbmod
 from controller.config import Settings
+from controller.errors import ConfigError
 from controller.leader import LeaderElector
 from controller.metrics import Metrics
 from controller.providers.base import SandboxProvider
@@ -65,6 +69,35 @@ class Health:
     last_pass_ok_at: datetime | None = None
     last_pass_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def listen_address(settings: Settings) -> tuple[str, int]:
+    """(host, port) to bind; ConfigError for a non-loopback host unless ``server.allow_remote``."""
+    host, _, port = settings.server.listen.rpartition(":")
+    host = host.strip("[]")
+    if not is_loopback(host):
+        if not settings.server.allow_remote:
+            raise ConfigError(
+                f"server.listen {settings.server.listen!r} is not a loopback address: health and metrics "
+                "would be served to the network without authentication; use 127.0.0.1:PORT, or set "
+                "server.allow_remote: true to allow it"
+            )
+        log.warning(
+            "health and metrics listen on %s (server.allow_remote is true): reachable from the network, "
+            "without authentication",
+            settings.server.listen,
+        )
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IPs; anything else (``0.0.0.0``, ``""``, other names) is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Daemon:
@@ -197,7 +230,7 @@ class Daemon:
         }
 
     def _start_http(self) -> None:
-        host, _, port = self.settings.server.listen.rpartition(":")
+        host, port = listen_address(self.settings)
         daemon = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -222,7 +255,7 @@ class Daemon:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self._http = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self._http = ThreadingHTTPServer((host, port), Handler)
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name="health-http", daemon=True).start()
         log.info("health and metrics on http://%s:%d", host, self._http.server_address[1])
@@ -271,7 +304,7 @@ class Daemon:
         dbmod.check_schema(self.db)  # SchemaError names the command to run
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self._start_http()
+        self._start_http()  # first: refuses a network-wide listener before anything else starts
         self.job_housekeeping()
         self.dispatcher.recover_interrupted()
         now = utcnow()

@@ -42,12 +42,19 @@ def normalize_url(url: str) -> str:
     return url
 
 
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile", "sslkey"})
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password masked, for messages and logs."""
+    """The URL with any password masked (also one given as a query parameter), for messages and logs."""
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
         return "<unparseable database URL>"
+    secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
+    if secret:
+        parsed = parsed.update_query_dict({k: "redacted" for k in secret})
+    return parsed.render_as_string(hide_password=True)
 
 
 def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:

@@ -60,6 +60,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy import orm
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -276,10 +277,15 @@ class Target:
     idle: bool = False
 
 
+# Only the lease columns the queue needs: a hand-written spec column (JSON that does not parse on
+# SQLite, say) must not stop the queue; the reconciler reports such a row as Failed.
+_LEASE_COLUMNS = orm.load_only(Lease.id, Lease.name, Lease.desired_state, Lease.expires_at)
+
+
 def check_runnable(session: Session, lease_name: str, now: datetime | None = None) -> None:
     """LeaseNotReadyError if commands can never run on this lease as it is (missing, not desired
     running, expired); a lease that is merely still starting passes."""
-    lease = session.scalar(sa.select(Lease).where(Lease.name == lease_name))
+    lease = session.scalar(sa.select(Lease).options(_LEASE_COLUMNS).where(Lease.name == lease_name))
     problem = _not_runnable(lease_name, lease, now or utcnow())
     if problem is not None:
         raise LeaseNotReadyError(problem)
@@ -356,11 +362,13 @@ def _update(session: Session, statement: sa.Update) -> int:
 
 
 def _finish_values(outcome: CommandOutcome, now: datetime, max_output_bytes: int) -> dict[str, Any]:
-    output, truncated = cap_output(outcome.output, max_output_bytes)
+    # Cap what is stored, not what arrived: each NUL becomes U+FFFD (3 bytes) on the way in, since
+    # PostgreSQL text cannot hold NUL, so the cap applies after that substitution.
+    output, truncated = cap_output(storable(outcome.output), max_output_bytes)
     return {
         "state": outcome.state,
         "exit_code": outcome.exit_code,
-        "output": storable(output),  # PostgreSQL text cannot hold NUL
+        "output": output,
         "output_truncated": truncated or outcome.output_truncated,
         "error": storable(outcome.error) if outcome.error is not None else None,
         "finished_at": now,
@@ -920,6 +928,7 @@ class Dispatcher:
         cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
         query = (
             sa.select(Execution, Lease, LeaseStatus)
+            .options(_LEASE_COLUMNS)
             .outerjoin(Lease, Lease.name == Execution.lease_name)
             .outerjoin(LeaseStatus, LeaseStatus.lease_name == Execution.lease_name)
             .where(Execution.state == "queued")

@@ -19,8 +19,18 @@ Orphans
     :func:`collect_garbage` is the effectful pass: ONE ``list_sandboxes`` call, then the database
     reads (sandboxes are listed *before* the lease names are read, so a sandbox created for a lease
     inserted meanwhile cannot look orphaned), the finder, and (unless ``dry_run``) the writes:
-    sightings, one ``provider.delete`` and one ``events`` row (action ``gc-delete``) per deletable
-    orphan, stale-row cleanup and retention.
+    sightings, then per deletable orphan one ``provider.get`` by id, one ``provider.delete`` and one
+    ``events`` row (action ``gc-delete``), then stale-row cleanup and retention.
+
+    The list is eventually consistent and has been seen to flap (absent, then present again) and to
+    show stale state, so it never decides a deletion alone: the ``get`` just before the delete must
+    confirm that the sandbox still exists, still carries this instance's label and is still an
+    orphan (its lease label names no lease), and is not already being destroyed; otherwise it is not
+    deleted. A sighting whose sandbox is missing from one list is dropped, so a sandbox that flaps
+    absent -> present starts its grace clock again.
+
+    Labels are outside data: a ``leasectl-lease`` label is bounded (:func:`bounded`, a readable prefix
+    and a digest) before it reaches a column or an event, so a long or odd label cannot fail a write.
 
 Stale rows
     ``lease_status`` rows of leases that no longer exist are removed once no observed sandbox carries
@@ -40,6 +50,7 @@ sandbox deletion is preceded by a leadership check, so a deposed leader writes a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -73,6 +84,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GC_DELETE_ACTION = "gc-delete"
+LABEL_COLUMN_CHARS = 63  # orphan_sightings.lease_label, events.lease_name
+NAME_COLUMN_CHARS = 128  # orphan_sightings.sandbox_name
 DELETED_PHASE = "Deleted"
 
 OrphanStatus = Literal["deletable", "in_grace", "deleting"]
@@ -147,6 +160,15 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def bounded(value: str | None, limit: int = LABEL_COLUMN_CHARS) -> str | None:
+    """``value`` if it fits ``limit`` characters, else a readable prefix, ``~`` and a 16-hex digest of
+    the whole value (so two long labels stay apart); never longer than ``limit``."""
+    if value is None or len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{value[: limit - len(digest) - 1]}~{digest}"
+
+
 def orphan_reason(sandbox: ObservedSandbox, lease_names: AbstractSet[str], *, instance: str) -> str | None:
     """Why ``sandbox`` is an orphan of ``instance``, or None if it is not one (or not ours at all)."""
     if sandbox.labels.get(LABEL_INSTANCE) != instance:
@@ -155,7 +177,7 @@ def orphan_reason(sandbox: ObservedSandbox, lease_names: AbstractSet[str], *, in
     if lease is None:
         return f"no {LABEL_LEASE} label"
     if lease not in lease_names:
-        return f"lease {lease!r} does not exist"
+        return f"lease {bounded(lease)!r} does not exist"
     return None
 
 
@@ -184,13 +206,20 @@ def find_orphans(
             continue
         known = sightings.get(sandbox.id)
         if known is None:
-            sighting = Sighting(sandbox.id, sandbox.name, sandbox.lease_name, reason, now, now)
+            sighting = Sighting(
+                sandbox.id,
+                bounded(sandbox.name, NAME_COLUMN_CHARS),
+                bounded(sandbox.lease_name),
+                reason,
+                now,
+                now,
+            )
             new.append(sighting)
         else:
             sighting = replace(
                 known,
-                sandbox_name=sandbox.name,
-                lease_label=sandbox.lease_name,
+                sandbox_name=bounded(sandbox.name, NAME_COLUMN_CHARS),
+                lease_label=bounded(sandbox.lease_name),
                 reason=reason,
                 last_seen_at=now,
             )
@@ -357,7 +386,7 @@ def collect_garbage(
             return GcResult(run_id, True, grace, report, cleanup=cleanup)
 
         _record_sightings(db, elector, report)
-        deleted, failed, skipped = _delete_orphans(db, elector, provider, report, when, who, run_id)
+        deleted, failed, skipped = _delete_orphans(db, elector, provider, report, when, who, run_id, instance)
         gone = {o.sandbox.id for o in deleted}
         still_there = [s for s in observed if s.id not in gone and s.state != STATE_DESTROYED]
         stale = remove_stale_status_rows(db, still_there, elector=elector)
@@ -416,13 +445,31 @@ def _record_sightings(db: Database, elector: LeaderElector | None, report: Orpha
                 row.last_seen_at = s.last_seen_at
 
 
-def _still_orphaned(db: Database, orphan: Orphan) -> bool:
-    """Re-check just before deleting: the lease may have been (re)created since the read."""
-    label = orphan.lease_label
+def _lease_exists(db: Database, label: str | None) -> bool:
     if label is None:
-        return True
+        return False
+    if len(label) > LABEL_COLUMN_CHARS:
+        return False  # no lease name is that long; do not send it to the database
     with db.session() as session:
-        return session.scalar(sa.select(Lease.id).where(Lease.name == label)) is None
+        return session.scalar(sa.select(Lease.id).where(Lease.name == label)) is not None
+
+
+def _confirm(db: Database, provider: SandboxProvider, orphan: Orphan, instance: str) -> str | None:
+    """Just before deleting: one ``get`` by id. None if the sandbox is still there, still ours and
+    still an orphan; otherwise why it must not be deleted. The list may be stale; the get is not."""
+    sandbox_id = orphan.sandbox.id
+    current = provider.get(sandbox_id)
+    if current is None or current.state == STATE_DESTROYED:
+        return "gone by id (the list was stale)"
+    if current.id != sandbox_id:
+        return f"the id resolves to another sandbox ({current.id})"
+    if current.labels.get(LABEL_INSTANCE) != instance:
+        return "no longer carries this instance's label"
+    if current.state == STATE_DESTROYING:
+        return "already being destroyed"
+    if _lease_exists(db, current.labels.get(LABEL_LEASE)):
+        return f"wanted again (lease {bounded(current.labels.get(LABEL_LEASE))!r} exists)"
+    return None
 
 
 def _delete_orphans(
@@ -433,6 +480,7 @@ def _delete_orphans(
     now: datetime,
     controller_id: str,
     run_id: str,
+    instance: str,
 ) -> tuple[list[Orphan], list[Deletion], list[Orphan]]:
     deleted: list[Orphan] = []
     failed: list[Deletion] = []
@@ -441,16 +489,23 @@ def _delete_orphans(
     while pending:
         orphan = pending.pop(0)
         sandbox = orphan.sandbox
-        if not _still_orphaned(db, orphan):
-            log.info(
-                "sandbox %s is wanted again (lease %s exists); not deleted", sandbox.id, orphan.lease_label
-            )
-            continue
-        _check_leader(elector)
         error: str | None = None
         rate_limited = False
+        why_not: str | None = None
         try:
-            provider.delete(sandbox.id)  # an already-gone sandbox is not an error
+            why_not = _confirm(db, provider, orphan, instance)
+        except RateLimitedError as exc:
+            error, rate_limited = f"{type(exc).__name__}: {exc}", True
+        except ProviderError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if why_not is not None:
+            log.info("gc: orphan sandbox %s (%s) not deleted: %s", sandbox.id, sandbox.name, why_not)
+            _forget_sighting(db, elector, sandbox.id)
+            continue
+        _check_leader(elector)
+        try:
+            if error is None:
+                provider.delete(sandbox.id)  # an already-gone sandbox is not an error
         except NotFoundError:
             pass  # already gone: that is what we wanted
         except RateLimitedError as exc:
@@ -467,7 +522,7 @@ def _delete_orphans(
             session.add(
                 Event(
                     at=now,
-                    lease_name=(orphan.lease_label or "")[:63] or None,
+                    lease_name=bounded(orphan.lease_label),
                     sandbox_id=sandbox.id,
                     action=GC_DELETE_ACTION,
                     outcome="ok" if error is None else "error",
@@ -491,6 +546,15 @@ def _delete_orphans(
                 skipped.extend(pending)
                 break
     return deleted, failed, skipped
+
+
+def _forget_sighting(db: Database, elector: LeaderElector | None, sandbox_id: str) -> None:
+    """A sandbox the get did not confirm as an orphan: its grace clock starts again if it comes back."""
+    with _writing(db, elector) as session:
+        session.execute(
+            sa.delete(OrphanSighting).where(OrphanSighting.sandbox_id == sandbox_id),
+            execution_options={"synchronize_session": False},
+        )
 
 
 # -- stale rows ------------------------------------------------------------------------------------

@@ -13,6 +13,14 @@ Three rules keep a deposed leader harmless:
   transaction: it re-reads the row (``FOR SHARE`` on PostgreSQL, so a takeover waits for the
   transaction; SQLite serializes writers anyway) and raises NotLeaderError unless holder and term
   are still ours and the lease has not expired;
+* every provider call that changes a sandbox is fenced at the moment it is sent
+  (:meth:`LeaderElector.fence_term`, the applier's ``fence`` hook): still leader on the local
+  monotonic clock (free: a pause such as SIGSTOP or a long rate-limit wait moves it past the
+  deadline), then ONE primary-key SELECT of the election row: same holder, same term as the pass
+  was planned under, not expired on the wall clock. The query covers what the monotonic clock does
+  not see (a suspended VM does not advance it) and a renewal cannot revive a stale plan because the
+  term must match. Mutating calls are few (a converged fleet makes none), so this costs a handful
+  of indexed reads per pass at most; a database that cannot answer means "do not act";
 * releasing on shutdown sets ``expires_at`` to the past so a standby takes over at once.
 
 Replicas compare wall-clock times stored in the row: keep their clocks in sync (NTP), as for any
@@ -172,6 +180,29 @@ class LeaderElector:
         ):
             self._lose()
             raise NotLeaderError(f"leadership of instance {self.instance} moved on; write refused")
+
+    def fence_term(self, term: int | None) -> None:
+        """Before a provider call that changes something: NotLeaderError unless this replica still
+        leads in ``term`` (the term its plan was made under): local deadline, then one PK SELECT."""
+        refused = (
+            f"not the leader of instance {self.instance} in term {term} any more; provider call not sent"
+        )
+        if term is None or self._term != term or not self.is_leader():
+            raise NotLeaderError(refused)
+        try:
+            with self.db.session(readonly=True) as session:
+                row = session.execute(
+                    sa.select(LeaderElection.holder, LeaderElection.term, LeaderElection.expires_at).where(
+                        LeaderElection.instance == self.instance
+                    )
+                ).one_or_none()
+        except sa.exc.SQLAlchemyError as exc:
+            raise NotLeaderError(f"{refused} (leadership cannot be confirmed: {type(exc).__name__})") from exc
+        if row is None or row.holder != self.holder or row.term != term:
+            self._lose()
+            raise NotLeaderError(refused)
+        if row.expires_at is None or row.expires_at <= self._clock():
+            raise NotLeaderError(refused)
 
     def release(self) -> None:
         """Give the lease up (shutdown): a standby may take over immediately."""

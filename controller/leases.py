@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from controller.db import Database
 from controller.errors import SpecError
+from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
 from controller.specs import LeaseSpec
-from models import Lease, lease_overview, utcnow
+from models import Lease, UTCDateTime, lease_overview, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
 DEFAULT_MAX_PRUNE_SHARE = 0.5
@@ -58,10 +59,6 @@ class ApplyResult:
     @property
     def changed(self) -> bool:
         return bool(self.created or self.updated or self.pruned)
-
-
-def _row_values(lease: Lease) -> dict[str, Any]:
-    return {col: getattr(lease, col) for col in OPERATOR_COLUMNS}
 
 
 def apply_specs(
@@ -101,53 +98,76 @@ def _apply(
     max_prune_share: float | None,
 ) -> None:
     with db.session() as session:
-        existing = {lease.name: lease for lease in session.scalars(sa.select(Lease).with_for_update())}
+        # Lock and read the rows without loading them through the ORM: a row written by hand that
+        # the ORM cannot load (JSON that does not parse on SQLite) must not stop an apply that
+        # replaces it. Rows that break the lease rules compare as changed, so apply repairs them.
+        states = dict(
+            session.execute(sa.select(Lease.name, Lease.desired_state).with_for_update()).tuples().all()
+        )
+        valid, _ = load_lease_rows(session)
+        current = {row.name: row.lease.to_row() for row in valid}
         now = utcnow()
         for spec in specs:
             values = spec.to_row()
-            lease = existing.get(spec.name)
-            if lease is None:
-                session.add(Lease(**values, created_at=now, updated_at=now))
+            if spec.name not in states:
+                session.execute(sa.insert(Lease).values(**values, created_at=now, updated_at=now))
                 result.created.append(spec.name)
-            elif _row_values(lease) != values:
-                for col, value in values.items():
-                    setattr(lease, col, value)
-                lease.updated_at = now
+            elif current.get(spec.name) != values:
+                session.execute(
+                    sa.update(Lease).where(Lease.name == spec.name).values(**values, updated_at=now),
+                    execution_options={"synchronize_session": False},
+                )
                 result.updated.append(spec.name)
             else:
                 result.unchanged.append(spec.name)
         if prune:
-            live = sum(1 for lease in existing.values() if lease.desired_state != "absent")
-            for name, lease in sorted(existing.items()):
-                if name not in wanted and lease.desired_state != "absent":
-                    lease.desired_state = "absent"
-                    lease.updated_at = now
-                    result.pruned.append(name)
+            live = sum(1 for state in states.values() if state != "absent")
+            doomed = [
+                name for name, state in sorted(states.items()) if name not in wanted and state != "absent"
+            ]
             refusal = (
-                prune_refusal(live, len(result.pruned), max_prune_share)
-                if max_prune_share is not None
-                else None
+                prune_refusal(live, len(doomed), max_prune_share) if max_prune_share is not None else None
             )
             if refusal is not None:
                 raise PruneRefusedError(
                     f"{refusal}; nothing was written. Check the files (an empty or truncated file "
                     "prunes everything); if you mean it, run again with --prune-all"
                 )
-        session.flush()  # let the database's own constraints speak before we report success
+            for name in doomed:
+                session.execute(
+                    sa.update(Lease).where(Lease.name == name).values(desired_state="absent", updated_at=now),
+                    execution_options={"synchronize_session": False},
+                )
+                result.pruned.append(name)
         if dry_run:
             raise _RolledBack
 
 
-def read_specs(session: Session, names: Sequence[str] = ()) -> list[LeaseSpec]:
-    query = sa.select(Lease).order_by(Lease.name)
-    if names:
-        query = query.where(Lease.name.in_(names))
-    return [LeaseSpec.from_row(_row_values(lease)) for lease in session.scalars(query)]
+def read_specs(
+    session: Session, names: Sequence[str] = (), *, invalid: list[InvalidLeaseRow] | None = None
+) -> list[LeaseSpec]:
+    """The valid leases (or those named) as specs; rows that break the rules go to ``invalid``."""
+    rows, bad = load_lease_rows(session, names)
+    if invalid is not None:
+        invalid.extend(bad)
+    return [row.lease for row in rows]
 
 
 def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows of the ``lease_overview`` view, as dicts, ordered by name."""
-    query = sa.select(lease_overview).order_by(lease_overview.c.name)
+    """Rows of the ``lease_overview`` view, as dicts, ordered by name.
+
+    Timestamps are read raw and parsed one by one, so a value written by hand that is not a
+    timestamp shows as its text instead of failing the whole listing.
+    """
+    columns = [
+        sa.type_coerce(c, sa.types.NullType()).label(c.key) if isinstance(c.type, UTCDateTime) else c
+        for c in lease_overview.c
+    ]
+    query = sa.select(*columns).order_by(lease_overview.c.name)
     if names:
         query = query.where(lease_overview.c.name.in_(names))
-    return [dict(row._mapping) for row in session.execute(query)]
+    timestamps = {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)}
+    return [
+        {k: tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
+        for row in session.execute(query)
+    ]

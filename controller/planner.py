@@ -139,6 +139,7 @@ _KNOWN_STABLE = frozenset(
     {STATE_STARTED, STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED, STATE_ERROR, STATE_BUILD_FAILED}
 )
 _MAX_NAME = 63
+_CUT_DIGEST = 16  # hex digits of the (instance, lease) digest in a name whose lease part was cut
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
 
 
@@ -150,17 +151,27 @@ def _dns_part(value: str) -> str:
 
 
 def sandbox_name(instance: str, lease_name: str, spec_hash: str) -> str:
-    """The deterministic sandbox name: ``<instance>-<lease>-<spec8>-<id6>``, at most 63 characters.
+    """The deterministic sandbox name, at most 63 characters, lowercase letters, digits and dashes.
 
-    ``spec8`` is the first 8 characters of the spec hash (a replacement never reuses the old name);
-    ``id6`` is a digest of (instance, lease), which keeps names of different instances and leases
-    apart even where the dashes make the readable part ambiguous (``a-b``/``c`` vs ``a``/``b-c``).
-    Long lease names are cut, never the digest: lowercase letters, digits and dashes only.
+    ``<instance>-<lease>-<spec8>-<id6>`` when the whole lease name fits: ``spec8`` is the first 8
+    characters of the spec hash (a replacement never reuses the old name); ``id6`` is a digest of
+    (instance, lease), which keeps names apart where the dashes make the readable part ambiguous
+    (``a-b``/``c`` vs ``a``/``b-c``). The readable part is then unique per lease by itself.
+
+    When the lease name must be cut to fit, the cut part no longer tells leases apart, so the digest
+    grows to 16 hex characters (64 bits) at the expense of the readable prefix:
+    ``<instance>-<lease prefix>-<spec8>-<id16>``. Names that fit are unchanged by this rule (existing
+    sandboxes keep their names); sandboxes are found by their labels, never by the name format, so a
+    sandbox named by an older rule is kept, not replaced.
     """
     spec8 = _dns_part(spec_hash)[:8]
-    ident = hashlib.sha256(f"{instance}\x00{lease_name}".encode()).hexdigest()[:6]
+    whole = f"{instance}\x00{lease_name}".encode()
     inst = _dns_part(instance)[:32].strip("-") or "x"
     lease = _dns_part(lease_name)
+    ident = hashlib.sha256(whole).hexdigest()[:6]
+    if len(inst) + len(lease) + len(spec8) + len(ident) + 3 <= _MAX_NAME:
+        return f"{inst}-{lease}-{spec8}-{ident}"
+    ident = hashlib.sha256(whole).hexdigest()[:_CUT_DIGEST]
     room = _MAX_NAME - len(inst) - len(spec8) - len(ident) - 3
     lease = lease[: max(room, 1)].strip("-") or "x"
     return f"{inst}-{lease}-{spec8}-{ident}"[:_MAX_NAME]

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -33,8 +33,9 @@ from controller.config import Settings
 from controller.db import Database
 from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
+from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
 from controller.metrics import Metrics
-from controller.planner import Action, LeaseView, Plan, StatusView, build_create_request, plan
+from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
 from controller.specs import SPEC_COLUMNS, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
@@ -65,22 +66,28 @@ class PassResult:
     plan: Plan
     outcomes: list[Outcome] = field(default_factory=list)
     duration_seconds: float = 0.0
+    invalid: list[InvalidLeaseRow] = field(default_factory=list)  # rows left alone, phase Failed
 
     @property
     def errors(self) -> list[Outcome]:
         return [o for o in self.outcomes if not o.ok and o.ran]
 
 
-def lease_view(row: Lease, instance: str, workspace_dir: str) -> LeaseView:
-    values = {col: getattr(row, col) for col in SPEC_COLUMNS}
-    digest = spec_hash(values)
+def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> LeaseView:
+    """The planner's view of a validated row (or of an ORM ``Lease`` known to be valid: bench, tests)."""
+    if isinstance(row, Lease):
+        spec: Mapping[str, Any] = {col: getattr(row, col) for col in SPEC_COLUMNS}
+        paused, expires_at = bool(row.paused), row.expires_at
+    else:
+        spec, paused, expires_at = row.spec, row.paused, row.expires_at
+    digest = spec_hash(spec)
     return LeaseView(
         name=row.name,
         desired_state=row.desired_state,
         spec_hash=digest,
-        paused=bool(row.paused),
-        expires_at=row.expires_at,
-        create=build_create_request(instance, row.name, digest, values),
+        paused=paused,
+        expires_at=expires_at,
+        create=build_create_request(instance, row.name, digest, spec),
         workspace_dir=workspace_dir,
     )
 
@@ -118,21 +125,27 @@ class Reconciler:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _load(self) -> tuple[list[LeaseView], dict[str, StatusView]]:
+    def _load(self) -> tuple[list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
         workspace = self.settings.controller.workspace_dir
         with self.db.session(readonly=True) as session:
-            leases = [
-                lease_view(row, self.instance, workspace)
-                for row in session.scalars(sa.select(Lease).order_by(Lease.name))
-            ]
+            rows, invalid = load_lease_rows(session)
             statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
-        return leases, statuses
+        leases = [lease_view(row, self.instance, workspace) for row in rows]
+        return leases, statuses, invalid
 
     def plan_pass(self) -> tuple[Plan, list[LeaseView], dict[str, StatusView]]:
         """Observe and plan without acting (``leasectl plan``)."""
-        leases, statuses = self._load()
+        the_plan, leases, statuses, _ = self.observe_and_plan()
+        return the_plan, leases, statuses
+
+    def observe_and_plan(
+        self,
+    ) -> tuple[Plan, list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
+        """Observe and plan; also the rows left out because they break the lease rules."""
+        leases, statuses, invalid = self._load()
         observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
-        return plan(leases, statuses, observed, self.clock(), instance=self.instance), leases, statuses
+        the_plan = plan(leases, statuses, observed, self.clock(), instance=self.instance)
+        return the_plan, leases, statuses, invalid
 
     # -- one pass --------------------------------------------------------------------------------
 
@@ -162,26 +175,47 @@ class Reconciler:
 
     def _run(self, pass_id: str) -> PassResult:
         self._check_leader()
-        the_plan, leases, statuses = self.plan_pass()
+        the_plan, leases, statuses, invalid = self.observe_and_plan()
         views = {lease.name: lease for lease in leases}
         self._check_leader()
+        fence = self._fence_for_term()
 
         def before_create(action: Action) -> None:
             self._record_create_attempt(action)
 
         outcomes = (
-            self.applier.apply(the_plan.actions, before_create=before_create) if the_plan.actions else []
+            self.applier.apply(the_plan.actions, before_create=before_create, fence=fence)
+            if the_plan.actions
+            else []
         )
         self._write(pass_id, the_plan, outcomes, views, statuses)
+        if invalid:
+            self._write_invalid(pass_id, invalid)
+            if self.metrics:
+                self.metrics.leases.labels(phase=FAILED).inc(len(invalid))  # set afresh by _write
         if self.metrics:
             for outcome in outcomes:
                 result = "reobserved" if outcome.reobserved else "ok" if outcome.ok else "error"
                 self.metrics.actions.labels(kind=outcome.action.kind, result=result).inc()
-        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes)
+        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes, invalid=invalid)
 
     def _check_leader(self) -> None:
         if self.elector is not None and not self.elector.is_leader():
             raise NotLeaderError(f"not the leader of instance {self.instance}; pass skipped")
+
+    def _fence_for_term(self) -> Callable[[], None] | None:
+        """The applier's fence: every mutating provider call of this pass re-checks that we still
+        lead in the term the pass was planned under (a deposed, then re-elected, replica's old plan
+        is refused too)."""
+        elector = self.elector
+        if elector is None:
+            return None
+        term = elector.term
+
+        def fence() -> None:
+            elector.fence_term(term)
+
+        return fence
 
     def _fence(self, session: Session) -> None:
         if self.elector is not None:
@@ -277,6 +311,48 @@ class Reconciler:
         values["message"] = f"{outcome.message}: {decision.message}"
         return values
 
+    def _write_invalid(self, pass_id: str, invalid: Sequence[InvalidLeaseRow]) -> None:
+        """Phase ``Failed`` and the reason for rows that break the lease rules; nothing else is touched
+        (no provider call is made for them, their sandbox and its record stay as they are). An event and a
+        warning only when the verdict changes, so a bad row does not flood the history every pass."""
+        now = self.clock()
+        with self.db.session() as session:
+            self._fence(session)
+            names = [bad.name for bad in invalid]
+            rows = {
+                row.lease_name: row
+                for row in session.scalars(
+                    sa.select(LeaseStatus).where(LeaseStatus.lease_name.in_(names)).with_for_update()
+                )
+            }
+            for bad in invalid:
+                row = rows.get(bad.name)
+                if row is None:
+                    row = LeaseStatus(lease_name=bad.name, failures=0)
+                    session.add(row)
+                elif row.phase == FAILED and row.message == bad.message:
+                    continue
+                row.phase = FAILED
+                row.message = bad.message
+                row.last_error = bad.message
+                row.next_attempt_at = None
+                row.updated_at = now
+                row.last_reconciled_at = now
+                session.add(
+                    Event(
+                        at=now,
+                        lease_name=bad.name,
+                        sandbox_id=row.sandbox_id,
+                        action="validate",
+                        outcome="invalid",
+                        message=bad.message,
+                        controller_id=self.controller_id,
+                        pass_id=pass_id,
+                    )
+                )
+                with logs.bound(lease=bad.name):
+                    log.warning("lease %s: %s; left alone until the row changes", bad.name, bad.message)
+
     def _event(self, outcome: Outcome, pass_id: str, now: datetime) -> Event:
         action = outcome.action
         return Event(
@@ -327,9 +403,12 @@ def summarize(result: PassResult) -> dict[str, Any]:
     phases: dict[str, int] = {}
     for decision in result.plan.decisions.values():
         phases[decision.phase] = phases.get(decision.phase, 0) + 1
+    if result.invalid:
+        phases[FAILED] = phases.get(FAILED, 0) + len(result.invalid)
     return {
         "pass_id": result.pass_id,
-        "leases": len(result.plan.decisions),
+        "leases": len(result.plan.decisions) + len(result.invalid),
+        "invalid": len(result.invalid),
         "actions": len(result.outcomes),
         "failed": len(result.errors),
         "phases": phases,

@@ -23,6 +23,9 @@ from controller.errors import SpecError
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_LABEL_PREFIX = "leasectl-"
+# The whole env of a lease (keys and values, UTF-8). It travels in the create request and in every
+# command line (`env K=V ...`); Linux refuses a single argument over 128 KiB (MAX_ARG_STRLEN).
+MAX_ENV_BYTES = 65536
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 Language = Literal["python", "typescript", "javascript"]
 
@@ -44,6 +47,9 @@ SPEC_COLUMNS = (
 )
 
 
+INT_MAX = 2**31 - 1  # the integer columns of `leases` (PostgreSQL integer)
+
+
 class FieldRuleError(ValueError):
     """A rule across fields, reported against ``field`` (``parse_leases`` names it in the message)."""
 
@@ -55,10 +61,10 @@ class FieldRuleError(ValueError):
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cpu: int | None = Field(default=None, gt=0, strict=True)
-    memory: int | None = Field(default=None, gt=0, strict=True, description="GiB")
-    disk: int | None = Field(default=None, gt=0, strict=True, description="GiB")
-    gpu: int | None = Field(default=None, gt=0, strict=True)
+    cpu: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True)
+    memory: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True, description="GiB")
+    disk: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True, description="GiB")
+    gpu: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True)
 
 
 class LeaseSpec(BaseModel):
@@ -68,16 +74,16 @@ class LeaseSpec(BaseModel):
 
     name: str
     state: DesiredState = "running"
-    snapshot: str | None = Field(default=None, min_length=1)
-    image: str | None = Field(default=None, min_length=1)
-    target: str | None = Field(default=None, min_length=1)
+    snapshot: str | None = Field(default=None, min_length=1, max_length=255)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    target: str | None = Field(default=None, min_length=1, max_length=64)
     language: Language | None = None
     resources: Resources | None = None
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
-    auto_stop_interval: int | None = Field(default=None, ge=0, strict=True)
-    auto_archive_interval: int | None = Field(default=None, ge=0, strict=True)
-    auto_delete_interval: int | None = Field(default=None, ge=-1, strict=True)
+    auto_stop_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    auto_archive_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    auto_delete_interval: int | None = Field(default=None, ge=-1, le=INT_MAX, strict=True)
     expires_at: datetime | None = None
     paused: bool = False
 
@@ -97,6 +103,11 @@ class LeaseSpec(BaseModel):
         for key in value:
             if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+        size = sum(
+            len(k.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace")) for k, v in value.items()
+        )
+        if size > MAX_ENV_BYTES:
+            raise ValueError(f"is {size} bytes; at most {MAX_ENV_BYTES} bytes of keys and values are allowed")
         return value
 
     @field_validator("labels")
@@ -107,6 +118,14 @@ class LeaseSpec(BaseModel):
                 raise ValueError(f"label {key!r} uses the reserved prefix {RESERVED_LABEL_PREFIX!r}")
             if not key:
                 raise ValueError("label keys must not be empty")
+        return value
+
+    @field_validator("snapshot", "image", "target", "env", "labels")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise ValueError("must not contain NUL characters")
         return value
 
     @field_validator("expires_at")

@@ -70,6 +70,8 @@ def reconcile(
         for outcome in result.outcomes:
             status = "ok" if outcome.ok else f"FAILED: {outcome.message}"
             out.print(f"{outcome.action.kind:<18} {outcome.action.lease_name:<30} {status}", highlight=False)
+        for bad in result.invalid:
+            out.print(f"{'skip':<18} {bad.name:<30} {bad.message}", highlight=False, markup=False)
         phases = ", ".join(f"{k}={v}" for k, v in sorted(summary["phases"].items()))
         out.print(
             f"pass {summary['pass_id']}: {summary['leases']} leases, {summary['actions']} actions, "
@@ -78,7 +80,11 @@ def reconcile(
         )
     else:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-    if result.errors or any(d.phase in ("Error", "Failed") for d in result.plan.decisions.values()):
+    if (
+        result.errors
+        or result.invalid
+        or any(d.phase in ("Error", "Failed") for d in result.plan.decisions.values())
+    ):
         raise typer.Exit(exitcodes.FAILURE)
 
 
@@ -94,7 +100,7 @@ def plan(
     cli = context_of(ctx)
     try:
         with handled():
-            the_plan, _, _ = _reconciler(cli).plan_pass()
+            the_plan, _, _, invalid = _reconciler(cli).observe_and_plan()
     except typer.Exit as exc:
         # With --detailed-exitcode, 2 means "changes": every error is 1, as with Terraform.
         if detailed_exitcode and exc.exit_code != exitcodes.OK:
@@ -107,7 +113,9 @@ def plan(
         table.add_row(
             action.kind, action.lease_name, action.sandbox_id or action.sandbox_name or "-", action.reason
         )
-    if the_plan.actions:
+    for bad in invalid:
+        table.add_row("skip", bad.name, "-", bad.message)
+    if the_plan.actions or invalid:
         out.print(table)
     out.print(
         f"{len(the_plan.actions)} action(s) planned for {len(the_plan.decisions)} lease(s)", highlight=False

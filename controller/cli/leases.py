@@ -197,7 +197,10 @@ def export(
     """Print the leases as YAML that `apply` accepts."""
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
-        text = dump_leases(read_specs(session, names or ()))
+        invalid: list[Any] = []
+        text = dump_leases(read_specs(session, names or (), invalid=invalid))
+    for bad in invalid:
+        err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)
     if output is None:
         sys.stdout.write(text)
     else:

@@ -108,7 +108,7 @@ def handled() -> Iterator[None]:
         fail(f"{exc}", exitcodes.FAILURE)
     except LeasectlError as exc:
         fail(str(exc))
-    except sa.exc.IntegrityError as exc:
+    except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
         fail(f"the database refused the change: {first_line(exc.orig)}", EXIT_INVALID)
     except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
         detail = first_line(exc.orig)

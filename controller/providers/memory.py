@@ -28,6 +28,8 @@ is a no-op. Scripting hooks:
   and shows every sandbox in the state it had ``list_lag`` ago (states lag too, as on Daytona).
   The default clock is a manual one moved by ``advance(seconds)``.
 - ``on_call(op, key)``: called outside the lock before each call (latency, barriers in tests).
+- ``list_hook(result) -> result``: rewrites what ``list_sandboxes`` answers (a list that flaps, shows
+  stale labels or states); ``get`` keeps telling the truth.
 - ``exec_hook(sandbox_id, command, cwd, env, timeout)``: answers ``exec`` (default: echoes the command).
 
 ``calls`` is the list of ``(op, sandbox id or name)`` in call order (``list`` logs ``""``);
@@ -180,6 +182,7 @@ class MemoryProvider:
         self.work_dir_path = work_dir
         self.exec_hook = exec_hook
         self.on_call = on_call
+        self.list_hook: Callable[[list[ObservedSandbox]], list[ObservedSandbox]] | None = None
         self.sandboxes: dict[str, MemorySandbox] = {}  # live ones, by id
         self.graveyard: dict[str, MemorySandbox] = {}  # deleted ones, by id (kept forever)
         self.calls: list[tuple[str, str]] = []
@@ -374,7 +377,8 @@ class MemoryProvider:
                 if all(sb.labels.get(k) == v for k, v in labels.items())
             ]
         _after(fault)
-        return result
+        hook = self.list_hook
+        return hook(result) if hook is not None else result
 
     def get(self, id_or_name: str) -> ObservedSandbox | None:
         fault = self._enter("get", id_or_name)

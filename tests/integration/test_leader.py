@@ -6,6 +6,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from controller.db import Database
 from controller.errors import NotLeaderError
@@ -108,3 +109,46 @@ def test_hold_refuses_beside_a_leader_and_releases_after(db: Database) -> None:
     assert not a.is_leader()
     with b.hold():
         assert b.term == 2
+
+
+def test_fence_term_refuses_a_deposed_or_re_elected_replica(db: Database) -> None:
+    """The applier's fence: leader on the local clock, same holder and term in the row, not expired."""
+    clock = Clock()
+    a, b = elector(db, "a", clock), elector(db, "b", clock)
+    assert a.try_acquire()
+    planned = a.term
+    a.fence_term(planned)  # leading in the term the plan was made under: the call may go
+
+    # a's host is suspended (its monotonic clock does not move) past expiry; b takes over.
+    clock.now += timedelta(seconds=11)
+    assert b.try_acquire()
+    assert a.is_leader()  # a's local clock still says yes ...
+    with pytest.raises(NotLeaderError):
+        a.fence_term(planned)  # ... the row says no
+    assert not a.is_leader()
+
+    # b goes away, a is elected again in a new term: the old plan stays refused.
+    b.release()
+    assert a.try_acquire() and a.term is not None and a.term > (planned or 0)
+    with pytest.raises(NotLeaderError):
+        a.fence_term(planned)
+    a.fence_term(a.term)
+
+
+def test_fence_term_refuses_after_a_pause_without_a_query(db: Database) -> None:
+    clock = Clock()
+    a = elector(db, "a", clock)
+    assert a.try_acquire()
+    term = a.term
+    clock.advance(9)  # SIGSTOP or a long wait: the local deadline (0.8 of the lease) has passed
+    statements: list[str] = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    sa.event.listen(db.engine, "before_cursor_execute", listener)
+    try:
+        with pytest.raises(NotLeaderError):
+            a.fence_term(term)
+        with pytest.raises(NotLeaderError):
+            a.fence_term(None)
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", listener)
+    assert statements == []  # refused on the local clock alone

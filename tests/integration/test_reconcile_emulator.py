@@ -207,3 +207,41 @@ def test_plan_takes_no_action_and_reports_changes(
     converge(database_url, {"box-00": "Ready", "box-01": "Ready"})
     code, _, _ = cli(database_url, "plan", "--detailed-exitcode")
     assert code == 0
+
+
+def test_bad_rows_among_good_ones_with_the_real_sdk(
+    env: EmulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    """Issue 17: rows written with SQL that break the lease rules do not stop `reconcile`, `plan` or
+    `get`; the good leases converge through the real SDK and the bad ones say what is wrong."""
+    from tests.unit.test_bad_rows import insert_raw
+
+    assert cli(database_url, "db", "upgrade")[0] == 0
+    db = dbmod.connect(database_url)
+    try:
+        for name in ("ok-1", "ok-2"):
+            insert_raw(db, name=name, desired_state="running", env="{}", labels="{}")
+        insert_raw(db, name="typo", desired_state="running", env='"oops"', labels="{}")
+        insert_raw(db, name="Not_A_Slug", desired_state="running", env="{}", labels="{}")
+        insert_raw(
+            db, name="big-env", desired_state="running", env=json.dumps({"V": "x" * 300_000}), labels="{}"
+        )
+        insert_raw(db, name="list-labels", desired_state="running", env="{}", labels='["a", "b"]')
+    finally:
+        db.dispose()
+    code, out, err = cli(database_url, "plan")
+    assert code == 0 and "Traceback" not in out + err
+    assert "skip" in out and "typo" in out
+    rows = converge(database_url, {"ok-1": "Ready", "ok-2": "Ready"})
+    for name, why in (
+        ("typo", "env must be a JSON object of strings"),
+        ("Not_A_Slug", "lowercase slug"),
+        ("big-env", "bytes"),
+        ("list-labels", "labels must be a JSON object of strings"),
+    ):
+        assert rows[name]["phase"] == "Failed", rows[name]
+        assert rows[name]["message"].startswith("invalid lease row: ") and why in rows[name]["message"]
+    sandboxes = list(env.client().list(ListSandboxesQuery(labels={"leasectl-instance": INSTANCE})))
+    assert sorted(s.labels["leasectl-lease"] for s in sandboxes) == ["ok-1", "ok-2"]
+    code, out, err = cli(database_url, "export")
+    assert code == 0 and "skipped lease 'typo'" in err and "ok-1" in out

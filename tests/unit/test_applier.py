@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from controller.applier import Applier, ApplierConfig, Outcome, TokenBucket
-from controller.errors import ConflictError, NotFoundError, PermanentError, RateLimitedError, TransientError
+from controller.errors import (
+    ConflictError,
+    NotFoundError,
+    NotLeaderError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
 from controller.planner import Action, build_create_request, ownership_labels
 from controller.providers.memory import MemoryProvider
 
@@ -465,3 +472,86 @@ def test_shutdown_lets_in_flight_finish_and_takes_nothing_new() -> None:
     assert a.shutdown(timeout=5)
     t.join(5)
     assert result[0].ok and p.sandboxes[sid].state == "started"
+
+
+# -- fencing (issue 17) ---------------------------------------------------------------------------
+
+
+class Leadership:
+    """A fence that stops passing once the clock reaches ``lost_at`` (leadership moved on)."""
+
+    def __init__(self, clock: FakeClock, lost_at: float) -> None:
+        self.clock = clock
+        self.lost_at = lost_at
+        self.checks: list[float] = []
+
+    def __call__(self) -> None:
+        now = self.clock.monotonic()
+        self.checks.append(now)
+        if now >= self.lost_at:
+            raise NotLeaderError("term moved on")
+
+
+@pytest.mark.parametrize("kind", ["delete", "start", "stop", "archive", "recover"])
+def test_fence_is_checked_after_the_wait_and_stops_the_call(kind: str) -> None:
+    """Planned while leading, then a 429 pause; leadership is lost during the wait: nothing is sent."""
+    clock = FakeClock()
+    p = MemoryProvider()
+    state = {"start": "stopped", "stop": "started", "archive": "stopped", "recover": "error"}.get(
+        kind, "started"
+    )
+    busy = seed(p, "busy", "stopped")
+    target = seed(p, "target", state)
+    if kind == "recover":
+        p.fall_into_error(target, recoverable=True)
+    p.fail_next("start", RateLimitedError("429", retry_after=30))
+    a = applier(p, clock, max_concurrent_actions=1, api_rate_per_second=1000)
+    a.apply([act("start", "busy", busy)])  # sets the 30 s pause
+    fence = Leadership(clock, lost_at=10)
+    before = {sid: sb.state for sid, sb in p.sandboxes.items()}
+    counted = p.counters[kind]
+    [outcome] = a.apply([act(kind, "target", target, failures=2)], fence=fence)
+    assert outcome.error_kind == "fenced" and not outcome.ran and not outcome.ok
+    assert fence.checks and fence.checks[-1] >= 30  # checked after the pause, not at planning time
+    assert p.counters[kind] == counted  # never sent
+    assert {sid: sb.state for sid, sb in p.sandboxes.items()} == before
+    values = outcome.status_values()
+    assert set(values) == {"message"}  # not a failure: failures and back-off untouched
+    assert outcome.failures == 2
+
+
+def test_fence_before_create_runs_after_the_attempt_is_recorded() -> None:
+    clock = FakeClock()
+    p = MemoryProvider()
+    order: list[str] = []
+
+    def fence() -> None:
+        order.append("fence")
+        raise NotLeaderError("deposed")
+
+    a = applier(p, clock)
+    [outcome] = a.apply([create_action("new")], before_create=lambda _a: order.append("attempt"), fence=fence)
+    assert order == ["attempt", "fence"]
+    assert outcome.error_kind == "fenced"
+    assert p.sandboxes == {} and p.counters["create"] == 0
+
+
+def test_fence_is_not_consulted_for_reads() -> None:
+    p = MemoryProvider()
+    sid = seed(p, "a", "started")
+
+    def fence() -> None:
+        raise NotLeaderError("deposed")
+
+    outcomes = applier(p).apply(
+        [act("lookup", "a", sid), act("realize_workspace", "b", sid, workspace_dir="w")], fence=fence
+    )
+    assert [o.ok for o in outcomes] == [True, True]
+
+
+def test_a_passing_fence_lets_every_call_through() -> None:
+    p = MemoryProvider()
+    sid = seed(p, "a", "started")
+    checks: list[int] = []
+    [outcome] = applier(p).apply([act("delete", "a", sid)], fence=lambda: checks.append(1))
+    assert outcome.ok and checks == [1] and sid not in p.sandboxes

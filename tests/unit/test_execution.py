@@ -463,6 +463,33 @@ def test_output_is_capped_with_a_flag(db: Database, provider: ExecFakeProvider, 
     assert r.output_truncated and r.output == "é" * 512
 
 
+@pytest.mark.parametrize("output", ["\x00" * 1024, "a\x00" * 700, "\x00" * 400 + "é" * 300])
+def test_cap_counts_the_stored_form_of_nul(
+    db: Database, provider: ExecFakeProvider, disp: Dispatcher, output: str
+) -> None:
+    """Each NUL is stored as U+FFFD (3 bytes): the 1024-byte cap holds for what is stored, with the flag."""
+    add_lease(db)
+    provider.on_exec = lambda _s, _c: ExecResult(exit_code=0, output=output)
+    execution_id = enqueue(db, lease_name="box", command="printf")
+    disp.run_once()
+    r = row(db, execution_id)
+    assert r.output is not None
+    stored = r.output.encode("utf-8")
+    assert len(stored) <= 1024
+    assert len(stored) > 1024 - 4  # cut at the cap, not far below it
+    assert r.output_truncated
+    assert "\x00" not in r.output
+
+
+def test_output_at_the_cap_is_not_flagged(db: Database, provider: ExecFakeProvider, disp: Dispatcher) -> None:
+    add_lease(db)
+    provider.on_exec = lambda _s, _c: ExecResult(exit_code=0, output="x" * 1021 + "\x00")
+    execution_id = enqueue(db, lease_name="box", command="printf")
+    disp.run_once()
+    r = row(db, execution_id)
+    assert r.output == "x" * 1021 + "\ufffd" and not r.output_truncated
+
+
 def test_nul_in_output_is_stored(db: Database, provider: ExecFakeProvider, disp: Dispatcher) -> None:
     add_lease(db)
     provider.on_exec = lambda _s, _c: ExecResult(exit_code=0, output="a\x00b")

@@ -8,6 +8,7 @@ writes and deletes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +21,7 @@ from controller.config import Settings, load_settings
 from controller.errors import NotLeaderError, RateLimitedError, TransientError
 from controller.gc import GC_DELETE_ACTION, collect_garbage
 from controller.leader import LeaderElector
-from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, LABEL_SPEC
+from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, LABEL_SPEC, ObservedSandbox
 from controller.providers.memory import MemoryProvider
 from models import Event, Execution, LeaderElection, Lease, LeaseStatus, OrphanSighting, metadata
 
@@ -118,8 +119,11 @@ def test_deleted_lease_sandbox_is_collected_after_grace(
         (fleet["ghost"], None, "ok"),
     }
     assert all("orphan" in (e.message or "") for e in events)
-    # GC only ever listed with the instance filter and deleted orphans: nothing else was called
-    assert {op for op, _ in provider.calls} == {"list", "delete"}
+    # GC only listed with the instance filter, confirmed each orphan by id and deleted it
+    assert {op for op, _ in provider.calls} == {"list", "get", "delete"}
+    assert sorted(key for op, key in provider.calls if op == "get") == sorted(
+        [fleet["deleted"], fleet["ghost"]]
+    )
     assert sorted(key for op, key in provider.calls if op == "delete") == sorted(
         [fleet["deleted"], fleet["ghost"]]
     )
@@ -417,3 +421,82 @@ def test_leader_collects(db: dbmod.Database, provider: MemoryProvider, fleet: di
     )
     assert {o.sandbox.id for o in result.deleted} == {fleet["deleted"], fleet["ghost"]}
     assert {e.controller_id for e in gc_events(db)} == {elector.holder}
+
+
+# -- a list that flaps or lies (issue 17) -----------------------------------------------------------
+
+
+def test_orphan_missing_from_one_list_restarts_its_grace(
+    db: dbmod.Database, provider: MemoryProvider
+) -> None:
+    orphan = provider.add_sandbox("lease-gone", labels("gone")).id
+    settings = make_settings()
+    collect_garbage(db, provider, settings, now=T0)
+    assert sightings(db)[orphan].first_seen_at == T0
+    provider.list_hook = lambda result: [sb for sb in result if sb.id != orphan]  # absent once
+    collect_garbage(db, provider, settings, now=T0 + timedelta(seconds=GRACE / 2))
+    assert orphan not in sightings(db)
+    provider.list_hook = None  # present again: the clock starts over
+    back = T0 + timedelta(seconds=GRACE)
+    result = collect_garbage(db, provider, settings, now=back)
+    assert result.deleted == ()
+    assert orphan in provider.sandboxes
+    assert sightings(db)[orphan].first_seen_at == back
+    later = collect_garbage(db, provider, settings, now=back + timedelta(seconds=GRACE))
+    assert [o.sandbox.id for o in later.deleted] == [orphan]
+    assert orphan not in provider.sandboxes
+
+
+def test_stale_list_never_decides_a_delete(db: dbmod.Database, provider: MemoryProvider) -> None:
+    """The list still shows old labels; the get by id shows the truth, which wins."""
+    add_lease(db, "alpha")
+    adopted = provider.add_sandbox("adopted", labels("alpha")).id  # ours and wanted, per get
+    moved = provider.add_sandbox("moved", labels("gone", instance="other")).id  # not ours any more
+    vanished = provider.add_sandbox("vanished", labels("gone")).id
+    stale = {adopted: labels("gone"), moved: labels("gone")}
+
+    def lie(result: list[ObservedSandbox]) -> list[ObservedSandbox]:
+        return [dataclasses.replace(sb, labels=stale.get(sb.id, sb.labels)) for sb in result]
+
+    everything = provider.list_sandboxes({})  # taken while all three exist
+    provider.list_hook = lambda _result: lie(everything)  # stale labels, and never drops anything
+    settings = make_settings()
+    first = collect_garbage(db, provider, settings, now=T0)
+    assert {o.sandbox.id for o in first.report.in_grace} == {adopted, moved, vanished}
+    provider.remove(vanished)
+    result = collect_garbage(db, provider, settings, now=T0 + timedelta(seconds=GRACE))
+    assert result.deleted == ()
+    assert {adopted, moved} <= set(provider.sandboxes)
+    assert not any(op == "delete" for op, _ in provider.calls)
+    assert sightings(db) == {}  # unconfirmed orphans lose their grace clock
+    assert gc_events(db) == []
+
+
+LONG = "x" * 64 + "-ünïcødé-" + "y" * 200
+
+
+@pytest.mark.parametrize("label", [LONG, "ünïcødé-lease", "é" * 63, "a" * 63 + "b"])
+def test_long_and_non_ascii_lease_labels_are_collected(
+    db: dbmod.Database, provider: MemoryProvider, label: str
+) -> None:
+    other = provider.add_sandbox("other", labels("other-gone")).id
+    odd = provider.add_sandbox("odd", labels(label)).id
+    settings = make_settings()
+    first = collect_garbage(db, provider, settings, now=T0)
+    assert {o.sandbox.id for o in first.report.in_grace} == {other, odd}
+    stored = sightings(db)[odd].lease_label
+    assert stored is not None and len(stored) <= 63
+    assert stored == label if len(label) <= 63 else stored.startswith(label[:20])
+    second = collect_garbage(db, provider, settings, now=T0 + timedelta(seconds=GRACE))
+    assert {o.sandbox.id for o in second.deleted} == {other, odd}
+    events = {e.sandbox_id: e for e in gc_events(db)}
+    assert events[odd].lease_name is not None and len(events[odd].lease_name) <= 63
+
+
+def test_bounded_labels_stay_distinct() -> None:
+    from controller.gc import bounded
+
+    a, b = "z" * 100 + "a", "z" * 100 + "b"
+    assert bounded(a) != bounded(b)
+    assert len(bounded(a) or "") == 63
+    assert bounded("short") == "short" and bounded(None) is None

@@ -1,0 +1,182 @@
+"""Reading operator-written ``leases`` rows without trusting them.
+
+Operators may write anything the database accepts into ``leases`` with plain SQL: JSON that is not an
+object, a name that breaks the slug rules, a 300 KB env value, text in an integer column (SQLite),
+a timestamp without a zone. One such row must never stop the fleet, so the reconciler (and ``plan``,
+``get`` and the execution queue) read rows through :func:`load_lease_rows`: every column comes back
+raw (no ORM result processing that could raise for the whole query), and each row is validated on
+its own by the rules of :class:`controller.specs.LeaseSpec` (not a copy of them). A valid row becomes
+a :class:`LeaseRow` with the spec values exactly as the ORM would have produced them (so the spec
+hash, and with it the sandbox, is unchanged); an invalid one an :class:`InvalidLeaseRow` whose
+``message`` says what is wrong ("invalid lease row: env must be a JSON object of strings").
+
+Called by ``controller.reconciler`` (one read per pass), ``controller.leases`` (``get``/``export``)
+and ``controller.execution``. Pure apart from the one SELECT in :func:`load_lease_rows`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from controller.specs import SPEC_COLUMNS, LeaseSpec
+from models import Lease
+
+INVALID_PREFIX = "invalid lease row: "
+_JSON_COLUMNS = ("env", "labels")
+_TIME_COLUMNS = ("expires_at",)  # created_at/updated_at are not read by anyone who acts on a row
+_MAX_MESSAGE = 500
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """A valid row: the operator columns as the planner needs them."""
+
+    name: str
+    desired_state: str
+    paused: bool
+    expires_at: datetime | None
+    spec: Mapping[str, Any]  # SPEC_COLUMNS -> value, as the ORM would load them
+    lease: LeaseSpec  # the validated spec (export)
+
+
+@dataclass(frozen=True)
+class InvalidLeaseRow:
+    """A row that breaks the lease rules; ``name`` is the row's name as text (the status key)."""
+
+    name: str
+    message: str
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """A stored timestamp as an aware UTC datetime; naive values are UTC (how SQLite stores them).
+
+    Raises ValueError for anything that is not a timestamp.
+    """
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.strip())
+    if not isinstance(value, datetime):
+        raise ValueError(f"not a timestamp ({type(value).__name__})")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def tolerant_timestamp(value: Any) -> datetime | str | None:
+    """For display: a timestamp, or the stored text when it is not one (never raises)."""
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _raw_columns() -> list[sa.ColumnElement[Any]]:
+    columns: list[sa.ColumnElement[Any]] = []
+    for column in Lease.__table__.columns:
+        if column.key in _JSON_COLUMNS:
+            # JSON as text on both backends, so '"oops"' is seen as the JSON string it is.
+            columns.append(sa.cast(column, sa.Text).label(column.key))
+        else:
+            columns.append(sa.type_coerce(column, sa.types.NullType()).label(column.key))
+    return columns
+
+
+def _json(value: Any, column: str) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise _Problem(f"{column} is not valid JSON") from exc
+
+
+class _Problem(Exception):
+    pass
+
+
+def _shape(column: str, value: Any) -> None:
+    """The one rule the pydantic model cannot word for a row: what the JSON column must hold."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _Problem(f"{column} must be a JSON object of strings")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "row"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
+    """Validate one raw ``leases`` row (column -> value as stored)."""
+    raw_name = raw.get("name")
+    name = raw_name if isinstance(raw_name, str) else str(raw_name)
+    try:
+        values = dict(raw)
+        for column in _JSON_COLUMNS:
+            values[column] = _json(values.get(column), column)
+            _shape(column, values[column])
+        for column in _TIME_COLUMNS:
+            if values.get(column) is not None:
+                try:
+                    values[column] = parse_timestamp(values[column])
+                except ValueError as exc:
+                    raise _Problem(f"{column}: {exc}") from exc
+        if not isinstance(raw_name, str):
+            raise _Problem("name must be text")
+        paused = values.get("paused")
+        if paused is not None and paused not in (True, False, 0, 1):
+            raise _Problem(f"paused must be a boolean, not {paused!r}")
+        values["paused"] = bool(paused)
+        try:
+            spec = LeaseSpec.from_row(values)
+        except ValidationError as exc:
+            raise _Problem(_describe(exc)) from exc
+    except _Problem as exc:
+        return InvalidLeaseRow(name=name, message=_clip(INVALID_PREFIX + str(exc)))
+    except (TypeError, ValueError, OverflowError) as exc:  # anything else the row can throw at us
+        return InvalidLeaseRow(name=name, message=_clip(f"{INVALID_PREFIX}{type(exc).__name__}: {exc}"))
+    return LeaseRow(
+        name=spec.name,
+        desired_state=spec.state,
+        paused=spec.paused,
+        expires_at=spec.expires_at,
+        spec={col: values.get(col) for col in SPEC_COLUMNS},
+        lease=spec,
+    )
+
+
+def load_lease_rows(
+    session: Session, names: Sequence[str] = ()
+) -> tuple[list[LeaseRow], list[InvalidLeaseRow]]:
+    """Every ``leases`` row (or those named), valid ones and invalid ones apart, ordered by name."""
+    query = sa.select(*_raw_columns()).order_by(Lease.name)
+    if names:
+        query = query.where(Lease.name.in_(list(names)))
+    valid: list[LeaseRow] = []
+    invalid: list[InvalidLeaseRow] = []
+    for row in session.execute(query):
+        result = validate_row(dict(row._mapping))
+        if isinstance(result, LeaseRow):
+            valid.append(result)
+        else:
+            invalid.append(result)
+    return valid, invalid
