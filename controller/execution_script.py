@@ -154,7 +154,17 @@ def quote_argv(argv: Sequence[str]) -> str:
         raise ScriptInputError("argv must be a list of arguments, not one string")
     if not argv:
         raise ScriptInputError("no program to run: the argument list is empty")
-    return " ".join(quote(word) for word in argv)
+    # Arguments made only of characters no shell treats specially stay bare (as shlex.quote does):
+    # they read the same and, since the script is quoted once more when wrapped, take a sixth of
+    # the room of a quoted word. The program name is always quoted (see above).
+    return " ".join([quote(argv[0]), *(_bare_or_quoted(word) for word in argv[1:])])
+
+
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
+def _bare_or_quoted(word: str) -> str:
+    return word if _SAFE_WORD.fullmatch(word) else quote(word)
 
 
 def validate_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -219,8 +219,9 @@ def test_nul_and_empty_commands_are_refused() -> None:
         build_script("true", cwd="/a\x00", workspace=None, env={})
 
 
-def test_every_word_is_quoted_so_the_first_is_always_a_program(box: Sandbox) -> None:
-    assert quote_argv(["A=B", "if", ""]) == "'A=B' 'if' ''"
+def test_the_first_word_is_always_quoted_so_it_is_always_a_program(box: Sandbox) -> None:
+    # Later words stay bare only when no shell treats any of their characters specially.
+    assert quote_argv(["A=B", "if", "", "a b", "~x", "x*"]) == "'A=B' if '' 'a b' '~x' 'x*'"
     out = box.run(quote_argv(["A=B", "x"]))
     assert out.returncode == 127 and b"A=B" in out.stdout
 
@@ -396,3 +397,38 @@ def test_without_stdin_the_command_reads_dev_null_even_if_the_daemon_leaves_a_pi
         assert proc.wait(timeout=5) == 0
         assert proc.stdin is not None
         proc.stdin.close()
+
+
+# -- adversarial input (issue 17): never a second shell, never a crash -----------------------------
+
+
+def test_ten_thousand_arguments_arrive_in_order(box: Sandbox) -> None:
+    argv = [str(i) for i in range(10_000)]
+    got, _ = box.dump(argv)
+    assert got == [a.encode() for a in argv]
+
+
+def test_ten_thousand_quote_heavy_arguments_are_refused_with_a_message() -> None:
+    argv = [f"-{i}; '$(x)'" for i in range(10_000)]
+    with pytest.raises(ScriptInputError, match="too long.*pass large data as stdin"):
+        wrap_for_exec(build_script(quote_argv(argv), cwd=None, workspace=None, env={}))
+
+
+def test_a_one_megabyte_line_is_refused_with_a_message_not_run() -> None:
+    with pytest.raises(ScriptInputError, match="too long"):
+        wrap_for_exec(build_script(quote_argv(["echo", "y" * 1_048_576]), cwd=None, workspace=None, env={}))
+
+
+@pytest.mark.parametrize("arg", ["\udcff", "a\ud800b", "\udc80\udc81"])
+def test_text_that_is_not_utf8_is_refused_before_a_script_exists(arg: str) -> None:
+    """Lone surrogates (how Python carries undecodable bytes) cannot be sent as UTF-8: refused with a
+    clear error instead of reaching a shell in some mangled form."""
+    with pytest.raises(ScriptInputError):
+        wrap_for_exec(build_script(quote_argv(["echo", arg]), cwd=None, workspace=None, env={}))
+
+
+def test_shell_metacharacters_in_a_1kb_argument_are_data(box: Sandbox) -> None:
+    nasty = ("$(touch pwned) `touch pwned` ; touch pwned && || | > pwned < /etc/passwd \n" * 14)[:1000]
+    got, _ = box.dump([nasty])
+    assert got == [nasty.encode()]
+    assert not (box.home / "pwned").exists() and not (box.workspace / "pwned").exists()
