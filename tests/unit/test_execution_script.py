@@ -410,7 +410,7 @@ def test_ten_thousand_arguments_arrive_in_order(box: Sandbox) -> None:
 
 def test_ten_thousand_quote_heavy_arguments_are_refused_with_a_message() -> None:
     argv = [f"-{i}; '$(x)'" for i in range(10_000)]
-    with pytest.raises(ScriptInputError, match="too long.*pass large data as stdin"):
+    with pytest.raises(ScriptInputError, match=r"too long.*pass large data as stdin"):
         wrap_for_exec(build_script(quote_argv(argv), cwd=None, workspace=None, env={}))
 
 
