@@ -184,16 +184,7 @@ class Outcome:
             values.update(failures=0, next_attempt_at=None, last_error=None)
         kind = action.kind
         if kind == "create" and self.sandbox is not None:
-            sb = self.sandbox
-            values.update(
-                sandbox_id=sb.id,
-                sandbox_name=sb.name,
-                observed_state=sb.state,
-                spec_hash=action.spec_hash,
-                workspace_path=None,
-                ready_at=None,
-                failed_spec_hash=None,
-            )
+            values.update(_new_sandbox(self.sandbox, action.spec_hash), failed_spec_hash=None)
         elif kind == "lookup":
             values.update(create_attempt_name=None, create_attempt_at=None)
             if self.sandbox is not None:
@@ -224,14 +215,8 @@ class Outcome:
         if action.kind == "create" and self.sandbox is not None:
             # The create failed but left a sandbox (found by name): record it so that the planner
             # recovers or replaces it instead of creating a second one.
-            sb = self.sandbox
             values.update(
-                sandbox_id=sb.id,
-                sandbox_name=sb.name,
-                observed_state=sb.state,
-                spec_hash=sb.spec_hash,
-                workspace_path=None,
-                ready_at=None,
+                _new_sandbox(self.sandbox, self.sandbox.spec_hash),
                 create_attempt_name=None,
                 create_attempt_at=None,
             )
@@ -254,6 +239,18 @@ class Outcome:
                 message=f"{action.kind} failed ({self.error_kind}): {self.message}; retry after {when}",
             )
         return values
+
+
+def _new_sandbox(sb: ObservedSandbox, spec_hash: str | None) -> dict[str, Any]:
+    """``lease_status`` columns for a sandbox the lease has just got (nothing realized in it yet)."""
+    return {
+        "sandbox_id": sb.id,
+        "sandbox_name": sb.name,
+        "observed_state": sb.state,
+        "spec_hash": spec_hash,
+        "workspace_path": None,
+        "ready_at": None,
+    }
 
 
 class _Deferred(Exception):
