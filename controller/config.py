@@ -74,6 +74,9 @@ class ExecSettings(_Section):
 
 class ServerSettings(_Section):
     listen: str = "127.0.0.1:9464"
+    # The status page (/) answers off loopback only with this token; when set, it is required on
+    # loopback too. Health, readiness and metrics do not need it.
+    access_token: SecretStr | None = None
 
     @field_validator("listen")
     @classmethod
@@ -266,4 +269,6 @@ def redacted(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     if settings.daytona.api_key is not None:
         data["daytona"]["api_key"] = "**********"
+    if settings.server.access_token is not None:
+        data["server"]["access_token"] = "**********"
     return data
