@@ -70,6 +70,20 @@ PHASE_TONE = {
 }
 
 
+_CALM_OUTCOMES = {"ok", "succeeded"}
+_NEUTRAL_OUTCOMES = {"attempt", "reobserved", "skipped", "busy", "deferred", "queued", "running", "cancelled"}
+_WAITING_OUTCOMES = {"capacity", "blocked", "rate_limited", "timed_out"}
+
+
+def outcome_tone(outcome: str) -> str:
+    """Colour of an event outcome or execution state: ok, busy (neutral), warn or bad."""
+    if outcome in _CALM_OUTCOMES:
+        return "ok"
+    if outcome in _NEUTRAL_OUTCOMES:
+        return "busy"
+    return "warn" if outcome in _WAITING_OUTCOMES else "bad"
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
@@ -135,6 +149,7 @@ class StatusPage:
             phases=PHASES,
             desired_states=DESIRED_STATES,
             tone=lambda phase: PHASE_TONE.get(phase, "busy"),
+            outcome_tone=outcome_tone,
             stamp=_stamp,
         )
 

@@ -149,7 +149,7 @@ def test_index_shows_the_fleet_and_the_leases(db: dbmod.Database) -> None:
         assert re.search(rf'data-phase="{phase}">.*?<strong>{count}</strong>', body, re.S), phase
     assert "Deleting" not in re.findall(r'data-phase="(\w+)"', body)  # the orphaned status is no lease
     assert "host-a:123" in body and "term 7" in body
-    assert "0.42 s" in body and "3 actions" in body and "1 errors" in body
+    assert "0.42 s" in body and "3 actions" in body and "1 failed" in body
     assert "120 <span" in body and "6.0/min" in body and "paused 12 s: sandbox-create" in body
     assert "1\u20135 of 5 leases" in body
 
