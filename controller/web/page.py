@@ -176,11 +176,10 @@ class StatusPage:
         decision = access.decide(self.listen_host, self._token, lowered, params.get("token"))
         if not decision.allowed:
             body = self._render("denied.html", reason=decision.reason, now=self.clock())
-            return Response(
-                401,
-                body,
-                headers={**_PAGE_HEADERS, "WWW-Authenticate": CHALLENGE},
-            )
+            headers = dict(_PAGE_HEADERS)
+            if self._token:  # no prompt while no token is set: nothing could be typed into it
+                headers["WWW-Authenticate"] = CHALLENGE
+            return Response(401, body, headers=headers)
         if decision.set_cookie is not None:
             params.pop("token", None)
             location = path + ("?" + urlencode(params) if params else "")

@@ -278,6 +278,8 @@ def test_token_off_loopback(db: dbmod.Database) -> None:
     no_token = StatusPage(db, settings(listen="0.0.0.0:9464"))
     status, body = get(no_token, "/")
     assert status == 401 and "server.access_token" in body and "web-1" not in body
+    refused = no_token.handle("/", {"Authorization": "Bearer anything"})
+    assert refused is not None and refused.status == 401 and "WWW-Authenticate" not in refused.headers
     assert get(no_token, "/leases/web-1")[0] == 401
 
     page = StatusPage(db, settings(listen="0.0.0.0:9464", token=TOKEN))

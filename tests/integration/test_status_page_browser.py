@@ -134,6 +134,7 @@ def test_status_page_in_a_browser(
     # The token: the listener asks for it; ?token= once sets a cookie and leaves the URL.
     assert d.http("/")[0] == 401
     assert d.http("/healthz")[0] == 200  # probes and metrics need no token
+    assert d.http("/no-such-path")[0] == 404
     context = browser.new_context(viewport={"width": 1366, "height": 860}, color_scheme="dark")
     page = context.new_page()
     assert context.request.get(f"http://127.0.0.1:{d.port}/").status == 401  # (a browser would prompt)
