@@ -149,9 +149,12 @@ def test_status_page_in_a_browser(
         count = sum(1 for p in settled.values() if p == phase)
         assert page.locator(f'.legend [data-phase="{phase}"] strong').inner_text() == str(count)
     assert "term" in page.locator("#fleet").inner_text()  # the leader card
-    wait_for(
-        lambda: "actions" in (page.reload() and page.locator("#fleet").inner_text()), what="a pass summary"
-    )
+
+    def fleet_text() -> str:
+        page.reload()
+        return str(page.locator("#fleet").inner_text())
+
+    wait_for(lambda: "actions" in fleet_text(), what="a pass summary")
     shot(page, tmp_path, "status-page.png")
 
     # Filters: the form (a GET, works with or without JavaScript) narrows the table on the server.
