@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test test-live lint typecheck unit integration bench bench-quick clean
+.PHONY: venv run test test-live lint typecheck unit integration bench bench-quick screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+# The status page's browser tests drive Debian's Chromium through Playwright (never `playwright
+# install`, which downloads a browser of its own). Installed when missing, as root; otherwise a note.
+/usr/bin/chromium:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "note: /usr/bin/chromium is missing: 'sudo apt-get install chromium' for the browser tests"; fi
+
+venv: $(STAMP) /usr/bin/chromium
 
 run: venv
 	bash scripts/quickstart.sh
@@ -43,6 +49,10 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python -m bench --quick
+
+# Re-take the status page screenshots the README shows (docs/status-page*.png) with the browser test.
+screenshots: venv
+	UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/integration/test_status_page_browser.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

@@ -76,6 +76,9 @@ class ServerSettings(_Section):
     listen: str = "127.0.0.1:9464"
     # Health and metrics may be served on a non-loopback address only when this is true.
     allow_remote: bool = False
+    # The status page (/) answers off loopback only with this token; when set, it is required on
+    # loopback too. Health, readiness and metrics do not need it.
+    access_token: SecretStr | None = None
 
     @field_validator("listen")
     @classmethod
@@ -271,4 +274,6 @@ def redacted(settings: Settings) -> dict[str, Any]:
     if settings.daytona.api_key is not None:
         data["daytona"]["api_key"] = "**********"
     data["database_url"] = redact_url(settings.database_url)
+    if settings.server.access_token is not None:
+        data["server"]["access_token"] = "**********"
     return data

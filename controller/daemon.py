@@ -22,14 +22,16 @@ but housekeeping stops until the schema is one this replica knows again.
 
 ``/healthz`` answers while the process runs; ``/readyz`` is 200 only when the database is
 reachable, the schema is current and (when leader) the last pass succeeded, within three intervals;
-``/metrics`` is Prometheus text. The HTTP server binds ``server.listen`` (127.0.0.1 by default); a
-non-loopback address is refused (``ConfigError``) unless ``server.allow_remote`` is true, and then
-logged as a warning: the endpoints have no authentication.
+``/metrics`` is Prometheus text. Every other GET goes to the read-only status page
+(:class:`controller.web.page.StatusPage`: ``/``, ``/leases/NAME``, ``/static/...``), which reads the
+database and :meth:`Daemon.runtime` (this replica's last pass, API request rates, 429 pauses). The
+HTTP server binds ``server.listen`` (127.0.0.1 by default); a non-loopback address is refused
+(``ConfigError``) unless ``server.allow_remote`` is true, and then logged as a warning: health,
+readiness and metrics have no authentication (the status page needs ``server.access_token`` there).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import signal
@@ -47,10 +49,13 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from controller import db as dbmod
 from controller.config import Settings
-from controller.errors import ConfigError
+from controller.errors import SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE, ConfigError
 from controller.leader import LeaderElector
 from controller.metrics import Metrics
 from controller.providers.base import SandboxProvider
+from controller.web.access import is_loopback
+from controller.web.page import StatusPage
+from controller.web.runtime import PassSummary, RequestRates, Runtime
 from models import EXECUTION_STATES, Execution, utcnow
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class Health:
     db_error: str | None = None
     last_pass_ok_at: datetime | None = None
     last_pass_error: str | None = None
+    last_pass: PassSummary | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,16 +94,6 @@ def listen_address(settings: Settings) -> tuple[str, int]:
             settings.server.listen,
         )
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IPs; anything else (``0.0.0.0``, ``""``, other names) is not."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Daemon:
@@ -128,6 +124,8 @@ class Daemon:
         self._jobs_idle = threading.Condition()
         self._active_jobs = 0
         self._http: ThreadingHTTPServer | None = None
+        self.request_rates = RequestRates(self.metrics)
+        self.page = StatusPage(db, settings, self.runtime)
 
     def _make_dispatcher(self) -> Any:
         from controller.execution import Dispatcher
@@ -162,9 +160,18 @@ class Daemon:
     def job_reconcile(self) -> None:
         if not self.elector.is_leader():
             return
-        self.reconciler.run_pass()
-        self.health.last_pass_ok_at = utcnow()
+        result = self.reconciler.run_pass()
+        finished = utcnow()
+        self.health.last_pass_ok_at = finished
         self.health.last_pass_error = None
+        self.health.last_pass = PassSummary(
+            pass_id=result.pass_id,
+            finished_at=finished,
+            duration_seconds=result.duration_seconds,
+            leases=len(result.plan.decisions),
+            actions=len(result.outcomes),
+            errors=len(result.errors),
+        )
 
     def job_gc(self) -> None:
         if not self.elector.is_leader():
@@ -185,6 +192,7 @@ class Daemon:
                 rows = session.execute(sa.select(Execution.state, sa.func.count()).group_by(Execution.state))
                 counts: dict[str, int] = {state: int(n) for state, n in rows}
             self.health.db_ok, self.health.db_error = True, None
+            self.request_rates.sample()
             for state in EXECUTION_STATES:
                 self.metrics.executions.labels(state=state).set(counts.get(state, 0))
             self._check_schema()
@@ -202,6 +210,23 @@ class Daemon:
         elif problem is None and self.health.schema_problem is not None:
             log.info("database schema is current again; acting again")
         self.health.schema_ok, self.health.schema_problem = problem is None, problem
+
+    def runtime(self) -> Runtime:
+        """What the status page shows of this replica beyond the database."""
+        now = self.applier.monotonic()
+        paused = {}
+        for scope in (SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE):
+            left = self.applier.paused_until(scope) - now
+            if left > 0:
+                paused[scope] = left
+        return Runtime(
+            holder=self.elector.holder,
+            leading=self.elector.is_leader(),
+            last_pass=self.health.last_pass,
+            last_pass_error=self.health.last_pass_error,
+            rates=self.request_rates.sample(),
+            paused=paused,
+        )
 
     # -- readiness -------------------------------------------------------------------------------
 
@@ -243,11 +268,19 @@ class Daemon:
                 elif self.path == "/metrics":
                     self._send(200, daemon.metrics.render(), "text/plain; version=0.0.4")
                 else:
-                    self._send(404, b"not found\n", "text/plain")
+                    page = daemon.page.handle(self.path, dict(self.headers.items()))
+                    if page is None:
+                        self._send(404, b"not found\n", "text/plain")
+                    else:
+                        self._send(page.status, page.body, page.content_type, page.headers)
 
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
+            def _send(
+                self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -258,7 +291,11 @@ class Daemon:
         self._http = ThreadingHTTPServer((host, port), Handler)
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name="health-http", daemon=True).start()
-        log.info("health and metrics on http://%s:%d", host, self._http.server_address[1])
+        log.info("health, metrics and status page on http://%s:%d", host, self._http.server_address[1])
+        if not self.page.protected:
+            return
+        if self.settings.server.access_token is None:
+            log.warning("status page disabled on %s: set server.access_token to serve it there", host)
 
     # -- PostgreSQL LISTEN/NOTIFY wake-up ---------------------------------------------------------
 

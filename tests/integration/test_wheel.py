@@ -186,6 +186,21 @@ def test_installed_wheel_runs_an_operator_session_from_an_empty_directory(
 
         assert cli("exec", "smoke", "--", "echo", "from the wheel").strip() == "from the wheel"
         assert "dry run: nothing changed" in cli("gc", "--dry-run")
+        # The status page renders from the installed templates and serves its installed assets.
+        page = _ok(
+            [
+                python,
+                "-c",
+                "from controller import db; from controller.config import load_settings; "
+                "from controller.web.page import StatusPage; "
+                "s = load_settings(); p = StatusPage(db.connect(s.database_url), s); "
+                "r = p.handle('/', {}); print(r.status, b'data-lease=\"smoke\"' in r.body); "
+                "a = p.handle(p.static_url('style.css'), {}); print(a.status, len(a.body) > 1000)",
+            ],
+            cwd=work,
+            env=env,
+        )
+        assert page.split() == ["200", "True", "200", "True"], page
     finally:
         api.terminate()
         try:
