@@ -218,10 +218,20 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         out.append(
             "`python -m bench.soak` (`make soak`): `leasectl run` daemons SIGKILLed over and over while the "
             "local Daytona API injects every fault it has and a driver plays operator; then faults off, a "
-            "settle period, and the counts below. Every loss count must be 0 (the soak exits 1 otherwise)."
+            "settle period, and the counts below. Every loss count must be 0 (the soak exits 1 otherwise). "
+            "Leases the operator would have to fix are fixed as an operator would: a lease `Failed` by a "
+            'build failure while desired running gets a new spec ("change the spec to retry"). Not '
+            "injected: `stuck_starting` (the local API keeps such a sandbox `starting` for good, also "
+            "after faults go off, and the controller waits on a transitional state without a deadline)."
         )
+        shared = by["soak"][0]["parameters"]
+        if all(fault_mix(r["parameters"]) == fault_mix(shared) for r in by["soak"]):
+            out += ["", f"Faults in every run: {fault_mix(shared)}"]
+            shared_mix: str | None = fault_mix(shared)
+        else:
+            shared_mix = None
     for r in sorted(by["soak"], key=lambda r: r["parameters"]["backend"]):
-        out += _soak_section(r)
+        out += _soak_section(r, show_faults=shared_mix is None)
     out += [
         "",
         "## Reproduce",
@@ -276,7 +286,7 @@ def fault_mix(params: dict[str, Any]) -> str:
     )
 
 
-def _soak_section(r: dict[str, Any]) -> list[str]:
+def _soak_section(r: dict[str, Any], *, show_faults: bool) -> list[str]:
     p, f = r["parameters"], r["figures"]
     replicas = p["replicas"]
     outage = (
@@ -289,8 +299,12 @@ def _soak_section(r: dict[str, Any]) -> list[str]:
     out = ["", f"### {p['backend']}, {replicas} replica{'s' if replicas > 1 else ''}", ""]
     out.append(
         f"{p['drive_seconds'] / 60:g} minutes of drive, {f['sigkills']} SIGKILLs every "
-        f"{p['kill_every_seconds'][0]:g}-{p['kill_every_seconds'][1]:g} s (kill rounds by victim: {kills}), "
-        f"{outage}. Faults: {fault_mix(p)} Weather seen: {json.dumps(f['weather'], sort_keys=True)}. "
+        f"{p['kill_every_seconds'][0]:g}-{p['kill_every_seconds'][1]:g} s (kill rounds by victim: {kills}; "
+        f"mix {json.dumps(p['kill_mix'], sort_keys=True)}), "
+        f"{outage}."
+        + (f" Faults: {fault_mix(p)}" if show_faults else "")
+        + f" Ended {r['at'][11:16]} UTC. Weather seen: "
+        f"{json.dumps(f['weather'], sort_keys=True)}. "
         f"Driver: {json.dumps(f['driver_ops'], sort_keys=True)}. Settle: {f['settle_seconds']:g} s "
         f"(at most {p['settle_max_seconds']:g})."
     )
@@ -323,6 +337,7 @@ def _soak_section(r: dict[str, Any]) -> list[str]:
                 ["executions queued", f["executions_queued_total"]],
                 ["executions by final state", json.dumps(f["executions_by_state"], sort_keys=True)],
                 ["executions in states the soak does not know", json.dumps(f["executions_unknown_states"])],
+                ["most common execution errors", json.dumps(f["execution_errors"], ensure_ascii=False)],
                 ["daemon restarts that failed", f["daemon_restart_failures"]],
                 ["API requests during the drive", f["api_requests_during_drive"]],
             ],

@@ -736,6 +736,7 @@ def soak(
             for thread in threads:
                 thread.start()
             started = time.monotonic()
+            started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             last_cli = 0.0
             cut_at = 0.0
             outage_at = drive_seconds / 2 if daemon_url is not None and outage_seconds > 0 else None
@@ -800,6 +801,7 @@ def soak(
         daemon_log_tracebacks=tracebacks,
         logs_kept_in=kept,
         api_key_in_logs=key_hits,
+        drive_started_at=started_at,
         sigkills=run.sigkills,
         kill_rounds=dict(run.kills),
         database_outage_seconds=round(outage_done, 1),
