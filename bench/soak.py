@@ -501,9 +501,9 @@ class Soak:
     def killer(self, stop: threading.Event) -> None:
         try:
             while not stop.wait(self.rng.uniform(*self.kill_every)):
-                if self.outage.is_set():
-                    continue
                 with self.lock:
+                    if self.outage.is_set():  # set under the lock: no daemon starts into an outage
+                        continue
                     kind, victims = choose_victims(self.rng, len(self.daemons), self.leader_index())
                     for i in victims:
                         self.daemons[i].kill()
