@@ -688,7 +688,7 @@ def _keep_logs(tmp: Path, replicas: int) -> str:
     return str(kept)
 
 
-def _api_key_hits(tmp: Path, db: Any, logs: list[str]) -> int:
+def _api_key_hits(db: Any, logs: list[str]) -> int:
     from models import Event
 
     hits = sum(text.count(API_KEY) for text in logs)
@@ -795,7 +795,7 @@ def soak(
             if tracebacks or any(figures[k] for k in LOSS_KEYS if k in figures)
             else None
         )
-        key_hits = _api_key_hits(tmp, run.db, logs)
+        key_hits = _api_key_hits(run.db, logs)
         run.db.dispose()
     figures.update(
         daemon_log_tracebacks=tracebacks,
