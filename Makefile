@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test test-live lint typecheck unit integration bench bench-quick screenshots clean
+.PHONY: venv run test test-live lint typecheck unit integration bench bench-quick soak screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,17 @@ bench-quick: venv
 # Re-take the status page screenshots the README shows (docs/status-page*.png) with the browser test.
 screenshots: venv
 	UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/integration/test_status_page_browser.py
+
+# The chaos soak (bench/soak.py): PostgreSQL with two replicas and a database outage, then SQLite with
+# one; every fault of the local API, >= 100 SIGKILLs in 20 minutes. Exit status 1 on any loss.
+# `make soak SOAK_MINUTES=5`; SOAK_JSONL=bench/results-soak.jsonl appends the records for bench.report.
+SOAK_MINUTES ?= 20
+SOAK_JSONL   ?=
+soak: venv
+	rc=0; \
+	$(BIN)/python -m bench.soak --backend postgres --minutes $(SOAK_MINUTES) $(if $(SOAK_JSONL),--jsonl $(SOAK_JSONL)) || rc=1; \
+	$(BIN)/python -m bench.soak --backend sqlite --minutes $(SOAK_MINUTES) $(if $(SOAK_JSONL),--jsonl $(SOAK_JSONL)) || rc=1; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

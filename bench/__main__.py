@@ -1,7 +1,9 @@
 """``python -m bench --quick|--full [--only NAME] [--pg-url URL] [--jsonl PATH]``.
 
-Runs scale, convergence, execution and the soak in that order (``--only`` picks some). Exit status
-1 when the soak counted a loss or a duplicate; the benchmarks themselves never fail on a figure.
+Runs scale, convergence, execution and the soak in that order (``--only`` picks some). The soak runs
+on PostgreSQL with two replicas (when reachable) and, with ``--full``, also on SQLite with one; with
+``--quick`` once, 30 s, on PostgreSQL if reachable, else SQLite. Exit status 1 when the soak counted
+a loss or a duplicate; the benchmarks themselves never fail on a figure.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $LEASECTL_TEST_PG_URL or postgres@127.0.0.1:5432/test)",
     )
     parser.add_argument("--jsonl", type=Path, default=None, help="also append every JSON line to this file")
-    parser.add_argument("--soak-minutes", type=float, default=5.0, help="soak drive time with --full")
+    parser.add_argument("--soak-minutes", type=float, default=20.0, help="soak drive time with --full")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
     chosen = args.only or list(BENCHES)
@@ -47,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "execution":
             execution.run(out, quick=quick, pg_admin_url=args.pg_url)
         else:
-            record = soak.soak(
-                out,
-                drive_seconds=30.0 if quick else args.soak_minutes * 60,
-                settle_seconds=40.0 if quick else 120.0,
-                pg_admin_url=args.pg_url,
-            )
-            status = 1 if soak.failed(record) else status
+            backends = ["postgres"] if common.pg_reachable(args.pg_url) is None else []
+            for backend in [*backends, "sqlite"] if not quick else backends or ["sqlite"]:
+                record = soak.soak(
+                    out,
+                    drive_seconds=30.0 if quick else args.soak_minutes * 60,
+                    settle_seconds=60.0 if quick else 180.0,
+                    backend=backend,
+                    pg_admin_url=args.pg_url,
+                    outage_seconds=8.0 if quick else 30.0,
+                )
+                status = 1 if soak.failed(record) else status
         common.log(f"{name} took {time.monotonic() - t0:.1f}s")
     common.log(f"all done in {time.monotonic() - started:.1f}s")
     return status

@@ -1,35 +1,54 @@
-"""Chaos soak: the daemon under faults, edits and SIGKILLs; at the end nothing is lost or doubled.
+"""Chaos soak: daemons under every fault, operator edits, SIGKILLs and a database outage; at the end
+nothing is lost, doubled or left behind.
 
-``python -m bench.soak [--minutes 5] [--backend sqlite|postgres] [--seed N]`` (``--quick``: a 30 s
-drive, what ``make bench-quick`` runs).
+``python -m bench.soak [--minutes 20] [--backend postgres|sqlite] [--replicas N] [--seed N]``
+(``--quick``: a 30 s drive, what ``make bench-quick`` runs; ``make soak`` runs both backends).
 
-Set-up: the local Daytona API in a subprocess with ~10% injected failures on every operation
-(429 with Retry-After, 500, 503), 20 ms latency per request, 0.3-0.5 s transitions and a list that
-lags 1.5 s behind creates and deletes; ``leasectl run`` as a subprocess (short intervals, orphan
-grace 2 s) on a fresh database.
+Set-up: a fresh database; the local Daytona API in a subprocess; ``leasectl run`` as subprocesses,
+two replicas on PostgreSQL (reaching the database through a TCP proxy the soak can cut) and one on
+SQLite, with short intervals and an orphan grace of 2 s.
 
-While the drive lasts, a driver picks at random, every 0.2-0.8 s: ``leasectl apply`` of a few leases
-(a subprocess, at most every 8 s), INSERT a lease, UPDATE desired_state, UPDATE env (a spec change:
-the sandbox is replaced), DELETE a lease row, DELETE a lease_status row (the controller's memory),
-or INSERT an execution. Each execution runs ``echo <token> >> <markers file>``: the file lives on
-the host, outside every sandbox (the local Daytona API runs real processes on the host), so a
-token written by a sandbox deleted later still counts. Meanwhile a killer thread SIGKILLs the
-daemon's process group every 4-10 s and starts it again.
+The local API runs with every fault it has, some all the time and some that come and go:
 
-Then faults go off, kills stop, the daemon keeps running, and the soak settles (up to
-``--settle-seconds``, ending early once every count below is 0 twice in a row). Figures:
+* always (``BASE_FAULTS``): 429 with Daytona's named ``Retry-After-*`` headers, 500, 503 and
+  time-outs (the operation happens, the answer is a 504 after ``hang_seconds``) on every operation;
+  latency; transitions that take time; a list that shows every sandbox as it was 1.5 s ago
+  (creates, deletes and state changes); creates, starts and recovers that fail late (``error``
+  after the wait, answered 400 "Sandbox failed to start") and creates that end ``build_failed``;
+  auto-stop minutes passing ``time_scale`` times faster (leases with ``auto_stop_interval`` park
+  and show ``Idle``);
+* weather (``WEATHER``), changed every 8-20 s: quota 400s on the number of sandboxes, CPU and disk,
+  "No available runners", errors that cannot be recovered; or calm.
+* not used: ``stuck_starting`` (a sandbox stays ``starting`` for good, also after faults go off,
+  so it measures the local API, not the controller).
+
+The driver picks every 0.2-0.8 s: ``leasectl apply`` of a few leases (a subprocess, at most every
+8 s), INSERT a lease (every third with ``auto_stop_interval``), UPDATE desired_state, UPDATE env (a
+spec change: the sandbox is replaced), DELETE a lease row, DELETE a lease_status row (the
+controller's memory), INSERT an execution, cancel one (``leasectl cancel``, or SQL), force a
+sandbox into ``stopped`` or ``error`` behind the controller's back (as a dashboard would), and
+:meth:`Soak.pool_step` (a no-op until pools exist). Each execution runs ``echo <token> >>
+<markers file>`` (some after a ``sleep 1``, so that cancels find them running): the file lives on
+the host, outside every sandbox, so a token written by a sandbox deleted later still counts.
+
+A killer SIGKILLs every 4-10 s: with two replicas the leader 70% of the time, both 15%, the
+follower 15%; then starts them again. Halfway through, the database goes away for
+``outage_seconds`` (PostgreSQL: every connection of the daemons cut and new ones refused by the
+proxy; the driver keeps its direct connection, as operators would); kills pause meanwhile, since a
+daemon cannot start without its database.
+
+Then faults go off, kills stop, the daemons keep running, leases the operator would have to fix
+(``Failed`` after a build failure while desired running: "change the spec to retry") get a spec
+change, and the soak settles (up to ``--settle-seconds``, ending early once every loss count is 0
+twice in a row). Loss counts (exit status 1 if any is not 0):
 
 * ``duplicate_sandboxes``: live sandboxes of this instance beyond one per ``leasectl-lease`` label;
 * ``orphans``: live sandboxes of this instance whose lease row is gone or desired ``absent``;
-* ``leases_not_converged``: phase differs from what the desired state asks (running -> Ready,
-  stopped -> Stopped, archived -> Archived, absent -> Deleted), or the sandboxes on the API do
-  not match (running: exactly one, started, with the lease's spec label; stopped/archived: none,
-  or one in that state; absent: none);
-* ``executions_lost``: rows still ``queued`` or ``running``;
-* ``executions_run_twice``: tokens found more than once in the markers file.
-
-``interrupted`` executions (killed mid-command; terminal, never re-run) are counted apart, as are
-the other terminal states. Exit status 1 if any of the five counts is not 0.
+* ``leases_not_converged``: phase or sandboxes not what the desired state asks (see
+  :func:`lease_converged`);
+* ``executions_lost`` / ``executions_run_twice``: see :func:`account_executions`;
+* ``daemon_log_tracebacks``: tracebacks in any daemon's log;
+* ``api_key_in_logs``: the Daytona API key found in a daemon log or in the events table.
 """
 
 from __future__ import annotations
@@ -45,6 +64,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +85,44 @@ from bench.common import (
 )
 
 INSTANCE = "soak"
-FAULTS: dict[str, Any] = {
-    "fail_rate": {"*": {"429": 0.04, "500": 0.03, "503": 0.03}},
+BASE_FAULTS: dict[str, Any] = {
+    "fail_rate": {"*": {"429": 0.03, "500": 0.02, "503": 0.02, "timeout": 0.005}},
     "latency": {"*": 0.02},
     "transition_latency": {"create": 0.5, "start": 0.3, "stop": 0.3, "archive": 0.3, "delete": 0.3},
     "list_lag": 1.5,
     "retry_after": 1,
+    "hang_seconds": 2,
+    "start_wait_seconds": 5,
+    "sandbox_error": {"create": 0.03, "start": 0.03, "recover": 0.05},
+    "error_recoverable": True,
+    "build_failed": 0.02,
+    "time_scale": 30,
 }
+# Faults that come and go: one is in force at a time, for 8-20 s. Every key is set each time, so
+# the previous weather ends when the next begins.
+CALM: dict[str, Any] = {
+    "quota": None,
+    "quota_cpu": None,
+    "quota_disk": None,
+    "no_runners": 0.0,
+    "error_recoverable": True,
+}
+WEATHER: dict[str, dict[str, Any]] = {
+    "calm": {},
+    "quota_sandboxes": {"quota": 5},
+    "quota_cpu": {"quota_cpu": 6},
+    "quota_disk": {"quota_disk": 25},
+    "no_runners": {"no_runners": 0.5},
+    "unrecoverable_errors": {"error_recoverable": False},
+}
+AUTO_STOP_MINUTES = 1  # with time_scale 30: parked after 2 s without activity
+KILL_EVERY_SECONDS = (4.0, 10.0)
+KILL_MIX = {"leader": 0.70, "both": 0.15, "follower": 0.15}  # with two replicas
 EXPECTED_PHASE = {"running": "Ready", "stopped": "Stopped", "archived": "Archived", "absent": "Deleted"}
 EXPECTED_STATE = {"running": "started", "stopped": "stopped", "archived": "archived"}
 GONE_STATES = {"destroyed"}
+NOT_TERMINAL = ("queued", "running")
+_TOKEN = re.compile(r"echo ([0-9a-f]{32}) >>")
 
 
 def _reason(error: str | None) -> str:
@@ -83,8 +132,114 @@ def _reason(error: str | None) -> str:
     return text[:80]
 
 
+# -- the verdict, in pure functions ----------------------------------------------------------------
+
+
+def account_executions(rows: Iterable[tuple[str, str | None]], markers: Mapping[str, int]) -> dict[str, Any]:
+    """What became of the queued executions: ``rows`` are (state, command), ``markers`` how often
+    each token reached the markers file.
+
+    * lost: a row still ``queued``/``running`` after the settle period, or ``succeeded`` while its
+      token never reached the file;
+    * run twice: a token written more than once;
+    * a state this function does not know (e.g. one added to the queue later) is neither lost nor
+      run twice: it is counted in ``executions_unknown_states`` and reported.
+    """
+    from models.tables import EXECUTION_STATES
+
+    by_state: collections.Counter[str] = collections.Counter()
+    unknown: collections.Counter[str] = collections.Counter()
+    lost = 0
+    succeeded_without_marker = 0
+    cancelled_after_running = 0
+    tokens_seen_in_rows: set[str] = set()
+    for state, command in rows:
+        by_state[state] += 1
+        match = _TOKEN.search(command or "")
+        token = match.group(1) if match else None
+        if token is not None:
+            tokens_seen_in_rows.add(token)
+        if state not in EXECUTION_STATES:
+            unknown[state] += 1
+        elif state in NOT_TERMINAL:
+            lost += 1
+        elif state == "succeeded" and token is not None and markers.get(token, 0) == 0:
+            lost += 1
+            succeeded_without_marker += 1
+        elif state == "cancelled" and token is not None and markers.get(token, 0) > 0:
+            cancelled_after_running += 1
+    return {
+        "executions_lost": lost,
+        "executions_run_twice": sum(1 for n in markers.values() if n > 1),
+        "executions_by_state": dict(sorted(by_state.items())),
+        "executions_unknown_states": dict(unknown),
+        "executions_succeeded_without_marker": succeeded_without_marker,
+        "executions_cancelled_after_their_command_ran": cancelled_after_running,
+        "markers_without_row": len(set(markers) - tokens_seen_in_rows),
+    }
+
+
+@dataclass(frozen=True)
+class SandboxSeen:
+    name: str
+    state: str
+    spec_hash: str | None
+
+
+def lease_converged(
+    desired: str, parks_when_idle: bool, spec_hash: str, phase: str | None, group: list[SandboxSeen]
+) -> tuple[bool, bool]:
+    """(converged, left_by_design) for one lease and the live sandboxes carrying its label.
+
+    running: exactly one sandbox with the lease's spec, ``started`` and phase Ready, or (a lease
+    with ``auto_stop_interval``) ``stopped`` and phase Idle. stopped/archived: phase Stopped /
+    Archived with no sandbox or one in that state; or, by design, one sandbox left in ``error`` or
+    ``build_failed`` with phase Error / Failed (the planner leaves those alone until the lease asks
+    for running or absent). absent: phase Deleted, no sandbox.
+    """
+    if desired == "absent":
+        return phase == "Deleted" and not group, False
+    if desired == "running":
+        if len(group) != 1 or group[0].spec_hash != spec_hash:
+            return False, False
+        state = group[0].state
+        if state == "started" and phase == "Ready":
+            return True, False
+        return parks_when_idle and state == "stopped" and phase == "Idle", False
+    if len(group) == 1 and (group[0].state, phase) in (("error", "Error"), ("build_failed", "Failed")):
+        return True, True
+    ok = phase == EXPECTED_PHASE[desired] and len(group) <= 1
+    return ok and all(sb.state == EXPECTED_STATE[desired] for sb in group), False
+
+
+def choose_victims(rng: random.Random, replicas: int, leader: int | None) -> tuple[str, list[int]]:
+    """Which daemons (indexes) the killer SIGKILLs: (kind, indexes)."""
+    if replicas == 1:
+        return "leader" if leader == 0 else "only", [0]
+    leader = leader if leader is not None else rng.randrange(replicas)
+    roll = rng.random()
+    if roll < KILL_MIX["leader"]:
+        return "leader", [leader]
+    if roll < KILL_MIX["leader"] + KILL_MIX["both"]:
+        return "both", list(range(replicas))
+    return "follower", [rng.choice([i for i in range(replicas) if i != leader])]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
 class Soak:
-    def __init__(self, tmp: Path, url: str, *, seed: int, leases: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        url: str,
+        *,
+        seed: int,
+        leases: int,
+        replicas: int,
+        daemon_url: str | None = None,
+        kill_every: tuple[float, float] = KILL_EVERY_SECONDS,
+    ) -> None:
         from controller import db as dbmod
         from tests.support.daemon import DaemonProcess
         from tests.support.emulator import EmulatorProcess
@@ -97,15 +252,20 @@ class Soak:
         self.markers.touch()
         self.tokens: list[str] = []
         self.ops: collections.Counter[str] = collections.Counter()
-        self.kills = 0
+        self.kills: collections.Counter[str] = collections.Counter()
+        self.sigkills = 0
+        self.weather: collections.Counter[str] = collections.Counter()
         self.restart_failures = 0
         self.start_seconds: list[float] = []
-        self.killer_error: BaseException | None = None
+        self.kill_every = kill_every
+        self.background_error: BaseException | None = None
+        self.outage = threading.Event()  # set while the database is cut off: no kills then
+        self.lock = threading.Lock()  # daemons are killed and started by one thread at a time
         self.emu = EmulatorProcess(tmp / "daytona", api_key=API_KEY, startup_timeout=60).start()
         self.admin = EmulatorAdmin(self.emu.api_url)
         self.db = dbmod.connect(url)
-        self.daemon_env = {
-            "LEASECTL_DATABASE_URL": url,
+        daemon_env = {
+            "LEASECTL_DATABASE_URL": daemon_url or url,
             "DAYTONA_API_URL": self.emu.api_url,
             "DAYTONA_API_KEY": API_KEY,
             "DAYTONA_TARGET": "local",
@@ -115,11 +275,13 @@ class Soak:
             "LEASECTL_CONTROLLER__API_RATE_PER_SECOND": "100",
             "LEASECTL_CONTROLLER__ACTION_TIMEOUT_SECONDS": "30",
             "LEASECTL_CONTROLLER__SHUTDOWN_TIMEOUT_SECONDS": "5",
+            "LEASECTL_CONTROLLER__BLOCKED_BACKOFF_MAX_SECONDS": "5",
             "LEASECTL_EXEC__QUEUE_WAIT_SECONDS": "30",
             "LEASECTL_EXEC__DEFAULT_TIMEOUT_SECONDS": "30",
+            "LEASECTL_EXEC__IDLE_START_TIMEOUT_SECONDS": "30",
             "LEASECTL_LOGGING__LEVEL": "INFO",
         }
-        self.daemon = DaemonProcess(tmp / "daemon.log", self.daemon_env)
+        self.daemons = [DaemonProcess(tmp / f"daemon-{i}.log", daemon_env) for i in range(replicas)]
 
     # -- the driver ------------------------------------------------------------------------------
 
@@ -129,41 +291,79 @@ class Soak:
         with self.db.session(readonly=True) as session:
             return dict(session.execute(sa.select(Lease.name, Lease.desired_state)).tuples().all())
 
-    def _write(self, statement: Any) -> None:
+    def _write(self, statement: Any) -> int:
         with self.db.session() as session:
-            session.execute(statement)
+            return int(getattr(session.execute(statement), "rowcount", 0) or 0)
 
-    def step(self, last_apply: float) -> float:
-        from models import Execution, Lease, LeaseStatus, utcnow
+    def _cli(self, *args: str) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+        env.update(
+            LEASECTL_CONFIG=os.devnull,
+            LEASECTL_DATABASE_URL=self.url,
+            DAYTONA_API_URL=self.emu.api_url,
+            DAYTONA_API_KEY=API_KEY,
+            DAYTONA_TARGET="local",
+            LEASECTL_CONTROLLER__INSTANCE=INSTANCE,
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "controller.cli", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        return proc.returncode
 
+    def step(self, last_cli: float) -> float:
+        """One operator move; returns when a CLI subprocess last ran (they are spaced out)."""
         rows = self._lease_rows()
-        now = utcnow()
-        name = self.rng.choice(self.names)
         roll = self.rng.random()
-        if roll < 0.08 and time.monotonic() - last_apply > 8:
+        cli_ok = time.monotonic() - last_cli > 8
+        if roll < 0.06 and cli_ok:
             self._apply()
             return time.monotonic()
-        if roll < 0.45:
-            running = [n for n, s in rows.items() if s == "running"]
-            if running:
-                token = uuid.uuid4().hex
-                self.tokens.append(token)
-                self._write(
-                    sa.insert(Execution).values(
-                        lease_name=self.rng.choice(running),
-                        command=f"echo {token} >> {self.markers}",
-                        state="queued",
-                    )
-                )
-                self.ops["sql_insert_execution"] += 1
-                return last_apply
+        if roll < 0.10 and cli_ok and self._cancel_with_cli():
+            return time.monotonic()
+        if roll < 0.13:
+            self._cancel_with_sql()
+        elif roll < 0.16:
+            self._force_drift()
+        elif roll < 0.17:
+            self.pool_step()
+        elif roll < 0.47 and any(s == "running" for s in rows.values()):
+            self._queue_execution([n for n, s in rows.items() if s == "running"])
+        else:
+            self._edit_lease(rows, roll)
+        return last_cli
+
+    def _queue_execution(self, running: list[str]) -> None:
+        from models import Execution
+
+        token = uuid.uuid4().hex
+        self.tokens.append(token)
+        slow = self.rng.random() < 0.3
+        command = f"{'sleep 1; ' if slow else ''}echo {token} >> {self.markers}"
+        self._write(
+            sa.insert(Execution).values(lease_name=self.rng.choice(running), command=command, state="queued")
+        )
+        self.ops["sql_insert_execution"] += 1
+
+    def _edit_lease(self, rows: dict[str, str], roll: float) -> None:
+        from models import Lease, LeaseStatus, utcnow
+
+        now = utcnow()
+        name = self.rng.choice(self.names)
         if name not in rows:
+            index = self.names.index(name)
             self._write(
                 sa.insert(Lease).values(
                     name=name,
                     desired_state="running",
                     env={},
                     labels={},
+                    auto_stop_interval=AUTO_STOP_MINUTES if index % 3 == 0 else None,
                     paused=False,
                     created_at=now,
                     updated_at=now,
@@ -186,7 +386,6 @@ class Soak:
         else:
             self._write(sa.delete(LeaseStatus).where(LeaseStatus.lease_name == name))
             self.ops["sql_delete_status"] += 1
-        return last_apply
 
     def _apply(self) -> None:
         import yaml
@@ -198,51 +397,162 @@ class Soak:
                     "name": n,
                     "state": self.rng.choice(["running", "running", "stopped"]),
                     "env": {"SOAK_APPLY": str(self.rng.randint(1, 3))},
+                    **({"auto_stop_interval": AUTO_STOP_MINUTES} if self.names.index(n) % 3 == 0 else {}),
                 }
                 for n in chosen
             ]
         }
         path = self.tmp / "leases.yaml"
         path.write_text(yaml.safe_dump(doc))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
-        env.update(LEASECTL_CONFIG=os.devnull, LEASECTL_DATABASE_URL=self.url)
-        proc = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "apply", "-f", str(path)],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        self.ops["leasectl_apply" if proc.returncode == 0 else "leasectl_apply_failed"] += 1
+        code = self._cli("apply", "-f", str(path))
+        self.ops["leasectl_apply" if code == 0 else "leasectl_apply_failed"] += 1
 
-    # -- the killer ------------------------------------------------------------------------------
+    def _open_executions(self) -> list[int]:
+        from models import Execution
+
+        with self.db.session(readonly=True) as session:
+            return list(
+                session.scalars(
+                    sa.select(Execution.id).where(Execution.state.in_(NOT_TERMINAL)).order_by(Execution.id)
+                )
+            )
+
+    def _cancel_with_cli(self) -> bool:
+        """``leasectl cancel`` of a queued or running execution (exit 3: it ended meanwhile)."""
+        open_ids = self._open_executions()
+        if not open_ids:
+            return False
+        code = self._cli("cancel", str(self.rng.choice(open_ids)))
+        self.ops["leasectl_cancel" if code == 0 else "leasectl_cancel_refused"] += 1
+        return True
+
+    def _cancel_with_sql(self) -> None:
+        """The README's SQL cancel of a queued execution."""
+        from models import Execution
+
+        open_ids = self._open_executions()
+        if not open_ids:
+            return
+        done = self._write(
+            sa.update(Execution)
+            .where(Execution.id == self.rng.choice(open_ids), Execution.state == "queued")
+            .values(state="cancelled")
+        )
+        self.ops["sql_cancel_execution" if done else "sql_cancel_missed"] += 1
+
+    def _force_drift(self) -> None:
+        """A change behind the controller's back: a sandbox stopped or broken (as the dashboard or a
+        failing runner would)."""
+        from controller.providers.base import LABEL_INSTANCE
+        from controller.providers.daytona import DaytonaProvider
+        from tests.support.emulator import EmulatorError
+
+        provider = DaytonaProvider(self.emu.api_url, API_KEY, target="local")
+        try:
+            started = [
+                sb for sb in provider.list_sandboxes({LABEL_INSTANCE: INSTANCE}) if sb.state == "started"
+            ]
+        except Exception:  # an injected fault on the list: try another time
+            return
+        if not started:
+            return
+        sandbox = self.rng.choice(started)
+        state = self.rng.choice(["stopped", "error"])
+        try:
+            self.emu.force_state(sandbox.id, state, recoverable=True, error_reason="soak: runner lost")
+        except EmulatorError:
+            return
+        self.ops[f"drift_{state}"] += 1
+
+    def pool_step(self) -> None:
+        """Where pool claims and releases will go once pools exist: claim a warm member of a pool
+        (one transaction), release it a few steps later, and count members claimed twice in
+        :meth:`figures` (a loss). A no-op until then; the driver calls it about 1% of its steps."""
+
+    # -- faults that come and go -----------------------------------------------------------------
+
+    def weather_loop(self, stop: threading.Event) -> None:
+        try:
+            while not stop.wait(self.rng.uniform(8, 20)):
+                kind = self.rng.choice(sorted(WEATHER))
+                self.admin.set_faults(**{**CALM, **WEATHER[kind]})
+                self.weather[kind] += 1
+            self.admin.set_faults(**CALM)
+        except BaseException as exc:  # re-raised by the drive loop
+            self.background_error = exc
+            stop.set()
+
+    # -- the killer and the outage ---------------------------------------------------------------
+
+    def leader_index(self) -> int | None:
+        """Which daemon holds leadership (from the election row's holder, host:pid:nonce)."""
+        from models import LeaderElection, utcnow
+
+        with self.db.session(readonly=True) as session:
+            row = session.get(LeaderElection, INSTANCE)
+        if row is None or row.holder is None or row.expires_at is None or row.expires_at < utcnow():
+            return None
+        parts = row.holder.split(":")
+        for i, d in enumerate(self.daemons):
+            if len(parts) >= 2 and d.process is not None and str(d.process.pid) == parts[1]:
+                return i
+        return None
 
     def killer(self, stop: threading.Event) -> None:
         try:
-            while not stop.wait(self.rng.uniform(4, 10)):
-                self.daemon.kill()
-                self.kills += 1
-                self._start_daemon()
+            while not stop.wait(self.rng.uniform(*self.kill_every)):
+                with self.lock:
+                    if self.outage.is_set():  # set under the lock: no daemon starts into an outage
+                        continue
+                    kind, victims = choose_victims(self.rng, len(self.daemons), self.leader_index())
+                    for i in victims:
+                        self.daemons[i].kill()
+                        self.sigkills += 1
+                    self.kills[kind] += 1
+                    for i in victims:
+                        self._start_daemon(i)
         except BaseException as exc:  # re-raised by the drive loop
-            self.killer_error = exc
+            self.background_error = exc
             stop.set()
 
-    def _start_daemon(self) -> None:
+    def _start_daemon(self, i: int) -> None:
         for _ in range(3):
             try:
                 t0 = time.monotonic()
-                self.daemon.start()
+                self.daemons[i].start()
                 self.start_seconds.append(time.monotonic() - t0)
                 return
             except RuntimeError as exc:
                 self.restart_failures += 1
-                log(f"soak: daemon did not start: {str(exc)[-300:]}")
-                self.daemon.kill()
-        raise RuntimeError("soak: the daemon failed to start three times")
+                log(f"soak: daemon {i} did not start: {str(exc)[-300:]}")
+                self.daemons[i].kill()
+        raise RuntimeError(f"soak: daemon {i} failed to start three times")
+
+    def ensure_daemons(self) -> None:
+        with self.lock:
+            for i, d in enumerate(self.daemons):
+                if d.process is None or d.process.poll() is not None:
+                    self._start_daemon(i)
 
     # -- the verdict -----------------------------------------------------------------------------
+
+    def respec_failed_leases(self) -> int:
+        """The operator's fix for a lease ``Failed`` by a build failure while desired running
+        ("change the spec to retry"): a new env value. Returns how many were changed."""
+        from models import Lease, LeaseStatus, utcnow
+
+        with self.db.session(readonly=True) as session:
+            names = list(
+                session.scalars(
+                    sa.select(Lease.name)
+                    .join(LeaseStatus, LeaseStatus.lease_name == Lease.name)
+                    .where(Lease.desired_state == "running", LeaseStatus.phase == "Failed")
+                )
+            )
+        for name in names:
+            env = {"SOAK_RESPEC": uuid.uuid4().hex[:8]}
+            self._write(sa.update(Lease).where(Lease.name == name).values(env=env, updated_at=utcnow()))
+        return len(names)
 
     def figures(self) -> dict[str, Any]:
         from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, LABEL_SPEC
@@ -259,13 +569,10 @@ class Soak:
                 row.name: lease_view(row, INSTANCE, "workspace") for row in session.scalars(sa.select(Lease))
             }
             status_rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus))}
-            exec_states = collections.Counter(session.scalars(sa.select(Execution.state)).all())
+            execution_rows = session.execute(sa.select(Execution.state, Execution.command)).tuples().all()
             errors = collections.Counter(
                 _reason(e)
                 for e in session.scalars(sa.select(Execution.error).where(Execution.state == "error"))
-            )
-            succeeded_commands = list(
-                session.scalars(sa.select(Execution.command).where(Execution.state == "succeeded"))
             )
         by_lease: dict[str, list[Any]] = collections.defaultdict(list)
         for sb in sandboxes:
@@ -277,55 +584,55 @@ class Soak:
             if lease not in leases or leases[lease].desired_state == "absent"
         )
         not_converged: list[dict[str, Any]] = []
+        by_design = 0
         for name, view in leases.items():
-            desired = view.desired_state
             group = by_lease.get(name, [])
             status = status_rows.get(name)
-            ok = status is not None and status.phase == EXPECTED_PHASE[desired]
-            if desired == "absent":
-                ok = ok and not group
-            elif desired == "running":
-                ok = ok and len(group) == 1 and group[0].state == EXPECTED_STATE[desired]
-                ok = ok and group[0].labels.get(LABEL_SPEC) == view.spec_hash
-            else:  # stopped/archived: no sandbox is fine (none is created for them), else one in that state
-                ok = ok and len(group) <= 1 and all(sb.state == EXPECTED_STATE[desired] for sb in group)
+            seen = [SandboxSeen(sb.name, sb.state, sb.labels.get(LABEL_SPEC)) for sb in group]
+            ok, left = lease_converged(
+                view.desired_state,
+                view.parks_when_idle,
+                view.spec_hash,
+                status.phase if status else None,
+                seen,
+            )
+            by_design += left
             if not ok:
                 not_converged.append(
                     {
                         "lease": name,
-                        "desired": desired,
+                        "desired": view.desired_state,
                         "phase": status.phase if status else None,
                         "message": status.message if status else None,
                         "sandboxes": [f"{sb.name}:{sb.state}" for sb in group],
                     }
                 )
-        seen = collections.Counter(self.markers.read_text().split())
-        run_twice = sum(1 for n in seen.values() if n > 1)
-        tokens_succeeded = {c.split()[1] for c in succeeded_commands if c.startswith("echo ")}
-        return {
+        markers = collections.Counter(self.markers.read_text().split())
+        figures = {
             "duplicate_sandboxes": duplicates,
             "orphans": orphans,
             "leases_not_converged": len(not_converged),
-            "executions_lost": exec_states.get("queued", 0) + exec_states.get("running", 0),
-            "executions_run_twice": run_twice,
             "not_converged_leases": not_converged,
-            "executions_interrupted": exec_states.get("interrupted", 0),
-            "executions_by_state": dict(exec_states),
+            "leases_left_in_error_by_design": by_design,
+            "leases": len(leases),
+            "leases_by_phase": dict(
+                collections.Counter(s.phase for n, s in status_rows.items() if n in leases).most_common()
+            ),
+            "live_sandboxes": len(sandboxes),
             "executions_queued_total": len(self.tokens),
             "execution_errors": dict(errors.most_common(6)),
-            "markers_written": len(seen),
-            "succeeded_without_marker": len(tokens_succeeded - set(seen)),
-            "leases": len(leases),
-            "live_sandboxes": len(sandboxes),
         }
+        figures.update(account_executions(execution_rows, markers))
+        return figures
 
     def close(self) -> None:
         try:
-            if self.daemon.process is not None and self.daemon.process.poll() is None:
-                try:
-                    self.daemon.terminate(timeout=30)
-                except Exception:
-                    self.daemon.kill()
+            for d in self.daemons:
+                if d.process is not None and d.process.poll() is None:
+                    try:
+                        d.terminate(timeout=30)
+                    except Exception:
+                        d.kill()
         finally:
             self.db.dispose()
             self.emu.kill()
@@ -337,7 +644,57 @@ LOSS_KEYS = (
     "leases_not_converged",
     "executions_lost",
     "executions_run_twice",
+    "daemon_log_tracebacks",
+    "api_key_in_logs",
 )
+
+
+class _NoProxy:
+    """SQLite has no server to cut off: the outage step is skipped."""
+
+    port = 0
+
+    def cut(self) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+def _proxied(url: str) -> tuple[Any, str | None]:
+    """(proxy, the daemons' URL through it) on PostgreSQL; (_NoProxy(), None) on SQLite."""
+    if not url.startswith("postgresql"):
+        return _NoProxy(), None
+    from tests.support.daemon import TcpProxy
+
+    target = sa.make_url(url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432).start()
+    through = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    return proxy, through
+
+
+def _keep_logs(tmp: Path, replicas: int) -> str:
+    """Copy the daemons' and the local API's logs out of the work dir (deleted at the end)."""
+    import shutil
+    import tempfile
+
+    kept = Path(tempfile.mkdtemp(prefix="leasectl-soak-logs-"))
+    for path in [*(tmp / f"daemon-{i}.log" for i in range(replicas)), *tmp.glob("emulator-*.log")]:
+        if path.exists():
+            shutil.copy(path, kept / path.name)
+    return str(kept)
+
+
+def _api_key_hits(db: Any, logs: list[str]) -> int:
+    from models import Event
+
+    hits = sum(text.count(API_KEY) for text in logs)
+    with db.session(readonly=True) as session:
+        hits += int(session.scalar(sa.select(sa.func.count()).where(Event.message.contains(API_KEY))) or 0)
+    return hits
 
 
 def soak(
@@ -349,97 +706,170 @@ def soak(
     pg_admin_url: str = DEFAULT_PG_ADMIN_URL,
     seed: int | None = None,
     leases: int = 12,
+    replicas: int | None = None,
+    outage_seconds: float = 30.0,
+    kill_every: tuple[float, float] = KILL_EVERY_SECONDS,
 ) -> dict[str, Any]:
     seed = seed if seed is not None else random.SystemRandom().randint(1, 10**6)
+    replicas = replicas if replicas is not None else (2 if backend == "postgres" else 1)
+    outage_done = 0.0
     with workdir("soak") as tmp, database(backend, tmp, pg_admin_url) as url:
-        run = Soak(tmp, url, seed=seed, leases=leases)
+        proxy, daemon_url = _proxied(url)
+        run = Soak(
+            tmp,
+            url,
+            seed=seed,
+            leases=leases,
+            replicas=replicas,
+            daemon_url=daemon_url,
+            kill_every=kill_every,
+        )
         try:
-            run.admin.set_faults(**FAULTS, seed=seed)
-            run._start_daemon()
-            log(f"soak: driving for {drive_seconds:.0f}s (seed {seed}, {backend})")
+            run.admin.set_faults(**BASE_FAULTS, seed=seed)
+            run.ensure_daemons()
+            log(f"soak: driving for {drive_seconds:.0f}s (seed {seed}, {backend}, {replicas} replica(s))")
             stop = threading.Event()
-            killer = threading.Thread(target=run.killer, args=(stop,), name="soak-killer", daemon=True)
-            killer.start()
+            threads = [
+                threading.Thread(target=run.killer, args=(stop,), name="soak-killer", daemon=True),
+                threading.Thread(target=run.weather_loop, args=(stop,), name="soak-weather", daemon=True),
+            ]
+            for thread in threads:
+                thread.start()
             started = time.monotonic()
-            last_apply = 0.0
+            started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            last_cli = 0.0
+            cut_at = 0.0
+            outage_at = drive_seconds / 2 if daemon_url is not None and outage_seconds > 0 else None
             while time.monotonic() - started < drive_seconds and not stop.is_set():
-                last_apply = run.step(last_apply)
+                if outage_at is not None and time.monotonic() - started >= outage_at:
+                    outage_at = None
+                    with run.lock:
+                        run.outage.set()
+                    log(f"soak: database outage for {outage_seconds:.0f}s")
+                    proxy.cut()
+                    cut_at = time.monotonic()
+                if run.outage.is_set() and time.monotonic() - cut_at >= outage_seconds:
+                    proxy.restore()
+                    outage_done += time.monotonic() - cut_at
+                    run.outage.clear()
+                    log("soak: database back")
+                last_cli = run.step(last_cli)
                 time.sleep(run.rng.uniform(0.2, 0.8))
             stop.set()
-            killer.join(timeout=120)
-            if run.killer_error is not None:
-                raise RuntimeError(f"soak: could not restart the daemon: {run.killer_error}")
-            if run.daemon.process is None or run.daemon.process.poll() is not None:
-                run._start_daemon()
+            for thread in threads:
+                thread.join(timeout=120)
+            if run.outage.is_set():
+                proxy.restore()
+                outage_done += time.monotonic() - cut_at
+                run.outage.clear()
+            if run.background_error is not None:
+                raise RuntimeError(f"soak: a background thread failed: {run.background_error}")
+            run.ensure_daemons()
             api_during_drive = run.admin.stats()
             run.admin.reset_faults()
-            log(f"soak: drive done ({run.kills} SIGKILLs); faults off, settling up to {settle_seconds:.0f}s")
+            log(
+                f"soak: drive done ({run.sigkills} SIGKILLs); faults off, "
+                f"settling up to {settle_seconds:.0f}s"
+            )
             settle_started = time.monotonic()
+            respecced = run.respec_failed_leases()
             figures = run.figures()
             clean_in_a_row = 0
             while time.monotonic() - settle_started < settle_seconds:
                 time.sleep(2)
+                respecced += run.respec_failed_leases()
                 figures = run.figures()
-                clean = not any(figures[k] for k in LOSS_KEYS)
+                clean = not any(figures[k] for k in LOSS_KEYS if k in figures)
                 clean_in_a_row = clean_in_a_row + 1 if clean else 0
                 if clean_in_a_row >= 2:
                     break
             settled = time.monotonic() - settle_started
-            daemon_alive = run.daemon.process is not None and run.daemon.process.poll() is None
+            alive = sum(1 for d in run.daemons if d.process is not None and d.process.poll() is None)
         finally:
             run.close()
-        daemon_log = (tmp / "daemon.log").read_text(errors="replace")
-        tracebacks = daemon_log.count("Traceback (most recent call last)")
+            proxy.stop()
+        logs = [(tmp / f"daemon-{i}.log").read_text(errors="replace") for i in range(replicas)]
+        tracebacks = sum(text.count("Traceback (most recent call last)") for text in logs)
+        kept = (
+            _keep_logs(tmp, replicas)
+            if tracebacks or any(figures[k] for k in LOSS_KEYS if k in figures)
+            else None
+        )
+        key_hits = _api_key_hits(run.db, logs)
+        run.db.dispose()
     figures.update(
-        sigkills=run.kills,
+        daemon_log_tracebacks=tracebacks,
+        logs_kept_in=kept,
+        api_key_in_logs=key_hits,
+        drive_started_at=started_at,
+        sigkills=run.sigkills,
+        kill_rounds=dict(run.kills),
+        database_outage_seconds=round(outage_done, 1),
+        weather=dict(run.weather),
+        failed_leases_respecced=respecced,
         daemon_restart_failures=run.restart_failures,
         daemon_mean_start_to_healthy_s=round(sum(run.start_seconds) / max(len(run.start_seconds), 1), 2),
-        daemon_alive_at_end=daemon_alive,
+        daemons_alive_at_end=alive,
         settle_seconds=round(settled, 1),
-        driver_ops=dict(run.ops),
+        driver_ops=dict(sorted(run.ops.items())),
         api_requests_during_drive=sum(api_during_drive.values()),
-        daemon_log_tracebacks=tracebacks,
     )
     params = {
         "drive_seconds": drive_seconds,
         "settle_max_seconds": settle_seconds,
         "backend": backend,
+        "replicas": replicas,
         "seed": seed,
         "lease_names": leases,
-        "faults": FAULTS,
-        "kill_every_seconds": [4, 10],
+        "faults": BASE_FAULTS,
+        "weather": WEATHER,
+        "outage_seconds": outage_seconds if daemon_url is not None else 0,
+        "kill_every_seconds": list(kill_every),
+        "kill_mix": KILL_MIX if replicas > 1 else {"only": 1.0},
     }
     record = out.emit("soak", params, figures)
     print()
-    print("soak: after the drive and the settle period (every count must be 0)")
-    print(table(["figure", "value"], [[k, figures[k]] for k in LOSS_KEYS]))
+    print(f"soak on {backend} with {replicas} replica(s): after the drive and the settle period")
+    print(table(["loss (must be 0)", "value"], [[k, figures[k]] for k in LOSS_KEYS]))
     print(
         table(
             ["other", "value"],
             [
-                ["sigkills", run.kills],
+                ["SIGKILLs", run.sigkills],
+                ["kill rounds", json.dumps(figures["kill_rounds"], sort_keys=True)],
+                ["database outage s", figures["database_outage_seconds"]],
+                ["weather", json.dumps(figures["weather"], sort_keys=True)],
                 ["executions queued", figures["executions_queued_total"]],
-                ["executions interrupted", figures["executions_interrupted"]],
                 ["executions by state", json.dumps(figures["executions_by_state"], sort_keys=True)],
+                ["executions in unknown states", json.dumps(figures["executions_unknown_states"])],
                 ["leases at the end", figures["leases"]],
+                ["leases by phase", json.dumps(figures["leases_by_phase"], sort_keys=True)],
+                ["left in error by design", figures["leases_left_in_error_by_design"]],
+                ["Failed leases re-specced", respecced],
                 ["settle seconds", figures["settle_seconds"]],
             ],
         )
     )
+    if figures["not_converged_leases"]:
+        print(json.dumps(figures["not_converged_leases"], indent=1))
     print()
     return record
 
 
 def failed(record: dict[str, Any]) -> bool:
-    return any(record["figures"][k] for k in LOSS_KEYS)
+    return any(record["figures"].get(k) for k in LOSS_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="how long to drive (default 5)")
+    parser.add_argument("--minutes", type=float, default=20.0, help="how long to drive (default 20)")
     parser.add_argument("--quick", action="store_true", help="a 30 s drive (make bench-quick)")
     parser.add_argument("--settle-seconds", type=float, default=None, help="longest settle period")
-    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="postgres")
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="daemons (default: 2 on postgres, 1 on sqlite)"
+    )
+    parser.add_argument("--outage-seconds", type=float, default=None, help="database outage (postgres; 30)")
     parser.add_argument("--pg-url", default=DEFAULT_PG_ADMIN_URL, help="PostgreSQL admin URL")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--leases", type=int, default=12, help="lease names the driver plays with")
@@ -449,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     drive = 30.0 if args.quick else args.minutes * 60
-    settle = args.settle_seconds if args.settle_seconds is not None else (40.0 if args.quick else 120.0)
+    settle = args.settle_seconds if args.settle_seconds is not None else (60.0 if args.quick else 180.0)
+    outage = args.outage_seconds if args.outage_seconds is not None else (8.0 if args.quick else 30.0)
     out = Output(args.pg_url if args.backend == "postgres" else None, args.jsonl)
     record = soak(
         out,
@@ -459,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         pg_admin_url=args.pg_url,
         seed=args.seed,
         leases=args.leases,
+        replicas=args.replicas,
+        outage_seconds=outage,
     )
     return 1 if failed(record) else 0
 

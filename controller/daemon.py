@@ -316,8 +316,12 @@ class Daemon:
                             for _ in driver.notifies(timeout=1.0, stop_after=1):
                                 log.info("lease change notified; reconciling now")
                                 self.wake_reconcile()
-                    finally:
-                        raw.close()
+                    except Exception:
+                        # The connection is probably broken (database gone): it must not go back to
+                        # the pool, whose reset would fail on it and log a traceback.
+                        raw.invalidate()
+                        raise
+                    raw.close()
                 except Exception as exc:
                     log.debug("LISTEN loop: %s", exc)
                     self._stopping.wait(5)

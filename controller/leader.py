@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 SAFETY = 0.8  # act for at most this fraction of the lease after a successful renewal
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def make_holder_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -102,8 +107,13 @@ class LeaderElector:
         expires = now + timedelta(seconds=self.lease_seconds)
         try:
             won = self._update(now, expires) or self._insert(now, expires)
-        except sa.exc.SQLAlchemyError:
-            log.warning("leader election: database unavailable; not leading", exc_info=True)
+        except sa.exc.SQLAlchemyError as exc:
+            # An outage is expected weather: one line, the traceback only when debugging.
+            log.warning(
+                "leader election: database unavailable; not leading: %s",
+                _first_line(exc),
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             self._lose()
             return False
         if not won:
@@ -217,8 +227,12 @@ class LeaderElector:
                     execution_options={"synchronize_session": False},
                 )
             log.info("leader election: %s released instance %s", self.holder, self.instance)
-        except sa.exc.SQLAlchemyError:
-            log.warning("leader election: could not release; it expires by itself", exc_info=True)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning(
+                "leader election: could not release; it expires by itself: %s",
+                _first_line(exc),
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
         self._lose()
 
     @contextmanager

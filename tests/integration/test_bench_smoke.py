@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import common, convergence, execution, scale
+from bench import common, convergence, execution, scale, soak
+from tests.conftest import PG_ADMIN_URL, require_postgres
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,3 +64,37 @@ def test_bench_functions_print_json_lines(tmp_path: Path, capsys: pytest.Capture
         assert isinstance(figures, dict)
         assert figures["dispatcher_states"] == {"succeeded": 8}
         assert "ratio_throughput_direct_over_dispatcher" in figures
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_soak_short_form_loses_nothing(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if backend == "postgres":
+        require_postgres()
+    jsonl = tmp_path / "soak.jsonl"
+    out = common.Output(None, jsonl)
+    record = soak.soak(
+        out,
+        drive_seconds=20.0 if backend == "postgres" else 12.0,
+        settle_seconds=120.0,
+        backend=backend,
+        pg_admin_url=PG_ADMIN_URL,
+        seed=17,
+        outage_seconds=5.0,
+        kill_every=(2.0, 4.0),
+    )
+    (rec,) = _check_shape(jsonl, capsys.readouterr().out, "soak", 1)
+    figures = record["figures"]
+    assert rec["figures"] == figures
+    losses = {k: figures[k] for k in soak.LOSS_KEYS}
+    assert not soak.failed(record), (losses, figures["not_converged_leases"], figures.get("logs_kept_in"))
+    assert figures["sigkills"] >= 2
+    assert figures["executions_queued_total"] > 0
+    if backend == "postgres":
+        assert record["parameters"]["replicas"] == 2
+        assert figures["database_outage_seconds"] >= 5
+    else:
+        assert record["parameters"]["replicas"] == 1
+        assert figures["database_outage_seconds"] == 0

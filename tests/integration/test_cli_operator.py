@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -282,8 +283,24 @@ def test_get_watch_prints_a_changed_phase_and_events_follow(sqlite_url: str, tmp
     assert cli(env, "apply", "-f", str(leases)).returncode == 0
     watch = popen(env, "get", "-w", "--interval", "0.1")
     follow = popen(env, "events", "-f", "--interval", "0.1")
+    lines: list[str] = []
+
+    def read_watch() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read_watch, daemon=True)
+    reader.start()
+
+    def printed(phase: str) -> bool:
+        return any(line.startswith("web") and phase in line for line in list(lines))
+
     try:
-        time.sleep(2)
+        # The row changes only once the watch has printed the first frame (its start-up time varies).
+        deadline = time.monotonic() + 60
+        while not printed("Pending") and time.monotonic() < deadline:
+            time.sleep(0.1)
         database = dbmod.connect(sqlite_url)
         with database.engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO lease_status (lease_name, phase) VALUES ('web', 'Ready')"))
@@ -294,14 +311,17 @@ def test_get_watch_prints_a_changed_phase_and_events_follow(sqlite_url: str, tmp
                 )
             )
         database.dispose()
-        time.sleep(2)
+        deadline = time.monotonic() + 60
+        while not printed("Ready") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # events -f: its next look
     finally:
         for proc in (watch, follow):
             proc.send_signal(signal.SIGINT)
-    out, err = watch.communicate(timeout=10)
-    assert watch.returncode == 0, err
-    lines = out.splitlines()
-    assert lines[0].startswith("NAME") and "Pending" in lines[1]
+    assert watch.wait(timeout=10) == 0, watch.stderr.read() if watch.stderr else ""
+    reader.join(timeout=10)
+    out = "\n".join(lines)
+    assert lines[0].startswith("NAME") and "Pending" in lines[1], out
     assert any(line.startswith("web") and "Ready" in line for line in lines[2:]), out
     out, err = follow.communicate(timeout=10)
     assert follow.returncode == 0, err

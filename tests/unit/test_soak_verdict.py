@@ -1,0 +1,112 @@
+"""The soak's verdict (bench/soak.py): execution accounting, lease convergence and the kill choice.
+
+These pure functions decide whether ``make soak`` exits 1, so they are tested on their own: a soak
+that could not see a loss would prove nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from bench.soak import SandboxSeen, account_executions, choose_victims, lease_converged
+
+TOKEN_A = "a" * 32
+TOKEN_B = "b" * 32
+TOKEN_C = "c" * 32
+
+
+def cmd(token: str, slow: bool = False) -> str:
+    return f"{'sleep 1; ' if slow else ''}echo {token} >> /tmp/ran.log"
+
+
+def test_every_execution_accounted_for_is_no_loss() -> None:
+    rows = [("succeeded", cmd(TOKEN_A)), ("interrupted", cmd(TOKEN_B)), ("cancelled", cmd(TOKEN_C, True))]
+    figures = account_executions(rows, {TOKEN_A: 1})
+    assert figures["executions_lost"] == 0
+    assert figures["executions_run_twice"] == 0
+    assert figures["executions_by_state"] == {"cancelled": 1, "interrupted": 1, "succeeded": 1}
+    assert figures["executions_unknown_states"] == {}
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_a_row_left_queued_or_running_is_lost(state: str) -> None:
+    figures = account_executions([(state, cmd(TOKEN_A)), ("succeeded", cmd(TOKEN_B))], {TOKEN_B: 1})
+    assert figures["executions_lost"] == 1
+
+
+def test_succeeded_without_its_marker_is_lost() -> None:
+    figures = account_executions([("succeeded", cmd(TOKEN_A))], {})
+    assert figures["executions_lost"] == 1
+    assert figures["executions_succeeded_without_marker"] == 1
+
+
+def test_a_token_written_twice_is_run_twice() -> None:
+    figures = account_executions([("succeeded", cmd(TOKEN_A))], {TOKEN_A: 2})
+    assert figures["executions_run_twice"] == 1
+    assert figures["executions_lost"] == 0
+
+
+def test_a_state_the_soak_does_not_know_is_reported_not_counted() -> None:
+    figures = account_executions([("unknown", cmd(TOKEN_A)), ("someday", cmd(TOKEN_B))], {})
+    assert figures["executions_lost"] == 0
+    assert figures["executions_run_twice"] == 0
+    assert figures["executions_unknown_states"] == {"unknown": 1, "someday": 1}
+
+
+def test_a_cancel_that_came_after_the_command_ran_is_reported() -> None:
+    figures = account_executions([("cancelled", cmd(TOKEN_A, True))], {TOKEN_A: 1})
+    assert figures["executions_cancelled_after_their_command_ran"] == 1
+    assert figures["executions_lost"] == 0
+
+
+def sb(state: str, spec: str | None = "h1") -> SandboxSeen:
+    return SandboxSeen("default-x", state, spec)
+
+
+@pytest.mark.parametrize(
+    ("desired", "parks", "phase", "group", "expected"),
+    [
+        ("running", False, "Ready", [sb("started")], (True, False)),
+        ("running", False, "Ready", [sb("started", "old")], (False, False)),
+        ("running", False, "Ready", [sb("started"), sb("started")], (False, False)),
+        ("running", False, "Ready", [], (False, False)),
+        ("running", False, "Provisioning", [sb("starting")], (False, False)),
+        ("running", False, "Idle", [sb("stopped")], (False, False)),
+        ("running", True, "Idle", [sb("stopped")], (True, False)),
+        ("running", True, "Ready", [sb("stopped")], (False, False)),
+        ("stopped", False, "Stopped", [], (True, False)),
+        ("stopped", False, "Stopped", [sb("stopped")], (True, False)),
+        ("stopped", False, "Stopped", [sb("started")], (False, False)),
+        ("stopped", False, "Error", [sb("error")], (True, True)),
+        ("archived", False, "Failed", [sb("build_failed")], (True, True)),
+        ("archived", False, "Archived", [sb("archived")], (True, False)),
+        ("archived", False, "Archived", [sb("stopped")], (False, False)),
+        ("absent", False, "Deleted", [], (True, False)),
+        ("absent", False, "Deleted", [sb("stopped")], (False, False)),
+        ("absent", False, "Deleting", [], (False, False)),
+    ],
+)
+def test_lease_converged(
+    desired: str, parks: bool, phase: str, group: list[SandboxSeen], expected: tuple[bool, bool]
+) -> None:
+    assert lease_converged(desired, parks, "h1", phase, group) == expected
+
+
+def test_the_killer_takes_the_leader_most_often_and_sometimes_both() -> None:
+    rng = random.Random(7)
+    kinds: collections.Counter[str] = collections.Counter()
+    for _ in range(2000):
+        kind, victims = choose_victims(rng, 2, leader=1)
+        kinds[kind] += 1
+        expected = {"leader": [1], "both": [0, 1], "follower": [0]}[kind]
+        assert victims == expected
+    assert kinds["leader"] > kinds["both"] + kinds["follower"]
+    assert kinds["both"] > 0 and kinds["follower"] > 0
+
+
+def test_with_one_replica_the_killer_takes_it() -> None:
+    assert choose_victims(random.Random(1), 1, leader=0) == ("leader", [0])
+    assert choose_victims(random.Random(1), 1, leader=None) == ("only", [0])
