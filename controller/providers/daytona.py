@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from daytona import Daytona, DaytonaConfig, DaytonaError
+from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
 from daytona_api_client import (
     ApiClient,
     Configuration,
@@ -50,6 +51,7 @@ from controller.errors import (
     CapacityError,
     ConflictError,
     NotFoundError,
+    NotSentError,
     PermanentError,
     ProviderError,
     RateLimitedError,
@@ -57,7 +59,7 @@ from controller.errors import (
     StateConflictError,
     TransientError,
 )
-from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox
+from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox, SessionCommand
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,26 @@ def translate(exc: BaseException, what: str, operation: str = "") -> ProviderErr
         status = getattr(exc, "status_code", None)
         headers = getattr(exc, "headers", None)
     detail = _short(exc)
+    if not status and never_sent(exc):
+        return NotSentError(f"{what}: {detail}")
     return classify(status, detail, operation, headers, f"{what}: {detail}")
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether the failure happened before a connection existed (refused, unresolvable host), so the
+    request provably never reached the server. A time-out or a reset is not: it may have."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if "Timeout" in type(current).__name__ or isinstance(current, TimeoutError):
+            return False
+        if type(current).__name__ == "NewConnectionError" or isinstance(
+            current, ConnectionRefusedError | socket.gaierror
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _short(exc: BaseException) -> str:
@@ -450,6 +471,58 @@ class DaytonaProvider:
                 "delete_file",
                 f"delete {path}",
                 lambda sb: sb.fs.delete_file(path, request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def create_session(self, sandbox_id: str, session_id: str) -> None:
+        self._toolbox(
+            sandbox_id,
+            "session_create",
+            f"create session {session_id}",
+            lambda sb: sb.process.create_session(session_id, request_timeout=self._timeout),
+        )
+
+    def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
+        request = SessionExecuteRequest(command=command, run_async=True)
+        response = self._toolbox(
+            sandbox_id,
+            "session_execute",
+            f"execute in session {session_id}",
+            lambda sb: sb.process.execute_session_command(session_id, request, timeout=int(self._timeout)),
+        )
+        return str(response.cmd_id)
+
+    def session_command(self, sandbox_id: str, session_id: str, command_id: str) -> SessionCommand:
+        command = self._toolbox(
+            sandbox_id,
+            "session_command",
+            f"get command {command_id} of session {session_id}",
+            lambda sb: sb.process.get_session_command(session_id, command_id, request_timeout=self._timeout),
+        )
+        code = command.exit_code
+        return SessionCommand(command_id, int(code) if code is not None else None)
+
+    def session_logs(self, sandbox_id: str, session_id: str, command_id: str) -> str:
+        logs = self._toolbox(
+            sandbox_id,
+            "session_logs",
+            f"get logs of command {command_id}",
+            lambda sb: sb.process.get_session_command_logs(
+                session_id, command_id, request_timeout=self._timeout
+            ),
+        )
+        return str(logs.output or "")
+
+    def delete_session(self, sandbox_id: str, session_id: str) -> None:
+        try:
+            self._toolbox(
+                sandbox_id,
+                "session_delete",
+                f"delete session {session_id}",
+                lambda sb: sb.process.delete_session(session_id, request_timeout=self._timeout),
             )
         except NotFoundError:
             return
