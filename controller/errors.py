@@ -60,7 +60,9 @@ class MissingResourceError(LeasectlError):
 
 
 class ProviderError(LeasectlError):
-    """A sandbox provider call failed."""
+    """A sandbox provider call failed; ``status`` is the HTTP status of the answer, when there was one."""
+
+    status: int | None = None
 
 
 class TransientError(ProviderError):

@@ -161,7 +161,16 @@ def translate(exc: BaseException, what: str, operation: str = "") -> ProviderErr
     detail = _short(exc)
     if not status and never_sent(exc):
         return NotSentError(f"{what}: {detail}")
-    return classify(status, detail, operation, headers, f"{what}: {detail}")
+    error = classify(status, detail, operation, headers, f"{what}: {detail}")
+    error.status = status or None
+    return error
+
+
+def not_sent(exc: ProviderError, what: str) -> NotSentError:
+    """The failure of a step before ``what`` (the sandbox lookup) as "``what`` was never sent"."""
+    error = NotSentError(f"{what} not sent: {exc}", getattr(exc, "retry_after", None))
+    error.status = exc.status
+    return error
 
 
 def never_sent(exc: BaseException) -> bool:
@@ -421,7 +430,10 @@ class DaytonaProvider:
         env: Mapping[str, str] | None = None,
         timeout: int | None = None,
     ) -> ExecResult:
-        sandbox = self._sandbox(sandbox_id)
+        try:
+            sandbox = self._sandbox(sandbox_id)
+        except ProviderError as exc:
+            raise not_sent(exc, "exec") from exc
         try:
             response = sandbox.process.exec(command, cwd=cwd, env=dict(env) if env else None, timeout=timeout)
         except DaytonaError as exc:
@@ -487,6 +499,10 @@ class DaytonaProvider:
 
     def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
         request = SessionExecuteRequest(command=command, run_async=True)
+        try:
+            self._sandbox(sandbox_id)
+        except ProviderError as exc:
+            raise not_sent(exc, "session execute") from exc
         response = self._toolbox(
             sandbox_id,
             "session_execute",
