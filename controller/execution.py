@@ -1130,11 +1130,19 @@ class Dispatcher:
         return processed
 
     def drain(self) -> int:
-        """Run everything runnable now, then return the number of rows processed."""
+        """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
+        ones included), then return the number of rows processed."""
         total = 0
-        while n := self.run_once(wait=True):
+        while True:
+            n = self.run_once(wait=True)
             total += n
-        return total
+            if n:
+                continue
+            with self._lock:
+                pending = {f for f in self._inflight if not f.done()}
+            if not pending:
+                return total
+            futures.wait(pending)
 
     def run_forever(self, stop: threading.Event) -> None:
         """Poll every ``exec.poll_interval_seconds`` until ``stop`` is set, then shut down."""
