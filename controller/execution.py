@@ -1111,12 +1111,10 @@ class Dispatcher:
                 self._sweep_cancelled()
             if self._running:
                 self._stop_cancelled()
-            if not self._anything_queued():
-                if wait and started:
-                    futures.wait(started)
-                return processed
             self._inflight = {f for f in self._inflight if not f.done()}
             free = self.settings.max_concurrent - len(self._inflight)
+            if not self._anything_queued():
+                free = 0
             while free > 0:
                 jobs, ended = self._claim(free)
                 processed += len(jobs) + ended

@@ -437,7 +437,11 @@ class DaytonaProvider:
         try:
             response = sandbox.process.exec(command, cwd=cwd, env=dict(env) if env else None, timeout=timeout)
         except DaytonaError as exc:
-            if getattr(exc, "status_code", None) == 408 or "Timeout" in type(exc).__name__:
+            status = getattr(exc, "status_code", None)
+            # The toolbox's own time-out (408 REQUEST_TIMEOUT), or ours on the answer (no status, the
+            # request time-out covers the command's): timed out. A 504 is a gateway that gave up: the
+            # command may still run, so it is an error like any other 5xx (``unknown`` upstairs).
+            if status == 408 or (status is None and "Timeout" in type(exc).__name__):
                 self._record("execute", "timeout")
                 return ExecResult(exit_code=None, output="", timed_out=True)
             self._forget(sandbox_id)
