@@ -26,10 +26,17 @@ Then faults go off, kills stop, the daemon keeps running, and the soak settles (
   not match (running: exactly one, started, with the lease's spec label; stopped/archived: none,
   or one in that state; absent: none);
 * ``executions_lost``: rows still ``queued`` or ``running``;
-* ``executions_run_twice``: tokens found more than once in the markers file.
+* ``executions_run_twice``: tokens found more than once in the markers file;
+* ``executions_not_started_error``: rows that provably never started (every attempt failed before
+  the command reached the sandbox) and still ended in ``error``: the queue retries those until
+  ``exec.queue_wait_seconds``, so under the soak's faults there must be none.
+
+Executions are also counted by cause (``execution_cause``: ran, ran after retries, refused before
+running, never started, ``unknown``, ``interrupted``, ``cancelled``) and re-attachments to session
+commands after a SIGKILL are counted from the events.
 
 ``interrupted`` executions (killed mid-command; terminal, never re-run) are counted apart, as are
-the other terminal states. Exit status 1 if any of the five counts is not 0.
+the other terminal states. Exit status 1 if any of the six counts is not 0.
 """
 
 from __future__ import annotations
@@ -81,6 +88,20 @@ def _reason(error: str | None) -> str:
     text = re.sub(r"'[^']*'", "'…'", error or "")
     text = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27,}", "<id>", text)
     return text[:80]
+
+
+def execution_cause(state: str, attempts: int | None, error: str | None) -> str:
+    """Why an execution ended as it did, for the soak's table (controller.execution's causes)."""
+    tried = " after retries" if attempts else ""
+    if state in ("succeeded", "failed", "timed_out"):
+        return f"ran: {state}{tried}"
+    if state == "error":
+        if attempts or (error or "").startswith("not started after"):
+            return "error: never started (retries exhausted)"
+        return "error: refused before running (lease missing, not running or not ready; bad env)"
+    if state == "unknown":
+        return "unknown: may have run (answer lost after sending)"
+    return state
 
 
 class Soak:
@@ -248,7 +269,7 @@ class Soak:
         from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, LABEL_SPEC
         from controller.providers.daytona import DaytonaProvider
         from controller.reconciler import lease_view
-        from models import Execution, Lease, LeaseStatus
+        from models import Event, Execution, Lease, LeaseStatus
 
         provider = DaytonaProvider(self.emu.api_url, API_KEY, target="local")
         sandboxes = [
@@ -266,6 +287,13 @@ class Soak:
             )
             succeeded_commands = list(
                 session.scalars(sa.select(Execution.command).where(Execution.state == "succeeded"))
+            )
+            causes = collections.Counter(
+                execution_cause(r.state, r.attempts, r.error)
+                for r in session.execute(sa.select(Execution.state, Execution.attempts, Execution.error))
+            )
+            reattached = session.scalar(
+                sa.select(sa.func.count()).select_from(Event).where(Event.outcome == "reattached")
             )
         by_lease: dict[str, list[Any]] = collections.defaultdict(list)
         for sb in sandboxes:
@@ -308,6 +336,9 @@ class Soak:
             "leases_not_converged": len(not_converged),
             "executions_lost": exec_states.get("queued", 0) + exec_states.get("running", 0),
             "executions_run_twice": run_twice,
+            "executions_not_started_error": causes.get("error: never started (retries exhausted)", 0),
+            "executions_by_cause": dict(causes),
+            "executions_reattached": reattached or 0,
             "not_converged_leases": not_converged,
             "executions_interrupted": exec_states.get("interrupted", 0),
             "executions_by_state": dict(exec_states),
@@ -337,6 +368,7 @@ LOSS_KEYS = (
     "leases_not_converged",
     "executions_lost",
     "executions_run_twice",
+    "executions_not_started_error",
 )
 
 
@@ -413,6 +445,7 @@ def soak(
     print()
     print("soak: after the drive and the settle period (every count must be 0)")
     print(table(["figure", "value"], [[k, figures[k]] for k in LOSS_KEYS]))
+    print(table(["executions by cause", "count"], sorted(figures["executions_by_cause"].items())))
     print(
         table(
             ["other", "value"],
@@ -421,6 +454,7 @@ def soak(
                 ["executions queued", figures["executions_queued_total"]],
                 ["executions interrupted", figures["executions_interrupted"]],
                 ["executions by state", json.dumps(figures["executions_by_state"], sort_keys=True)],
+                ["executions re-attached", figures["executions_reattached"]],
                 ["leases at the end", figures["leases"]],
                 ["settle seconds", figures["settle_seconds"]],
             ],
