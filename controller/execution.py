@@ -17,30 +17,43 @@ Idle leases (auto-stopped by Daytona on a lease with ``auto_stop_interval``, pha
 runnable: :func:`wake` starts the sandbox on demand and waits until it is started, then the command
 runs as on a Ready lease; the next reconcile pass shows the lease Ready again.
 
-Row states: ``queued -> running -> succeeded | failed | timed_out | error``; ``queued -> error`` when
-the lease is missing, not desired running, expired, or not Ready within ``exec.queue_wait_seconds``
-of the row's ``created_at``; ``queued -> cancelled`` by an operator (the claim only takes ``queued``
-rows, so a cancelled row never runs); ``running -> interrupted`` when the worker that claimed it is
-gone. ``env`` and ``stdin`` are cleared when the row is claimed and again at every terminal state.
+Row states (docs/execution.md has the diagram and the table of causes): ``queued -> running ->
+succeeded | failed | timed_out | unknown | interrupted | cancelled | error``. ``running -> queued``
+happens only when the attempt provably did not start the command (:func:`may_have_started` says no):
+the row gets a back-off (``next_attempt_at``), ``attempts`` and an ``attempt_log`` entry, and ends
+``error`` once ``exec.queue_wait_seconds`` have passed since its first attempt. A failure after the
+request that starts the command was sent ends ``unknown`` and is never retried, so nothing runs
+twice. ``queued -> error`` when the lease is missing, not desired running, expired, or not Ready
+within ``exec.queue_wait_seconds`` of the row's ``created_at``; ``queued -> cancelled`` by an
+operator. ``env`` and ``stdin`` are cleared when the row is claimed (and put back when it is queued
+again) and at every terminal state.
 
-Interrupted rows (a worker crashed mid-command). ``claimed_by`` is ``host:pid:nonce``. A
-dispatcher (at start, then once a minute) marks a ``running`` row claimed by someone else
-``interrupted`` when either
+Two paths. A command whose time-out is below ``exec.session_min_timeout_seconds`` runs in one request
+(:func:`run_command`); longer ones run in a Daytona session (:func:`start_in_session`,
+:func:`follow_session`): the row records ``session_id`` before the command is sent and
+``command_id`` once it runs, and its output is written to the row every ``exec.log_poll_seconds``.
 
-* the claimer ran on this host (same host name) and its process no longer exists, or
-* ``started_at + timeout + INTERRUPT_GRACE_SECONDS`` has passed: no live worker holds a command
-  that long, because every provider call is bounded.
+Ordering. An ``ordered`` row is claimed only when fewer than ``exec.per_lease_concurrency`` earlier
+ordered rows of its lease are ``queued`` or ``running`` (checked inside the claim query).
 
-Cancelling a running command. Every command runs under a marker derived from its row id and its
-claimer (:func:`execution_marker`); :func:`stop_in_sandbox` runs a second command through the toolbox
-that kills the marked processes. ``leasectl exec`` does so on SIGINT/SIGTERM; :func:`cancel` (``leasectl
-cancel``) does so for a running row, and a dispatcher does so for its own rows that were set
-``cancelled`` (e.g. with SQL) while they ran.
+Gone workers. ``claimed_by`` is ``host:pid:nonce`` (``detached:`` + that once a dispatcher handed a
+session command over at shutdown). A dispatcher (at start, then once a minute) treats a ``running``
+row claimed by someone else as gone when the claimer ran on this host and its process no longer
+exists, when it was handed over, or when ``started_at + timeout + INTERRUPT_GRACE_SECONDS`` has passed.
+A gone row with a session command id is re-attached (taken over with a conditional UPDATE and
+followed to its end); one with only a session id ends ``unknown``; a one-request row ends
+``interrupted``.
 
-A row is never put back to ``queued``, so nothing runs twice. A worker that is still alive but was
-declared gone (clock skew, two hosts with one host name and separate PID namespaces) finishes with
-a conditional UPDATE (``state = 'running' AND claimed_by = me``) that then matches nothing: its
-result is logged and dropped, the row stays ``interrupted``.
+Cancelling a running command. Every command runs under a marker (:func:`execution_marker` from its row
+id and claimer, or :func:`execution_marker_for_session` from its session id); :func:`stop_in_sandbox`
+deletes its session if any and runs a second command through the toolbox that kills the marked
+processes. ``leasectl exec`` does so on SIGINT/SIGTERM; :func:`cancel` (``leasectl cancel``) does so for
+a running row, and a dispatcher does so for its own rows that were set ``cancelled`` (e.g. with SQL)
+while they ran.
+
+A worker that is still alive but was declared gone (clock skew, two hosts with one host name and
+separate PID namespaces) finishes with a conditional UPDATE (``state = 'running' AND claimed_by =
+me``) that then matches nothing: its result is logged and dropped.
 """
 
 from __future__ import annotations
