@@ -340,6 +340,21 @@ def stop_in_sandbox(
 # -- session commands ----------------------------------------------------------------------------
 
 LOST_GRACE_SECONDS = 120.0  # after its deadline, how long a follower keeps trying to reach a command
+FIRST_POLL_SECONDS = 0.05  # the first poll of a session command; the pause doubles up to log_poll
+
+
+def _sandbox_gone(provider: SandboxProvider, sandbox_id: str) -> str | None:
+    """Why the sandbox can no longer hold a session (gone, or not started: its sessions died with
+    its processes), or None when it is started or cannot be looked up now."""
+    try:
+        observed = provider.get(sandbox_id)
+    except ProviderError:
+        return None
+    if observed is None:
+        return f"sandbox {sandbox_id} is gone"
+    if observed.state != "started":
+        return f"sandbox {sandbox_id} is {observed.state}"
+    return None
 
 
 def new_session_id(execution_id: int) -> str:
@@ -429,12 +444,16 @@ def follow_session(
     The exit code is read before the logs, so the logs read after the command ended are complete.
     A command whose session is gone (the sandbox restarted) ends ``interrupted``: its result cannot be
     learned; one that cannot be reached until ``lost_grace_seconds`` after its deadline ends
-    ``unknown``. The session (and the stdin file) are removed when the command has ended.
+    ``unknown``; one whose sandbox stopped or went away ends ``interrupted`` too. Polls start at
+    ``FIRST_POLL_SECONDS`` apart and double up to ``poll_seconds``, so short commands pay little. The
+    session (and the stdin file) are removed when the command has ended.
     """
     marker = execution_marker_for_session(session_id)
     stdin_path = session_stdin_path(session_id) if has_stdin else None
     output = ""
     truncated = False
+    # Short commands end within the first polls: start fast, then slow down to ``poll_seconds``.
+    pause = min(FIRST_POLL_SECONDS, poll_seconds) / 2
 
     def publish(text: str) -> None:
         nonlocal output, truncated
@@ -473,6 +492,14 @@ def follow_session(
                 error=f"interrupted: its session command is gone ({exc}); its result cannot be learned",
             )
         except ProviderError as exc:
+            gone = _sandbox_gone(provider, sandbox_id)
+            if gone is not None:
+                return CommandOutcome(
+                    state="interrupted",
+                    output=output,
+                    output_truncated=truncated,
+                    error=f"interrupted: {gone} while the command ran ({exc}); its result cannot be learned",
+                )
             now = clock()
             if now >= deadline + timedelta(seconds=lost_grace_seconds):
                 return CommandOutcome(
@@ -485,6 +512,7 @@ def follow_session(
             sleep(poll_seconds)
             continue
         publish(text)
+        pause = min(poll_seconds, pause * 2)
         if command.exit_code is not None:
             _drop_session(provider, sandbox_id, session_id, stdin_path)
             code = command.exit_code
@@ -497,7 +525,7 @@ def follow_session(
         if clock() >= deadline:
             outcome = stop("timed_out", f"timed out after {timeout_seconds} s")
             return outcome
-        sleep(poll_seconds)
+        sleep(pause)
 
 
 def execution_marker_for_session(session_id: str) -> str:

@@ -5,6 +5,7 @@ tests/integration/test_execution_sessions.py."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -237,3 +238,23 @@ def test_a_gone_worker_without_a_command_id_leaves_an_unknown_row(
         d.shutdown()
     r = row(db, execution_id)
     assert r.state == "unknown" and r.error is not None and "s-1" in r.error
+
+
+def test_a_session_command_whose_sandbox_stopped_ends_interrupted(
+    db: Database, provider: MemoryProvider, clock: Clock, ready: str
+) -> None:
+    provider.hold_session_commands = True
+    execution_id = enqueue(db, lease_name=ready, command="long job")
+    d = Dispatcher(db, provider, settings(), worker_id="test-host:1:a", clock=clock)
+    try:
+        d.run_once(wait=False)
+        deadline = 200
+        while not row(db, execution_id).command_id and deadline:
+            deadline -= 1
+            threading.Event().wait(0.01)
+        provider.set_state("sb-1", "stopped")  # its sessions die with it
+        d.drain()
+    finally:
+        d.shutdown()
+    r = row(db, execution_id)
+    assert r.state == "interrupted" and r.error is not None and "is stopped" in r.error
