@@ -979,13 +979,19 @@ def wait_for(
     *,
     poll_seconds: float = WAIT_POLL_SECONDS,
     timeout_seconds: float | None = None,
+    on_output: Callable[[str], None] | None = None,
 ) -> ExecutionRecord:
-    """Poll until the row reaches a terminal state; TimeoutError after ``timeout_seconds``."""
+    """Poll until the row reaches a terminal state; TimeoutError after ``timeout_seconds``.
+    ``on_output(text)`` gets the row's output whenever it changed while the row was running."""
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    seen = ""
     while True:
         record = get_record(db, execution_id)
         if record is None:
             raise ExecutionError(f"execution {execution_id} disappeared from the database")
+        if on_output is not None and record.state == "running" and (record.output or "") != seen:
+            seen = record.output or ""
+            on_output(seen)
         if record.state in EXECUTION_TERMINAL_STATES:
             return record
         if deadline is not None and time.monotonic() >= deadline:

@@ -152,13 +152,17 @@ def exec_command(
                 fail(str(exc), EXIT_INVALID)
             err.print(f"execution {execution_id} queued; waiting for a dispatcher", highlight=False)
             signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # the same as Ctrl-C
+            streamer = _Streamer()
             try:
                 record = execution.wait_for(
-                    database, execution_id, poll_seconds=min(0.5, settings.exec.poll_interval_seconds)
+                    database,
+                    execution_id,
+                    poll_seconds=min(0.5, settings.exec.poll_interval_seconds),
+                    on_output=streamer.feed,  # a session command's output, as its worker records it
                 )
             except KeyboardInterrupt:
                 _cancel_queued_or_running(cli, database, execution_id)
-            _report_outcome(execution_id, record.outcome)
+            _report_outcome(execution_id, record.outcome, already_written=streamer.written)
         from controller.providers import build_provider
 
         provider = build_provider(settings)
