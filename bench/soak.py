@@ -96,9 +96,10 @@ def execution_cause(state: str, attempts: int | None, error: str | None) -> str:
     if state in ("succeeded", "failed", "timed_out"):
         return f"ran: {state}{tried}"
     if state == "error":
-        if attempts or (error or "").startswith("not started after"):
+        if (error or "").startswith("not started after"):
             return "error: never started (retries exhausted)"
-        return "error: refused before running (lease missing, not running or not ready; bad env)"
+        # a row retried earlier may still end here when its lease went away meanwhile
+        return f"error: refused before running{tried} (lease missing, not running or not ready; bad env)"
     if state == "unknown":
         return "unknown: may have run (answer lost after sending)"
     return state
