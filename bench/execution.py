@@ -9,7 +9,12 @@ same run and at the same concurrency C:
 * dispatcher, drain: M rows INSERTed with SQL, then ``controller.execution.Dispatcher.drain()``
   (claims up to C rows, runs them, claims again);
 * dispatcher, poll: the same, driven the way the daemon drives it: ``run_once(wait=False)`` every
-  ``poll_interval`` (50 ms here), so free slots refill without waiting for a whole batch.
+  ``poll_interval`` (50 ms here), so free slots refill without waiting for a whole batch;
+* dispatcher, session: polled the same way, but every command runs through a Daytona session
+  (create, execute with runAsync, read command + logs every ``log_poll_seconds`` = 0.2 s here,
+  delete): what long commands cost, and why short ones keep the one-request path.
+
+Per-lease ordering is off in all three (``exec.per_lease_concurrency: 0``).
 
 Each dispatcher command goes through the whole path: claim transaction, login-shell script
 (profiles, cwd, env, subshell), provider call (a GET of the sandbox, then the toolbox execute),
@@ -136,6 +141,9 @@ def _queue(db: Any, leases: list[str], m: int, tag: str) -> None:
         )
 
 
+SESSION_POLL_SECONDS = 0.2
+
+
 def _dispatch(
     db: Any, provider: Any, m: int, concurrency: int, mode: str, leases: list[str]
 ) -> dict[str, Any]:
@@ -144,8 +152,18 @@ def _dispatch(
     from models import Execution
 
     _queue(db, leases, m, mode)
+    # Per-lease ordering off: the figure is the dispatcher's throughput, not one lease's queue.
+    path = {"session_min_timeout_seconds": 0} if mode == "session" else {"session_min_timeout_seconds": 10**6}
     dispatcher = Dispatcher(
-        db, provider, ExecSettings(max_concurrent=concurrency, poll_interval_seconds=0.05)
+        db,
+        provider,
+        ExecSettings(
+            max_concurrent=concurrency,
+            poll_interval_seconds=0.05,
+            per_lease_concurrency=0,
+            log_poll_seconds=SESSION_POLL_SECONDS,
+            **path,
+        ),
     )
     started = time.perf_counter()
     if mode == "drain":
@@ -214,7 +232,7 @@ def run(
                 db = dbmod.connect(url)
                 provider = build_provider(settings)
                 results = {}
-                for mode in ("drain", "poll"):
+                for mode in ("drain", "poll", "session"):
                     admin.reset_stats()
                     results[mode] = _dispatch(db, provider, m, concurrency, mode, leases)
                     results[mode]["api"] = admin.stats()

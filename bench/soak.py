@@ -179,6 +179,39 @@ def account_executions(rows: Iterable[tuple[str, str | None]], markers: Mapping[
     }
 
 
+NEVER_STARTED_ERROR = "error: never started (retries exhausted)"
+
+
+def execution_cause(state: str, attempts: int | None, error: str | None) -> str:
+    """Why an execution ended as it did (the causes of docs/execution.md), for the soak's table.
+
+    The queue retries what provably never reached the sandbox until ``exec.queue_wait_seconds``, so
+    under the soak's faults no row may end as :data:`NEVER_STARTED_ERROR` (a loss count).
+    """
+    tried = " after retries" if attempts else ""
+    if state in ("succeeded", "failed", "timed_out"):
+        return f"ran: {state}{tried}"
+    if state == "error":
+        if (error or "").startswith("not started after"):
+            return NEVER_STARTED_ERROR
+        # a row retried earlier may still end here when its lease went away meanwhile
+        return f"error: refused before running{tried} (lease missing, not running or not ready; bad env)"
+    if state == "unknown":
+        return "unknown: may have run (answer lost after sending)"
+    return state
+
+
+def count_causes(rows: Iterable[tuple[str, int | None, str | None]], reattached: int) -> dict[str, Any]:
+    """Executions by cause from (state, attempts, error) rows, and the re-attachments to session
+    commands after a worker died (from the events)."""
+    causes = collections.Counter(execution_cause(state, attempts, error) for state, attempts, error in rows)
+    return {
+        "executions_not_started_error": causes.get(NEVER_STARTED_ERROR, 0),
+        "executions_by_cause": dict(sorted(causes.items())),
+        "executions_reattached": reattached,
+    }
+
+
 @dataclass(frozen=True)
 class SandboxSeen:
     name: str
@@ -558,7 +591,7 @@ class Soak:
         from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, LABEL_SPEC
         from controller.providers.daytona import DaytonaProvider
         from controller.reconciler import lease_view
-        from models import Execution, Lease, LeaseStatus
+        from models import Event, Execution, Lease, LeaseStatus
 
         provider = DaytonaProvider(self.emu.api_url, API_KEY, target="local")
         sandboxes = [
@@ -570,6 +603,14 @@ class Soak:
             }
             status_rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus))}
             execution_rows = session.execute(sa.select(Execution.state, Execution.command)).tuples().all()
+            cause_rows = (
+                session.execute(sa.select(Execution.state, Execution.attempts, Execution.error))
+                .tuples()
+                .all()
+            )
+            reattached = session.scalar(
+                sa.select(sa.func.count()).select_from(Event).where(Event.outcome == "reattached")
+            )
             errors = collections.Counter(
                 _reason(e)
                 for e in session.scalars(sa.select(Execution.error).where(Execution.state == "error"))
@@ -623,6 +664,7 @@ class Soak:
             "execution_errors": dict(errors.most_common(6)),
         }
         figures.update(account_executions(execution_rows, markers))
+        figures.update(count_causes(cause_rows, reattached or 0))
         return figures
 
     def close(self) -> None:
@@ -644,6 +686,7 @@ LOSS_KEYS = (
     "leases_not_converged",
     "executions_lost",
     "executions_run_twice",
+    "executions_not_started_error",
     "daemon_log_tracebacks",
     "api_key_in_logs",
 )
@@ -842,6 +885,8 @@ def soak(
                 ["executions queued", figures["executions_queued_total"]],
                 ["executions by state", json.dumps(figures["executions_by_state"], sort_keys=True)],
                 ["executions in unknown states", json.dumps(figures["executions_unknown_states"])],
+                ["executions by cause", json.dumps(figures["executions_by_cause"], sort_keys=True)],
+                ["executions re-attached", figures["executions_reattached"]],
                 ["leases at the end", figures["leases"]],
                 ["leases by phase", json.dumps(figures["leases_by_phase"], sort_keys=True)],
                 ["left in error by design", figures["leases_left_in_error_by_design"]],

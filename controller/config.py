@@ -70,6 +70,11 @@ class ExecSettings(_Section):
     max_concurrent: int = Field(default=4, ge=1, le=256)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
     idle_start_timeout_seconds: float = Field(default=120.0, gt=0)
+    per_lease_concurrency: int = Field(default=1, ge=0)
+    retry_backoff_seconds: float = Field(default=1.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    session_min_timeout_seconds: int = Field(default=60, ge=0)
+    log_poll_seconds: float = Field(default=1.0, gt=0)
 
 
 class ServerSettings(_Section):

@@ -15,6 +15,8 @@
     └── ProviderError               anything a sandbox provider call failed with
         ├── TransientError          worth retrying; ``retry_after`` seconds when the API said so
         │   ├── RateLimitedError    HTTP 429: pauses calls of its ``scope`` for ``retry_after``
+        │   ├── NotSentError        the request never reached the server (connection refused):
+        │   │                       nothing it asked for can have happened
         │   ├── CapacityError       quota or capacity exhausted (Daytona: 400): clears by itself
         │   └── StartFailedError    create/start/recover waited and the sandbox fell into error;
         │                           the errored sandbox exists: look it up before anything else
@@ -58,7 +60,9 @@ class MissingResourceError(LeasectlError):
 
 
 class ProviderError(LeasectlError):
-    """A sandbox provider call failed."""
+    """A sandbox provider call failed; ``status`` is the HTTP status of the answer, when there was one."""
+
+    status: int | None = None
 
 
 class TransientError(ProviderError):
@@ -93,6 +97,11 @@ class RateLimitedError(TransientError):
         super().__init__(message, retry_after)
         self.scope = scope
         self.pauses: dict[str, float | None] = dict(pauses) if pauses else {scope: retry_after}
+
+
+class NotSentError(TransientError):
+    """The request never reached the server (connection refused, name not resolved): whatever it
+    asked for provably did not happen."""
 
 
 class CapacityError(TransientError):

@@ -17,30 +17,43 @@ Idle leases (auto-stopped by Daytona on a lease with ``auto_stop_interval``, pha
 runnable: :func:`wake` starts the sandbox on demand and waits until it is started, then the command
 runs as on a Ready lease; the next reconcile pass shows the lease Ready again.
 
-Row states: ``queued -> running -> succeeded | failed | timed_out | error``; ``queued -> error`` when
-the lease is missing, not desired running, expired, or not Ready within ``exec.queue_wait_seconds``
-of the row's ``created_at``; ``queued -> cancelled`` by an operator (the claim only takes ``queued``
-rows, so a cancelled row never runs); ``running -> interrupted`` when the worker that claimed it is
-gone. ``env`` and ``stdin`` are cleared when the row is claimed and again at every terminal state.
+Row states (docs/execution.md has the diagram and the table of causes): ``queued -> running ->
+succeeded | failed | timed_out | unknown | interrupted | cancelled | error``. ``running -> queued``
+happens only when the attempt provably did not start the command (:func:`may_have_started` says no):
+the row gets a back-off (``next_attempt_at``), ``attempts`` and an ``attempt_log`` entry, and ends
+``error`` once ``exec.queue_wait_seconds`` have passed since its first attempt. A failure after the
+request that starts the command was sent ends ``unknown`` and is never retried, so nothing runs
+twice. ``queued -> error`` when the lease is missing, not desired running, expired, or not Ready
+within ``exec.queue_wait_seconds`` of the row's ``created_at``; ``queued -> cancelled`` by an
+operator. ``env`` and ``stdin`` are cleared when the row is claimed (and put back when it is queued
+again) and at every terminal state.
 
-Interrupted rows (a worker crashed mid-command). ``claimed_by`` is ``host:pid:nonce``. A
-dispatcher (at start, then once a minute) marks a ``running`` row claimed by someone else
-``interrupted`` when either
+Two paths. A command whose time-out is below ``exec.session_min_timeout_seconds`` runs in one request
+(:func:`run_command`); longer ones run in a Daytona session (:func:`start_in_session`,
+:func:`follow_session`): the row records ``session_id`` before the command is sent and
+``command_id`` once it runs, and its output is written to the row every ``exec.log_poll_seconds``.
 
-* the claimer ran on this host (same host name) and its process no longer exists, or
-* ``started_at + timeout + INTERRUPT_GRACE_SECONDS`` has passed: no live worker holds a command
-  that long, because every provider call is bounded.
+Ordering. An ``ordered`` row is claimed only when fewer than ``exec.per_lease_concurrency`` earlier
+ordered rows of its lease are ``queued`` or ``running`` (checked inside the claim query).
 
-Cancelling a running command. Every command runs under a marker derived from its row id and its
-claimer (:func:`execution_marker`); :func:`stop_in_sandbox` runs a second command through the toolbox
-that kills the marked processes. ``leasectl exec`` does so on SIGINT/SIGTERM; :func:`cancel` (``leasectl
-cancel``) does so for a running row, and a dispatcher does so for its own rows that were set
-``cancelled`` (e.g. with SQL) while they ran.
+Gone workers. ``claimed_by`` is ``host:pid:nonce`` (``detached:`` + that once a dispatcher handed a
+session command over at shutdown). A dispatcher (at start, then once a minute) treats a ``running``
+row claimed by someone else as gone when the claimer ran on this host and its process no longer
+exists, when it was handed over, or when ``started_at + timeout + INTERRUPT_GRACE_SECONDS`` has passed.
+A gone row with a session command id is re-attached (taken over with a conditional UPDATE and
+followed to its end); one with only a session id ends ``unknown``; a one-request row ends
+``interrupted``.
 
-A row is never put back to ``queued``, so nothing runs twice. A worker that is still alive but was
-declared gone (clock skew, two hosts with one host name and separate PID namespaces) finishes with
-a conditional UPDATE (``state = 'running' AND claimed_by = me``) that then matches nothing: its
-result is logged and dropped, the row stays ``interrupted``.
+Cancelling a running command. Every command runs under a marker (:func:`execution_marker` from its row
+id and claimer, or :func:`execution_marker_for_session` from its session id); :func:`stop_in_sandbox`
+deletes its session if any and runs a second command through the toolbox that kills the marked
+processes. ``leasectl exec`` does so on SIGINT/SIGTERM; :func:`cancel` (``leasectl cancel``) does so for
+a running row, and a dispatcher does so for its own rows that were set ``cancelled`` (e.g. with SQL)
+while they ran.
+
+A worker that is still alive but was declared gone (clock skew, two hosts with one host name and
+separate PID namespaces) finishes with a conditional UPDATE (``state = 'running' AND claimed_by =
+me``) that then matches nothing: its result is logged and dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -62,12 +76,22 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from controller import logs
 from controller.config import ExecSettings
 from controller.db import Database
-from controller.errors import LeasectlError, ProviderError, StateConflictError
+from controller.errors import (
+    CapacityError,
+    ConflictError,
+    LeasectlError,
+    NotFoundError,
+    NotSentError,
+    PermanentError,
+    ProviderError,
+    RateLimitedError,
+    StateConflictError,
+)
 from controller.execution_script import (
     ScriptInputError,
     build_script,
@@ -75,7 +99,7 @@ from controller.execution_script import (
     validate_env,
     wrap_for_exec,
 )
-from controller.providers.base import SandboxProvider
+from controller.providers.base import SandboxProvider, SessionCommand
 from models import Event, Execution, Lease, LeaseStatus, utcnow
 from models.tables import EXECUTION_TERMINAL_STATES
 
@@ -111,15 +135,24 @@ def make_worker_id(role: str = "worker") -> str:
 # -- one command ---------------------------------------------------------------------------------
 
 
+# Not a row state: the attempt provably did not start the command; the queue tries it again.
+NOT_STARTED = "not_started"
+MAY_HAVE_RUN = (
+    "the command may or may not have run (the request that starts it was sent, its answer was lost); "
+    "it is not retried"
+)
+
+
 @dataclass(frozen=True)
 class CommandOutcome:
     """How one command ended. ``exit_code`` is None unless the command ran to its end."""
 
-    state: str  # succeeded | failed | timed_out | error
+    state: str  # succeeded | failed | timed_out | error | unknown | interrupted | not_started
     exit_code: int | None = None
     output: str = ""
     output_truncated: bool = False
     error: str | None = None
+    retry_after: float | None = None  # not_started: the server's hint, if any
 
     @property
     def cli_exit_code(self) -> int:
@@ -158,6 +191,32 @@ def redact(text: str, env: Mapping[str, str]) -> str:
 def _short_error(text: str, env: Mapping[str, str]) -> str:
     text = redact(text, env)
     return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 3] + "..."
+
+
+def may_have_started(exc: ProviderError) -> bool:
+    """Whether a failed call that starts a command (exec, session execute) may have started it.
+
+    Pure; the table of causes is in docs/execution.md. No: the request never reached the server
+    (:class:`NotSentError`: connection refused, or the sandbox lookup before it failed), 429 (a
+    throttler answers before anything runs), any other 4xx but 408 (the server refused the request).
+    Yes: no answer after sending (time-out, reset), 408, 5xx: the server may have acted on it.
+    """
+    if isinstance(exc, NotSentError | RateLimitedError):
+        return False
+    status = exc.status
+    if status is not None:
+        return status == 408 or status >= 500
+    # No status (the in-memory provider, or no answer): refusals are typed, the rest may have run.
+    return not isinstance(exc, NotFoundError | PermanentError | ConflictError | CapacityError)
+
+
+def not_started(what: str, exc: BaseException, env: Mapping[str, str]) -> CommandOutcome:
+    """The outcome of an attempt that provably did not start the command."""
+    return CommandOutcome(
+        state=NOT_STARTED,
+        error=_short_error(f"{what}: {type(exc).__name__}: {exc}", env),
+        retry_after=getattr(exc, "retry_after", None),
+    )
 
 
 def check_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -214,17 +273,20 @@ def run_command(
     log.debug("exec in sandbox %s: env keys %s, stdin %s", sandbox_id, sorted(variables), stdin_path)
     try:
         if stdin is not None and stdin_path is not None:
-            provider.upload(sandbox_id, stdin_path, stdin)
-        result = provider.exec(sandbox_id, line, timeout=timeout_seconds)
-    except ProviderError as exc:
-        message = _short_error(f"{type(exc).__name__}: {exc}", variables)
-        return CommandOutcome(state="error", error=message)
+            try:
+                provider.upload(sandbox_id, stdin_path, stdin)
+            except ProviderError as exc:
+                return not_started("stdin upload failed", exc, variables)
+        try:
+            result = provider.exec(sandbox_id, line, timeout=timeout_seconds)
+        except ProviderError as exc:
+            if not may_have_started(exc):
+                return not_started("exec not started", exc, variables)
+            detail = _short_error(f"{type(exc).__name__}: {exc}", variables)
+            return CommandOutcome(state="unknown", error=f"{MAY_HAVE_RUN} ({detail})")
     finally:
         if stdin_path is not None:
-            try:
-                provider.delete_file(sandbox_id, stdin_path)
-            except ProviderError as exc:
-                log.warning("could not remove %s from sandbox %s: %s", stdin_path, sandbox_id, exc)
+            _remove_stdin(provider, sandbox_id, stdin_path)
     output, truncated = cap_output(result.output or "", max_output_bytes)
     if result.timed_out:
         return CommandOutcome(
@@ -238,6 +300,13 @@ def run_command(
     return CommandOutcome(state=state, exit_code=code, output=output, output_truncated=truncated)
 
 
+def _remove_stdin(provider: SandboxProvider, sandbox_id: str, path: str) -> None:
+    try:
+        provider.delete_file(sandbox_id, path)
+    except ProviderError as exc:
+        log.warning("could not remove %s from sandbox %s: %s", path, sandbox_id, exc)
+
+
 def execution_marker(execution_id: int, claimed_by: str | None) -> str:
     """The marker the command of row ``execution_id`` runs under when ``claimed_by`` runs it; anyone
     holding the row can derive it to stop the command."""
@@ -248,9 +317,17 @@ def execution_marker(execution_id: int, claimed_by: str | None) -> str:
 STOP_TIMEOUT_SECONDS = 30
 
 
-def stop_in_sandbox(provider: SandboxProvider, sandbox_id: str, marker: str) -> str | None:
+def stop_in_sandbox(
+    provider: SandboxProvider, sandbox_id: str, marker: str, session_id: str | None = None
+) -> str | None:
     """Kill the processes of the command running under ``marker`` (SIGTERM, then SIGKILL) through
-    the toolbox. None when none is left, else why that is not certain."""
+    the toolbox, after deleting its session if it runs in one. None when none is left, else why
+    that is not certain."""
+    if session_id is not None:
+        try:
+            provider.delete_session(sandbox_id, session_id)
+        except ProviderError as exc:
+            log.warning("could not delete session %s in sandbox %s: %s", session_id, sandbox_id, exc)
     try:
         result = provider.exec(sandbox_id, stop_script(marker), timeout=STOP_TIMEOUT_SECONDS)
     except ProviderError as exc:
@@ -259,6 +336,203 @@ def stop_in_sandbox(provider: SandboxProvider, sandbox_id: str, marker: str) -> 
     if result.timed_out or result.exit_code != 0:
         return "some of its processes may still run (they did not stop on SIGKILL)"
     return None
+
+
+# -- session commands ----------------------------------------------------------------------------
+
+LOST_GRACE_SECONDS = 120.0  # after its deadline, how long a follower keeps trying to reach a command
+FIRST_POLL_SECONDS = 0.05  # the first poll of a session command; the pause doubles up to log_poll
+
+
+def _sandbox_gone(provider: SandboxProvider, sandbox_id: str) -> str | None:
+    """Why the sandbox can no longer hold a session (gone, or not started: its sessions died with
+    its processes), or None when it is started or cannot be looked up now."""
+    try:
+        observed = provider.get(sandbox_id)
+    except ProviderError:
+        return None
+    if observed is None:
+        return f"sandbox {sandbox_id} is gone"
+    if observed.state != "started":
+        return f"sandbox {sandbox_id} is {observed.state}"
+    return None
+
+
+def new_session_id(execution_id: int) -> str:
+    """A fresh Daytona session id for one attempt of row ``execution_id``."""
+    return f"leasectl-x{execution_id}-{uuid.uuid4().hex[:10]}"
+
+
+def session_stdin_path(session_id: str) -> str:
+    """Where the stdin of the command of ``session_id`` is uploaded (derivable after a re-attach)."""
+    return f"{STDIN_DIR}/leasectl-stdin-{session_id}"
+
+
+def start_in_session(
+    provider: SandboxProvider,
+    sandbox_id: str,
+    session_id: str,
+    line: str,
+    *,
+    env: Mapping[str, str],
+    stdin: bytes | None = None,
+    on_session: Callable[[], None] | None = None,
+) -> tuple[str | None, CommandOutcome | None]:
+    """Upload stdin, create the session and start ``line`` in it asynchronously.
+
+    ``(command_id, None)`` once it runs; ``(None, outcome)`` when it did not start (``not_started``)
+    or may have (``unknown``). ``on_session()`` runs once the session exists, before the command is
+    sent (the caller records the session on the row first).
+    """
+    stdin_path = session_stdin_path(session_id) if stdin is not None else None
+    try:
+        if stdin is not None and stdin_path is not None:
+            provider.upload(sandbox_id, stdin_path, stdin)
+        provider.create_session(sandbox_id, session_id)
+    except ProviderError as exc:
+        if stdin_path is not None:
+            _remove_stdin(provider, sandbox_id, stdin_path)
+        return None, not_started("session not created", exc, env)
+    if on_session is not None:
+        on_session()
+    try:
+        return provider.session_execute(sandbox_id, session_id, line), None
+    except ProviderError as exc:
+        if not may_have_started(exc):
+            _drop_session(provider, sandbox_id, session_id, stdin_path)
+            return None, not_started("session execute not started", exc, env)
+        detail = _short_error(f"{type(exc).__name__}: {exc}", env)
+        return None, CommandOutcome(state="unknown", error=f"{MAY_HAVE_RUN} ({detail})")
+
+
+def _drop_session(
+    provider: SandboxProvider, sandbox_id: str, session_id: str, stdin_path: str | None
+) -> None:
+    try:
+        provider.delete_session(sandbox_id, session_id)
+    except ProviderError as exc:
+        log.warning("could not delete session %s in sandbox %s: %s", session_id, sandbox_id, exc)
+    if stdin_path is not None:
+        _remove_stdin(provider, sandbox_id, stdin_path)
+
+
+# should_stop() answers None (go on), ("detach", why): leave the command running for another
+# worker, or (state, why): stop it in the sandbox and end the row in ``state``.
+StopCheck = Callable[[], tuple[str, str] | None]
+DETACH = "detach"
+
+
+def follow_session(
+    provider: SandboxProvider,
+    sandbox_id: str,
+    session_id: str,
+    command_id: str,
+    *,
+    deadline: datetime,
+    timeout_seconds: int,
+    poll_seconds: float,
+    max_output_bytes: int | None,
+    on_output: Callable[[str], None] | None = None,
+    should_stop: StopCheck | None = None,
+    has_stdin: bool = False,
+    clock: Clock = utcnow,
+    sleep: Callable[[float], None] = time.sleep,
+    lost_grace_seconds: float = LOST_GRACE_SECONDS,
+) -> CommandOutcome:
+    """Poll a session command until it ends, passing its output so far (capped) to ``on_output``
+    whenever it grew; stop it at ``deadline`` (``timed_out``) or when ``should_stop`` says so.
+
+    The exit code is read before the logs, so the logs read after the command ended are complete.
+    A command whose session is gone (the sandbox restarted) ends ``interrupted``: its result cannot be
+    learned; one that cannot be reached until ``lost_grace_seconds`` after its deadline ends
+    ``unknown``; one whose sandbox stopped or went away ends ``interrupted`` too. Polls start at
+    ``FIRST_POLL_SECONDS`` apart and double up to ``poll_seconds``, so short commands pay little. The
+    session (and the stdin file) are removed when the command has ended.
+    """
+    marker = execution_marker_for_session(session_id)
+    stdin_path = session_stdin_path(session_id) if has_stdin else None
+    output = ""
+    truncated = False
+    # Short commands end within the first polls: start fast, then slow down to ``poll_seconds``.
+    pause = min(FIRST_POLL_SECONDS, poll_seconds) / 2
+
+    def publish(text: str) -> None:
+        nonlocal output, truncated
+        capped, cut = cap_output(text, max_output_bytes)
+        if capped != output or cut != truncated:
+            output, truncated = capped, cut
+            if on_output is not None:
+                on_output(output)
+
+    def stop(state: str, reason: str) -> CommandOutcome:
+        problem = stop_in_sandbox(provider, sandbox_id, marker, session_id)
+        if stdin_path is not None:
+            _remove_stdin(provider, sandbox_id, stdin_path)
+        return CommandOutcome(
+            state=state,
+            output=output,
+            output_truncated=truncated,
+            error=reason + (f"; {problem}" if problem else ""),
+        )
+
+    while True:
+        request = should_stop() if should_stop is not None else None
+        if request is not None:
+            state, reason = request
+            if state == DETACH:
+                return CommandOutcome(state=DETACH, output=output, error=reason)
+            return stop(state, reason)
+        try:
+            command: SessionCommand = provider.session_command(sandbox_id, session_id, command_id)
+            text = provider.session_logs(sandbox_id, session_id, command_id)
+        except NotFoundError as exc:
+            return CommandOutcome(
+                state="interrupted",
+                output=output,
+                output_truncated=truncated,
+                error=f"interrupted: its session command is gone ({exc}); its result cannot be learned",
+            )
+        except ProviderError as exc:
+            gone = _sandbox_gone(provider, sandbox_id)
+            if gone is not None:
+                return CommandOutcome(
+                    state="interrupted",
+                    output=output,
+                    output_truncated=truncated,
+                    error=f"interrupted: {gone} while the command ran ({exc}); its result cannot be learned",
+                )
+            now = clock()
+            if now >= deadline + timedelta(seconds=lost_grace_seconds):
+                return CommandOutcome(
+                    state="unknown",
+                    output=output,
+                    output_truncated=truncated,
+                    error=f"could not reach the command until after its time-out ({exc}); it may still run",
+                )
+            log.warning("session command %s in sandbox %s: %s (will retry)", command_id, sandbox_id, exc)
+            sleep(poll_seconds)
+            continue
+        publish(text)
+        pause = min(poll_seconds, pause * 2)
+        if command.exit_code is not None:
+            _drop_session(provider, sandbox_id, session_id, stdin_path)
+            code = command.exit_code
+            return CommandOutcome(
+                state="succeeded" if code == 0 else "failed",
+                exit_code=code,
+                output=output,
+                output_truncated=truncated,
+            )
+        if clock() >= deadline:
+            outcome = stop("timed_out", f"timed out after {timeout_seconds} s")
+            return outcome
+        sleep(pause)
+
+
+def execution_marker_for_session(session_id: str) -> str:
+    """The marker of a command run in session ``session_id`` (any worker can derive it)."""
+    digest = hashlib.sha256(session_id.encode()).hexdigest()[:12]
+    return f"s-{digest}"
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -459,12 +733,18 @@ def execute_now(
     clock: Clock = utcnow,
     on_start: Callable[[int, str, str], None] | None = None,
     interrupted: Callable[[], str | None] | None = None,
+    on_output: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[int, CommandOutcome]:
     """Run a command on a Ready lease now and record it as an ``executions`` row.
 
     ``on_start(execution_id, sandbox_id, marker)`` is called once the row exists, before the
     command starts (a caller that may stop it keeps these). If ``interrupted()`` returns a reason
-    when the command returns, the row ends ``interrupted`` with that reason.
+    (polled while a session command runs, and when the command returns), the command is stopped and
+    the row ends ``interrupted`` with that reason. Commands whose time-out reaches
+    ``exec.session_min_timeout_seconds`` run in a session: ``on_output(text)`` then receives the
+    output so far whenever it grew, and the row shows it too. An attempt that provably did not start
+    the command is tried again (back-off as in the queue) for up to ``exec.queue_wait_seconds``.
 
     Raises InvalidCommandError or LeaseNotReadyError before anything runs. The returned outcome
     carries the whole output; the row keeps it up to ``max_output_bytes``.
@@ -473,6 +753,7 @@ def execute_now(
     command_line(command, cwd=cwd, env=variables)  # refuse a bad request before recording it
     worker = worker_id or make_worker_id("cli")
     timeout = timeout_seconds or settings.default_timeout_seconds
+    use_session = timeout >= settings.session_min_timeout_seconds
     now = clock()
     with db.session() as session:
         target = ready_target(session, lease_name, now)
@@ -493,15 +774,34 @@ def execute_now(
         session.add(row)
         session.flush()
         execution_id = row.id
-    marker = execution_marker(execution_id, worker)
+    session_id = new_session_id(execution_id) if use_session else None
+    marker = (
+        execution_marker_for_session(session_id) if session_id else execution_marker(execution_id, worker)
+    )
     if on_start is not None:
         on_start(execution_id, target.sandbox_id, marker)
-    with logs.bound(lease=lease_name):
-        log.info("execution %d: running on sandbox %s", execution_id, target.sandbox_id)
-        # The row must reach a final state whatever happens (KeyboardInterrupt, a bug included).
-        outcome = CommandOutcome(state="interrupted", error="interrupted before the command returned")
-        try:
-            outcome = run_command(
+
+    def record(**values: Any) -> None:
+        if "output" in values:
+            text, cut = cap_output(values["output"], settings.max_output_bytes)
+            values |= {"output": storable(text), "output_truncated": cut}
+        with db.session() as session:
+            _update(
+                session,
+                sa.update(Execution)
+                .where(
+                    Execution.id == execution_id, Execution.state == "running", Execution.claimed_by == worker
+                )
+                .values(**values),
+            )
+
+    def should_stop() -> tuple[str, str] | None:
+        reason = interrupted() if interrupted is not None else None
+        return ("interrupted", reason) if reason is not None else None
+
+    def attempt() -> CommandOutcome:
+        if session_id is None:
+            return run_command(
                 provider,
                 target.sandbox_id,
                 command,
@@ -512,8 +812,76 @@ def execute_now(
                 timeout_seconds=timeout,
                 marker=marker,
             )
+        line = command_line(
+            command,
+            cwd=cwd,
+            workspace=target.workspace,
+            env=variables,
+            stdin_path=session_stdin_path(session_id) if stdin is not None else None,
+            marker=marker,
+        )
+        command_id, early = start_in_session(
+            provider,
+            target.sandbox_id,
+            session_id,
+            line,
+            env=variables,
+            stdin=stdin,
+            on_session=lambda: record(session_id=session_id),
+        )
+        if early is not None:
+            return early
+        assert command_id is not None
+        record(command_id=command_id)
+        return follow_session(
+            provider,
+            target.sandbox_id,
+            session_id,
+            command_id,
+            deadline=clock() + timedelta(seconds=timeout),
+            timeout_seconds=timeout,
+            poll_seconds=settings.log_poll_seconds,
+            max_output_bytes=None,
+            on_output=_fan_out(on_output, lambda text: record(output=text)),
+            should_stop=should_stop,
+            has_stdin=stdin is not None,
+            clock=clock,
+            sleep=sleep,
+        )
+
+    with logs.bound(lease=lease_name):
+        log.info("execution %d: running on sandbox %s", execution_id, target.sandbox_id)
+        # The row must reach a final state whatever happens (KeyboardInterrupt, a bug included).
+        outcome = CommandOutcome(state="interrupted", error="interrupted before the command returned")
+        history: list[dict[str, str]] = []
+        try:
+            while True:
+                outcome = attempt()
+                if outcome.state != NOT_STARTED:
+                    break
+                history.append({"at": clock().isoformat(), "reason": outcome.error or "not started"})
+                delay = retry_delay(
+                    len(history),
+                    base=settings.retry_backoff_seconds,
+                    cap=settings.retry_backoff_max_seconds,
+                    retry_after=outcome.retry_after,
+                    jitter=random.random(),
+                )
+                record(attempts=len(history), attempt_log=history)
+                waited = (clock() - now).total_seconds()
+                if waited + delay > settings.queue_wait_seconds or should_stop() is not None:
+                    outcome = CommandOutcome(
+                        state="error",
+                        error=f"not started after {len(history)} attempt(s) (it never ran); "
+                        f"last: {outcome.error}",
+                    )
+                    break
+                log.info(
+                    "execution %d: not started (%s); retry in %.1f s", execution_id, outcome.error, delay
+                )
+                sleep(delay)
             reason = interrupted() if interrupted is not None else None
-            if reason is not None:
+            if reason is not None and outcome.state != "interrupted":
                 outcome = CommandOutcome(
                     state="interrupted",
                     output=outcome.output,
@@ -538,6 +906,15 @@ def execute_now(
     return execution_id, outcome
 
 
+def _fan_out(*callbacks: Callable[[str], None] | None) -> Callable[[str], None]:
+    def call(text: str) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(text)
+
+    return call
+
+
 def enqueue(
     db: Database,
     *,
@@ -547,9 +924,11 @@ def enqueue(
     env: Mapping[str, str] | None = None,
     stdin: bytes | None = None,
     timeout_seconds: int | None = None,
+    ordered: bool = True,
     clock: Clock = utcnow,
 ) -> int:
-    """Insert a ``queued`` row (env and command validated first); return its id."""
+    """Insert a ``queued`` row (env and command validated first); return its id. An ``ordered`` row
+    waits for earlier ordered rows of its lease (``exec.per_lease_concurrency``)."""
     variables = check_env(env or {})
     command_line(command, cwd=cwd, env=variables)
     with db.session() as session:
@@ -561,6 +940,7 @@ def enqueue(
             stdin=stdin,
             timeout_seconds=timeout_seconds,
             state="queued",
+            ordered=ordered,
             created_at=clock(),
         )
         session.add(row)
@@ -607,13 +987,19 @@ def wait_for(
     *,
     poll_seconds: float = WAIT_POLL_SECONDS,
     timeout_seconds: float | None = None,
+    on_output: Callable[[str], None] | None = None,
 ) -> ExecutionRecord:
-    """Poll until the row reaches a terminal state; TimeoutError after ``timeout_seconds``."""
+    """Poll until the row reaches a terminal state; TimeoutError after ``timeout_seconds``.
+    ``on_output(text)`` gets the row's output whenever it changed while the row was running."""
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    seen = ""
     while True:
         record = get_record(db, execution_id)
         if record is None:
             raise ExecutionError(f"execution {execution_id} disappeared from the database")
+        if on_output is not None and record.state == "running" and (record.output or "") != seen:
+            seen = record.output or ""
+            on_output(seen)
         if record.state in EXECUTION_TERMINAL_STATES:
             return record
         if deadline is not None and time.monotonic() >= deadline:
@@ -641,7 +1027,8 @@ class Cancelled:
     lease_name: str
     was: str
     sandbox_id: str | None
-    marker: str | None  # set when it was running: stop_in_sandbox(sandbox_id, marker) stops it
+    marker: str | None  # set when it was running: stop_in_sandbox(sandbox_id, marker, session_id)
+    session_id: str | None = None
 
 
 def cancel(db: Database, execution_id: int, *, by: str, clock: Clock = utcnow) -> Cancelled:
@@ -657,7 +1044,7 @@ def cancel(db: Database, execution_id: int, *, by: str, clock: Clock = utcnow) -
             raise ExecutionError(f"no such execution: {execution_id}")
         if row.state not in ("queued", "running"):
             raise ExecutionError(f"execution {execution_id} already ended ({row.state})")
-        was, claimed_by, sandbox_id = row.state, row.claimed_by, row.sandbox_id
+        was, claimed_by, sandbox_id, session_id = row.state, row.claimed_by, row.sandbox_id, row.session_id
         reason = "cancelled by an operator" + (" while running" if was == "running" else "")
         done = _update(
             session,
@@ -669,8 +1056,16 @@ def cancel(db: Database, execution_id: int, *, by: str, clock: Clock = utcnow) -
             raise ExecutionError(f"execution {execution_id} changed state meanwhile; look again")
         _event(session, execution_id, row.lease_name, sandbox_id, "cancelled", reason, by)
         lease_name = row.lease_name
-    marker = execution_marker(execution_id, claimed_by) if was == "running" else None
-    return Cancelled(execution_id, lease_name, was, sandbox_id, marker)
+    marker: str | None = None
+    if was == "running":
+        marker = (
+            execution_marker_for_session(session_id)
+            if session_id
+            else execution_marker(execution_id, claimed_by)
+        )
+    return Cancelled(
+        execution_id, lease_name, was, sandbox_id, marker, session_id if was == "running" else None
+    )
 
 
 # -- the queue -----------------------------------------------------------------------------------
@@ -690,6 +1085,15 @@ class Job:
     stdin: bytes | None = field(repr=False)
     timeout_seconds: int
     idle: bool = False  # the lease was Idle when claimed: start its sandbox first
+    created_at: datetime | None = None
+    claimed_at: datetime | None = None
+    attempts: int = 0
+    attempt_log: tuple[Mapping[str, str], ...] = ()
+    # set when this worker re-attaches to a command another worker started in a session
+    session_id: str | None = None
+    command_id: str | None = None
+    started_at: datetime | None = None
+    has_stdin: bool = False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -726,6 +1130,7 @@ class Dispatcher:
         *,
         clock: Clock = utcnow,
         interrupt_grace_seconds: float = INTERRUPT_GRACE_SECONDS,
+        rng: random.Random | None = None,
     ) -> None:
         self.db = db
         self.provider = provider
@@ -733,6 +1138,7 @@ class Dispatcher:
         self.worker_id = worker_id or make_worker_id()
         self._clock = clock
         self._grace = interrupt_grace_seconds
+        self._rng = rng or random.Random()
         self._host = socket.gethostname()
         self._lock = threading.Lock()
         self._inflight: set[Future[None]] = set()
@@ -748,29 +1154,27 @@ class Dispatcher:
 
     def run_once(self, *, wait: bool = True) -> int:
         """Claim what can run now (up to the free slots) and start it; return how many rows were
-        processed (started, or ended in error without running). With ``wait`` (the default), return
-        only once the commands started by this call have finished."""
+        processed (started, re-attached, or ended without running). With ``wait`` (the default),
+        return only once the commands started by this call have finished."""
         started: list[Future[None]] = []
         processed = 0
         with self._lock:
             if self._closed:
                 return 0
             if time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS:
-                self.recover_interrupted()
+                processed += self._recover(started)
                 self._sweep_cancelled()
             if self._running:
                 self._stop_cancelled()
-            if not self._anything_queued():
-                return 0
             self._inflight = {f for f in self._inflight if not f.done()}
             free = self.settings.max_concurrent - len(self._inflight)
+            if not self._anything_queued():
+                free = 0
             while free > 0:
                 jobs, ended = self._claim(free)
                 processed += len(jobs) + ended
                 for job in jobs:
-                    future = self._pool.submit(self._run, job)
-                    self._inflight.add(future)
-                    started.append(future)
+                    started.append(self._submit(job))
                 if len(jobs) + ended < free:
                     break  # nothing more is runnable now
                 free -= len(jobs)  # rows that ended in error took no slot: claim again
@@ -779,15 +1183,22 @@ class Dispatcher:
         return processed
 
     def drain(self) -> int:
-        """Run everything runnable now, then return the number of rows processed."""
+        """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
+        ones included), then return the number of rows processed."""
         total = 0
-        while n := self.run_once(wait=True):
+        while True:
+            n = self.run_once(wait=True)
             total += n
-        return total
+            if n:
+                continue
+            with self._lock:
+                pending = {f for f in self._inflight if not f.done()}
+            if not pending:
+                return total
+            futures.wait(pending)
 
     def run_forever(self, stop: threading.Event) -> None:
         """Poll every ``exec.poll_interval_seconds`` until ``stop`` is set, then shut down."""
-        self.recover_interrupted()
         try:
             while not stop.is_set():
                 try:
@@ -801,7 +1212,9 @@ class Dispatcher:
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop claiming; wait up to ``timeout`` seconds for running commands. True if all ended.
 
-        Rows still running when the process exits become ``interrupted`` at the next start.
+        Session commands are not waited for: their rows are handed over (``claimed_by`` becomes
+        ``detached:<worker>``) and the next dispatcher re-attaches to them at once. Rows of one-request
+        commands still running when the process exits become ``interrupted`` at the next start.
         """
         with self._lock:
             self._closed = True
@@ -813,10 +1226,26 @@ class Dispatcher:
         return not not_done
 
     def recover_interrupted(self) -> int:
-        """Mark ``running`` rows whose worker is gone ``interrupted`` (see the module docstring)."""
+        """Deal with ``running`` rows whose worker is gone (see the module docstring): re-attach to
+        their session command, or mark them ``unknown`` / ``interrupted``. Returns how many."""
+        started: list[Future[None]] = []
+        with self._lock:
+            if self._closed:
+                return 0
+            return self._recover(started)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _submit(self, job: Job) -> Future[None]:
+        future = self._pool.submit(self._run, job)
+        self._inflight.add(future)
+        return future
+
+    def _recover(self, started: list[Future[None]]) -> int:
         self._last_recover = time.monotonic()
         now = self._clock()
-        marked: list[tuple[int, str, str | None, str]] = []
+        marked: list[tuple[int, str, str, str]] = []
+        attach: list[Job] = []
         with self.db.session() as session:
             rows = session.execute(
                 sa.select(
@@ -825,7 +1254,12 @@ class Dispatcher:
                     Execution.sandbox_id,
                     Execution.claimed_by,
                     Execution.started_at,
+                    Execution.created_at,
                     Execution.timeout_seconds,
+                    Execution.session_id,
+                    Execution.command_id,
+                    Execution.command,
+                    Execution.stdin.is_not(None).label("has_stdin"),
                 ).where(Execution.state == "running")
             ).all()
             for row in rows:
@@ -834,39 +1268,69 @@ class Dispatcher:
                 reason = self._gone(row.claimed_by, row.started_at, row.timeout_seconds, now)
                 if reason is None:
                     continue
-                result = _update(
-                    session,
-                    sa.update(Execution)
-                    .where(
-                        Execution.id == row.id,
-                        Execution.state == "running",
-                        Execution.claimed_by.is_(None)
-                        if row.claimed_by is None
-                        else Execution.claimed_by == row.claimed_by,
-                    )
-                    .values(
-                        state="interrupted",
-                        error=reason,
-                        finished_at=now,
-                        env=sa.null(),
-                        stdin=sa.null(),
-                    ),
+                same_claim = (
+                    Execution.claimed_by.is_(None)
+                    if row.claimed_by is None
+                    else Execution.claimed_by == row.claimed_by
                 )
-                if result == 1:
+                guard = sa.update(Execution).where(
+                    Execution.id == row.id, Execution.state == "running", same_claim
+                )
+                if row.session_id and row.command_id and row.sandbox_id:
+                    if _update(session, guard.values(claimed_by=self.worker_id)) != 1:
+                        continue
+                    detail = f"re-attached to session command {row.command_id} ({reason})"
                     _event(
-                        session, row.id, row.lease_name, row.sandbox_id, "interrupted", reason, self.worker_id
+                        session, row.id, row.lease_name, row.sandbox_id, "reattached", detail, self.worker_id
                     )
-                    marked.append((row.id, row.lease_name, row.sandbox_id, reason))
-        for execution_id, lease_name, _, reason in marked:
+                    attach.append(
+                        Job(
+                            id=row.id,
+                            lease_name=row.lease_name,
+                            sandbox_id=row.sandbox_id,
+                            workspace=None,
+                            command=row.command,
+                            cwd=None,
+                            env={},
+                            stdin=None,
+                            timeout_seconds=row.timeout_seconds or self.settings.default_timeout_seconds,
+                            created_at=row.created_at,
+                            session_id=row.session_id,
+                            command_id=row.command_id,
+                            started_at=row.started_at,
+                            has_stdin=bool(row.has_stdin),
+                        )
+                    )
+                    marked.append((row.id, row.lease_name, "reattached", detail))
+                    continue
+                state = "unknown" if row.session_id else "interrupted"
+                if row.session_id:
+                    reason = (
+                        f"its worker died while starting it in session {row.session_id} ({reason}); "
+                        f"{MAY_HAVE_RUN}"
+                    )
+                values = {
+                    "state": state,
+                    "error": reason,
+                    "finished_at": now,
+                    "env": sa.null(),
+                    "stdin": sa.null(),
+                }
+                if _update(session, guard.values(**values)) == 1:
+                    _event(session, row.id, row.lease_name, row.sandbox_id, state, reason, self.worker_id)
+                    marked.append((row.id, row.lease_name, state, reason))
+        for execution_id, lease_name, state, reason in marked:
             with logs.bound(lease=lease_name):
-                log.warning("execution %d: %s", execution_id, reason)
+                log.warning("execution %d: %s: %s", execution_id, state, reason)
+        for job in attach:
+            started.append(self._submit(job))
         return len(marked)
-
-    # -- internals -------------------------------------------------------------------------------
 
     def _gone(
         self, claimed_by: str | None, started_at: datetime | None, timeout: int | None, now: datetime
     ) -> str | None:
+        if claimed_by is not None and claimed_by.startswith(DETACHED_PREFIX):
+            return f"its worker {claimed_by.removeprefix(DETACHED_PREFIX)} handed it over at shutdown"
         parsed = _parse_worker(claimed_by)
         if parsed is not None and parsed[0] == self._host and not _pid_alive(parsed[1]):
             return f"interrupted: its worker {claimed_by} is gone (process {parsed[1]} has ended)"
@@ -879,13 +1343,16 @@ class Dispatcher:
         return None
 
     def _stop_cancelled(self) -> None:
-        """Stop, in the sandbox, commands of this dispatcher whose rows were cancelled meanwhile."""
-        ids = [i for i in self._running if i not in self._stopping]
+        """Stop, in the sandbox, one-request commands of this dispatcher whose rows were cancelled
+        meanwhile (session commands are stopped by their follower)."""
+        ids = [i for i, job in self._running.items() if i not in self._stopping and not job.session_id]
         if not ids:
             return
         with self.db.session(readonly=True) as session:
             cancelled = session.scalars(
-                sa.select(Execution.id).where(Execution.id.in_(ids), Execution.state == "cancelled")
+                sa.select(Execution.id).where(
+                    Execution.id.in_(ids), Execution.state == "cancelled", Execution.session_id.is_(None)
+                )
             ).all()
         for execution_id in cancelled:
             job = self._running.get(execution_id)
@@ -921,9 +1388,31 @@ class Dispatcher:
                 .values(env=sa.null(), stdin=sa.null()),
             )
 
+    def _blocked_by_earlier(self) -> sa.ColumnElement[bool]:
+        """True for an ordered row that must wait: ``exec.per_lease_concurrency`` earlier ordered
+        rows of its lease are still queued or running (created_at order, id breaks ties)."""
+        earlier = aliased(Execution)
+        count = (
+            sa.select(sa.func.count())
+            .select_from(earlier)
+            .where(
+                earlier.lease_name == Execution.lease_name,
+                earlier.ordered.is_(True),
+                earlier.state.in_(("queued", "running")),
+                sa.or_(
+                    earlier.created_at < Execution.created_at,
+                    sa.and_(earlier.created_at == Execution.created_at, earlier.id < Execution.id),
+                ),
+            )
+            .correlate(Execution)
+            .scalar_subquery()
+        )
+        return sa.and_(Execution.ordered.is_(True), count >= self.settings.per_lease_concurrency)
+
     def _claim(self, limit: int) -> tuple[list[Job], int]:
         """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
-        error (counted); rows for leases still starting stay queued."""
+        error (counted); rows for leases still starting, rows backing off and rows waiting for an
+        earlier row of their lease stay queued."""
         now = self._clock()
         cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
         query = (
@@ -932,6 +1421,7 @@ class Dispatcher:
             .outerjoin(Lease, Lease.name == Execution.lease_name)
             .outerjoin(LeaseStatus, LeaseStatus.lease_name == Execution.lease_name)
             .where(Execution.state == "queued")
+            .where(sa.or_(Execution.next_attempt_at.is_(None), Execution.next_attempt_at <= now))
             .where(
                 sa.or_(
                     LeaseStatus.phase.in_(RUNNABLE_PHASES),
@@ -941,9 +1431,11 @@ class Dispatcher:
                     Execution.created_at <= cutoff,
                 )
             )
-            .order_by(Execution.id)
+            .order_by(Execution.created_at, Execution.id)
             .limit(limit)
         )
+        if self.settings.per_lease_concurrency > 0:
+            query = query.where(sa.not_(self._blocked_by_earlier()))
         if not self.db.is_sqlite:
             query = query.with_for_update(of=Execution, skip_locked=True)
         jobs: list[Job] = []
@@ -960,6 +1452,7 @@ class Dispatcher:
                         "claimed_by": self.worker_id,
                         "started_at": now,
                         "sandbox_id": job.sandbox_id,
+                        "next_attempt_at": None,
                     }
                 else:
                     values |= {"state": "error", "error": problem, "finished_at": now}
@@ -1012,6 +1505,10 @@ class Dispatcher:
                     stdin=bytes(stdin) if stdin is not None else None,
                     timeout_seconds=row.timeout_seconds or self.settings.default_timeout_seconds,
                     idle=status.phase == "Idle",
+                    created_at=row.created_at,
+                    claimed_at=now,
+                    attempts=row.attempts or 0,
+                    attempt_log=tuple(row.attempt_log or ()),
                 ),
                 None,
             )
@@ -1035,29 +1532,19 @@ class Dispatcher:
                 self._running.pop(job.id, None)
                 self._stopping.discard(job.id)
 
+    def _uses_session(self, job: Job) -> bool:
+        return job.timeout_seconds >= self.settings.session_min_timeout_seconds
+
     def _run_job(self, job: Job) -> None:
         with logs.bound(lease=job.lease_name):
-            log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
             try:
-                if job.idle:
-                    wake(
-                        self.provider,
-                        job.sandbox_id,
-                        timeout_seconds=self.settings.idle_start_timeout_seconds,
-                    )
-                outcome = run_command(
-                    self.provider,
-                    job.sandbox_id,
-                    job.command,
-                    cwd=job.cwd,
-                    workspace=job.workspace,
-                    env=job.env,
-                    stdin=job.stdin,
-                    timeout_seconds=job.timeout_seconds,
-                    max_output_bytes=self.settings.max_output_bytes,
-                    marker=execution_marker(job.id, self.worker_id),
-                )
-            except (InvalidCommandError, LeaseNotReadyError) as exc:
+                if job.session_id and job.command_id:
+                    log.info("execution %d: following session command %s", job.id, job.command_id)
+                    outcome = self._follow(job, job.session_id, job.command_id, job.started_at)
+                else:
+                    log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
+                    outcome = self._attempt(job)
+            except InvalidCommandError as exc:
                 outcome = CommandOutcome(state="error", error=str(exc))
             except Exception as exc:
                 log.exception("execution %d: unexpected failure", job.id)
@@ -1065,6 +1552,12 @@ class Dispatcher:
                     state="error", error=_short_error(f"{type(exc).__name__}: {exc}", job.env)
                 )
             try:
+                if outcome.state == NOT_STARTED:
+                    self._retry_or_fail(job, outcome)
+                    return
+                if outcome.state == DETACH:
+                    self._detach(job)
+                    return
                 finish(
                     self.db,
                     job.id,
@@ -1079,3 +1572,192 @@ class Dispatcher:
                 log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
                 return
             log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
+
+    def _attempt(self, job: Job) -> CommandOutcome:
+        """One attempt at starting the command: one request, or a session followed to its end."""
+        if job.idle:
+            try:
+                wake(self.provider, job.sandbox_id, timeout_seconds=self.settings.idle_start_timeout_seconds)
+            except LeaseNotReadyError as exc:
+                return not_started("the idle lease did not start", exc, job.env)
+        if not self._uses_session(job):
+            return run_command(
+                self.provider,
+                job.sandbox_id,
+                job.command,
+                cwd=job.cwd,
+                workspace=job.workspace,
+                env=job.env,
+                stdin=job.stdin,
+                timeout_seconds=job.timeout_seconds,
+                max_output_bytes=self.settings.max_output_bytes,
+                marker=execution_marker(job.id, self.worker_id),
+            )
+        session_id = new_session_id(job.id)
+        line = command_line(
+            job.command,
+            cwd=job.cwd,
+            workspace=job.workspace,
+            env=job.env,
+            stdin_path=session_stdin_path(session_id) if job.stdin is not None else None,
+            marker=execution_marker_for_session(session_id),
+        )
+        command_id, early = start_in_session(
+            self.provider,
+            job.sandbox_id,
+            session_id,
+            line,
+            env=job.env,
+            stdin=job.stdin,
+            on_session=lambda: self._record(job.id, session_id=session_id),
+        )
+        if early is not None:
+            return early
+        assert command_id is not None
+        self._record(job.id, command_id=command_id)
+        return self._follow(job, session_id, command_id, job.claimed_at, has_stdin=job.stdin is not None)
+
+    def _follow(
+        self,
+        job: Job,
+        session_id: str,
+        command_id: str,
+        started_at: datetime | None,
+        *,
+        has_stdin: bool | None = None,
+    ) -> CommandOutcome:
+        start = started_at or self._clock()
+        return follow_session(
+            self.provider,
+            job.sandbox_id,
+            session_id,
+            command_id,
+            deadline=start + timedelta(seconds=job.timeout_seconds),
+            timeout_seconds=job.timeout_seconds,
+            poll_seconds=self.settings.log_poll_seconds,
+            max_output_bytes=self.settings.max_output_bytes,
+            on_output=lambda text: self._record(job.id, output=text),
+            should_stop=lambda: self._should_stop(job.id),
+            has_stdin=job.has_stdin if has_stdin is None else has_stdin,
+            clock=self._clock,
+        )
+
+    def _should_stop(self, execution_id: int) -> tuple[str, str] | None:
+        if self._closed:
+            return DETACH, "the dispatcher is shutting down"
+        with self.db.session(readonly=True) as session:
+            row = session.execute(
+                sa.select(Execution.state, Execution.claimed_by).where(Execution.id == execution_id)
+            ).one_or_none()
+        if row is None:
+            return DETACH, "the row is gone"
+        if row.state == "cancelled":
+            return "cancelled", "cancelled by an operator while running"
+        if row.state != "running" or row.claimed_by != self.worker_id:
+            return DETACH, f"the row is now {row.state}, claimed by {row.claimed_by}"
+        return None
+
+    def _record(self, execution_id: int, **values: Any) -> None:
+        """Write progress (session id, command id, output so far) to a row this worker holds."""
+        if "output" in values:
+            text, cut = cap_output(values["output"], self.settings.max_output_bytes)
+            values |= {"output": storable(text), "output_truncated": cut}
+        with self.db.session() as session:
+            _update(
+                session,
+                sa.update(Execution)
+                .where(
+                    Execution.id == execution_id,
+                    Execution.state == "running",
+                    Execution.claimed_by == self.worker_id,
+                )
+                .values(**values),
+            )
+
+    def _detach(self, job: Job) -> None:
+        with self.db.session() as session:
+            done = _update(
+                session,
+                sa.update(Execution)
+                .where(
+                    Execution.id == job.id,
+                    Execution.state == "running",
+                    Execution.claimed_by == self.worker_id,
+                )
+                .values(claimed_by=DETACHED_PREFIX + self.worker_id),
+            )
+        if done:
+            log.info("execution %d: left running in its session for the next dispatcher", job.id)
+
+    def _retry_or_fail(self, job: Job, outcome: CommandOutcome) -> None:
+        """Put a row whose attempt provably did not start back to ``queued`` with a back-off, or end
+        it in ``error`` once its retry window (``exec.queue_wait_seconds``) is over."""
+        now = self._clock()
+        reason = outcome.error or "not started"
+        history = [*job.attempt_log, {"at": now.isoformat(), "reason": reason}]
+        attempts = job.attempts + 1
+        delay = retry_delay(
+            attempts,
+            base=self.settings.retry_backoff_seconds,
+            cap=self.settings.retry_backoff_max_seconds,
+            retry_after=outcome.retry_after,
+            jitter=self._rng.random(),
+        )
+        window_start = _first_attempt_at(history) or now
+        if job.created_at is not None:
+            window_start = max(window_start, job.created_at)
+        give_up = now + timedelta(seconds=delay) > window_start + timedelta(
+            seconds=self.settings.queue_wait_seconds
+        )
+        guard = sa.update(Execution).where(
+            Execution.id == job.id, Execution.state == "running", Execution.claimed_by == self.worker_id
+        )
+        with self.db.session() as session:
+            if give_up:
+                message = (
+                    f"not started after {attempts} attempt(s) in {self.settings.queue_wait_seconds:g} s "
+                    f"(it never ran); last: {reason}"
+                )
+                failed = CommandOutcome(state="error", error=message)
+                values = _finish_values(failed, now, self.settings.max_output_bytes)
+                values |= {"attempts": attempts, "attempt_log": history}
+                if _update(session, guard.values(**values)) == 1:
+                    _event(session, job.id, job.lease_name, job.sandbox_id, "error", message, self.worker_id)
+                log.warning("execution %d: %s", job.id, message)
+                return
+            values = {
+                "state": "queued",
+                "claimed_by": None,
+                "started_at": None,
+                "session_id": None,
+                "command_id": None,
+                "attempts": attempts,
+                "attempt_log": history,
+                "next_attempt_at": now + timedelta(seconds=delay),
+                # the claim cleared them; the next attempt needs them again
+                "env": dict(job.env) if job.env else None,
+                "stdin": job.stdin,
+            }
+            if _update(session, guard.values(**values)) == 1:
+                detail = f"attempt {attempts} did not start the command; again in {delay:.1f} s: {reason}"
+                _event(session, job.id, job.lease_name, job.sandbox_id, "retry", detail, self.worker_id)
+        log.info("execution %d: not started (%s); retry in %.1f s", job.id, reason, delay)
+
+
+DETACHED_PREFIX = "detached:"
+
+
+def retry_delay(
+    attempts: int, *, base: float, cap: float, retry_after: float | None = None, jitter: float = 1.0
+) -> float:
+    """Back-off before attempt ``attempts + 1``: ``base * 2**(attempts-1)`` capped at ``cap``, scaled
+    by ``0.5 + jitter/2`` (``jitter`` in [0, 1]); never shorter than the server's ``retry_after``."""
+    delay = min(cap, base * 2 ** max(0, attempts - 1)) * (0.5 + max(0.0, min(1.0, jitter)) / 2)
+    return float(max(delay, retry_after or 0.0))
+
+
+def _first_attempt_at(history: list[Mapping[str, str]]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(history[0]["at"]) if history else None
+    except (KeyError, ValueError):
+        return None

@@ -42,8 +42,17 @@ EXECUTION_STATES = (
     "error",
     "cancelled",
     "interrupted",
+    "unknown",
 )
-EXECUTION_TERMINAL_STATES = ("succeeded", "failed", "timed_out", "error", "cancelled", "interrupted")
+EXECUTION_TERMINAL_STATES = (
+    "succeeded",
+    "failed",
+    "timed_out",
+    "error",
+    "cancelled",
+    "interrupted",
+    "unknown",
+)
 
 # Integer primary keys that autoincrement on both SQLite (INTEGER PRIMARY KEY) and PostgreSQL.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -140,6 +149,7 @@ class Execution(Base):
         sa.CheckConstraint(_in("state", EXECUTION_STATES), name="state"),
         sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="timeout_positive"),
         sa.Index("ix_executions_state_id", "state", "id"),
+        sa.Index("ix_executions_lease_name_state", "lease_name", "state"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -159,6 +169,15 @@ class Execution(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Retries of attempts that provably did not start the command (see controller.execution).
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    attempt_log: Mapped[list[dict[str, str]] | None] = mapped_column(sa.JSON)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The Daytona session command the row runs as: another worker can re-attach to it.
+    session_id: Mapped[str | None] = mapped_column(sa.String(128))
+    command_id: Mapped[str | None] = mapped_column(sa.String(128))
+    # False: the row does not wait for earlier rows of its lease (exec.per_lease_concurrency).
+    ordered: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
 
 
 class Event(Base):

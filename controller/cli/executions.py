@@ -43,10 +43,11 @@ def _parse_env_options(items: list[str] | None) -> dict[str, str]:
     return env
 
 
-def _report_outcome(execution_id: int, outcome: Any) -> NoReturn:
+def _report_outcome(execution_id: int, outcome: Any, already_written: str = "") -> NoReturn:
     from controller.execution import EXIT_TIMED_OUT
 
-    write_raw(outcome.output)
+    output = outcome.output
+    write_raw(output[len(already_written) :] if output.startswith(already_written) else output)
     if outcome.output_truncated:
         err.print(f"note: output of execution {execution_id} was cut at the configured cap", highlight=False)
     code = outcome.cli_exit_code
@@ -99,6 +100,12 @@ def exec_command(
     queue: Annotated[
         bool, typer.Option("--queue", help="Enqueue for a dispatcher (daemon or exec-worker) and wait.")
     ] = False,
+    unordered: Annotated[
+        bool,
+        typer.Option(
+            "--unordered", help="With --queue: do not wait for earlier queued commands of this lease."
+        ),
+    ] = False,
 ) -> None:
     """Run a command in a login shell of a Ready lease; exit with its exit code (124: timed out).
 
@@ -139,21 +146,27 @@ def exec_command(
                     env=env,
                     stdin=stdin,
                     timeout_seconds=timeout,
+                    ordered=not unordered,
                 )
             except execution.ExecutionError as exc:
                 fail(str(exc), EXIT_INVALID)
             err.print(f"execution {execution_id} queued; waiting for a dispatcher", highlight=False)
             signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # the same as Ctrl-C
+            streamer = _Streamer()
             try:
                 record = execution.wait_for(
-                    database, execution_id, poll_seconds=min(0.5, settings.exec.poll_interval_seconds)
+                    database,
+                    execution_id,
+                    poll_seconds=min(0.5, settings.exec.poll_interval_seconds),
+                    on_output=streamer.feed,  # a session command's output, as its worker records it
                 )
             except KeyboardInterrupt:
                 _cancel_queued_or_running(cli, database, execution_id)
-            _report_outcome(execution_id, record.outcome)
+            _report_outcome(execution_id, record.outcome, already_written=streamer.written)
         from controller.providers import build_provider
 
         provider = build_provider(settings)
+        streamer = _Streamer()
         try:
             execution_id, outcome = _execute_interruptibly(
                 lambda on_start, interrupted: execution.execute_now(
@@ -168,19 +181,38 @@ def exec_command(
                     timeout_seconds=timeout,
                     on_start=on_start,
                     interrupted=interrupted,
+                    on_output=streamer.feed,
                 ),
                 provider,
+                streamer,
             )
         except execution.ExecutionError as exc:
             fail(str(exc), EXIT_INVALID)
-    _report_outcome(execution_id, outcome)
+    _report_outcome(execution_id, outcome, already_written=streamer.written)
+
+
+class _Streamer:
+    """Writes the output of a session command to stdout as it grows (``execute_now``'s on_output)."""
+
+    def __init__(self) -> None:
+        self.written = ""
+        self._lock = threading.Lock()
+
+    def feed(self, text: str) -> None:
+        with self._lock:
+            if text.startswith(self.written):
+                write_raw(text[len(self.written) :])
+                sys.stdout.flush()
+                self.written = text
 
 
 STOP_WAIT_SECONDS = 15.0
 SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: exitcodes.INTERRUPTED, signal.SIGTERM: exitcodes.TERMINATED}
 
 
-def _execute_interruptibly(run: Callable[..., tuple[int, Any]], provider: Any) -> tuple[int, Any]:
+def _execute_interruptibly(
+    run: Callable[..., tuple[int, Any]], provider: Any, streamer: _Streamer | None = None
+) -> tuple[int, Any]:
     """Run ``run(on_start, interrupted)`` (a blocking execute_now) in a worker thread; on SIGINT or
     SIGTERM stop the command in the sandbox, print what it had written and exit 130 (143).
 
@@ -235,7 +267,8 @@ def _execute_interruptibly(run: Callable[..., tuple[int, Any]], provider: Any) -
                 problem = execution.stop_in_sandbox(provider, started["sandbox"], started["marker"])
                 done.wait(STOP_WAIT_SECONDS)
                 if result:
-                    write_raw(result[0][1].output)
+                    output, shown = result[0][1].output, streamer.written if streamer else ""
+                    write_raw(output[len(shown) :] if output.startswith(shown) else output)
                 if problem is not None:
                     fail(
                         f"execution {started['id']} interrupted, but {problem}; it may still run in "
@@ -273,7 +306,9 @@ def _stop_message(cli: Any, cancelled: Any) -> str:
     from controller import execution
     from controller.providers import build_provider
 
-    problem = execution.stop_in_sandbox(build_provider(cli.settings), cancelled.sandbox_id, cancelled.marker)
+    problem = execution.stop_in_sandbox(
+        build_provider(cli.settings), cancelled.sandbox_id, cancelled.marker, cancelled.session_id
+    )
     if problem is None:
         return f"execution {cancelled.id} cancelled: the command was stopped in the sandbox"
     return (
@@ -308,10 +343,17 @@ def cancel(
                 out.print(_stop_message(cli, cancelled), highlight=False)
 
 
-EXECUTION_COLUMNS = ("ID", "LEASE", "STATE", "EXIT", "CREATED", "SECONDS", "COMMAND")
+EXECUTION_COLUMNS = ("ID", "LEASE", "STATE", "EXIT", "TRIES", "CREATED", "SECONDS", "COMMAND")
 
 
-@app.command()
+executions_app = typer.Typer(
+    help="List executions (newest last); `executions logs ID [-f]` prints (follows) one's output.",
+    invoke_without_command=True,
+)
+app.add_typer(executions_app, name="executions")
+
+
+@executions_app.callback(invoke_without_command=True)
 def executions(
     ctx: typer.Context,
     lease: Annotated[str | None, typer.Option("--lease", metavar="NAME", help="Only this lease.")] = None,
@@ -327,6 +369,8 @@ def executions(
     from models import Execution
     from models.tables import EXECUTION_STATES
 
+    if ctx.invoked_subcommand is not None:
+        return
     cli = context_of(ctx)
     if state is not None and state not in EXECUTION_STATES:
         fail(f"--state must be one of {', '.join(EXECUTION_STATES)}", EXIT_INVALID)
@@ -354,6 +398,12 @@ def executions(
             "created_at": jsonable(r.created_at),
             "started_at": jsonable(r.started_at),
             "finished_at": jsonable(r.finished_at),
+            "attempts": r.attempts,
+            "attempt_log": r.attempt_log or [],
+            "next_attempt_at": jsonable(r.next_attempt_at),
+            "session_id": r.session_id,
+            "command_id": r.command_id,
+            "ordered": r.ordered,
         }
         for r in rows
     ]
@@ -373,6 +423,7 @@ def executions(
                 r.lease_name,
                 r.state + (" (cut)" if r.output_truncated else ""),
                 "-" if r.exit_code is None else str(r.exit_code),
+                str((r.attempts or 0) + (0 if r.state == "queued" else 1)),
                 r.created_at.isoformat()[:19] if r.created_at else "-",
                 seconds,
                 command,
@@ -382,6 +433,54 @@ def executions(
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
         sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+FOLLOW_POLL_SECONDS = 0.5
+
+
+@executions_app.command("logs")
+def execution_logs(
+    ctx: typer.Context,
+    execution_id: Annotated[int, typer.Argument(metavar="ID", help="Execution id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output until the execution ends.")
+    ] = False,
+) -> None:
+    """Print the output of an execution (so far, while it runs); with -f follow it to its end.
+
+    Exits 0 once printed (with -f: once the execution has ended; its state goes to stderr when it
+    did not succeed). Output written while it runs comes from its session command, read by the
+    worker that runs it, so it lags by about ``exec.log_poll_seconds``.
+    """
+    from models import Execution
+    from models.tables import EXECUTION_TERMINAL_STATES
+
+    cli = context_of(ctx)
+    printed = ""
+    with handled():
+        database = cli.database()
+        while True:
+            with database.session(readonly=True) as session:
+                row = session.execute(
+                    sa.select(Execution.state, Execution.output, Execution.exit_code, Execution.error).where(
+                        Execution.id == execution_id
+                    )
+                ).one_or_none()
+            if row is None:
+                fail(f"no such execution: {execution_id}", EXIT_INVALID)
+            text = row.output or ""
+            if text.startswith(printed):
+                write_raw(text[len(printed) :])
+            else:  # the output was rewritten (re-attached, or cut at the cap): print it again
+                write_raw("\n" + text)
+            printed = text
+            sys.stdout.flush()
+            if not follow or row.state in EXECUTION_TERMINAL_STATES:
+                break
+            time.sleep(FOLLOW_POLL_SECONDS)
+    if follow and row.state != "succeeded":
+        detail = f"exit {row.exit_code}" if row.exit_code is not None else (row.error or "")
+        err.print(f"execution {execution_id} {row.state}: {detail}", highlight=False)
 
 
 @app.command("exec-worker")

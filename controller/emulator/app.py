@@ -31,6 +31,7 @@ from . import toolbox
 from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response
 from .faults import THROTTLE_LIMITS, Faults, FaultSettings, throttler_for, validate
 from .lifecycle import Lifecycle
+from .sessions import Sessions
 from .state import DEFAULT_SNAPSHOT, ERRORED, SandboxRecord, Store, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ STORE = web.AppKey("store", Store)
 FAULTS = web.AppKey("faults", Faults)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 API_KEY = web.AppKey("api_key", str)
+SESSIONS = web.AppKey("sessions", Sessions)
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 100
@@ -383,6 +385,42 @@ async def tb_execute(request: web.Request) -> web.StreamResponse:
     return await toolbox.execute(request.app[STORE], record, body)
 
 
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "body must be JSON", source="DAYTONA_DAEMON") from None
+
+
+async def tb_session_create(request: web.Request) -> web.StreamResponse:
+    record = started(request)
+    return request.app[SESSIONS].create(record, await _json(request))
+
+
+async def tb_session_get(request: web.Request) -> web.StreamResponse:
+    return request.app[SESSIONS].get(started(request), request.match_info["sessionId"])
+
+
+async def tb_session_delete(request: web.Request) -> web.StreamResponse:
+    return request.app[SESSIONS].delete(started(request), request.match_info["sessionId"])
+
+
+async def tb_session_execute(request: web.Request) -> web.StreamResponse:
+    record = started(request)
+    body = await _json(request)
+    return await request.app[SESSIONS].execute(record, request.match_info["sessionId"], body)
+
+
+async def tb_session_command(request: web.Request) -> web.StreamResponse:
+    info = request.match_info
+    return request.app[SESSIONS].get_command(started(request), info["sessionId"], info["commandId"])
+
+
+async def tb_session_logs(request: web.Request) -> web.StreamResponse:
+    info = request.match_info
+    return await request.app[SESSIONS].logs(started(request), info["sessionId"], info["commandId"], request)
+
+
 async def tb_work_dir(request: web.Request) -> web.StreamResponse:
     record = started(request)
     return json_response({"dir": str(toolbox.home_of(request.app[STORE], record))})
@@ -469,6 +507,7 @@ async def _ticker(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    app[SESSIONS].close()
     app[STORE].close()
 
 
@@ -479,6 +518,7 @@ def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
     app[FAULTS] = faults
     app[LIFECYCLE] = Lifecycle(store, faults)
     app[API_KEY] = api_key
+    app[SESSIONS] = Sessions(store)
     app.cleanup_ctx.append(_ticker)
     r = app.router
     r.add_post("/api/sandbox", create_sandbox, name="create")
@@ -508,6 +548,23 @@ def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
     r.add_delete(f"{tb}/files", tb_delete_file, name="delete_file")
     r.add_post(f"{tb}/files/bulk-upload", tb_upload, name="upload")
     r.add_post(f"{tb}/files/bulk-download", tb_download, name="download")
+    ps = f"{tb}/process/session"
+    r.add_post(ps, tb_session_create, name="session_create")
+    r.add_get(f"{ps}/{{sessionId}}", tb_session_get, name="session_get", allow_head=False)
+    r.add_delete(f"{ps}/{{sessionId}}", tb_session_delete, name="session_delete")
+    r.add_post(f"{ps}/{{sessionId}}/exec", tb_session_execute, name="session_execute")
+    r.add_get(
+        f"{ps}/{{sessionId}}/command/{{commandId}}",
+        tb_session_command,
+        name="session_command",
+        allow_head=False,
+    )
+    r.add_get(
+        f"{ps}/{{sessionId}}/command/{{commandId}}/logs",
+        tb_session_logs,
+        name="session_logs",
+        allow_head=False,
+    )
     r.add_get("/_emulator/stats", admin_stats, name="admin_stats", allow_head=False)
     r.add_post("/_emulator/stats/reset", admin_stats_reset, name="admin_stats_reset")
     r.add_get("/_emulator/faults", admin_get_faults, name="admin_faults", allow_head=False)

@@ -51,6 +51,12 @@ OPERATIONS = (
     "upload",
     "download",
     "delete_file",
+    "session_create",
+    "session_get",
+    "session_execute",
+    "session_command",
+    "session_logs",
+    "session_delete",
 )
 FAIL_KINDS = ("429", "500", "503", "timeout")
 LIFECYCLE = ("create", "start", "stop", "archive", "recover", "delete")

@@ -118,6 +118,14 @@ class ExecResult:
     timed_out: bool = False
 
 
+@dataclass(frozen=True)
+class SessionCommand:
+    """A command started asynchronously in a sandbox session; ``exit_code`` is None while it runs."""
+
+    command_id: str
+    exit_code: int | None = None
+
+
 @runtime_checkable
 class SandboxProvider(Protocol):
     """What the controller needs from a sandbox platform. Every call has a bounded duration.
@@ -165,4 +173,25 @@ class SandboxProvider(Protocol):
 
     def delete_file(self, sandbox_id: str, path: str) -> None:
         """Remove a file; a file that is already gone is not an error."""
+        ...
+
+    # Sessions (Daytona's toolbox session API): long commands run asynchronously, their output is
+    # read while they run, and a later process can re-attach to them by (session id, command id).
+
+    def create_session(self, sandbox_id: str, session_id: str) -> None: ...
+
+    def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
+        """Start ``command`` asynchronously in the session; return its command id."""
+        ...
+
+    def session_command(self, sandbox_id: str, session_id: str, command_id: str) -> SessionCommand:
+        """The command's state; NotFoundError when the session or the command is unknown."""
+        ...
+
+    def session_logs(self, sandbox_id: str, session_id: str, command_id: str) -> str:
+        """All output of the command so far (stdout and stderr merged)."""
+        ...
+
+    def delete_session(self, sandbox_id: str, session_id: str) -> None:
+        """Delete the session and stop what runs in it; a session already gone is not an error."""
         ...

@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from daytona import Daytona, DaytonaConfig, DaytonaError
+from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
 from daytona_api_client import (
     ApiClient,
     Configuration,
@@ -50,6 +51,7 @@ from controller.errors import (
     CapacityError,
     ConflictError,
     NotFoundError,
+    NotSentError,
     PermanentError,
     ProviderError,
     RateLimitedError,
@@ -57,7 +59,7 @@ from controller.errors import (
     StateConflictError,
     TransientError,
 )
-from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox
+from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox, SessionCommand
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,35 @@ def translate(exc: BaseException, what: str, operation: str = "") -> ProviderErr
         status = getattr(exc, "status_code", None)
         headers = getattr(exc, "headers", None)
     detail = _short(exc)
-    return classify(status, detail, operation, headers, f"{what}: {detail}")
+    if not status and never_sent(exc):
+        return NotSentError(f"{what}: {detail}")
+    error = classify(status, detail, operation, headers, f"{what}: {detail}")
+    error.status = status or None
+    return error
+
+
+def not_sent(exc: ProviderError, what: str) -> NotSentError:
+    """The failure of a step before ``what`` (the sandbox lookup) as "``what`` was never sent"."""
+    error = NotSentError(f"{what} not sent: {exc}", getattr(exc, "retry_after", None))
+    error.status = exc.status
+    return error
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether the failure happened before a connection existed (refused, unresolvable host), so the
+    request provably never reached the server. A time-out or a reset is not: it may have."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if "Timeout" in type(current).__name__ or isinstance(current, TimeoutError):
+            return False
+        if type(current).__name__ == "NewConnectionError" or isinstance(
+            current, ConnectionRefusedError | socket.gaierror
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _short(exc: BaseException) -> str:
@@ -400,11 +430,18 @@ class DaytonaProvider:
         env: Mapping[str, str] | None = None,
         timeout: int | None = None,
     ) -> ExecResult:
-        sandbox = self._sandbox(sandbox_id)
+        try:
+            sandbox = self._sandbox(sandbox_id)
+        except ProviderError as exc:
+            raise not_sent(exc, "exec") from exc
         try:
             response = sandbox.process.exec(command, cwd=cwd, env=dict(env) if env else None, timeout=timeout)
         except DaytonaError as exc:
-            if getattr(exc, "status_code", None) == 408 or "Timeout" in type(exc).__name__:
+            status = getattr(exc, "status_code", None)
+            # The toolbox's own time-out (408 REQUEST_TIMEOUT), or ours on the answer (no status, the
+            # request time-out covers the command's): timed out. A 504 is a gateway that gave up: the
+            # command may still run, so it is an error like any other 5xx (``unknown`` upstairs).
+            if status == 408 or (status is None and "Timeout" in type(exc).__name__):
                 self._record("execute", "timeout")
                 return ExecResult(exit_code=None, output="", timed_out=True)
             self._forget(sandbox_id)
@@ -450,6 +487,62 @@ class DaytonaProvider:
                 "delete_file",
                 f"delete {path}",
                 lambda sb: sb.fs.delete_file(path, request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def create_session(self, sandbox_id: str, session_id: str) -> None:
+        self._toolbox(
+            sandbox_id,
+            "session_create",
+            f"create session {session_id}",
+            lambda sb: sb.process.create_session(session_id, request_timeout=self._timeout),
+        )
+
+    def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
+        request = SessionExecuteRequest(command=command, run_async=True)
+        try:
+            self._sandbox(sandbox_id)
+        except ProviderError as exc:
+            raise not_sent(exc, "session execute") from exc
+        response = self._toolbox(
+            sandbox_id,
+            "session_execute",
+            f"execute in session {session_id}",
+            lambda sb: sb.process.execute_session_command(session_id, request, timeout=int(self._timeout)),
+        )
+        return str(response.cmd_id)
+
+    def session_command(self, sandbox_id: str, session_id: str, command_id: str) -> SessionCommand:
+        command = self._toolbox(
+            sandbox_id,
+            "session_command",
+            f"get command {command_id} of session {session_id}",
+            lambda sb: sb.process.get_session_command(session_id, command_id, request_timeout=self._timeout),
+        )
+        code = command.exit_code
+        return SessionCommand(command_id, int(code) if code is not None else None)
+
+    def session_logs(self, sandbox_id: str, session_id: str, command_id: str) -> str:
+        logs = self._toolbox(
+            sandbox_id,
+            "session_logs",
+            f"get logs of command {command_id}",
+            lambda sb: sb.process.get_session_command_logs(
+                session_id, command_id, request_timeout=self._timeout
+            ),
+        )
+        return str(logs.output or "")
+
+    def delete_session(self, sandbox_id: str, session_id: str) -> None:
+        try:
+            self._toolbox(
+                sandbox_id,
+                "session_delete",
+                f"delete session {session_id}",
+                lambda sb: sb.process.delete_session(session_id, request_timeout=self._timeout),
             )
         except NotFoundError:
             return

@@ -30,7 +30,9 @@ is a no-op. Scripting hooks:
 - ``on_call(op, key)``: called outside the lock before each call (latency, barriers in tests).
 - ``list_hook(result) -> result``: rewrites what ``list_sandboxes`` answers (a list that flaps, shows
   stale labels or states); ``get`` keeps telling the truth.
-- ``exec_hook(sandbox_id, command, cwd, env, timeout)``: answers ``exec`` (default: echoes the command).
+- ``exec_hook(sandbox_id, command, cwd, env, timeout)``: answers ``exec`` (default: echoes the command)
+  and session commands (run when started; with ``hold_session_commands`` they show their output but
+  stay running until ``finish_commands()``); ``delete_session`` ends its running commands with -1.
 
 ``calls`` is the list of ``(op, sandbox id or name)`` in call order (``list`` logs ``""``);
 ``counters`` counts calls per op. Every method is thread-safe (one re-entrant lock).
@@ -65,6 +67,7 @@ from controller.providers.base import (
     CreateRequest,
     ExecResult,
     ObservedSandbox,
+    SessionCommand,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,11 @@ OPS = (
     "make_dir",
     "upload",
     "delete_file",
+    "session_create",
+    "session_execute",
+    "session_command",
+    "session_logs",
+    "session_delete",
 )
 
 ErrorSpec = BaseException | Callable[[], BaseException]
@@ -94,6 +102,17 @@ _REFUSAL = {
     "recover": "Sandbox is not in an errored state",
 }
 ExecHook = Callable[[str, str, str | None, Mapping[str, str] | None, int | None], ExecResult]
+
+
+@dataclass
+class MemoryCommand:
+    """A session command as the memory provider holds it: it ran through ``exec_hook`` when it was
+    started, unless ``hold_session_commands`` keeps it running until :meth:`MemoryProvider.finish`."""
+
+    command: str
+    exit_code: int | None = None
+    output: str = ""
+    result: ExecResult | None = None
 
 
 @dataclass
@@ -112,6 +131,8 @@ class MemorySandbox:
     deleted_at: float | None = None
     files: dict[str, bytes] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
+    # session id -> command id -> the command's state (sessions of the toolbox)
+    sessions: dict[str, dict[str, MemoryCommand]] = field(default_factory=dict)
     # (time, state, error_reason, recoverable) of every change, for a list that lags in states
     history: list[tuple[float, str, str | None, bool]] = field(default_factory=list)
 
@@ -181,6 +202,8 @@ class MemoryProvider:
         self.list_lag = list_lag
         self.work_dir_path = work_dir
         self.exec_hook = exec_hook
+        self.hold_session_commands = False
+        self._command_ids = itertools.count(1)
         self.on_call = on_call
         self.list_hook: Callable[[list[ObservedSandbox]], list[ObservedSandbox]] | None = None
         self.sandboxes: dict[str, MemorySandbox] = {}  # live ones, by id
@@ -520,6 +543,80 @@ class MemoryProvider:
         with self._lock:
             self._started(sandbox_id, "delete a file").files.pop(path, None)
         _after(fault)
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def create_session(self, sandbox_id: str, session_id: str) -> None:
+        fault = self._enter("session_create", sandbox_id)
+        with self._lock:
+            sb = self._started(sandbox_id, "create a session")
+            if session_id in sb.sessions:
+                raise ConflictError(f"session {session_id} already exists")
+            sb.sessions[session_id] = {}
+        _after(fault)
+
+    def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
+        fault = self._enter("session_execute", sandbox_id)
+        with self._lock:
+            commands = self._session(sandbox_id, session_id)
+            hook = self.exec_hook
+            command_id = f"cmd-{next(self._command_ids)}"
+            held = self.hold_session_commands
+        result = hook(sandbox_id, command, None, None, None) if hook else ExecResult(0, command)
+        entry = MemoryCommand(command, output=result.output, result=result)
+        if not held:
+            entry.exit_code = result.exit_code if result.exit_code is not None else -1
+        with self._lock:
+            commands[command_id] = entry
+        _after(fault)
+        return command_id
+
+    def finish_commands(self) -> None:
+        """End every held session command with the exit code its ``exec_hook`` result gave."""
+        with self._lock:
+            self.hold_session_commands = False
+            for sb in self.sandboxes.values():
+                for commands in sb.sessions.values():
+                    for entry in commands.values():
+                        if entry.exit_code is None and entry.result is not None:
+                            code = entry.result.exit_code
+                            entry.exit_code = code if code is not None else -1
+
+    def session_command(self, sandbox_id: str, session_id: str, command_id: str) -> SessionCommand:
+        fault = self._enter("session_command", sandbox_id)
+        with self._lock:
+            entry = self._command(sandbox_id, session_id, command_id)
+            answer = SessionCommand(command_id, entry.exit_code)
+        _after(fault)
+        return answer
+
+    def session_logs(self, sandbox_id: str, session_id: str, command_id: str) -> str:
+        fault = self._enter("session_logs", sandbox_id)
+        with self._lock:
+            output = self._command(sandbox_id, session_id, command_id).output
+        _after(fault)
+        return output
+
+    def delete_session(self, sandbox_id: str, session_id: str) -> None:
+        fault = self._enter("session_delete", sandbox_id)
+        with self._lock:
+            commands = self._started(sandbox_id, "delete a session").sessions.pop(session_id, {})
+            for entry in commands.values():
+                if entry.exit_code is None:
+                    entry.exit_code = -1
+        _after(fault)
+
+    def _session(self, sandbox_id: str, session_id: str) -> dict[str, MemoryCommand]:
+        sb = self._started(sandbox_id, "use a session")
+        if session_id not in sb.sessions:
+            raise NotFoundError(f"session {session_id} not found")
+        return sb.sessions[session_id]
+
+    def _command(self, sandbox_id: str, session_id: str, command_id: str) -> MemoryCommand:
+        commands = self._session(sandbox_id, session_id)
+        if command_id not in commands:
+            raise NotFoundError(f"command {command_id} not found")
+        return commands[command_id]
 
     def _started(self, sandbox_id: str, what: str) -> MemorySandbox:
         sb = self._live(sandbox_id)

@@ -58,7 +58,7 @@ def test_bench_functions_print_json_lines(tmp_path: Path, capsys: pytest.Capture
 
     jsonl.unlink()
     execution.run(out, quick=True, pg_admin_url="", m=8, concurrency=2)
-    records = _check_shape(jsonl, capsys.readouterr().out, "execution", 2)
+    records = _check_shape(jsonl, capsys.readouterr().out, "execution", 3)  # drain, poll, session
     for record in records:
         figures = record["figures"]
         assert isinstance(figures, dict)

@@ -142,7 +142,10 @@ def test_cancel_of_a_running_queued_execution_reaches_the_sandbox(
     try:
         database = dbmod.connect(sqlite_url)
         tokens = [f"41.{uuid.uuid4().int % 10**6}", f"42.{uuid.uuid4().int % 10**6}"]
-        ids = [execution.enqueue(database, lease_name="demo", command=f"sleep {t}") for t in tokens]
+        ids = [  # unordered: both run at once (rows of one lease otherwise run one at a time)
+            execution.enqueue(database, lease_name="demo", command=f"sleep {t}", ordered=False)
+            for t in tokens
+        ]
         database.dispose()
         for token in tokens:
             wait_for(lambda t=token: pgrep(f"^sleep {t}"), 20, "the queued command to run")

@@ -62,7 +62,8 @@ def test_two_dispatchers_run_each_row_exactly_once(database_url: str) -> None:
             sa.insert(Execution), [{"lease_name": "box", "command": f"echo job-{i}"} for i in range(ROWS)]
         )
         ids = {n: i for i, n in session.execute(sa.select(Execution.id, Execution.command))}
-    settings = ExecSettings(max_concurrent=4)
+    # one-request exec (this provider has no sessions), no per-lease ordering: the claim race is tested
+    settings = ExecSettings(max_concurrent=4, per_lease_concurrency=0, session_min_timeout_seconds=100_000)
     databases = [dbmod.connect(database_url) for _ in range(2)]
     dispatchers = [
         Dispatcher(database, provider, settings, worker_id=f"replica-{n}:0:w")

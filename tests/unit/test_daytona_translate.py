@@ -14,6 +14,7 @@ from controller.errors import (
     CapacityError,
     ConflictError,
     NotFoundError,
+    NotSentError,
     PermanentError,
     ProviderError,
     RateLimitedError,
@@ -64,7 +65,8 @@ def test_retry_after_is_honoured() -> None:
 
 def test_no_http_answer_is_transient() -> None:
     assert type(translate(urllib3.exceptions.MaxRetryError(None, "/x"), "list")) is TransientError  # type: ignore[arg-type]
-    assert type(translate(ConnectionRefusedError(), "list")) is TransientError
+    refused = translate(ConnectionRefusedError(), "list")  # provably never reached the server
+    assert type(refused) is NotSentError and isinstance(refused, TransientError)
     assert type(translate(DaytonaError("socket closed"), "exec")) is TransientError
 
 

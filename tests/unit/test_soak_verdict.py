@@ -11,7 +11,14 @@ import random
 
 import pytest
 
-from bench.soak import SandboxSeen, account_executions, choose_victims, lease_converged
+from bench.soak import (
+    SandboxSeen,
+    account_executions,
+    choose_victims,
+    count_causes,
+    execution_cause,
+    lease_converged,
+)
 
 TOKEN_A = "a" * 32
 TOKEN_B = "b" * 32
@@ -50,10 +57,38 @@ def test_a_token_written_twice_is_run_twice() -> None:
 
 
 def test_a_state_the_soak_does_not_know_is_reported_not_counted() -> None:
-    figures = account_executions([("unknown", cmd(TOKEN_A)), ("someday", cmd(TOKEN_B))], {})
+    figures = account_executions([("someday", cmd(TOKEN_A)), ("someday", cmd(TOKEN_B))], {})
     assert figures["executions_lost"] == 0
     assert figures["executions_run_twice"] == 0
-    assert figures["executions_unknown_states"] == {"unknown": 1, "someday": 1}
+    assert figures["executions_unknown_states"] == {"someday": 2}
+
+
+def test_unknown_is_a_known_end_state_neither_lost_nor_run_twice() -> None:
+    figures = account_executions([("unknown", cmd(TOKEN_A))], {})
+    assert (figures["executions_lost"], figures["executions_unknown_states"]) == (0, {})
+
+
+@pytest.mark.parametrize(
+    ("state", "attempts", "error", "cause"),
+    [
+        ("succeeded", 0, None, "ran: succeeded"),
+        ("failed", 2, None, "ran: failed after retries"),
+        ("error", 3, "not started after 3 attempt(s): 429", "error: never started (retries exhausted)"),
+        (
+            "error",
+            0,
+            "no such lease: 'x'",
+            "error: refused before running (lease missing, not running or not ready; bad env)",
+        ),
+        ("unknown", 0, None, "unknown: may have run (answer lost after sending)"),
+        ("cancelled", 0, None, "cancelled"),
+    ],
+)
+def test_execution_causes(state: str, attempts: int, error: str | None, cause: str) -> None:
+    assert execution_cause(state, attempts, error) == cause
+    figures = count_causes([(state, attempts, error)], reattached=2)
+    assert figures["executions_by_cause"] == {cause: 1} and figures["executions_reattached"] == 2
+    assert figures["executions_not_started_error"] == (1 if cause.startswith("error: never") else 0)
 
 
 def test_a_cancel_that_came_after_the_command_ran_is_reported() -> None:
