@@ -14,7 +14,7 @@ file must not be able to delete a fleet. The same guard applies to pools, counte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +164,7 @@ def _check_names(
     session: Session,
     specs: Sequence[LeaseSpec],
     pools: Sequence[PoolSpec] | None,
-    members: dict[str, str | None],
+    members: Mapping[str, str | None],
 ) -> None:
     """A lease may not be named like a pool's members, nor take a member's name."""
     declared = {p.name: p for p in pools or ()}
