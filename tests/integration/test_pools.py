@@ -55,7 +55,8 @@ def write_pool(
 def pools(url: str) -> dict[str, Any]:
     code, out, err = cli(url, "pools", "-o", "json")
     assert code == 0, err
-    return {p["name"]: p for p in json.loads(out)}["agents"]
+    found: dict[str, Any] = {p["name"]: p for p in json.loads(out)}["agents"]
+    return found
 
 
 def members(url: str) -> dict[str, dict[str, Any]]:
