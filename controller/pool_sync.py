@@ -35,6 +35,8 @@ from models import Event, Lease, LeaseStatus, Pool
 log = logging.getLogger(__name__)
 
 MEMBER_STATES = ("ready", "claimed", "provisioning", "failing", "retiring")
+# Phases a member can keep for a while without the controller having anything to look at soon.
+SETTLED_PHASES = frozenset({"Ready", "Error", "Failed", "Blocked", "Paused", "Idle", "Stopped", "Archived"})
 
 
 @dataclass
@@ -44,10 +46,12 @@ class PoolSyncResult:
     created: list[str] = field(default_factory=list)
     retired: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    settling: bool = False  # a member, claimed or not, is on its way to Ready or to gone
 
     @property
     def busy(self) -> bool:
-        return any(p.busy for p in self.plans.values())
+        """Worth another pass soon (``pool_busy_interval_seconds``) rather than after an interval."""
+        return self.settling or any(p.busy for p in self.plans.values())
 
 
 def new_member_name(pool: str, taken: Collection[str]) -> str:
@@ -141,6 +145,7 @@ def sync_pools(
                 log.warning("%s; fix the row (nothing is created for it meanwhile)", view.problem)
         plans = plan_pools(views, members, now, create_budget=create_budget)
         result.plans = plans
+        result.settling = any(m.phase not in SETTLED_PHASES for m in members)
         taken = set(session.scalars(sa.select(Lease.name)))
         by_name = {m.name: m for m in members}
 
