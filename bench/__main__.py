@@ -1,6 +1,6 @@
 """``python -m bench --quick|--full [--only NAME] [--pg-url URL] [--jsonl PATH]``.
 
-Runs scale, convergence, execution and the soak in that order (``--only`` picks some). Exit status
+Runs scale, convergence, execution, pools and the soak in that order (``--only`` picks some). Exit status
 1 when the soak counted a loss or a duplicate; the benchmarks themselves never fail on a figure.
 """
 
@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, convergence, execution, scale, soak
+from bench import common, convergence, execution, pools, scale, soak
 
-BENCHES = ("scale", "convergence", "execution", "soak")
+BENCHES = ("scale", "convergence", "execution", "pools", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             convergence.run(out, quick=quick, pg_admin_url=args.pg_url)
         elif name == "execution":
             execution.run(out, quick=quick, pg_admin_url=args.pg_url)
+        elif name == "pools":
+            pools.run(out, quick=quick, pg_admin_url=args.pg_url)
         else:
             record = soak.soak(
                 out,

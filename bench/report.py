@@ -55,13 +55,18 @@ def render(records: list[dict[str, Any]], source: str) -> str:
     records = latest(records)
     by = {
         name: [r for r in records if r["name"] == name]
-        for name in ("scale", "convergence", "execution", "soak")
+        for name in ("scale", "convergence", "execution", "pools", "soak")
     }
     m = records[-1]["machine"]
     when = min(r["at"] for r in records), max(r["at"] for r in records)
     out: list[str] = ["## Performance", ""]
+    span = (
+        f"{when[0][:10]} ({when[0][11:16]}-{when[1][11:16]} UTC)"
+        if when[0][:10] == when[1][:10]
+        else f"{when[0][:10]} {when[0][11:16]} to {when[1][:10]} {when[1][11:16]} UTC"
+    )
     out.append(
-        f"Measured on {when[0][:10]} ({when[0][11:16]}-{when[1][11:16]} UTC) on `{m['hostname']}`: "
+        f"Measured on {span} on `{m['hostname']}`: "
         f"{m['cpus']} x {m['cpu_model']}, {m['platform']}, Python {m['python']}, SQLite {m['sqlite']}, "
         f"PostgreSQL {m['postgres'] or 'n/a'}. The Daytona API is the local one (`controller/emulator`, "
         "a subprocess on the same machine), so these are the controller's own costs, not Daytona's. "
@@ -208,6 +213,61 @@ def render(records: list[dict[str, Any]], source: str) -> str:
                     "throughput ratio",
                     "overhead ms/cmd",
                     "API requests/cmd",
+                ],
+                rows,
+            )
+        )
+    if by["pools"]:
+        out += ["", "### Pools: claim latency, warm and cold, against the lease-row path", ""]
+        p0 = by["pools"][0]["parameters"]
+        out.append(
+            f"A daemon (`leasectl run`, reconcile interval {p0['reconcile_interval_s']} s, so only its "
+            "wake-up explains a quick reaction) against the local API with a create latency of "
+            f"L={p0['create_latency_s']} s. Warm: a pool with min_ready R is filled, then K claims are "
+            f"made at {p0['claim_rate_per_s']:g}/s through `controller.claims.claim` (the claim "
+            "itself, in-process: one transaction), each released at once (deleted; the daemon "
+            "refills). A miss is a claim that found no Ready member and waited for one; ready after "
+            "each claim is the number of unclaimed Ready members left just after it. Cold: min_ready "
+            "0, each claim waits while a member is created (target: within L + 1 s). Lease row: a "
+            "lease INSERTed with SQL, time until the daemon has acted (its create attempt is "
+            "recorded: wake-up + pass) and until Ready (the next pass, which for a plain lease is "
+            "the interval unless something else wakes the daemon). CLI: `leasectl claim` as a "
+            "subprocess (Python start-up and imports included)."
+        )
+        out.append("")
+        rows = []
+        for r in sorted(by["pools"], key=lambda r: r["parameters"]["backend"]):
+            p, f = r["parameters"], r["figures"]
+            seen = f["ready_after_each_claim"]
+            rows.append(
+                [
+                    p["backend"],
+                    f"{p['min_ready']} / {p['claims']}",
+                    f["warm"]["p50_ms"],
+                    f["warm"]["p99_ms"],
+                    f["warm_misses"]["claims"],
+                    f"{seen['min']} / {seen['mean']}",
+                    f["cold"]["p50_ms"],
+                    f["cold"]["max_ms"],
+                    f["lease_row_first_action"]["p50_ms"],
+                    f["lease_row_ready"]["p50_ms"],
+                    f["cli_claim"]["p50_ms"],
+                ]
+            )
+        out.append(
+            _md(
+                [
+                    "database",
+                    "R / K",
+                    "warm p50 ms",
+                    "warm p99 ms",
+                    "misses",
+                    "ready after claim min / mean",
+                    "cold p50 ms",
+                    "cold max ms",
+                    "lease row acted p50 ms",
+                    "lease row Ready p50 ms",
+                    "CLI claim p50 ms",
                 ],
                 rows,
             )

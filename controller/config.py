@@ -62,7 +62,7 @@ class ControllerSettings(_Section):
     retention_batch_size: int = Field(default=1000, ge=1)
     max_prune_share: float = Field(default=0.5, gt=0, le=1)
     pool_creates_per_pass: int = Field(default=20, ge=0)
-    pool_busy_interval_seconds: float = Field(default=1.0, gt=0)
+    pool_busy_interval_seconds: float = Field(default=0.3, gt=0)
 
 
 class ExecSettings(_Section):
