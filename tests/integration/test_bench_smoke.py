@@ -63,3 +63,28 @@ def test_bench_functions_print_json_lines(tmp_path: Path, capsys: pytest.Capture
         assert isinstance(figures, dict)
         assert figures["dispatcher_states"] == {"succeeded": 8}
         assert "ratio_throughput_direct_over_dispatcher" in figures
+
+
+def test_pool_bench_prints_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import pools
+
+    jsonl = tmp_path / "bench.jsonl"
+    out = common.Output(None, jsonl)
+    pools.run(
+        out,
+        quick=True,
+        pg_admin_url="",
+        backends=("sqlite",),
+        ready=2,
+        claims=3,
+        cold=1,
+        rows=0,
+        latency=0.2,
+        cli_runs=1,
+    )
+    (record,) = _check_shape(jsonl, capsys.readouterr().out, "pools", 1)
+    figures = record["figures"]
+    assert isinstance(figures, dict)
+    assert figures["warm"]["claims"] + figures["warm_misses"]["claims"] == 3
+    assert figures["cold"]["claims"] == 1 and figures["refilled_after"] is True
+    assert figures["cli_claim"]["p50_ms"] is not None
