@@ -142,3 +142,61 @@ def test_sql_edits_wake_the_daemon_on_sqlite(
         "by-sql",
         lambda p: p in ("Stopping", "Stopped"),
     )
+
+
+def test_a_daemon_killed_during_refills_never_exceeds_max_size(
+    emulator: EmulatorProcess, database_url: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """SIGKILL the daemon again and again while it fills a pool (creates take 0.3 s at the server):
+    members and sandboxes never exceed max_size, and the pool converges afterwards."""
+    from daytona import ListSandboxesQuery
+
+    emulator.set_faults(latency={"create": 0.3})
+    apply_pool(database_url, tmp_path, min_ready=5, max_size=5)
+    env = {**daemon_env(emulator, database_url), "LEASECTL_CONTROLLER__LEADER_LEASE_SECONDS": "1"}
+
+    def sandboxes() -> int:
+        listed = emulator.client().list(
+            ListSandboxesQuery(labels={"leasectl-instance": "default"}, limit=200)
+        )
+        return sum(1 for sb in listed if sb.state != "destroyed")
+
+    for round_ in range(4):
+        d = DaemonProcess(tmp_path / f"daemon-{round_}.log", env).start()
+        daemons.append(d)
+        time.sleep(0.4 + 0.2 * round_)
+        d.kill()
+        assert pool_state(database_url)["members"] <= 5
+        assert sandboxes() <= 5
+    d = DaemonProcess(tmp_path / "daemon-last.log", env).start()
+    daemons.append(d)
+    state = wait_for(
+        lambda: (s := pool_state(database_url))["ready"] == 5 and s, timeout=60, what="pool full"
+    )
+    assert state["members"] == 5
+    wait_for(lambda: sandboxes() == 5 or None, timeout=30, what="5 sandboxes")
+
+
+def test_a_reservation_of_a_claimer_that_died_expires(database_url: str) -> None:
+    """A cold claimer killed while waiting leaves a reserved member; it expires and is retired."""
+    from datetime import timedelta
+
+    from controller import db as dbmod
+    from controller.claims import RESERVATION_GRACE_SECONDS, _reserve
+    from controller.leases import apply_specs
+    from controller.pool_sync import sync_pools
+    from controller.specs import PoolSpec
+    from models import utcnow
+
+    database = dbmod.connect(database_url)
+    try:
+        apply_specs(database, [], pools=[PoolSpec(name="agents", min_ready=0, max_size=2)])
+        name = _reserve(database, "agents", "dead-claimer", 5.0, utcnow)
+        assert name is not None
+        assert sync_pools(database, now=utcnow(), create_budget=5, controller_id="t").retired == []
+        later = utcnow() + timedelta(seconds=5 + RESERVATION_GRACE_SECONDS + 1)
+        assert sync_pools(database, now=later, create_budget=5, controller_id="t").retired == [name]
+        events = query(database_url, "SELECT action FROM events WHERE lease_name = :n", n=name)
+        assert [e.action for e in events] == ["claim", "expire"]
+    finally:
+        database.dispose()
