@@ -19,7 +19,7 @@ BENCHES = ("scale", "convergence", "execution", "pools", "soak")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="leasectl benchmarks")
     size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes in all")
+    size.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
     size.add_argument("--full", action="store_true", help="full sizes (minutes)")
     parser.add_argument("--only", action="append", choices=BENCHES, help="run only this (repeatable)")
     parser.add_argument(

@@ -241,8 +241,8 @@ def run(
 ) -> list[dict[str, Any]]:
     ready = ready or (10 if quick else 20)
     claims = claims or (50 if quick else 200)
-    cold = cold if cold is not None else (3 if quick else 10)
-    rows = rows if rows is not None else (3 if quick else 10)
+    cold = cold if cold is not None else (2 if quick else 10)
+    rows = rows if rows is not None else (1 if quick else 10)  # each waits for the 30 s interval
     rate = 2.0  # claims per second, below what the daemon creates (16 at once, L s each)
     records = []
     for backend in backends:
