@@ -1,7 +1,8 @@
 """The reconciler's pool step: plan pools purely (``controller.pools``) and write what it decided.
 
 Called by ``controller.reconciler`` at the start of every pass, before leases are loaded, so members
-inserted here are created in the same pass. One write transaction: it locks the ``pools`` rows (a
+inserted here are created in the same pass. Without pools or members it is one read (an EXISTS);
+otherwise one write transaction: it locks the ``pools`` rows (a
 claimer reserving a member for a cold claim takes the same lock, see ``controller.claims``), counts
 members, inserts new member rows, retires members (desired ``absent``: the ordinary planner deletes
 their sandboxes) and removes the rows of members whose sandbox is gone, with one event each.
@@ -34,6 +35,7 @@ from models import Event, Lease, LeaseStatus, Pool
 
 log = logging.getLogger(__name__)
 
+_MEMBER_EXISTS = sa.select(Lease.id).where(Lease.pool.is_not(None))
 MEMBER_STATES = ("ready", "claimed", "provisioning", "failing", "retiring")
 # Phases a member can keep for a while without the controller having anything to look at soon.
 SETTLED_PHASES = frozenset({"Ready", "Error", "Failed", "Blocked", "Paused", "Idle", "Stopped", "Archived"})
@@ -127,6 +129,9 @@ def sync_pools(
     metrics: Metrics | None = None,
 ) -> PoolSyncResult:
     result = PoolSyncResult()
+    with db.session(readonly=True) as session:  # no pools: no write lock, one cheap statement
+        if not session.scalar(sa.select(sa.exists(sa.select(Pool.id)) | sa.exists(_MEMBER_EXISTS))):
+            return result
     with db.session() as session:
         if fence is not None:
             fence(session)
