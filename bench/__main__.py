@@ -1,9 +1,9 @@
 """``python -m bench --quick|--full [--only NAME] [--pg-url URL] [--jsonl PATH]``.
 
-Runs scale, convergence, execution and the soak in that order (``--only`` picks some). The soak runs
-on PostgreSQL with two replicas (when reachable) and, with ``--full``, also on SQLite with one; with
-``--quick`` once, 30 s, on PostgreSQL if reachable, else SQLite. Exit status 1 when the soak counted
-a loss or a duplicate; the benchmarks themselves never fail on a figure.
+Runs scale, convergence, execution, pools and the soak in that order (``--only`` picks some). The
+soak runs on PostgreSQL with two replicas (when reachable) and, with ``--full``, also on SQLite with
+one; with ``--quick`` once, 30 s, on PostgreSQL if reachable, else SQLite. Exit status 1 when the soak
+counted a loss or a duplicate; the benchmarks themselves never fail on a figure.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, convergence, execution, scale, soak
+from bench import common, convergence, execution, pools, scale, soak
 
-BENCHES = ("scale", "convergence", "execution", "soak")
+BENCHES = ("scale", "convergence", "execution", "pools", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="leasectl benchmarks")
     size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes in all")
+    size.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
     size.add_argument("--full", action="store_true", help="full sizes (minutes)")
     parser.add_argument("--only", action="append", choices=BENCHES, help="run only this (repeatable)")
     parser.add_argument(
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             convergence.run(out, quick=quick, pg_admin_url=args.pg_url)
         elif name == "execution":
             execution.run(out, quick=quick, pg_admin_url=args.pg_url)
+        elif name == "pools":
+            pools.run(out, quick=quick, pg_admin_url=args.pg_url)
         else:
             backends = ["postgres"] if common.pg_reachable(args.pg_url) is None else []
             for backend in [*backends, "sqlite"] if not quick else backends or ["sqlite"]:

@@ -61,6 +61,8 @@ class ControllerSettings(_Section):
     deleted_lease_retention_days: float | None = Field(default=None, gt=0)
     retention_batch_size: int = Field(default=1000, ge=1)
     max_prune_share: float = Field(default=0.5, gt=0, le=1)
+    pool_creates_per_pass: int = Field(default=20, ge=0)
+    pool_busy_interval_seconds: float = Field(default=0.3, gt=0)
 
 
 class ExecSettings(_Section):

@@ -12,8 +12,11 @@ Jobs (BlockingScheduler, in-memory job store, ``max_instances=1``, coalescing):
 A job that fails logs the error and the daemon goes on. SIGTERM/SIGINT: no new work is taken, the
 applier lets in-flight actions finish within ``controller.shutdown_timeout_seconds``, leadership is
 released, the process exits 0. On PostgreSQL a LISTEN on channel ``leasectl_leases`` wakes the
-reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``leases``); it is a
-bonus, the interval is the guarantee.
+reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``leases``, 0004 one on
+``pools``); on SQLite a watcher thread polls ``PRAGMA data_version`` and a change counter every 250 ms
+for the same effect. A change that arrives during a pass makes that job run another pass at once;
+while pool members are on their way the next pass comes after ``pool_busy_interval_seconds``. These
+are a bonus: the interval is the guarantee.
 
 The daemon refuses to start on a schema older or newer than it knows (``SchemaError`` names
 ``leasectl db upgrade`` or "upgrade leasectl"); when the schema changes under a running replica
@@ -32,6 +35,7 @@ readiness and metrics have no authentication (the status page needs ``server.acc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -52,7 +56,9 @@ from controller.config import Settings
 from controller.errors import SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE, ConfigError
 from controller.leader import LeaderElector
 from controller.metrics import Metrics
+from controller.pool_sync import SETTLED_PHASES
 from controller.providers.base import SandboxProvider
+from controller.reconciler import PassResult
 from controller.web.access import is_loopback
 from controller.web.page import StatusPage
 from controller.web.runtime import PassSummary, RequestRates, Runtime
@@ -61,6 +67,8 @@ from models import EXECUTION_STATES, Execution, utcnow
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "leasectl_leases"
+SQLITE_WATCH_SECONDS = 0.25
+MAX_PASSES_PER_WAKE = 5
 
 
 @dataclass
@@ -96,6 +104,17 @@ def listen_address(settings: Settings) -> tuple[str, int]:
     return host, int(port)
 
 
+def _pools_busy(result: PassResult) -> bool:
+    """Pool members are on their way (to Ready or to gone) before or after this pass."""
+    pools = result.pools
+    if pools is None:
+        return False
+    decisions = result.plan.decisions
+    return pools.busy or any(
+        decisions[name].phase not in SETTLED_PHASES for name in pools.members if name in decisions
+    )
+
+
 class Daemon:
     def __init__(
         self,
@@ -121,6 +140,8 @@ class Daemon:
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         )
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a change arrived (NOTIFY / SQLite change counter)
+        self._reconciling = threading.Event()
         self._jobs_idle = threading.Condition()
         self._active_jobs = 0
         self._http: ThreadingHTTPServer | None = None
@@ -160,18 +181,29 @@ class Daemon:
     def job_reconcile(self) -> None:
         if not self.elector.is_leader():
             return
-        result = self.reconciler.run_pass()
-        finished = utcnow()
-        self.health.last_pass_ok_at = finished
-        self.health.last_pass_error = None
-        self.health.last_pass = PassSummary(
-            pass_id=result.pass_id,
-            finished_at=finished,
-            duration_seconds=result.duration_seconds,
-            leases=len(result.plan.decisions),
-            actions=len(result.outcomes),
-            errors=len(result.errors),
-        )
+        self._reconciling.set()
+        try:
+            for _ in range(MAX_PASSES_PER_WAKE):
+                self._wake.clear()
+                result = self.reconciler.run_pass()
+                finished = utcnow()
+                self.health.last_pass_ok_at = finished
+                self.health.last_pass_error = None
+                self.health.last_pass = PassSummary(
+                    pass_id=result.pass_id,
+                    finished_at=finished,
+                    duration_seconds=result.duration_seconds,
+                    leases=len(result.plan.decisions),
+                    actions=len(result.outcomes),
+                    errors=len(result.errors),
+                )
+                if not self._wake.is_set() or self._stopping.is_set():
+                    break  # a change arrived during the pass: look again at once
+        finally:
+            self._reconciling.clear()
+        if _pools_busy(result):
+            # Pool members on their way: the next pass comes soon, not after a whole interval.
+            self._reconcile_within(self.settings.controller.pool_busy_interval_seconds)
 
     def job_gc(self) -> None:
         if not self.elector.is_leader():
@@ -328,10 +360,65 @@ class Daemon:
 
         threading.Thread(target=loop, name="pg-listen", daemon=True).start()
 
+    def _watch_sqlite_changes(self) -> None:
+        """SQLite has no NOTIFY: every :data:`SQLITE_WATCH_SECONDS` read ``PRAGMA data_version`` (it
+        moves when another connection commits; no table is read) and, only when it moved, the one-row
+        ``change_counter`` that triggers on ``leases`` and ``pools`` bump (migration 0004). The
+        controller's own status writes move data_version but not the counter, so they wake nothing.
+        Its cost does not grow with the number of leases."""
+        if not self.db.is_sqlite:
+            return
+
+        def loop() -> None:
+            raw = None
+            last_version: Any = None
+            last_counter: Any = None
+            while not self._stopping.is_set():
+                try:
+                    if raw is None:
+                        raw = self.db.engine.raw_connection()
+                    cur = raw.cursor()
+                    cur.execute("PRAGMA data_version")
+                    fetched = cur.fetchone()
+                    version = fetched[0] if fetched else None
+                    if version != last_version:
+                        last_version = version
+                        cur.execute("SELECT counter FROM change_counter WHERE id = 1")
+                        row = cur.fetchone()
+                        counter = row[0] if row else 0
+                        if last_counter is not None and counter != last_counter:
+                            log.info("leases or pools changed; reconciling now")
+                            self.wake_reconcile()
+                        last_counter = counter
+                    cur.close()
+                except Exception as exc:
+                    log.debug("SQLite change watch: %s", exc)
+                    if raw is not None:
+                        with contextlib.suppress(Exception):
+                            raw.close()
+                    raw = None
+                    self._stopping.wait(2)
+                self._stopping.wait(SQLITE_WATCH_SECONDS)
+            if raw is not None:
+                with contextlib.suppress(Exception):
+                    raw.close()
+
+        threading.Thread(target=loop, name="sqlite-watch", daemon=True).start()
+
     def wake_reconcile(self) -> None:
+        """Reconcile now; a wake during a pass makes that job run one more pass when it ends."""
+        self._wake.set()
+        if self._reconciling.is_set():
+            return
+        self._reconcile_within(0.0)
+
+    def _reconcile_within(self, seconds: float) -> None:
         job = self.scheduler.get_job("reconcile")
-        if job is not None:
-            job.modify(next_run_time=utcnow())
+        if job is None:
+            return
+        at = utcnow() + timedelta(seconds=seconds)
+        if job.next_run_time is None or job.next_run_time > at:
+            job.modify(next_run_time=at)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -380,6 +467,7 @@ class Daemon:
         )
         add(self._guard("housekeeping", self.job_housekeeping), "interval", seconds=15, id="housekeeping")
         self._listen_for_changes()
+        self._watch_sqlite_changes()
         log.info("leasectl daemon started (instance %s, holder %s)", c.instance, self.elector.holder)
         try:
             self.scheduler.start()

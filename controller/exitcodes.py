@@ -19,7 +19,8 @@ problem, the Daytona API or the database could not be reached, or an unexpected 
 
 INVALID: Final = 2
 """Invalid input, nothing changed: usage, settings, a lease file, an unknown lease or execution, a
-lease that cannot take the request, or a prune refused by the guard."""
+lease that cannot take the request, an unknown pool, a release of a lease that is not a claimed
+pool member, or a prune refused by the guard."""
 
 PLAN_CHANGES: Final = 2
 """``plan --detailed-exitcode`` only: actions are planned (then every error exits 1, as Terraform)."""
@@ -30,6 +31,9 @@ NOT_LEADER: Final = 3
 NO_DATABASE: Final = 4
 """The database does not exist, or its schema is missing or old (run ``leasectl db upgrade``) or
 newer than this version knows (upgrade leasectl)."""
+
+NO_MEMBER_READY: Final = 5
+"""``claim``: no member of the pool is Ready (and, with ``--wait``, none became Ready in time)."""
 
 TIMED_OUT: Final = 124
 """``exec``: the command ran out of its time-out and was stopped."""
@@ -50,6 +54,7 @@ TABLE: Final = (
     (PLAN_CHANGES, "plan --detailed-exitcode", "actions are planned"),
     (NOT_LEADER, "reconcile --once, gc", "another replica leads this instance"),
     (NO_DATABASE, "all", "no database, or a schema this version cannot use (missing, old or newer)"),
+    (NO_MEMBER_READY, "claim", "no member of the pool is ready (within --wait)"),
     (TIMED_OUT, "exec", "the command timed out"),
     (SETUP_FAILED, "exec", "the command could not start (cwd, stdin file)"),
     (INTERRUPTED, "all; exec stops the remote command", "interrupted by Ctrl-C (SIGINT)"),

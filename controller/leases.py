@@ -1,17 +1,20 @@
-"""Operator-facing lease operations on the database: apply (upsert and prune), read, export.
+"""Operator-facing lease and pool operations on the database: apply (upsert and prune), read, export.
 
-Used by the CLI (``apply``, ``get``, ``export``). ``apply`` writes only operator columns, in one
+Used by the CLI (``apply``, ``get``, ``export``). Pools are applied like leases (pruning deletes the
+pool row; the reconciler then retires its unclaimed members). Pool member rows (``leases.pool`` set)
+belong to their pool: apply, prune and export never touch them, and a lease may not take a name of
+the form ``<pool>-<id>``. ``apply`` writes only operator columns, in one
 transaction: on any error nothing is written. It never deletes a row: pruning sets the desired
 state to ``absent`` so the controller can still find and delete the sandbox. A prune that would
 take every live lease, or more than ``max_prune_share`` of them, is refused (nothing is written, dry
 run or not) unless the caller allows it explicitly (``apply --prune-all``): an empty or truncated
-file must not be able to delete a fleet.
+file must not be able to delete a fleet. The same guard applies to pools, counted on their own.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +24,8 @@ from sqlalchemy.orm import Session
 from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
-from controller.specs import LeaseSpec
-from models import Lease, UTCDateTime, lease_overview, utcnow
+from controller.specs import LeaseSpec, PoolSpec
+from models import Lease, Pool, UTCDateTime, lease_overview, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
 DEFAULT_MAX_PRUNE_SHARE = 0.5
@@ -55,31 +58,44 @@ class ApplyResult:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
+    pools_created: list[str] = field(default_factory=list)
+    pools_updated: list[str] = field(default_factory=list)
+    pools_unchanged: list[str] = field(default_factory=list)
+    pools_pruned: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.created or self.updated or self.pruned)
+        return bool(
+            self.created
+            or self.updated
+            or self.pruned
+            or self.pools_created
+            or self.pools_updated
+            or self.pools_pruned
+        )
 
 
 def apply_specs(
     db: Database,
     specs: Sequence[LeaseSpec],
     *,
+    pools: Sequence[PoolSpec] | None = None,
     prune: bool = False,
     dry_run: bool = False,
     prune_all: bool = False,
     max_prune_share: float = DEFAULT_MAX_PRUNE_SHARE,
 ) -> ApplyResult:
-    """Upsert ``specs`` into ``leases`` in one transaction (rolled back when ``dry_run``).
+    """Upsert ``specs`` into ``leases`` (and ``pools`` into ``pools`` unless None) in one transaction
+    (rolled back when ``dry_run``).
 
     Raises :class:`PruneRefusedError` (nothing written) when the prune guard refuses and
-    ``prune_all`` is not set.
+    ``prune_all`` is not set, and :class:`SpecError` when a lease is named like a pool's members.
     """
     result = ApplyResult()
     wanted = {s.name for s in specs}
     guard = None if prune_all else max_prune_share
     with contextlib.suppress(_RolledBack):
-        _apply(db, specs, wanted, result, prune=prune, dry_run=dry_run, max_prune_share=guard)
+        _apply(db, specs, pools, wanted, result, prune=prune, dry_run=dry_run, max_prune_share=guard)
     return result
 
 
@@ -90,6 +106,7 @@ class _RolledBack(Exception):
 def _apply(
     db: Database,
     specs: Sequence[LeaseSpec],
+    pools: Sequence[PoolSpec] | None,
     wanted: set[str],
     result: ApplyResult,
     *,
@@ -101,12 +118,20 @@ def _apply(
         # Lock and read the rows without loading them through the ORM: a row written by hand that
         # the ORM cannot load (JSON that does not parse on SQLite) must not stop an apply that
         # replaces it. Rows that break the lease rules compare as changed, so apply repairs them.
-        states = dict(
-            session.execute(sa.select(Lease.name, Lease.desired_state).with_for_update()).tuples().all()
+        # Pool members belong to their pool: apply and prune see plain leases only.
+        locked = (
+            session.execute(sa.select(Lease.name, Lease.desired_state, Lease.pool).with_for_update())
+            .tuples()
+            .all()
         )
+        states = {name: state for name, state, pool in locked if pool is None}
+        members = {name: pool for name, _, pool in locked if pool is not None}
         valid, _ = load_lease_rows(session)
-        current = {row.name: row.lease.to_row() for row in valid}
+        current = {row.name: row.lease.to_row() for row in valid if row.name in states}
         now = utcnow()
+        _check_names(session, specs, pools, members)
+        if pools is not None:
+            _apply_pools(session, pools, result, prune=prune, max_prune_share=max_prune_share, now=now)
         for spec in specs:
             values = spec.to_row()
             if spec.name not in states:
@@ -143,14 +168,114 @@ def _apply(
             raise _RolledBack
 
 
+def _check_names(
+    session: Session,
+    specs: Sequence[LeaseSpec],
+    pools: Sequence[PoolSpec] | None,
+    members: Mapping[str, str | None],
+) -> None:
+    """A lease may not be named like a pool's members, nor take a member's name."""
+    declared = {p.name: p for p in pools or ()}
+    stored = {
+        row.name: PoolSpec.model_construct(name=row.name)
+        for row in session.scalars(sa.select(Pool))
+        if row.name not in declared
+    }
+    problems = []
+    for spec in specs:
+        if spec.name in members:
+            problems.append(
+                f"lease {spec.name!r}: the name belongs to a member of pool {members[spec.name]!r}"
+            )
+            continue
+        for pool in (*declared.values(), *stored.values()):
+            if pool.owns_name(spec.name):
+                problems.append(
+                    f"lease {spec.name!r}: the name has the form of pool {pool.name!r}'s members "
+                    f"({pool.name}-<8 characters>); rename the lease or the pool"
+                )
+    plain = {row for row in session.scalars(sa.select(Lease.name).where(Lease.pool.is_(None)))}
+    for pool in declared.values():
+        clashes = sorted(
+            name for name in plain if pool.owns_name(name) and name not in {s.name for s in specs}
+        )
+        if clashes:
+            problems.append(
+                f"pool {pool.name!r}: existing lease(s) {', '.join(clashes)} have the form of its member "
+                "names; rename the pool"
+            )
+    if problems:
+        raise SpecError("; ".join(problems) + "; nothing was written")
+
+
+def _apply_pools(
+    session: Session,
+    pools: Sequence[PoolSpec],
+    result: ApplyResult,
+    *,
+    prune: bool,
+    max_prune_share: float | None,
+    now: Any,
+) -> None:
+    existing = {pool.name: pool for pool in session.scalars(sa.select(Pool).with_for_update())}
+    for spec in pools:
+        values = spec.to_row()
+        row = existing.get(spec.name)
+        if row is None:
+            session.add(Pool(**values, created_at=now, updated_at=now))
+            result.pools_created.append(spec.name)
+        elif _pool_values(row) != values:
+            for col, value in values.items():
+                setattr(row, col, value)
+            row.updated_at = now
+            result.pools_updated.append(spec.name)
+        else:
+            result.pools_unchanged.append(spec.name)
+    if not prune:
+        return
+    wanted = {p.name for p in pools}
+    doomed = sorted(name for name in existing if name not in wanted)
+    refusal = (
+        prune_refusal(len(existing), len(doomed), max_prune_share) if max_prune_share is not None else None
+    )
+    if refusal is not None:
+        raise PruneRefusedError(
+            f"{refusal.replace('lease', 'pool')}; nothing was written. Check the files (an empty or "
+            "truncated file prunes everything); if you mean it, run again with --prune-all"
+        )
+    for name in doomed:
+        session.delete(existing[name])
+        result.pools_pruned.append(name)
+
+
+def _pool_values(row: Pool) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "template": dict(row.template or {}),
+        "min_ready": row.min_ready,
+        "max_size": row.max_size,
+        "claim_ttl_seconds": row.claim_ttl_seconds,
+    }
+
+
+def read_pools(session: Session, names: Sequence[str] = ()) -> list[PoolSpec]:
+    query = sa.select(Pool).order_by(Pool.name)
+    if names:
+        query = query.where(Pool.name.in_(names))
+    return [PoolSpec.from_row(_pool_values(row)) for row in session.scalars(query)]
+
+
 def read_specs(
     session: Session, names: Sequence[str] = (), *, invalid: list[InvalidLeaseRow] | None = None
 ) -> list[LeaseSpec]:
-    """The valid leases (or those named) as specs; rows that break the rules go to ``invalid``."""
+    """The valid plain leases (or those named) as specs; rows that break the rules go to ``invalid``.
+
+    Pool members belong to their pool and are not exported."""
+    members = set(session.scalars(sa.select(Lease.name).where(Lease.pool.is_not(None))))
     rows, bad = load_lease_rows(session, names)
     if invalid is not None:
-        invalid.extend(bad)
-    return [row.lease for row in rows]
+        invalid.extend(row for row in bad if row.name not in members)
+    return [row.lease for row in rows if row.name not in members]
 
 
 def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -40,6 +40,26 @@ class Metrics:
             "leasectl_executions", "Executions by state (last count).", ["state"], registry=r
         )
         self.leader = Gauge("leasectl_leader", "1 while this replica is the leader.", registry=r)
+        self.pool_members = Gauge(
+            "leasectl_pool_members",
+            "Pool members after the last pass, by pool and standing "
+            "(ready, claimed, provisioning, failing, retiring).",
+            ["pool", "state"],
+            registry=r,
+        )
+        self.claims = Counter(
+            "leasectl_claims",
+            "Claims made by this process, by pool and kind (warm, cold, failed).",
+            ["pool", "kind"],
+            registry=r,
+        )
+        self.claim_seconds = Histogram(
+            "leasectl_claim_seconds",
+            "Time from a claim request to its answer, by kind (warm, cold, failed).",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         for phase in PHASES:
             self.leases.labels(phase=phase).set(0)
         for state in EXECUTION_STATES:

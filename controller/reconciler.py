@@ -1,5 +1,7 @@
 """One reconcile pass: observe -> plan -> apply -> write status. Called by the CLI and the daemon.
 
+A pass starts with the pool step (``controller.pool_sync``: member rows to add, retire, remove).
+
 Reads every lease and status row (one read transaction), observes every sandbox of this instance
 (one paginated list call), asks the pure planner for at most one action per lease, runs the
 actions through the applier and writes ``lease_status`` and ``events`` in one transaction at the
@@ -36,6 +38,7 @@ from controller.leader import LeaderElector
 from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
+from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
 from controller.specs import SPEC_COLUMNS, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
@@ -67,6 +70,7 @@ class PassResult:
     outcomes: list[Outcome] = field(default_factory=list)
     duration_seconds: float = 0.0
     invalid: list[InvalidLeaseRow] = field(default_factory=list)  # rows left alone, phase Failed
+    pools: PoolSyncResult | None = None
 
     @property
     def errors(self) -> list[Outcome]:
@@ -175,6 +179,15 @@ class Reconciler:
 
     def _run(self, pass_id: str) -> PassResult:
         self._check_leader()
+        pools = sync_pools(
+            self.db,
+            now=self.clock(),
+            create_budget=self.settings.controller.pool_creates_per_pass,
+            controller_id=self.controller_id,
+            pass_id=pass_id,
+            fence=self._fence,
+            metrics=self.metrics,
+        )
         the_plan, leases, statuses, invalid = self.observe_and_plan()
         views = {lease.name: lease for lease in leases}
         self._check_leader()
@@ -183,11 +196,9 @@ class Reconciler:
         def before_create(action: Action) -> None:
             self._record_create_attempt(action)
 
-        outcomes = (
-            self.applier.apply(the_plan.actions, before_create=before_create, fence=fence)
-            if the_plan.actions
-            else []
-        )
+        # Plain leases first: filling a pool never delays them (the sort is stable).
+        actions = sorted(the_plan.actions, key=lambda a: a.lease_name in pools.members)
+        outcomes = self.applier.apply(actions, before_create=before_create, fence=fence) if actions else []
         self._write(pass_id, the_plan, outcomes, views, statuses)
         if invalid:
             self._write_invalid(pass_id, invalid)
@@ -197,7 +208,7 @@ class Reconciler:
             for outcome in outcomes:
                 result = "reobserved" if outcome.reobserved else "ok" if outcome.ok else "error"
                 self.metrics.actions.labels(kind=outcome.action.kind, result=result).inc()
-        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes, invalid=invalid)
+        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes, invalid=invalid, pools=pools)
 
     def _check_leader(self) -> None:
         if self.elector is not None and not self.elector.is_leader():

@@ -1,8 +1,10 @@
-"""LeaseSpec: one lease as written in YAML, its validation, its row form and its spec hash.
+"""LeaseSpec and PoolSpec: leases and pools as written in YAML, their validation, row form and hash.
 
-``leasectl apply`` loads files with :func:`load_lease_files` (errors name the file, the lease and the
-field), ``leasectl export`` turns rows back into the same YAML, and the reconciler hashes the spec
+``leasectl apply`` loads files with :func:`load_manifest` (errors name the file, the lease or pool and
+the field), ``leasectl export`` turns rows back into the same YAML, and the reconciler hashes the spec
 columns of a row with :func:`spec_hash` to detect changes, whoever made them (apply or plain SQL).
+A pool's ``template`` is a lease without ``name`` and ``state``; :meth:`PoolSpec.member` is the lease
+of one member, and :meth:`PoolSpec.template_hash` the spec hash every current member carries.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -263,10 +266,10 @@ def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[L
     """Validate the parsed YAML of one file; every error names the source, the lease and the field."""
     if data is None:
         return []
-    if not isinstance(data, Mapping) or set(data) - {"leases"}:
-        extra = sorted(set(data) - {"leases"}) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping) or set(data) - {"leases", "pools"}:
+        extra = sorted(set(data) - {"leases", "pools"}) if isinstance(data, Mapping) else None
         hint = f" (unknown keys: {', '.join(map(str, extra))})" if extra else ""
-        raise SpecError(f"{source}: the top level must be a mapping with one key, 'leases'{hint}")
+        raise SpecError(f"{source}: the top level must be a mapping with the keys 'leases' and 'pools'{hint}")
     items = data.get("leases")
     if items is None:
         return []
@@ -304,8 +307,16 @@ def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[L
 
 def load_lease_files(paths: Iterable[Path]) -> list[LeaseSpec]:
     """Read and validate lease files; names must be unique across all of them."""
+    return load_manifest(paths).leases
+
+
+def load_manifest(paths: Iterable[Path]) -> Manifest:
+    """Read and validate lease files (``leases:`` and ``pools:``); names must be unique across all of
+    them, and no lease may be named like a pool's members (``<pool>-...``)."""
     specs: list[LeaseSpec] = []
+    pools: list[PoolSpec] = []
     seen: dict[str, str] = {}
+    seen_pools: dict[str, str] = {}
     problems: list[str] = []
     for path in paths:
         source = str(path)
@@ -322,9 +333,18 @@ def load_lease_files(paths: Iterable[Path]) -> list[LeaseSpec]:
             raise SpecError(f"{where}: not valid YAML: {problem}") from exc
         try:
             file_specs = parse_leases(data, source, yaml_lines(text))
+            file_pools = parse_pools(data, source)
         except SpecError as exc:
             problems.append(str(exc))
             continue
+        for pool in file_pools:
+            if pool.name in seen_pools:
+                problems.append(
+                    f"{source}: pool {pool.name!r}: name: duplicate (also defined in {seen_pools[pool.name]})"
+                )
+            else:
+                seen_pools[pool.name] = source
+                pools.append(pool)
         for spec in file_specs:
             if spec.name in seen:
                 problems.append(
@@ -333,9 +353,16 @@ def load_lease_files(paths: Iterable[Path]) -> list[LeaseSpec]:
             else:
                 seen[spec.name] = source
                 specs.append(spec)
+    for spec in specs:
+        for pool in pools:
+            if pool.owns_name(spec.name):
+                problems.append(
+                    f"{seen[spec.name]}: lease {spec.name!r}: name: matches the member names of pool "
+                    f"{pool.name!r} ({pool.name}-...); rename the lease or the pool"
+                )
     if problems:
         raise SpecError("\n".join(problems))
-    return specs
+    return Manifest(leases=specs, pools=pools)
 
 
 def _stdin() -> str:
@@ -344,6 +371,172 @@ def _stdin() -> str:
     return sys.stdin.read()
 
 
-def dump_leases(specs: Iterable[LeaseSpec]) -> str:
-    """YAML that :func:`load_lease_files` accepts and that round-trips."""
-    return yaml.safe_dump({"leases": [s.to_yaml_dict() for s in specs]}, sort_keys=False, allow_unicode=True)
+def dump_leases(specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = ()) -> str:
+    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` only when there are)."""
+    data: dict[str, Any] = {"leases": [s.to_yaml_dict() for s in specs]}
+    pool_items = [p.to_yaml_dict() for p in pools]
+    if pool_items:
+        data["pools"] = pool_items
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# -- pools -------------------------------------------------------------------------------------------
+
+POOL_NAME_MAX = 54  # room for "-" and an 8-character member id within a lease name's 63
+MEMBER_ID_LENGTH = 8
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"2h"`` or ``"1d"``; ValueError otherwise (or <= 0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int):
+        seconds = value
+    else:
+        match = _DURATION_RE.fullmatch(str(value))
+        if match is None:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 90, 90s, 15m, 2h, 1d)")
+        seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+class PoolSpec(BaseModel):
+    """One warm pool: a lease template and its sizes (``max_size`` None = no cap)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    template: dict[str, Any] = Field(default_factory=dict)
+    min_ready: int = Field(default=0, ge=0, strict=True)
+    max_size: int | None = Field(default=None, ge=1, strict=True)
+    claim_ttl: int | None = Field(default=None, description="seconds; YAML also takes 15m, 2h, ...")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not NAME_RE.fullmatch(value) or len(value) > POOL_NAME_MAX:
+            raise ValueError(
+                f"must be a lowercase slug of 1-{POOL_NAME_MAX} characters (letters a-z, digits, dashes, "
+                "not starting or ending with a dash): members are named <pool>-<8 characters>"
+            )
+        return value
+
+    @field_validator("claim_ttl", mode="before")
+    @classmethod
+    def _ttl(cls, value: Any) -> int | None:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("name", "state"):
+            if key in value:
+                raise ValueError(f"a template has no {key!r}: members are named and run by the pool")
+        try:
+            LeaseSpec.model_validate({**value, "name": "member"})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"not a valid lease: {_field_path(first['loc'])}: {first['msg']}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolSpec:
+        if self.max_size is not None and self.min_ready > self.max_size:
+            raise FieldRuleError(
+                "min_ready", f"min_ready ({self.min_ready}) is larger than max_size ({self.max_size})"
+            )
+        return self
+
+    def owns_name(self, lease_name: str) -> bool:
+        """Whether ``lease_name`` has the form of this pool's member names."""
+        prefix = f"{self.name}-"
+        rest = lease_name[len(prefix) :]
+        return lease_name.startswith(prefix) and len(rest) == MEMBER_ID_LENGTH and "-" not in rest
+
+    def member(self, member_name: str) -> LeaseSpec:
+        """The lease of one member: the template, desired running."""
+        return LeaseSpec.model_validate({**self.template, "name": member_name, "state": "running"})
+
+    def template_hash(self) -> str:
+        return spec_hash(self.member(f"{self.name}-{'0' * MEMBER_ID_LENGTH}").to_row())
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "template": dict(self.template),
+            "min_ready": self.min_ready,
+            "max_size": self.max_size,
+            "claim_ttl_seconds": self.claim_ttl,
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> PoolSpec:
+        return cls(
+            name=row["name"],
+            template=dict(row.get("template") or {}),
+            min_ready=row.get("min_ready") or 0,
+            max_size=row.get("max_size"),
+            claim_ttl=row.get("claim_ttl_seconds"),
+        )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "template": dict(self.template),
+            "min_ready": self.min_ready,
+        }
+        if self.max_size is not None:
+            data["max_size"] = self.max_size
+        if self.claim_ttl is not None:
+            data["claim_ttl"] = format_duration(self.claim_ttl)
+        return data
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a set of lease files declares."""
+
+    leases: list[LeaseSpec]
+    pools: list[PoolSpec]
+
+
+def parse_pools(data: Any, source: str) -> list[PoolSpec]:
+    """Validate the ``pools:`` list of one parsed file; errors name the source, the pool and the field."""
+    if not isinstance(data, Mapping) or data.get("pools") is None:
+        return []
+    items = data["pools"]
+    if not isinstance(items, list):
+        raise SpecError(f"{source}: 'pools' must be a list")
+    pools: list[PoolSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        label = f"pools[{index}]"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            label = f"pool {item['name']!r}"
+        if not isinstance(item, Mapping):
+            problems.append(f"{source}: {label}: must be a mapping")
+            continue
+        try:
+            pools.append(PoolSpec.model_validate(dict(item)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = err["loc"]
+                rule = (err.get("ctx") or {}).get("error")
+                if isinstance(rule, FieldRuleError):
+                    loc = (rule.field,)
+                message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
+                problems.append(f"{source}: {label}: {_field_path(loc)}: {message}")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return pools

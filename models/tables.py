@@ -1,14 +1,17 @@
 """The tables of leasectl's database and the value sets the database itself enforces.
 
-Ownership: operators own ``leases`` (the controller never writes its columns except through
-``leasectl apply``); the controller owns ``lease_status``, ``events``, ``orphan_sightings`` and
-``leader_election``; ``executions`` is shared (operators insert queued rows, the controller runs them
-and writes the results).
+Ownership: operators own ``leases`` and ``pools`` (the controller never writes their columns except
+through ``leasectl apply``). Pool member rows (``leases.pool`` set) are the exception: the controller
+inserts, retires and removes them, and claimers write their claim columns. The controller owns
+``lease_status``, ``events``, ``orphan_sightings``, ``change_counter`` and ``leader_election``;
+``executions`` is shared (operators insert queued rows, the controller runs them and writes the
+results).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
@@ -106,6 +109,52 @@ class Lease(Base):
     paused: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    # Pool members (``pool`` set) are rows the controller inserts for a pool; the claim columns say
+    # who holds one (``claimed_at`` NULL with ``claimed_by`` set: reserved by a waiting claimer),
+    # until when, and when it was given back. Plain leases leave them all NULL.
+    pool: Mapped[str | None] = mapped_column(sa.String(63), index=True)
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(255))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Pool(Base):
+    """A warm pool, owned by the operator: a lease template and how many members to keep.
+
+    ``template`` is the YAML form of a lease without ``name`` and ``state`` (as in ``pools:`` of a
+    lease file); ``max_size`` NULL means no cap; ``claim_ttl_seconds`` NULL means claims never expire.
+    """
+
+    __tablename__ = "pools"
+    __table_args__ = (
+        sa.CheckConstraint("min_ready >= 0", name="min_ready"),
+        sa.CheckConstraint("max_size IS NULL OR (max_size >= 1 AND max_size >= min_ready)", name="max_size"),
+        sa.CheckConstraint("claim_ttl_seconds IS NULL OR claim_ttl_seconds > 0", name="claim_ttl"),
+        sa.CheckConstraint("length(name) BETWEEN 1 AND 54", name="name_length"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(54), unique=True)
+    template: Mapped[dict[str, Any]] = mapped_column(sa.JSON, server_default=sa.text("'{}'"))
+    min_ready: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    max_size: Mapped[int | None] = mapped_column(sa.Integer)
+    claim_ttl_seconds: Mapped[int | None] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class ChangeCounter(Base):
+    """One row whose ``counter`` SQLite triggers bump on every change to ``leases`` and ``pools``.
+
+    The daemon reads it every few hundred milliseconds (after a ``PRAGMA data_version`` gate) to
+    wake up at once on SQLite, where there is no NOTIFY. PostgreSQL uses NOTIFY and leaves it alone.
+    """
+
+    __tablename__ = "change_counter"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    counter: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
 
 
 class LeaseStatus(Base):

@@ -28,7 +28,9 @@ SELECT
     s.last_reconciled_at AS last_reconciled_at,
     l.created_at AS created_at,
     l.updated_at AS updated_at,
-    s.updated_at AS status_updated_at
+    s.updated_at AS status_updated_at,
+    l.pool AS pool,
+    l.claimed_by AS claimed_by
 FROM leases l
 LEFT JOIN lease_status s ON s.lease_name = l.name
 """
@@ -55,4 +57,6 @@ lease_overview = sa.Table(
     sa.Column("created_at", UTCDateTime),
     sa.Column("updated_at", UTCDateTime),
     sa.Column("status_updated_at", UTCDateTime),
+    sa.Column("pool", sa.String),
+    sa.Column("claimed_by", sa.String),
 )

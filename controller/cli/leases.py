@@ -16,8 +16,8 @@ import yaml
 from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out
-from controller.leases import apply_specs, overview, read_specs
-from controller.specs import dump_leases, load_lease_files
+from controller.leases import apply_specs, overview, read_pools, read_specs
+from controller.specs import dump_leases, load_manifest
 
 
 @app.command()
@@ -49,10 +49,11 @@ def apply(
     if prune_all and not prune:
         fail("--prune-all only makes sense with --prune", EXIT_INVALID)
     with handled():
-        specs = load_lease_files(files)
+        manifest = load_manifest(files)
         result = apply_specs(
             cli.database(),
-            specs,
+            manifest.leases,
+            pools=manifest.pools,
             prune=prune,
             dry_run=dry_run,
             prune_all=prune_all,
@@ -67,6 +68,14 @@ def apply(
     ):
         for name in names:
             out.print(f"lease/{name} {label}", highlight=False)
+    for label, names in (
+        ("created", result.pools_created),
+        ("updated", result.pools_updated),
+        ("unchanged", result.pools_unchanged),
+        ("pruned", result.pools_pruned),
+    ):
+        for name in names:
+            out.print(f"pool/{name} {label}", highlight=False)
     out.print(
         f"{len(result.created)} created, {len(result.updated)} updated, "
         f"{len(result.unchanged)} unchanged, {len(result.pruned)} pruned{suffix}",
@@ -194,11 +203,13 @@ def export(
     ] = None,
     names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
 ) -> None:
-    """Print the leases as YAML that `apply` accepts."""
+    """Print the leases and pools as YAML that `apply` accepts (pool members belong to their pool)."""
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
         invalid: list[Any] = []
-        text = dump_leases(read_specs(session, names or (), invalid=invalid))
+        text = dump_leases(
+            read_specs(session, names or (), invalid=invalid), read_pools(session) if not names else ()
+        )
     for bad in invalid:
         err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)
     if output is None:

@@ -98,3 +98,28 @@ def test_soak_short_form_loses_nothing(
     else:
         assert record["parameters"]["replicas"] == 1
         assert figures["database_outage_seconds"] == 0
+
+
+def test_pool_bench_prints_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import pools
+
+    jsonl = tmp_path / "bench.jsonl"
+    out = common.Output(None, jsonl)
+    pools.run(
+        out,
+        quick=True,
+        pg_admin_url="",
+        backends=("sqlite",),
+        ready=2,
+        claims=3,
+        cold=1,
+        rows=0,
+        latency=0.2,
+        cli_runs=1,
+    )
+    (record,) = _check_shape(jsonl, capsys.readouterr().out, "pools", 1)
+    figures = record["figures"]
+    assert isinstance(figures, dict)
+    assert figures["warm"]["claims"] + figures["warm_misses"]["claims"] == 3
+    assert figures["cold"]["claims"] == 1 and figures["refilled_after"] is True
+    assert figures["cli_claim"]["p50_ms"] is not None

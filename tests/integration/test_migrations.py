@@ -79,6 +79,16 @@ AT = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
 # rewrites values on purpose lists the (table, column) pairs it changes in REWRITTEN, so the
 # round-trip check skips them.
 SAMPLE_ROWS: dict[str, dict[str, Any]] = {
+    "pools": {
+        "name": "agents",
+        "template": {"image": "python:3.12-slim", "env": {"A": "1"}},
+        "min_ready": 2,
+        "max_size": 5,
+        "claim_ttl_seconds": 3600,
+        "created_at": AT,
+        "updated_at": AT,
+    },
+    "change_counter": {"id": 1, "counter": 7},
     "leases": {
         "name": "alpha",
         "desired_state": "running",
@@ -228,6 +238,8 @@ def test_upgrade_with_rows_from_every_earlier_revision(fresh_url: str, revision:
         database = dbmod.connect(fresh_url)
         with database.session() as session:
             for mapper in Base.registry.mappers:
+                if mapper.local_table.name not in written:  # created empty by a later revision
+                    continue
                 assert session.scalars(sa.select(mapper.class_)).all(), mapper.class_.__name__
             session.add(Event(lease_name="alpha", action="upgrade-check", outcome="ok"))
     finally:

@@ -155,3 +155,56 @@ def test_ephemeral_rules_name_the_field(fields: dict[str, object], needle: str) 
 def test_ephemeral_leases_that_daytona_accepts(fields: dict[str, object]) -> None:
     [spec] = parse_leases({"leases": [{"name": "eph", **fields}]}, "f.yaml")
     assert spec.name == "eph"
+
+
+# -- pools -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(90, 90), ("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400)]
+)
+def test_durations(text: object, seconds: int) -> None:
+    from controller.specs import format_duration, parse_duration
+
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("bad", [0, -5, "soon", "5w", True, "1.5h"])
+def test_bad_durations(bad: object) -> None:
+    from controller.specs import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_pool_files_round_trip_and_members_follow_the_template(tmp_path: Path) -> None:
+    from controller.specs import load_manifest, parse_pools
+
+    data = {
+        "pools": [
+            {
+                "name": "agents",
+                "template": {"image": "python:3.12-slim", "resources": {"cpu": 2}, "env": {"A": "1"}},
+                "min_ready": 2,
+                "max_size": 4,
+                "claim_ttl": "30m",
+            }
+        ]
+    }
+    (pool,) = parse_pools(data, "f.yaml")
+    member = pool.member("agents-0123abcd")
+    assert member.name == "agents-0123abcd" and member.state == "running" and member.resources is not None
+    assert spec_hash(member.to_row()) == pool.template_hash()
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_leases([], [pool]))
+    assert load_manifest([path]).pools == [pool]
+
+
+def test_a_lease_named_like_pool_members_is_refused(tmp_path: Path) -> None:
+    from controller.specs import load_manifest
+
+    path = tmp_path / "f.yaml"
+    path.write_text("leases:\n  - name: agents-0123abcd\n  - name: agents-web\npools:\n  - name: agents\n")
+    with pytest.raises(SpecError, match="matches the member names of pool 'agents'"):
+        load_manifest([path])

@@ -1,0 +1,319 @@
+"""Warm pools end to end: apply, refill, claim, exec, release, template change, concurrency and bad
+input, with the real SDK against the local Daytona API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from daytona import ListSandboxesQuery
+from typer.testing import CliRunner
+
+from controller import db as dbmod
+from controller import exitcodes
+from controller.claims import NoMemberReadyError, _reserve, claim
+from controller.cli import app
+from controller.pool_sync import sync_pools
+from models import Event, Lease, utcnow
+from tests.support.emulator import EmulatorProcess
+
+INSTANCE = "pooltest"
+
+
+@pytest.fixture
+def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
+    monkeypatch.setenv("DAYTONA_API_URL", emulator.api_url)
+    monkeypatch.setenv("DAYTONA_API_KEY", emulator.api_key)
+    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", INSTANCE)
+    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_BASE_SECONDS", "0.01")
+    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_MAX_SECONDS", "0.05")
+    return emulator
+
+
+def cli(url: str, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["--database-url", url, *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write_pool(
+    path: Path, *, min_ready: int, max_size: int | None = None, env: str = "one", **extra: Any
+) -> Path:
+    pool: dict[str, Any] = {"name": "agents", "template": {"env": {"FLAVOUR": env}}, "min_ready": min_ready}
+    if max_size is not None:
+        pool["max_size"] = max_size
+    pool.update(extra)
+    path.write_text(json.dumps({"leases": [], "pools": [pool]}))  # JSON is YAML
+    return path
+
+
+def pools(url: str) -> dict[str, Any]:
+    code, out, err = cli(url, "pools", "-o", "json")
+    assert code == 0, err
+    found: dict[str, Any] = {p["name"]: p for p in json.loads(out)}["agents"]
+    return found
+
+
+def members(url: str) -> dict[str, dict[str, Any]]:
+    code, out, err = cli(url, "get", "-o", "json")
+    assert code == 0, err
+    return {r["name"]: r for r in json.loads(out) if r["pool"] == "agents"}
+
+
+def pass_until(url: str, done: Any, passes: int = 15, max_size: int | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for _ in range(passes):
+        code, out, err = cli(url, "reconcile", "--once")
+        assert code in (0, 1), out + err
+        state = pools(url)
+        if max_size is not None:
+            assert state["members"] <= max_size, state
+        if done(state):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(state)
+
+
+def sandboxes(emu: EmulatorProcess) -> list[Any]:
+    found = emu.client().list(ListSandboxesQuery(labels={"leasectl-instance": INSTANCE}, limit=200))
+    return [sb for sb in found if sb.state not in ("destroyed",)]
+
+
+def test_fill_claim_exec_release_refill(database_url: str, env: EmulatorProcess, tmp_path: Path) -> None:
+    path = write_pool(tmp_path / "pool.yaml", min_ready=2, max_size=3, claim_ttl="1h")
+    code, out, err = cli(database_url, "apply", "-f", str(path))
+    assert code == 0 and "pool/agents created" in out, out + err
+    pass_until(database_url, lambda s: s["ready"] == 2, max_size=3)
+
+    code, out, err = cli(database_url, "claim", "agents", "--owner", "job-1", "-o", "json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["pool"] == "agents" and got["owner"] == "job-1" and got["kind"] == "warm"
+    assert got["sandbox_id"] and got["lease"].startswith("agents-") and got["expires_at"]
+    assert members(database_url)[got["lease"]]["claimed_by"] == "job-1"
+
+    code, out, err = cli(database_url, "exec", got["lease"], "--", "sh", "-c", "echo $FLAVOUR")
+    assert code == 0 and out.strip() == "one", out + err
+
+    # The pool refills to min_ready unclaimed while the claim holds, within max_size.
+    state = pass_until(database_url, lambda s: s["ready"] == 1 and s["claimed"] == 1, max_size=3)
+    state = pass_until(database_url, lambda s: s["ready"] + s["provisioning"] == 2, max_size=3)
+    assert state["claimed"] == 1
+
+    code, out, err = cli(database_url, "release", got["lease"])
+    assert code == 0 and "released" in out, err
+    code, _, err = cli(database_url, "release", got["lease"])
+    assert code == exitcodes.INVALID and "already released" in err
+    state = pass_until(
+        database_url, lambda s: s["claimed"] == 0 and s["ready"] == 2 and s["retiring"] == 0, max_size=3
+    )
+    assert got["lease"] not in members(database_url)  # deleted, row removed: never handed out again
+    assert got["sandbox_id"] not in {sb.id for sb in sandboxes(env)}
+    code, out, _ = cli(database_url, "events", got["lease"], "-o", "json")
+    actions = [e["action"] for e in json.loads(out)]
+    assert "claim" in actions and "release" in actions and "delete" in actions
+
+
+def test_template_change_replaces_unclaimed_members_only(
+    database_url: str, env: EmulatorProcess, tmp_path: Path
+) -> None:
+    path = write_pool(tmp_path / "pool.yaml", min_ready=2)
+    assert cli(database_url, "apply", "-f", str(path))[0] == 0
+    pass_until(database_url, lambda s: s["ready"] == 2)
+    code, out, err = cli(database_url, "claim", "agents", "-o", "json")
+    assert code == 0, err
+    held = json.loads(out)["lease"]
+    before = set(members(database_url)) - {held}
+
+    write_pool(path, min_ready=2, env="two")
+    assert cli(database_url, "apply", "-f", str(path))[0] == 0
+    pass_until(
+        database_url,
+        lambda s: s["ready"] == 2 and s["retiring"] == 0 and not (set(members(database_url)) & before),
+    )
+    now = members(database_url)
+    assert held in now and now[held]["claimed_by"]  # the claimed member keeps its sandbox
+    fresh = [name for name in now if name != held]
+    code, out, err = cli(database_url, "exec", fresh[0], "--", "sh", "-c", "echo $FLAVOUR")
+    assert out.strip() == "two", out + err
+    code, out, err = cli(database_url, "exec", held, "--", "sh", "-c", "echo $FLAVOUR")
+    assert out.strip() == "one", out + err
+
+
+def _claim_all(url: str, owner: str, results: Any) -> None:
+    database = dbmod.connect(url)
+    got = []
+    try:
+        while True:
+            try:
+                got.append(claim(database, "agents", owner=owner).lease)
+            except NoMemberReadyError:
+                break
+    finally:
+        database.dispose()
+    results.put((owner, got))
+
+
+def test_concurrent_claims_from_processes_get_distinct_members(
+    database_url: str, env: EmulatorProcess, tmp_path: Path
+) -> None:
+    path = write_pool(tmp_path / "pool.yaml", min_ready=8, max_size=8)
+    assert cli(database_url, "apply", "-f", str(path))[0] == 0
+    pass_until(database_url, lambda s: s["ready"] == 8, max_size=8)
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(database_url, f"p{i}", results)) for i in range(4)]
+    for p in procs:
+        p.start()
+    collected = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    claimed = [name for _, names in collected for name in names]
+    assert len(claimed) == 8 and len(set(claimed)) == 8, collected
+    holders = {name: m["claimed_by"] for name, m in members(database_url).items()}
+    for owner, names in collected:
+        assert all(holders[name] == owner for name in names)
+
+
+def test_reservations_and_refills_racing_never_exceed_max_size(db: dbmod.Database, tmp_path: Path) -> None:
+    """The pool step and cold-claim reservations from many threads at once: never over max_size."""
+    from controller.leases import apply_specs
+    from controller.specs import PoolSpec
+
+    dbmod.upgrade(db)
+    apply_specs(db, [], pools=[PoolSpec(name="agents", template={}, min_ready=3, max_size=5)])
+    errors: list[BaseException] = []
+
+    def refill() -> None:
+        try:
+            for _ in range(5):
+                sync_pools(db, now=utcnow(), create_budget=10, controller_id="t")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reserve(i: int) -> None:
+        try:
+            for _ in range(3):
+                _reserve(db, "agents", f"c{i}", 5.0, utcnow)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=refill) for _ in range(3)]
+    threads += [threading.Thread(target=reserve, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with db.session(readonly=True) as session:
+        count = session.scalar(sa.select(sa.func.count()).select_from(Lease).where(Lease.pool == "agents"))
+    assert count == 5  # twelve reservation attempts fill the pool, and nothing goes over
+
+
+@pytest.mark.parametrize(
+    ("case", "pool", "message"),
+    [
+        (
+            "min_ready over max_size",
+            {"name": "agents", "min_ready": 3, "max_size": 2},
+            "larger than max_size",
+        ),
+        ("negative", {"name": "agents", "min_ready": -1}, "greater than or equal to 0"),
+        (
+            "bad template",
+            {"name": "agents", "template": {"snapshot": "a", "image": "b"}},
+            "snapshot or image",
+        ),
+        ("template with state", {"name": "agents", "template": {"state": "stopped"}}, "no 'state'"),
+        ("bad ttl", {"name": "agents", "claim_ttl": "soon"}, "not a duration"),
+    ],
+)
+def test_bad_pools_exit_2_and_change_nothing(
+    database_url: str, tmp_path: Path, case: str, pool: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps({"leases": [{"name": "plain"}], "pools": [pool]}))
+    code, out, err = cli(database_url, "apply", "-f", str(path))
+    assert code == exitcodes.INVALID and message in err, (case, out, err)
+    code, out, _ = cli(database_url, "get", "-o", "json")
+    assert json.loads(out) == []
+    code, out, _ = cli(database_url, "pools", "-o", "json")
+    assert json.loads(out) == []
+
+
+def test_names_unknown_pools_and_releases_are_refused(database_url: str, tmp_path: Path) -> None:
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(json.dumps({"leases": [{"name": "agents-1234abcd"}], "pools": [{"name": "agents"}]}))
+    code, _, err = cli(database_url, "apply", "-f", str(clash))
+    assert code == exitcodes.INVALID and "member names of pool 'agents'" in err
+    assert cli(database_url, "apply", "-f", str(write_pool(tmp_path / "p.yaml", min_ready=1)))[0] == 0
+    later = tmp_path / "later.yaml"
+    later.write_text(json.dumps({"leases": [{"name": "agents-abcd1234"}]}))
+    code, _, err = cli(database_url, "apply", "-f", str(later))
+    assert code == exitcodes.INVALID and "pool 'agents'" in err and "nothing was written" in err
+
+    code, _, err = cli(database_url, "claim", "nope")
+    assert code == exitcodes.INVALID and "no such pool: nope (pools: agents)" in err
+    code, _, err = cli(database_url, "claim", "agents")
+    assert code == exitcodes.NO_MEMBER_READY and "no member of pool agents is ready" in err
+    code, _, err = cli(database_url, "claim", "agents", "--ttl", "soon")
+    assert code == exitcodes.INVALID
+    code, _, err = cli(database_url, "release", "plain")
+    assert code == exitcodes.INVALID and "no such lease" in err
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(
+        json.dumps(
+            {
+                "leases": [{"name": "plain"}],
+                "pools": [{"name": "agents", "template": {"env": {"FLAVOUR": "one"}}, "min_ready": 1}],
+            }
+        )
+    )
+    assert cli(database_url, "apply", "-f", str(plain))[0] == 0
+    code, _, err = cli(database_url, "release", "plain")
+    assert code == exitcodes.INVALID and "not a pool member" in err
+    # An unclaimed member cannot be released either; nothing changed.
+    database = dbmod.connect(database_url)
+    try:
+        sync_pools(database, now=utcnow(), create_budget=5, controller_id="t")
+        with database.session(readonly=True) as session:
+            member = session.scalars(sa.select(Lease.name).where(Lease.pool == "agents")).one()
+            events_before = session.scalar(sa.select(sa.func.count()).select_from(Event))
+        code, _, err = cli(database_url, "release", member)
+        assert code == exitcodes.INVALID and "not claimed" in err
+        with database.session(readonly=True) as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(Event)) == events_before
+            assert (
+                session.scalars(sa.select(Lease.desired_state).where(Lease.name == member)).one() == "running"
+            )
+    finally:
+        database.dispose()
+
+
+def test_export_round_trips_pools_and_prune_guard_covers_them(database_url: str, tmp_path: Path) -> None:
+    path = write_pool(tmp_path / "pool.yaml", min_ready=1, max_size=4, claim_ttl=900)
+    assert cli(database_url, "apply", "-f", str(path))[0] == 0
+    database = dbmod.connect(database_url)
+    try:
+        sync_pools(database, now=utcnow(), create_budget=5, controller_id="t")  # a member row exists
+    finally:
+        database.dispose()
+    code, exported, _ = cli(database_url, "export")
+    assert "pools:" in exported and "claim_ttl: 15m" in exported and "agents-" not in exported
+    again = tmp_path / "again.yaml"
+    again.write_text(exported)
+    code, out, _ = cli(database_url, "apply", "-f", str(again), "--prune")
+    assert code == 0 and "pool/agents unchanged" in out and "pruned" in out.splitlines()[-1]
+    assert out.splitlines()[-1].endswith("0 pruned")  # the member row is not pruned as a lease
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("leases: []\n")
+    code, _, err = cli(database_url, "apply", "-f", str(empty), "--prune")
+    assert code == exitcodes.INVALID and "pool" in err and "nothing was written" in err
+    code, out, _ = cli(database_url, "apply", "-f", str(empty), "--prune", "--prune-all")
+    assert code == 0 and "pool/agents pruned" in out
