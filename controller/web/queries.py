@@ -6,8 +6,8 @@ render; nothing here writes. The lease table is filtered, sorted and paginated i
 :func:`parse_query` turns the request's query string into a :class:`LeaseQuery` and is pure.
 
 What the page must never show: env values (only the variable names), an execution's ``env`` and
-``stdin`` (never selected), and anything from settings. Pools are not part of the schema on this
-branch; :class:`Fleet` has the ``pools`` field the overview renders once they are.
+``stdin`` (never selected), and anything from settings. :class:`Fleet` carries the warm pools'
+members by standing (one more SELECT of the pool names; the members only when there are pools).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from urllib.parse import urlencode
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from models import DESIRED_STATES, PHASES, Event, Execution, LeaderElection, Lease, LeaseStatus
+from controller.pool_sync import load_members
+from controller.pools import count
+from models import DESIRED_STATES, PHASES, Event, Execution, LeaderElection, Lease, LeaseStatus, Pool
 
 DEFAULT_PER_PAGE = 50
 MAX_PER_PAGE = 200
@@ -211,12 +213,15 @@ class Leader:
 
 @dataclass(frozen=True)
 class PoolCounts:
-    """One pool's members by state (filled once pools exist in the schema)."""
+    """One pool's members by standing (controller.pools.count), and its sizes."""
 
     name: str
     ready: int
     claimed: int
     provisioning: int
+    failing: int = 0
+    min_ready: int = 0
+    max_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,8 @@ class Fleet:
 
 
 def fleet(session: Session, instance: str, now: datetime) -> Fleet:
-    """Counts by phase, the leader of ``instance`` and the latest pass: three statements."""
+    """Counts by phase, the leader of ``instance``, the latest pass and the pools: four statements
+    (five with pools: their members)."""
     counts = dict.fromkeys(PHASES, 0)
     stmt = (
         sa.select(_PHASE, sa.func.count())
@@ -254,7 +260,30 @@ def fleet(session: Session, instance: str, now: datetime) -> Fleet:
             current=row.expires_at is not None and row.expires_at > now,
         )
     last = session.scalar(sa.select(sa.func.max(LeaseStatus.last_reconciled_at)))
-    return Fleet(by_phase=counts, total=sum(counts.values()), leader=leader, last_reconciled_at=last)
+    return Fleet(
+        by_phase=counts,
+        total=sum(counts.values()),
+        leader=leader,
+        last_reconciled_at=last,
+        pools=pool_counts(session),
+    )
+
+
+def pool_counts(session: Session) -> list[PoolCounts]:
+    """Every pool with its members by standing, as ``leasectl pools`` counts them."""
+    pools = session.execute(sa.select(Pool.name, Pool.min_ready, Pool.max_size).order_by(Pool.name)).all()
+    if not pools:
+        return []
+    by_pool: dict[str, list[Any]] = {}
+    for member in load_members(session):
+        by_pool.setdefault(member.pool, []).append(member)
+    result = []
+    for name, min_ready, max_size in pools:
+        c = count(by_pool.get(name, []))
+        result.append(
+            PoolCounts(name, c.ready, c.claimed, c.provisioning, c.failing, int(min_ready or 0), max_size)
+        )
+    return result
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from controller.config import Settings, load_settings
 from controller.web import access
 from controller.web.page import StatusPage
 from controller.web.runtime import PassSummary, Rates, Runtime
-from models import Event, Execution, LeaderElection, Lease, LeaseStatus, utcnow
+from models import Event, Execution, LeaderElection, Lease, LeaseStatus, Pool, utcnow
 
 ENV_SECRET = "env-value-do-not-show-4711"
 EXEC_ENV_SECRET = "exec-env-value-do-not-show-0815"
@@ -400,8 +400,8 @@ def test_ten_thousand_leases_a_page_is_a_few_paginated_statements(db: dbmod.Data
         assert status == 200
         assert len(lease_names(body.encode())) == rows
         selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-        # fleet: by phase, leader row, latest pass; table: count, page
-        assert len(selects) == 5, selects
+        # fleet: by phase, leader row, latest pass, pools (none here); table: count, page
+        assert len(selects) == 6, selects
         page_query = [s for s in selects if "LIMIT" in s.upper()]
         assert len(page_query) == 1 and "OFFSET" in page_query[0].upper()
         assert ENV_SECRET not in body
@@ -412,3 +412,29 @@ def test_ten_thousand_leases_a_page_is_a_few_paginated_statements(db: dbmod.Data
     with recorded(db.engine) as statements:
         assert get(page, "/leases/lease-04242")[0] == 200
     assert len(statements) <= 6, statements
+
+
+def test_pools_card_counts_members_as_leasectl_pools_does(db: dbmod.Database) -> None:
+    page = StatusPage(db, settings())
+    _, body = get(page, "/")
+    assert "<h2>Pools</h2>" not in body  # no pools: no card
+    now = utcnow()
+    with db.session() as session:
+        session.add(Pool(name="agents", template={}, min_ready=3, max_size=5, created_at=now, updated_at=now))
+        session.add(
+            Pool(name="empty", template={}, min_ready=1, max_size=None, created_at=now, updated_at=now)
+        )
+        for name, phase, claimed in [
+            ("agents-aaaaaaaa", "Ready", None),
+            ("agents-bbbbbbbb", "Ready", "ci-run-7"),
+            ("agents-cccccccc", "Provisioning", None),
+            ("agents-dddddddd", "Ready", None),
+        ]:
+            session.add(
+                Lease(name=name, pool="agents", claimed_by=claimed, claimed_at=now if claimed else None)
+            )
+            session.add(LeaseStatus(lease_name=name, phase=phase, failures=0))
+    _, body = get(page, "/")
+    assert "<h2>Pools</h2>" in body
+    rows = re.findall(r"<tr><td>(agents|empty)</td><td>(\d+) / (\d+)</td><td>(\d+)</td><td>(\d+)</td>", body)
+    assert rows == [("agents", "2", "3", "1", "1"), ("empty", "0", "1", "0", "0")]
