@@ -27,7 +27,10 @@ The driver picks every 0.2-0.8 s: ``leasectl apply`` of a few leases (a subproce
 spec change: the sandbox is replaced), DELETE a lease row, DELETE a lease_status row (the
 controller's memory), INSERT an execution, cancel one (``leasectl cancel``, or SQL), force a
 sandbox into ``stopped`` or ``error`` behind the controller's back (as a dashboard would), and
-:meth:`Soak.pool_step` (a no-op until pools exist). Each execution runs ``echo <token> >>
+:meth:`Soak.pool_step` (also every ``POOL_EVERY_SECONDS``): claim a member of the soak's pool
+(``POOL``, declared at the start through the same YAML ``apply`` reads, and in every later apply)
+with :func:`controller.claims.claim`, no wait ("no member ready" is counted, not a fault), or
+release one the soak holds. Each execution runs ``echo <token> >>
 <markers file>`` (some after a ``sleep 1``, so that cancels find them running): the file lives on
 the host, outside every sandbox, so a token written by a sandbox deleted later still counts.
 
@@ -47,6 +50,8 @@ twice in a row). Loss counts (exit status 1 if any is not 0):
 * ``leases_not_converged``: phase or sandboxes not what the desired state asks (see
   :func:`lease_converged`);
 * ``executions_lost`` / ``executions_run_twice``: see :func:`account_executions`;
+* ``pool_members_claimed_twice``: members handed to more than one claim, from the soak's own record
+  and from the claim events (see :func:`count_pool_claims`);
 * ``daemon_log_tracebacks``: tracebacks in any daemon's log;
 * ``api_key_in_logs``: the Daytona API key found in a daemon log or in the events table.
 """
@@ -115,6 +120,17 @@ WEATHER: dict[str, dict[str, Any]] = {
     "no_runners": {"no_runners": 0.5},
     "unrecoverable_errors": {"error_recoverable": False},
 }
+POOL_NAME = "soak-pool"
+# Small, so that claims sometimes find no member Ready and the soak's held members bound the rest.
+POOL: dict[str, Any] = {
+    "name": POOL_NAME,
+    "template": {"env": {"SOAK_POOL": "1"}},
+    "min_ready": 2,
+    "max_size": 6,
+}
+POOL_EVERY_SECONDS = 2.0  # the driver's pool step runs at least this often
+POOL_HOLD_MAX = 3  # members the soak holds at most before it releases one
+HANDED_OUT = ("warm", "cold")  # claim event outcomes that hand a member to a claimer ("reserved" does not)
 AUTO_STOP_MINUTES = 1  # with time_scale 30: parked after 2 s without activity
 KILL_EVERY_SECONDS = (4.0, 10.0)
 KILL_MIX = {"leader": 0.70, "both": 0.15, "follower": 0.15}  # with two replicas
@@ -212,6 +228,36 @@ def count_causes(rows: Iterable[tuple[str, int | None, str | None]], reattached:
     }
 
 
+def count_pool_claims(
+    got: Iterable[tuple[str, str]],
+    claim_events: Iterable[tuple[str | None, str]],
+    ops: Mapping[str, int],
+) -> dict[str, Any]:
+    """Pool claims from the soak's own record and from the events table.
+
+    ``got`` is every (member, owner) a claim handed the soak; ``claim_events`` the (lease, outcome)
+    of every ``claim`` event (``warm``/``cold`` hand a member out, ``reserved`` does not); ``ops``
+    the driver's counters. A member is claimed twice when either source shows it handed out more
+    than once (every claim of the soak has its own owner, so even the same owner twice counts).
+    """
+    got = list(got)
+    by_record = collections.Counter(member for member, _ in got)
+    by_events = collections.Counter(lease for lease, outcome in claim_events if outcome in HANDED_OUT)
+    twice_record = {m for m, n in by_record.items() if n > 1}
+    twice_events = {m for m, n in by_events.items() if n > 1}
+    return {
+        "pool_members_claimed_twice": len(twice_record | twice_events),
+        "pool_members_claimed_twice_in_record": sorted(twice_record),
+        "pool_members_claimed_twice_in_events": sorted(twice_events),
+        "pool_claims_made": len(got),
+        "pool_claims_refused": ops.get("pool_claim_refused", 0),
+        "pool_releases": ops.get("pool_release", 0),
+        "pool_releases_refused": ops.get("pool_release_refused", 0),
+        "pool_claim_events": sum(by_events.values()),
+        "pool_claims_without_event": len(set(by_record) - set(by_events)),
+    }
+
+
 @dataclass(frozen=True)
 class SandboxSeen:
     name: str
@@ -291,6 +337,9 @@ class Soak:
         self.restart_failures = 0
         self.start_seconds: list[float] = []
         self.kill_every = kill_every
+        self.pool_got: list[tuple[str, str]] = []  # every (member, owner) a claim handed the soak
+        self.pool_held: list[str] = []  # members the soak holds (claimed, not yet released)
+        self.last_pool = 0.0
         self.background_error: BaseException | None = None
         self.outage = threading.Event()  # set while the database is cut off: no kills then
         self.lock = threading.Lock()  # daemons are killed and started by one thread at a time
@@ -351,6 +400,8 @@ class Soak:
 
     def step(self, last_cli: float) -> float:
         """One operator move; returns when a CLI subprocess last ran (they are spaced out)."""
+        if time.monotonic() - self.last_pool >= POOL_EVERY_SECONDS:
+            self.pool_step()
         rows = self._lease_rows()
         roll = self.rng.random()
         cli_ok = time.monotonic() - last_cli > 8
@@ -420,9 +471,20 @@ class Soak:
             self._write(sa.delete(LeaseStatus).where(LeaseStatus.lease_name == name))
             self.ops["sql_delete_status"] += 1
 
-    def _apply(self) -> None:
+    def _apply_doc(self, doc: dict[str, Any]) -> int:
         import yaml
 
+        path = self.tmp / "leases.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return self._cli("apply", "-f", str(path))
+
+    def declare_pool(self) -> None:
+        """The soak's pool, declared as an operator would: ``leasectl apply`` of a ``pools:`` list."""
+        code = self._apply_doc({"pools": [POOL]})
+        if code != 0:
+            raise RuntimeError(f"soak: leasectl apply of the pool exited {code}")
+
+    def _apply(self) -> None:
         chosen = self.rng.sample(self.names, k=min(4, len(self.names)))
         doc = {
             "leases": [
@@ -433,11 +495,10 @@ class Soak:
                     **({"auto_stop_interval": AUTO_STOP_MINUTES} if self.names.index(n) % 3 == 0 else {}),
                 }
                 for n in chosen
-            ]
+            ],
+            "pools": [POOL],  # the same declaration each time: apply leaves the pool as it is
         }
-        path = self.tmp / "leases.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        code = self._cli("apply", "-f", str(path))
+        code = self._apply_doc(doc)
         self.ops["leasectl_apply" if code == 0 else "leasectl_apply_failed"] += 1
 
     def _open_executions(self) -> list[int]:
@@ -498,9 +559,31 @@ class Soak:
         self.ops[f"drift_{state}"] += 1
 
     def pool_step(self) -> None:
-        """Where pool claims and releases will go once pools exist: claim a warm member of a pool
-        (one transaction), release it a few steps later, and count members claimed twice in
-        :meth:`figures` (a loss). A no-op until then; the driver calls it about 1% of its steps."""
+        """Claim a member of the soak's pool (one transaction, no wait; each claim has its own
+        owner) and record (member, owner), or release a member the soak holds: always when it holds
+        ``POOL_HOLD_MAX``, else 40% of the time. :meth:`figures` counts members claimed twice."""
+        from controller.claims import NoMemberReadyError, NotClaimedError, claim, release
+
+        self.last_pool = time.monotonic()
+        if self.pool_held and (len(self.pool_held) >= POOL_HOLD_MAX or self.rng.random() < 0.4):
+            member = self.pool_held.pop(self.rng.randrange(len(self.pool_held)))
+            try:
+                release(self.db, member)
+            except NotClaimedError as exc:  # reported: nothing else releases the soak's members
+                log(f"soak: release of {member} refused: {exc}")
+                self.ops["pool_release_refused"] += 1
+                return
+            self.ops["pool_release"] += 1
+            return
+        owner = f"soak-claim-{self.ops['pool_claim'] + self.ops['pool_claim_refused']}"
+        try:
+            got = claim(self.db, POOL_NAME, owner=owner, wait_seconds=0)
+        except NoMemberReadyError:
+            self.ops["pool_claim_refused"] += 1
+            return
+        self.pool_got.append((got.lease, owner))
+        self.pool_held.append(got.lease)
+        self.ops["pool_claim"] += 1
 
     # -- faults that come and go -----------------------------------------------------------------
 
@@ -608,6 +691,11 @@ class Soak:
                 .tuples()
                 .all()
             )
+            claim_events = (
+                session.execute(sa.select(Event.lease_name, Event.outcome).where(Event.action == "claim"))
+                .tuples()
+                .all()
+            )
             reattached = session.scalar(
                 sa.select(sa.func.count()).select_from(Event).where(Event.outcome == "reattached")
             )
@@ -665,6 +753,7 @@ class Soak:
         }
         figures.update(account_executions(execution_rows, markers))
         figures.update(count_causes(cause_rows, reattached or 0))
+        figures.update(count_pool_claims(self.pool_got, claim_events, self.ops))
         return figures
 
     def close(self) -> None:
@@ -687,6 +776,7 @@ LOSS_KEYS = (
     "executions_lost",
     "executions_run_twice",
     "executions_not_started_error",
+    "pool_members_claimed_twice",
     "daemon_log_tracebacks",
     "api_key_in_logs",
 )
@@ -769,6 +859,7 @@ def soak(
         )
         try:
             run.admin.set_faults(**BASE_FAULTS, seed=seed)
+            run.declare_pool()
             run.ensure_daemons()
             log(f"soak: driving for {drive_seconds:.0f}s (seed {seed}, {backend}, {replicas} replica(s))")
             stop = threading.Event()
@@ -887,6 +978,10 @@ def soak(
                 ["executions in unknown states", json.dumps(figures["executions_unknown_states"])],
                 ["executions by cause", json.dumps(figures["executions_by_cause"], sort_keys=True)],
                 ["executions re-attached", figures["executions_reattached"]],
+                ["pool claims made", figures["pool_claims_made"]],
+                ["pool claims refused (none ready)", figures["pool_claims_refused"]],
+                ["pool releases", figures["pool_releases"]],
+                ["pool releases refused", figures["pool_releases_refused"]],
                 ["leases at the end", figures["leases"]],
                 ["leases by phase", json.dumps(figures["leases_by_phase"], sort_keys=True)],
                 ["left in error by design", figures["leases_left_in_error_by_design"]],

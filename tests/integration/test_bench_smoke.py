@@ -92,6 +92,8 @@ def test_soak_short_form_loses_nothing(
     assert not soak.failed(record), (losses, figures["not_converged_leases"], figures.get("logs_kept_in"))
     assert figures["sigkills"] >= 2
     assert figures["executions_queued_total"] > 0
+    # the pool step ran (claims tried every POOL_EVERY_SECONDS); members claimed twice is a loss key
+    assert figures["pool_claims_made"] + figures["pool_claims_refused"] > 0
     if backend == "postgres":
         assert record["parameters"]["replicas"] == 2
         assert figures["database_outage_seconds"] >= 5

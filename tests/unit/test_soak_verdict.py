@@ -1,4 +1,5 @@
-"""The soak's verdict (bench/soak.py): execution accounting, lease convergence and the kill choice.
+"""The soak's verdict (bench/soak.py): execution accounting, pool claims, lease convergence and the
+kill choice.
 
 These pure functions decide whether ``make soak`` exits 1, so they are tested on their own: a soak
 that could not see a loss would prove nothing.
@@ -12,10 +13,12 @@ import random
 import pytest
 
 from bench.soak import (
+    LOSS_KEYS,
     SandboxSeen,
     account_executions,
     choose_victims,
     count_causes,
+    count_pool_claims,
     execution_cause,
     lease_converged,
 )
@@ -95,6 +98,49 @@ def test_a_cancel_that_came_after_the_command_ran_is_reported() -> None:
     figures = account_executions([("cancelled", cmd(TOKEN_A, True))], {TOKEN_A: 1})
     assert figures["executions_cancelled_after_their_command_ran"] == 1
     assert figures["executions_lost"] == 0
+
+
+def test_pool_claims_each_member_once_is_no_loss() -> None:
+    got = [("soak-pool-aaaa0001", "soak-claim-0"), ("soak-pool-aaaa0002", "soak-claim-2")]
+    events = [
+        ("soak-pool-aaaa0001", "warm"),
+        ("soak-pool-aaaa0003", "reserved"),  # a reservation hands nothing out
+        ("soak-pool-aaaa0003", "cold"),
+        ("soak-pool-aaaa0002", "warm"),
+    ]
+    ops = {"pool_claim": 2, "pool_claim_refused": 3, "pool_release": 1, "sql_insert_lease": 9}
+    figures = count_pool_claims(got, events, ops)
+    assert figures["pool_members_claimed_twice"] == 0
+    made = (figures["pool_claims_made"], figures["pool_claims_refused"], figures["pool_releases"])
+    assert made == (2, 3, 1)
+    assert figures["pool_releases_refused"] == 0
+    assert figures["pool_claim_events"] == 3 and figures["pool_claims_without_event"] == 0
+    assert "pool_members_claimed_twice" in LOSS_KEYS
+
+
+def test_a_member_the_soak_got_twice_is_claimed_twice_even_without_events() -> None:
+    got = [("soak-pool-aaaa0001", "soak-claim-0"), ("soak-pool-aaaa0001", "soak-claim-1")]
+    figures = count_pool_claims(got, [], {})
+    assert figures["pool_members_claimed_twice"] == 1
+    assert figures["pool_members_claimed_twice_in_record"] == ["soak-pool-aaaa0001"]
+    assert figures["pool_members_claimed_twice_in_events"] == []
+    assert figures["pool_claims_without_event"] == 1
+
+
+def test_two_claim_events_for_one_member_are_claimed_twice_and_sources_are_not_added_up() -> None:
+    events: list[tuple[str | None, str]] = [
+        ("soak-pool-aaaa0001", "warm"),
+        ("soak-pool-aaaa0001", "cold"),
+        ("soak-pool-aaaa0002", "warm"),
+        ("soak-pool-aaaa0002", "warm"),
+        (None, "warm"),
+    ]
+    only_events = count_pool_claims([("soak-pool-aaaa0003", "soak-claim-0")], events, {})
+    assert only_events["pool_members_claimed_twice_in_events"] == ["soak-pool-aaaa0001", "soak-pool-aaaa0002"]
+    assert only_events["pool_members_claimed_twice"] == 2
+    got = [("soak-pool-aaaa0001", "soak-claim-0"), ("soak-pool-aaaa0001", "soak-claim-1")]
+    both = count_pool_claims(got, events, {})
+    assert both["pool_members_claimed_twice"] == 2  # aaaa0001 seen by both sources counts once
 
 
 def sb(state: str, spec: str | None = "h1") -> SandboxSeen:
