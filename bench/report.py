@@ -404,6 +404,11 @@ def _soak_section(r: dict[str, Any], *, show_faults: bool) -> list[str]:
                 ["leases not converged", f["leases_not_converged"]],
                 ["executions lost (not terminal, or succeeded without running)", f["executions_lost"]],
                 ["executions run twice", f["executions_run_twice"]],
+                [
+                    "executions that provably never started but ended in error",
+                    f.get("executions_not_started_error", "n/a"),
+                ],
+                ["pool members claimed twice", f.get("pool_members_claimed_twice", "n/a")],
                 ["tracebacks in the daemons' logs", f["daemon_log_tracebacks"]],
                 ["API key found in logs or events", f["api_key_in_logs"]],
             ],
@@ -423,6 +428,21 @@ def _soak_section(r: dict[str, Any], *, show_faults: bool) -> list[str]:
                 ["executions queued", f["executions_queued_total"]],
                 ["executions by final state", json.dumps(f["executions_by_state"], sort_keys=True)],
                 ["executions in states the soak does not know", json.dumps(f["executions_unknown_states"])],
+                *(
+                    [["executions by cause", json.dumps(f["executions_by_cause"], sort_keys=True)]]
+                    if "executions_by_cause" in f
+                    else []
+                ),
+                *(
+                    [
+                        [
+                            "pool claims made / refused (none ready) / releases",
+                            f"{f['pool_claims_made']} / {f['pool_claims_refused']} / {f['pool_releases']}",
+                        ]
+                    ]
+                    if "pool_claims_made" in f
+                    else []
+                ),
                 ["most common execution errors", json.dumps(f["execution_errors"], ensure_ascii=False)],
                 ["daemon restarts that failed", f["daemon_restart_failures"]],
                 ["API requests during the drive", f["api_requests_during_drive"]],
