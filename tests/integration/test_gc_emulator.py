@@ -26,7 +26,7 @@ from controller.gc import GC_DELETE_ACTION, collect_garbage
 from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, LABEL_SPEC, CreateRequest
 from controller.providers.daytona import DaytonaProvider
 from models import Event, Lease, OrphanSighting, metadata
-from tests.support.emulator import EmulatorProcess
+from tests.support.emulator import EmulatorProcess, point_leasectl_at
 
 INSTANCE = "gcitest"
 GONE_STATES = ("destroying", "destroyed")
@@ -34,11 +34,7 @@ GONE_STATES = ("destroying", "destroyed")
 
 @pytest.fixture
 def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
-    monkeypatch.setenv("DAYTONA_API_URL", emulator.api_url)
-    monkeypatch.setenv("DAYTONA_API_KEY", emulator.api_key)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", INSTANCE)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__LEADER_LEASE_SECONDS", "5")
-    return emulator
+    return point_leasectl_at(emulator, monkeypatch, INSTANCE, leader_lease_seconds="5")
 
 
 @pytest.fixture

@@ -21,19 +21,16 @@ from controller.claims import NoMemberReadyError, _reserve, claim
 from controller.cli import app
 from controller.pool_sync import sync_pools
 from models import Event, Lease, utcnow
-from tests.support.emulator import EmulatorProcess
+from tests.support.emulator import EmulatorProcess, point_leasectl_at
 
 INSTANCE = "pooltest"
 
 
 @pytest.fixture
 def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
-    monkeypatch.setenv("DAYTONA_API_URL", emulator.api_url)
-    monkeypatch.setenv("DAYTONA_API_KEY", emulator.api_key)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", INSTANCE)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_BASE_SECONDS", "0.01")
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_MAX_SECONDS", "0.05")
-    return emulator
+    return point_leasectl_at(
+        emulator, monkeypatch, INSTANCE, backoff_base_seconds="0.01", backoff_max_seconds="0.05"
+    )
 
 
 def cli(url: str, *args: str) -> tuple[int, str, str]:

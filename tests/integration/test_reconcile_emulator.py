@@ -16,20 +16,21 @@ from typer.testing import CliRunner
 
 from controller import db as dbmod
 from controller.cli import app
-from tests.support.emulator import EmulatorProcess
+from tests.support.emulator import EmulatorProcess, point_leasectl_at
 
 INSTANCE = "itest"
 
 
 @pytest.fixture
 def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
-    monkeypatch.setenv("DAYTONA_API_URL", emulator.api_url)
-    monkeypatch.setenv("DAYTONA_API_KEY", emulator.api_key)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", INSTANCE)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_BASE_SECONDS", "0.01")
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_MAX_SECONDS", "0.05")
-    monkeypatch.setenv("LEASECTL_CONTROLLER__LEADER_LEASE_SECONDS", "5")
-    return emulator
+    return point_leasectl_at(
+        emulator,
+        monkeypatch,
+        INSTANCE,
+        backoff_base_seconds="0.01",
+        backoff_max_seconds="0.05",
+        leader_lease_seconds="5",
+    )
 
 
 def cli(database_url: str, *args: str) -> tuple[int, str, str]:

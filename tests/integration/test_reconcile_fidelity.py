@@ -18,18 +18,19 @@ from controller.providers import daytona as daytona_provider
 from controller.providers.base import CreateRequest
 from controller.providers.daytona import DaytonaProvider
 from tests.integration.test_reconcile_emulator import INSTANCE, cli, get, ours, reconcile, sql, write_leases
-from tests.support.emulator import EmulatorProcess
+from tests.support.emulator import EmulatorProcess, point_leasectl_at
 
 
 @pytest.fixture
 def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
-    monkeypatch.setenv("DAYTONA_API_URL", emulator.api_url)
-    monkeypatch.setenv("DAYTONA_API_KEY", emulator.api_key)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", INSTANCE)
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_BASE_SECONDS", "0.01")
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BACKOFF_MAX_SECONDS", "0.05")
-    monkeypatch.setenv("LEASECTL_CONTROLLER__BLOCKED_BACKOFF_MAX_SECONDS", "0.05")
-    return emulator
+    return point_leasectl_at(
+        emulator,
+        monkeypatch,
+        INSTANCE,
+        backoff_base_seconds="0.01",
+        backoff_max_seconds="0.05",
+        blocked_backoff_max_seconds="0.05",
+    )
 
 
 def upgraded(database_url: str) -> str:

@@ -274,3 +274,16 @@ class EmulatorProcess:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # polling mode is "deprecated"
             return Daytona(DaytonaConfig(**options))
+
+
+def point_leasectl_at(
+    emulator: EmulatorProcess, monkeypatch: Any, instance: str, **controller: str
+) -> EmulatorProcess:
+    """Point leasectl (settings from the environment) at ``emulator`` as controller ``instance``;
+    ``controller`` sets ``LEASECTL_CONTROLLER__<KEY>`` (e.g. ``backoff_base_seconds="0.01"``)."""
+    monkeypatch.setenv("DAYTONA_API_URL", emulator.api_url)
+    monkeypatch.setenv("DAYTONA_API_KEY", emulator.api_key)
+    monkeypatch.setenv("LEASECTL_CONTROLLER__INSTANCE", instance)
+    for key, value in controller.items():
+        monkeypatch.setenv(f"LEASECTL_CONTROLLER__{key.upper()}", value)
+    return emulator
