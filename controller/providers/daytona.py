@@ -481,13 +481,17 @@ class DaytonaProvider:
         )
 
     def delete_file(self, sandbox_id: str, path: str) -> None:
+        self._toolbox_delete(
+            sandbox_id,
+            "delete_file",
+            f"delete {path}",
+            lambda sb: sb.fs.delete_file(path, request_timeout=self._timeout),
+        )
+
+    def _toolbox_delete(self, sandbox_id: str, operation: str, what: str, fn: Callable[[Any], Any]) -> None:
+        """A toolbox deletion: something already gone is not an error."""
         try:
-            self._toolbox(
-                sandbox_id,
-                "delete_file",
-                f"delete {path}",
-                lambda sb: sb.fs.delete_file(path, request_timeout=self._timeout),
-            )
+            self._toolbox(sandbox_id, operation, what, fn)
         except NotFoundError:
             return
 
@@ -537,12 +541,9 @@ class DaytonaProvider:
         return str(logs.output or "")
 
     def delete_session(self, sandbox_id: str, session_id: str) -> None:
-        try:
-            self._toolbox(
-                sandbox_id,
-                "session_delete",
-                f"delete session {session_id}",
-                lambda sb: sb.process.delete_session(session_id, request_timeout=self._timeout),
-            )
-        except NotFoundError:
-            return
+        self._toolbox_delete(
+            sandbox_id,
+            "session_delete",
+            f"delete session {session_id}",
+            lambda sb: sb.process.delete_session(session_id, request_timeout=self._timeout),
+        )
