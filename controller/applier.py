@@ -130,6 +130,7 @@ NO_SANDBOX: dict[str, Any] = {
     "spec_hash": None,
     "workspace_path": None,
     "ready_at": None,
+    "spec_fields": None,
 }
 
 
@@ -184,7 +185,15 @@ class Outcome:
             values.update(failures=0, next_attempt_at=None, last_error=None)
         kind = action.kind
         if kind == "create" and self.sandbox is not None:
-            values.update(_new_sandbox(self.sandbox, action.spec_hash), failed_spec_hash=None)
+            values.update(
+                _new_sandbox(self.sandbox, action.spec_hash),
+                failed_spec_hash=None,
+                spec_fields=dict(action.fields) if action.fields else None,
+            )
+        elif kind == "update":
+            values.update(
+                spec_hash=action.spec_hash, spec_fields=dict(action.fields) if action.fields else None
+            )
         elif kind == "lookup":
             values.update(create_attempt_name=None, create_attempt_at=None)
             if self.sandbox is not None:
@@ -193,7 +202,7 @@ class Outcome:
                     sandbox_id=sb.id, sandbox_name=sb.name, observed_state=sb.state, spec_hash=sb.spec_hash
                 )
                 if sb.id != action.sandbox_id:
-                    values.update(workspace_path=None, ready_at=None)
+                    values.update(workspace_path=None, ready_at=None, spec_fields=None)
             else:
                 values.update(NO_SANDBOX)
         elif kind == "delete" and not action.duplicate:
@@ -250,6 +259,7 @@ def _new_sandbox(sb: ObservedSandbox, spec_hash: str | None) -> dict[str, Any]:
         "spec_hash": spec_hash,
         "workspace_path": None,
         "ready_at": None,
+        "spec_fields": None,
     }
 
 
@@ -479,6 +489,20 @@ class Applier:
                     message = f"deleted sandbox {action.sandbox_name} ({action.sandbox_id})"
                 except NotFoundError:
                     message = f"sandbox {action.sandbox_name} ({action.sandbox_id}) was already gone"
+            elif action.kind == "update":
+                assert action.update is not None, "an update action carries its SandboxUpdate"
+                self._call(
+                    self.provider.update,
+                    _sid(action),
+                    action.update,
+                    deadline=deadline,
+                    scope=SCOPE_LIFECYCLE,
+                    fence=fence,
+                )
+                message = (
+                    f"updated {', '.join(action.update.setters)} in place on sandbox "
+                    f"{action.sandbox_name} ({action.sandbox_id})"
+                )
             elif action.kind in ("start", "stop", "archive", "recover"):
                 self._call(
                     getattr(self.provider, action.kind),

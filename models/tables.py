@@ -182,6 +182,9 @@ class LeaseStatus(Base):
     workspace_path: Mapped[str | None] = mapped_column(sa.String(1024))
     create_attempt_name: Mapped[str | None] = mapped_column(sa.String(128))
     create_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Per spec field a short digest of the value the sandbox was created or updated with (never the
+    # value): what `plan` names when it says which fields a change touches.
+    spec_fields: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
     last_reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
 
