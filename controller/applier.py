@@ -82,6 +82,7 @@ from controller.providers.base import (
     ObservedSandbox,
     SandboxProvider,
 )
+from controller.secrets import SecretError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,12 @@ class Applier:
         try:
             if action.kind == "create":
                 assert action.create is not None, "a create action carries its CreateRequest"
+                request = action.create
+                if request.secret_refs:
+                    # Resolved here, by the process that creates, at create time: the values travel
+                    # in the request only (never in the action, the database or a message).
+                    resolved = resolve(request.secret_refs)
+                    request = replace(request, env={**request.env, **resolved}, secret_refs={})
                 self._gate(deadline, create=True)
                 if before_create is not None:
                     try:
@@ -458,7 +465,7 @@ class Applier:
                         return self._not_run(action, BEFORE_CREATE, f"create attempt not recorded: {exc}")
                 try:
                     sandbox = self._call(
-                        self.provider.create, action.create, deadline=deadline, gated=True, fence=fence
+                        self.provider.create, request, deadline=deadline, gated=True, fence=fence
                     )
                 except (StartFailedError, ConflictError, TransientError) as exc:
                     if isinstance(exc, RateLimitedError | CapacityError | StateConflictError):
@@ -631,6 +638,9 @@ class Applier:
             kind, retry_after = RATE_LIMITED, exc.retry_after
         elif isinstance(exc, CapacityError):
             kind, retry_after = BLOCKED_KIND, exc.retry_after
+            cap = self.config.blocked_backoff_max_seconds
+        elif isinstance(exc, SecretError):  # fixed by providing the secret, not by a spec change
+            kind = BLOCKED_KIND
             cap = self.config.blocked_backoff_max_seconds
         elif isinstance(exc, StartFailedError):
             kind, retry_after = START_FAILED, exc.retry_after

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from controller.secrets import is_ref
 from controller.specs import SPEC_COLUMNS, LeaseSpec
 from models import Lease
 
@@ -108,9 +109,11 @@ def _shape(column: str, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        isinstance(k, str) and (isinstance(v, str) or (column == "env" and is_ref(v)))
+        for k, v in value.items()
     ):
-        raise _Problem(f"{column} must be a JSON object of strings")
+        what = "strings or secret references" if column == "env" else "strings"
+        raise _Problem(f"{column} must be a JSON object of {what}")
 
 
 def _clip(text: str) -> str:

@@ -215,8 +215,13 @@ def build_create_request(
         if not str(k).startswith(RESERVED_LABEL_PREFIX)
     }
     labels = {**user_labels, **ownership_labels(instance, lease_name, spec_hash, settings_hash)}
-    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    raw_env = spec.get("env") or {}
+    env = {str(k): str(v) for k, v in raw_env.items() if not isinstance(v, Mapping)}
+    refs = {
+        str(k): {str(a): str(b) for a, b in v.items()} for k, v in raw_env.items() if isinstance(v, Mapping)
+    }
     return CreateRequest(
+        secret_refs=refs,
         name=sandbox_name(instance, lease_name, spec_hash),
         labels=labels,
         env=env,

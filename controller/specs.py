@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controller.errors import SpecError
+from controller.secrets import check_ref
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -107,7 +108,9 @@ class LeaseSpec(BaseModel):
     target: str | None = Field(default=None, min_length=1, max_length=64)
     language: Language | None = None
     resources: Resources | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    # A value is a literal or a secret reference ({from_env: NAME} / {from_file: /path}, see
+    # controller.secrets): only the reference is stored, the value is read at create time.
+    env: dict[str, str | dict[str, str]] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     auto_stop_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
     auto_archive_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
@@ -127,12 +130,17 @@ class LeaseSpec(BaseModel):
 
     @field_validator("env")
     @classmethod
-    def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
+    def _env_keys(cls, value: dict[str, str | dict[str, str]]) -> dict[str, str | dict[str, str]]:
+        for key, item in value.items():
             if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+            problem = None if isinstance(item, str) else check_ref(item)
+            if problem is not None:
+                raise ValueError(f"{key}: {problem}")
         size = sum(
-            len(k.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace")) for k, v in value.items()
+            len(k.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace"))
+            for k, v in value.items()
+            if isinstance(v, str)
         )
         if size > MAX_ENV_BYTES:
             raise ValueError(f"is {size} bytes; at most {MAX_ENV_BYTES} bytes of keys and values are allowed")
@@ -152,6 +160,7 @@ class LeaseSpec(BaseModel):
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
         texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        texts += [v for t in texts if isinstance(t, dict) for v in t.values()]
         if any(isinstance(t, str) and "\x00" in t for t in texts):
             raise ValueError("must not contain NUL characters")
         return value

@@ -112,6 +112,9 @@ class CreateRequest:
     auto_stop_interval: int | None = None
     auto_archive_interval: int | None = None
     auto_delete_interval: int | None = None
+    # env variable -> secret reference ({"from_env": NAME} / {"from_file": path}); the applier resolves
+    # them into ``env`` right before the create (controller.secrets), so providers never see one.
+    secret_refs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
