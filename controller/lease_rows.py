@@ -32,7 +32,10 @@ from models import Lease
 
 INVALID_PREFIX = "invalid lease row: "
 _JSON_COLUMNS = ("env", "labels")
-_TIME_COLUMNS = ("expires_at",)  # created_at/updated_at are not read by anyone who acts on a row
+_TIME_COLUMNS = (
+    "expires_at",
+    "rollout_requested_at",
+)  # created_at/updated_at are not read by anyone who acts on a row
 _MAX_MESSAGE = 500
 
 
@@ -46,6 +49,7 @@ class LeaseRow:
     expires_at: datetime | None
     spec: Mapping[str, Any]  # SPEC_COLUMNS -> value, as the ORM would load them
     lease: LeaseSpec  # the validated spec (export)
+    rollout_requested_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,7 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         expires_at=spec.expires_at,
         spec={col: values.get(col) for col in SPEC_COLUMNS},
         lease=spec,
+        rollout_requested_at=values.get("rollout_requested_at"),
     )
 
 

@@ -262,6 +262,8 @@ class LeaseView:
     # it for the current spec is up to date and is only relabelled (upgrade without replacements).
     legacy_spec_hash: str | None = None
     fields: Mapping[str, str] = field(default_factory=dict)  # spec column -> digest of its value
+    # `leasectl rollout`: a sandbox created before this time is replaced (desired running only).
+    rollout_requested_at: datetime | None = None
 
     @property
     def ephemeral(self) -> bool:
@@ -608,6 +610,7 @@ def _natural(
         and state in _UPDATABLE
         and lease.settings_hash is not None
         and (legacy or sb.settings_hash != lease.settings_hash)
+        and not (desired == "running" and _rollout_due(lease, sb))
     ):
         return _update(ctx, sb, legacy)
 
@@ -784,6 +787,13 @@ def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
             "a new sandbox is created once it is gone"
         )
         return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "delete", reason, sb))
+    if _rollout_due(lease, sb):
+        assert lease.rollout_requested_at is not None
+        reason = (
+            f"replace: rollout requested at {lease.rollout_requested_at.isoformat()}; deleting "
+            f"{_describe(sb)} ({state}), a new sandbox is created once it is gone"
+        )
+        return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "delete", reason, sb))
     if spec_differs:  # build_failed under an old spec: replacing is the way out of Failed
         return _replace(ctx, sb, f"build failed under spec {sb.spec_hash}; spec is now {lease.spec_hash}")
     if state == STATE_STARTED:
@@ -821,6 +831,17 @@ def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
         FAILED,
         f"{_describe(sb)} build failed ({why}); change the spec to retry",
         failed_spec_hash=lease.spec_hash,
+    )
+
+
+def _rollout_due(lease: LeaseView, sb: ObservedSandbox) -> bool:
+    """A rollout was asked for after this sandbox was created. Level-triggered and crash safe: the
+    request stays in the row, and the sandbox created after it satisfies it; no flag to clear."""
+    return (
+        lease.rollout_requested_at is not None
+        and sb.created_at is not None
+        and sb.created_at < lease.rollout_requested_at
+        and sb.state != STATE_BUILD_FAILED
     )
 
 

@@ -85,6 +85,7 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
         paused, expires_at = bool(row.paused), row.expires_at
     else:
         spec, paused, expires_at = row.spec, row.paused, row.expires_at
+    rollout = row.rollout_requested_at
     digest, settings = spec_hash(spec), settings_hash(spec)
     return LeaseView(
         name=row.name,
@@ -97,6 +98,7 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
         settings_hash=settings,
         legacy_spec_hash=legacy_spec_hash(spec),
         fields=field_digests(spec),
+        rollout_requested_at=rollout,
     )
 
 

@@ -107,6 +107,9 @@ class Lease(Base):
     auto_delete_interval: Mapped[int | None] = mapped_column(sa.Integer)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     paused: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    # `leasectl rollout` (or an UPDATE ... SET rollout_requested_at = now()): a sandbox created before
+    # this time is replaced, delete-then-create like a spec change. Not part of the spec hash.
+    rollout_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     # Pool members (``pool`` set) are rows the controller inserts for a pool; the claim columns say

@@ -8,6 +8,9 @@ Create Date: 2026-11-27 09:00:00
   created or last updated with (never the value), so ``plan`` can say which fields a change touches
   ("update labels in place" vs "replace: image changed").
 
+* ``leases.rollout_requested_at``: `leasectl rollout` (or plain SQL) asks for the lease's sandbox to be
+  replaced; a sandbox created before that time is replaced like after a spec change.
+
 Columns are added in place (no table copy), so ``lease_overview`` needs no rebuild.
 """
 
@@ -26,12 +29,15 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("lease_status", sa.Column("spec_fields", sa.JSON(), nullable=True))
+    op.add_column("leases", sa.Column("rollout_requested_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS lease_overview")
     with op.batch_alter_table("lease_status") as batch:
         batch.drop_column("spec_fields")
+    with op.batch_alter_table("leases") as batch:
+        batch.drop_column("rollout_requested_at")
     op.execute("CREATE VIEW lease_overview AS " + _view_0005())
 
 

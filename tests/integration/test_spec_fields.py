@@ -82,3 +82,32 @@ def test_sandboxes_of_an_older_leasectl_are_adopted_without_replacement(
     (now,) = ours(env)
     assert now.labels["leasectl-spec"] != legacy and "leasectl-settings" in now.labels
     assert reconcile(database_url) == 0
+
+
+def test_rollout_replaces_once_by_command_and_by_sql(
+    env: EmulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    spec = _write(tmp_path / "l.yaml", "leases:\n  - name: a\n  - name: b\n")
+    assert cli(database_url, "apply", "-f", str(spec))[0] == 0
+    first = converge(database_url, {"a": "Ready", "b": "Ready"})
+
+    code, _, err = cli(database_url, "rollout", "a", "nope")
+    assert code == 2 and "nope" in err
+    assert reconcile(database_url) == 0  # nothing was requested: converged, no action
+
+    code, out, _ = cli(database_url, "rollout", "a")
+    assert code == 0, out
+    code, out, _ = cli(database_url, "plan")
+    assert "replace: rollout requested" in out, out
+    after = converge(database_url, {"a": "Ready", "b": "Ready"})
+    assert after["a"]["sandbox_id"] != first["a"]["sandbox_id"]
+    assert after["b"]["sandbox_id"] == first["b"]["sandbox_id"]
+    # satisfied by the new sandbox: no second replacement
+    assert converge(database_url, {"a": "Ready"})["a"]["sandbox_id"] == after["a"]["sandbox_id"]
+    code, _, _ = cli(database_url, "plan", "--detailed-exitcode")
+    assert code == 0
+
+    sql(database_url, "UPDATE leases SET rollout_requested_at = CURRENT_TIMESTAMP WHERE name = 'b'")
+    again = converge(database_url, {"b": "Ready"})
+    assert again["b"]["sandbox_id"] != first["b"]["sandbox_id"]
+    assert sorted(s.labels["leasectl-lease"] for s in ours(env)) == ["a", "b"]

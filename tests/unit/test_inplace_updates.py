@@ -5,7 +5,7 @@ with the old all-fields hash (they are relabelled, never replaced)."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -44,6 +44,7 @@ class _Row:
         self.desired_state = values["desired_state"]
         self.paused = False
         self.expires_at = None
+        self.rollout_requested_at = None
         self.spec = {col: values.get(col) for col in SPEC_COLUMNS}
 
 
@@ -260,3 +261,17 @@ def test_upgrade_end_to_end_with_the_memory_provider() -> None:
         applier.shutdown()
     assert {sb.id for sb in provider.sandboxes.values()} == ids
     assert provider.counters["delete"] == 0 and provider.counters["update"] == 3
+
+
+# -- rollout -----------------------------------------------------------------------------------------
+
+
+def test_rollout_replaces_a_sandbox_created_before_the_request_only() -> None:
+    lease = dataclasses.replace(view(), rollout_requested_at=NOW)
+    older = dataclasses.replace(observed(lease), created_at=NOW - timedelta(minutes=1))
+    newer = dataclasses.replace(observed(lease), created_at=NOW + timedelta(seconds=1))
+    action = decide(lease, older, recorded(lease)).action
+    assert action is not None and action.kind == "delete" and action.reason.startswith("replace: rollout")
+    assert decide(lease, newer, recorded(lease)).action is None
+    stopped = dataclasses.replace(lease, desired_state="stopped")
+    assert decide(stopped, dataclasses.replace(older, state="stopped"), recorded(lease)).action is None
