@@ -82,6 +82,7 @@ from controller.providers.base import (
     ObservedSandbox,
     SandboxProvider,
 )
+from controller.secrets import SecretError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ NO_SANDBOX: dict[str, Any] = {
     "spec_hash": None,
     "workspace_path": None,
     "ready_at": None,
+    "spec_fields": None,
 }
 
 
@@ -184,7 +186,15 @@ class Outcome:
             values.update(failures=0, next_attempt_at=None, last_error=None)
         kind = action.kind
         if kind == "create" and self.sandbox is not None:
-            values.update(_new_sandbox(self.sandbox, action.spec_hash), failed_spec_hash=None)
+            values.update(
+                _new_sandbox(self.sandbox, action.spec_hash),
+                failed_spec_hash=None,
+                spec_fields=dict(action.fields) if action.fields else None,
+            )
+        elif kind == "update":
+            values.update(
+                spec_hash=action.spec_hash, spec_fields=dict(action.fields) if action.fields else None
+            )
         elif kind == "lookup":
             values.update(create_attempt_name=None, create_attempt_at=None)
             if self.sandbox is not None:
@@ -193,7 +203,7 @@ class Outcome:
                     sandbox_id=sb.id, sandbox_name=sb.name, observed_state=sb.state, spec_hash=sb.spec_hash
                 )
                 if sb.id != action.sandbox_id:
-                    values.update(workspace_path=None, ready_at=None)
+                    values.update(workspace_path=None, ready_at=None, spec_fields=None)
             else:
                 values.update(NO_SANDBOX)
         elif kind == "delete" and not action.duplicate:
@@ -250,6 +260,7 @@ def _new_sandbox(sb: ObservedSandbox, spec_hash: str | None) -> dict[str, Any]:
         "spec_hash": spec_hash,
         "workspace_path": None,
         "ready_at": None,
+        "spec_fields": None,
     }
 
 
@@ -435,6 +446,12 @@ class Applier:
         try:
             if action.kind == "create":
                 assert action.create is not None, "a create action carries its CreateRequest"
+                request = action.create
+                if request.secret_refs:
+                    # Resolved here, by the process that creates, at create time: the values travel
+                    # in the request only (never in the action, the database or a message).
+                    resolved = resolve(request.secret_refs)
+                    request = replace(request, env={**request.env, **resolved}, secret_refs={})
                 self._gate(deadline, create=True)
                 if before_create is not None:
                     try:
@@ -448,7 +465,7 @@ class Applier:
                         return self._not_run(action, BEFORE_CREATE, f"create attempt not recorded: {exc}")
                 try:
                     sandbox = self._call(
-                        self.provider.create, action.create, deadline=deadline, gated=True, fence=fence
+                        self.provider.create, request, deadline=deadline, gated=True, fence=fence
                     )
                 except (StartFailedError, ConflictError, TransientError) as exc:
                     if isinstance(exc, RateLimitedError | CapacityError | StateConflictError):
@@ -479,6 +496,20 @@ class Applier:
                     message = f"deleted sandbox {action.sandbox_name} ({action.sandbox_id})"
                 except NotFoundError:
                     message = f"sandbox {action.sandbox_name} ({action.sandbox_id}) was already gone"
+            elif action.kind == "update":
+                assert action.update is not None, "an update action carries its SandboxUpdate"
+                self._call(
+                    self.provider.update,
+                    _sid(action),
+                    action.update,
+                    deadline=deadline,
+                    scope=SCOPE_LIFECYCLE,
+                    fence=fence,
+                )
+                message = (
+                    f"updated {', '.join(action.update.setters)} in place on sandbox "
+                    f"{action.sandbox_name} ({action.sandbox_id})"
+                )
             elif action.kind in ("start", "stop", "archive", "recover"):
                 self._call(
                     getattr(self.provider, action.kind),
@@ -607,6 +638,9 @@ class Applier:
             kind, retry_after = RATE_LIMITED, exc.retry_after
         elif isinstance(exc, CapacityError):
             kind, retry_after = BLOCKED_KIND, exc.retry_after
+            cap = self.config.blocked_backoff_max_seconds
+        elif isinstance(exc, SecretError):  # fixed by providing the secret, not by a spec change
+            kind = BLOCKED_KIND
             cap = self.config.blocked_backoff_max_seconds
         elif isinstance(exc, StartFailedError):
             kind, retry_after = START_FAILED, exc.retry_after

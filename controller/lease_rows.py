@@ -26,12 +26,16 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from controller.secrets import is_ref
 from controller.specs import SPEC_COLUMNS, LeaseSpec
 from models import Lease
 
 INVALID_PREFIX = "invalid lease row: "
 _JSON_COLUMNS = ("env", "labels")
-_TIME_COLUMNS = ("expires_at",)  # created_at/updated_at are not read by anyone who acts on a row
+_TIME_COLUMNS = (
+    "expires_at",
+    "rollout_requested_at",
+)  # created_at/updated_at are not read by anyone who acts on a row
 _MAX_MESSAGE = 500
 
 
@@ -45,6 +49,7 @@ class LeaseRow:
     expires_at: datetime | None
     spec: Mapping[str, Any]  # SPEC_COLUMNS -> value, as the ORM would load them
     lease: LeaseSpec  # the validated spec (export)
+    rollout_requested_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,11 @@ def _shape(column: str, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        isinstance(k, str) and (isinstance(v, str) or (column == "env" and is_ref(v)))
+        for k, v in value.items()
     ):
-        raise _Problem(f"{column} must be a JSON object of strings")
+        what = "strings or secret references" if column == "env" else "strings"
+        raise _Problem(f"{column} must be a JSON object of {what}")
 
 
 def _clip(text: str) -> str:
@@ -161,6 +168,7 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         expires_at=spec.expires_at,
         spec={col: values.get(col) for col in SPEC_COLUMNS},
         lease=spec,
+        rollout_requested_at=values.get("rollout_requested_at"),
     )
 
 

@@ -296,3 +296,23 @@ def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]
         {k: tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
         for row in session.execute(query)
     ]
+
+
+def request_rollout(db: Database, names: Sequence[str]) -> list[str]:
+    """Set ``rollout_requested_at`` to now on the named leases (one transaction; all or nothing).
+
+    The reconciler replaces each lease's sandbox created before that time, delete-then-create like a
+    spec change. Returns the names that do not exist (then nothing is written)."""
+    now = utcnow()
+    with db.session() as session:
+        found = set(session.scalars(sa.select(Lease.name).where(Lease.name.in_(list(names)))))
+        missing = sorted(set(names) - found)
+        if missing:
+            return missing
+        session.execute(
+            sa.update(Lease)
+            .where(Lease.name.in_(list(names)))
+            .values(rollout_requested_at=now, updated_at=now),
+            execution_options={"synchronize_session": False},
+        )
+    return []

@@ -40,7 +40,7 @@ from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
-from controller.specs import SPEC_COLUMNS, spec_hash
+from controller.specs import SPEC_COLUMNS, field_digests, legacy_spec_hash, settings_hash, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ STATUS_FIELDS = (
     "workspace_path",
     "create_attempt_name",
     "create_attempt_at",
+    "spec_fields",
 )
 
 
@@ -84,15 +85,20 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
         paused, expires_at = bool(row.paused), row.expires_at
     else:
         spec, paused, expires_at = row.spec, row.paused, row.expires_at
-    digest = spec_hash(spec)
+    rollout = row.rollout_requested_at
+    digest, settings = spec_hash(spec), settings_hash(spec)
     return LeaseView(
         name=row.name,
         desired_state=row.desired_state,
         spec_hash=digest,
         paused=paused,
         expires_at=expires_at,
-        create=build_create_request(instance, row.name, digest, spec),
+        create=build_create_request(instance, row.name, digest, spec, settings),
         workspace_dir=workspace_dir,
+        settings_hash=settings,
+        legacy_spec_hash=legacy_spec_hash(spec),
+        fields=field_digests(spec),
+        rollout_requested_at=rollout,
     )
 
 

@@ -22,6 +22,7 @@ belongs to the applier, which sees every failure.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ from daytona_api_client import (
     CreateBuildInfo,
     CreateSandbox,
     SandboxApi,
+    SandboxLabels,
     SandboxListSortDirection,
     SandboxListSortField,
 )
@@ -59,7 +61,13 @@ from controller.errors import (
     StateConflictError,
     TransientError,
 )
-from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox, SessionCommand
+from controller.providers.base import (
+    CreateRequest,
+    ExecResult,
+    ObservedSandbox,
+    SandboxUpdate,
+    SessionCommand,
+)
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +404,22 @@ class DaytonaProvider:
             )
         except NotFoundError:
             return
+
+    def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
+        """One request per setter (``POST .../autostop|autoarchive|autodelete/{n}``), labels last
+        (``PUT .../labels``), so the settings label is written only after every setter succeeded."""
+        api, timeout = self._api, self._timeout
+        setters: dict[str, Callable[..., Any]] = {
+            "auto_stop_interval": api.set_autostop_interval,
+            "auto_archive_interval": api.set_auto_archive_interval,
+            "auto_delete_interval": api.set_auto_delete_interval,
+            "labels": api.replace_labels,
+        }
+        for name in update.setters:
+            value = getattr(update, name)
+            argument = SandboxLabels(labels=dict(value)) if name == "labels" else value
+            call = functools.partial(setters[name], sandbox_id, argument, _request_timeout=timeout)
+            self._call("update", f"set {name} of sandbox {sandbox_id}", call)
 
     # -- toolbox ---------------------------------------------------------------------------------
 

@@ -128,6 +128,7 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "create_attempt_at": AT,
         "last_reconciled_at": AT,
         "updated_at": AT,
+        "spec_fields": {"image": "0123abcd", "labels": "89abcdef"},
     },
     "executions": {
         "lease_name": "alpha",
@@ -174,7 +175,9 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "expires_at": AT + timedelta(seconds=15),
     },
 }
-REWRITTEN: set[tuple[str, str]] = set()
+# change_counter.counter: from 0005 on, SQLite triggers bump it when the sample rows of leases and
+# pools are written after it, so its stored value is not the one inserted (nothing rewrites it).
+REWRITTEN: set[tuple[str, str]] = {("change_counter", "counter")}
 EARLIER_REVISIONS = dbmod.known_revisions()[:-1]
 
 
