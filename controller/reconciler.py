@@ -35,7 +35,14 @@ from controller.config import Settings
 from controller.db import Database
 from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
-from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
+from controller.lease_rows import (
+    RAW_KEYS,
+    RAW_NAME_INDEX,
+    InvalidLeaseRow,
+    LeaseRow,
+    raw_rows_query,
+    validate_row,
+)
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
@@ -106,6 +113,12 @@ def status_view(row: LeaseStatus) -> StatusView:
     return StatusView(**{name: getattr(row, name) for name in STATUS_FIELDS})
 
 
+_STATUS: sa.Table = LeaseStatus.__table__  # type: ignore[assignment]
+# lease_name, then STATUS_FIELDS in StatusView's field order (StatusView(*row[1:]); a unit test checks it).
+_STATUS_SELECT = sa.select(_STATUS.c.lease_name, *(_STATUS.c[name] for name in STATUS_FIELDS))
+_STATUS_INDEX = {column.key: index for index, column in enumerate(_STATUS.columns)}
+
+
 class Reconciler:
     """Runs passes; safe to call from one thread at a time (the daemon uses max_instances=1)."""
 
@@ -132,16 +145,48 @@ class Reconciler:
         self.controller_id = controller_id or (elector.holder if elector else f"cli-{uuid.uuid4().hex[:8]}")
         self._lock = threading.Lock()
         self.last_success: datetime | None = None
+        # name -> (raw leases row, what it made): see _views_of
+        self._views: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
 
     # -- reading -------------------------------------------------------------------------------
 
     def _load(self) -> tuple[list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
-        workspace = self.settings.controller.workspace_dir
+        """Leases and statuses as plain rows (two SELECTs, no ORM objects); a lease row whose stored
+        values are those of the previous pass reuses its validation, spec hash and create request."""
         with self.db.session(readonly=True) as session:
-            rows, invalid = load_lease_rows(session)
-            statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
-        leases = [lease_view(row, self.instance, workspace) for row in rows]
+            raw_rows = session.execute(raw_rows_query()).all()
+            status_rows = session.execute(_STATUS_SELECT).all()
+        leases, invalid = self._views_of(raw_rows)
+        statuses = {row[0]: StatusView(*row[1:]) for row in status_rows}
         return leases, statuses, invalid
+
+    def _views_of(self, raw_rows: Sequence[Any]) -> tuple[list[LeaseView], list[InvalidLeaseRow]]:
+        """The planner's view of every raw ``leases`` row. A row is validated (and hashed) again only
+        when one of its stored values changed, whoever changed it (apply, SQL): the cache is keyed by
+        the whole raw row, never by ``updated_at``. Rows gone from the table are forgotten."""
+        workspace = self.settings.controller.workspace_dir
+        cache = self._views
+        fresh: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
+        leases: list[LeaseView] = []
+        invalid: list[InvalidLeaseRow] = []
+        for raw in raw_rows:
+            key = tuple(raw)
+            name = key[RAW_NAME_INDEX]
+            hit = cache.get(name)
+            if hit is not None and hit[0] == key:
+                made = hit[1]
+            else:
+                result = validate_row(dict(zip(RAW_KEYS, key, strict=True)))
+                made = (
+                    lease_view(result, self.instance, workspace) if isinstance(result, LeaseRow) else result
+                )
+            fresh[name] = (key, made)
+            if isinstance(made, LeaseView):
+                leases.append(made)
+            else:
+                invalid.append(made)
+        self._views = fresh
+        return leases, invalid
 
     def plan_pass(self) -> tuple[Plan, list[LeaseView], dict[str, StatusView]]:
         """Observe and plan without acting (``leasectl plan``)."""
@@ -277,9 +322,14 @@ class Reconciler:
     ) -> None:
         now = self.clock()
         by_lease = {o.action.lease_name: o for o in outcomes}
+        index = _STATUS_INDEX
+        updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         with self.db.session() as session:
             self._fence(session)
-            rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus).with_for_update())}
+            # Compared with the rows as they are now (locked), not as the pass read them: a status
+            # written meanwhile (a create attempt) is seen. Plain tuples, no ORM objects.
+            current = {row[0]: row for row in session.execute(sa.select(_STATUS).with_for_update())}
             phases: dict[str, int] = {}
             for name, decision in the_plan.decisions.items():
                 values = decision.status_values()
@@ -290,20 +340,27 @@ class Reconciler:
                 elif outcome is not None:
                     values.update(outcome.status_values(views.get(name)))
                     session.add(self._event(outcome, pass_id, now))
-                phases[values.get("phase", "Pending")] = phases.get(values.get("phase", "Pending"), 0) + 1
-                row = rows.get(name)
+                phase = values.get("phase", "Pending")
+                phases[phase] = phases.get(phase, 0) + 1
+                row = current.get(name)
+                if row is not None and all(row[index[k]] == v for k, v in values.items() if k in index):
+                    continue
+                changed = {k: v for k, v in values.items() if k in index}
+                changed["updated_at"] = now
+                changed["last_reconciled_at"] = now
                 if row is None:
-                    row = LeaseStatus(lease_name=name, failures=0)
-                    session.add(row)
-                    changed = True
+                    changed.setdefault("failures", 0)
+                    changed["lease_name"] = name
+                    inserts.setdefault(tuple(sorted(changed)), []).append(changed)
                 else:
-                    changed = any(getattr(row, k) != v for k, v in values.items() if hasattr(row, k))
-                if changed:
-                    for key, value in values.items():
-                        if hasattr(row, key):
-                            setattr(row, key, value)
-                    row.updated_at = now
-                    row.last_reconciled_at = now
+                    changed["key_lease_name"] = name
+                    updates.setdefault(tuple(sorted(changed)), []).append(changed)
+            # One executemany per set of columns written (normally one or two sets).
+            for params in inserts.values():
+                session.execute(sa.insert(_STATUS), params)
+            by_name = sa.update(_STATUS).where(_STATUS.c.lease_name == sa.bindparam("key_lease_name"))
+            for params in updates.values():
+                session.execute(by_name, params)  # SET: the columns named in the parameters
             session.execute(
                 sa.update(LeaseStatus)
                 .where(LeaseStatus.lease_name.in_(sa.select(Lease.name)))

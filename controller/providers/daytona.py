@@ -31,6 +31,7 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
@@ -45,6 +46,7 @@ from daytona_api_client import (
     SandboxListSortField,
 )
 from daytona_api_client.exceptions import ApiException
+from daytona_api_client.rest import RESTResponse
 
 from controller.errors import (
     SCOPE_ALL,
@@ -249,6 +251,57 @@ def to_observed(item: Any) -> ObservedSandbox:
     )
 
 
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"list item {what} is not text: {value!r}")
+    return value
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def observed_from_json(item: Any) -> ObservedSandbox:
+    """One list item (Daytona's ``SandboxListItem`` JSON) as an ``ObservedSandbox``: what
+    ``to_observed`` makes of the generated model, without building it. Unknown fields are ignored
+    and unknown states kept as sent; an item without an id or a name raises ValueError (the page is
+    then an unreadable answer, a transient error)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"list item is not an object: {item!r}")
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ValueError(f"list item labels are not an object: {labels!r}")
+    state = item.get("state")
+    error_reason = item.get("errorReason")
+    snapshot = item.get("snapshot")
+    target = item.get("target")
+    return ObservedSandbox(
+        id=_text(item.get("id"), "id"),
+        name=_text(item.get("name"), "name"),
+        state="unknown" if state is None else str(state),
+        labels={str(k): str(v) for k, v in labels.items()},
+        created_at=_parse_time(item.get("createdAt")),
+        error_reason=error_reason if isinstance(error_reason, str) else None,
+        recoverable=item.get("recoverable") is True,
+        snapshot=snapshot if isinstance(snapshot, str) else None,
+        target=target if isinstance(target, str) else None,
+        cpu=_int(item.get("cpu")),
+        memory=_int(item.get("memory")),
+        disk=_int(item.get("disk")),
+        gpu=_int(item.get("gpu")),
+    )
+
+
+def parse_list_page(page: Any) -> tuple[list[ObservedSandbox], str | None]:
+    """A decoded ``GET /api/sandbox`` answer: its items and the next cursor (None on the last page)."""
+    if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
+        raise ValueError("list answer is not an object with an items array")
+    cursor = page.get("nextCursor")
+    return [observed_from_json(item) for item in page.get("items") or []], (
+        cursor if isinstance(cursor, str) and cursor else None
+    )
+
+
 class DaytonaProvider:
     """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
 
@@ -310,22 +363,32 @@ class DaytonaProvider:
         found: list[ObservedSandbox] = []
         cursor: str | None = None
         while True:
-            page = self._call(
-                "list",
-                "list sandboxes",
-                lambda c=cursor: self._api.list_sandboxes(  # type: ignore[misc]
-                    cursor=c,
-                    limit=PAGE_SIZE,
-                    labels=encoded,
-                    sort=SandboxListSortField.CREATEDAT,
-                    order=SandboxListSortDirection.ASC,
-                    _request_timeout=self._timeout,
-                ),
-            )
-            found.extend(to_observed(item) for item in page.items or [])
-            cursor = page.next_cursor or None
+            items, cursor = self._call("list", "list sandboxes", partial(self._list_page, encoded, cursor))
+            found.extend(items)
             if not cursor:
                 return found
+
+    def _list_page(self, labels: str, cursor: str | None) -> tuple[list[ObservedSandbox], str | None]:
+        """One page through the SDK's request (its transport, auth and error type), read as JSON:
+        a page of 200 items costs one ``json.loads``, not 200 generated pydantic models."""
+        response = self._api.list_sandboxes_without_preload_content(
+            cursor=cursor,
+            limit=PAGE_SIZE,
+            labels=labels,
+            sort=SandboxListSortField.CREATEDAT,
+            order=SandboxListSortDirection.ASC,
+            _request_timeout=self._timeout,
+        )
+        try:
+            status, body = response.status, response.data
+        finally:
+            response.release_conn()
+        if not 200 <= status <= 299:
+            answer = RESTResponse(response)
+            answer.data = body  # type: ignore[assignment]  # what its untyped read() would set
+            text = body.decode("utf-8", "replace") if body else None
+            raise ApiException.from_response(http_resp=answer, body=text, data=None)
+        return parse_list_page(json.loads(body))
 
     def get(self, id_or_name: str) -> ObservedSandbox | None:
         try:
