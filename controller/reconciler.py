@@ -40,6 +40,7 @@ from controller.lease_rows import (
     RAW_NAME_INDEX,
     InvalidLeaseRow,
     LeaseRow,
+    parse_timestamp,
     raw_rows_query,
     validate_row,
 )
@@ -48,7 +49,7 @@ from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, buil
 from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
 from controller.specs import SPEC_COLUMNS, field_digests, legacy_spec_hash, settings_hash, spec_hash
-from models import Event, Lease, LeaseStatus, utcnow
+from models import Event, Lease, LeaseStatus, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,39 @@ def status_view(row: LeaseStatus) -> StatusView:
 
 
 _STATUS: sa.Table = LeaseStatus.__table__  # type: ignore[assignment]
-# lease_name, then STATUS_FIELDS in StatusView's field order (StatusView(*row[1:]); a unit test checks it).
-_STATUS_SELECT = sa.select(_STATUS.c.lease_name, *(_STATUS.c[name] for name in STATUS_FIELDS))
-_STATUS_INDEX = {column.key: index for index, column in enumerate(_STATUS.columns)}
+# lease_status as stored (no per-value type processing), without the two columns every pass moves:
+# a row that reads the same as last pass is the same status. STATUS_FIELDS come first, in StatusView's
+# field order (a unit test checks it), then any other column, so that every column a decision may
+# write is compared.
+_STATUS_KEYS: tuple[str, ...] = (
+    "lease_name",
+    *STATUS_FIELDS,
+    *(
+        column.key
+        for column in _STATUS.columns
+        if column.key not in ("lease_name", "updated_at", "last_reconciled_at", *STATUS_FIELDS)
+    ),
+)
+_STATUS_SELECT = sa.select(
+    *(sa.type_coerce(_STATUS.c[k], sa.types.NullType()).label(k) for k in _STATUS_KEYS)
+)
+_STATUS_INDEX = {key: index for index, key in enumerate(_STATUS_KEYS)}
+_STATUS_TIMES = tuple(
+    index for index, key in enumerate(_STATUS_KEYS) if isinstance(_STATUS.c[key].type, UTCDateTime)
+)
+_STATUS_VIEW = slice(1, 1 + len(STATUS_FIELDS))
+
+StatusRow = tuple[Any, ...]
+
+
+def _status_row(raw: Sequence[Any]) -> StatusRow:
+    """A raw ``lease_status`` row (``_STATUS_SELECT``) with its timestamps as aware UTC datetimes,
+    as the model's ``UTCDateTime`` reads them."""
+    row = list(raw)
+    for index in _STATUS_TIMES:
+        if row[index] is not None:
+            row[index] = parse_timestamp(row[index])
+    return tuple(row)
 
 
 class Reconciler:
@@ -147,6 +178,8 @@ class Reconciler:
         self.last_success: datetime | None = None
         # name -> (raw leases row, what it made): see _views_of
         self._views: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
+        # name -> (raw lease_status row, the row converted, its StatusView), as the last _load read it
+        self._statuses: dict[str, tuple[tuple[Any, ...], StatusRow, StatusView]] = {}
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -154,11 +187,25 @@ class Reconciler:
         """Leases and statuses as plain rows (two SELECTs, no ORM objects); a lease row whose stored
         values are those of the previous pass reuses its validation, spec hash and create request."""
         with self.db.session(readonly=True) as session:
-            raw_rows = session.execute(raw_rows_query()).all()
-            status_rows = session.execute(_STATUS_SELECT).all()
+            connection = session.connection()  # Core rows: no ORM result layer
+            raw_rows = connection.execute(raw_rows_query()).all()
+            status_rows = connection.execute(_STATUS_SELECT).all()
         leases, invalid = self._views_of(raw_rows)
-        statuses = {row[0]: StatusView(*row[1:]) for row in status_rows}
-        return leases, statuses, invalid
+        return leases, self._status_views(status_rows), invalid
+
+    def _status_views(self, raw_rows: Sequence[Any]) -> dict[str, StatusView]:
+        """StatusViews of raw ``lease_status`` rows; a row read exactly as last time keeps its view."""
+        cache = self._statuses
+        fresh: dict[str, tuple[tuple[Any, ...], StatusRow, StatusView]] = {}
+        for raw in raw_rows:
+            key = tuple(raw)
+            hit = cache.get(key[0])
+            if hit is None or hit[0] != key:
+                row = _status_row(key)
+                hit = (key, row, StatusView(*row[_STATUS_VIEW]))
+            fresh[key[0]] = hit
+        self._statuses = fresh
+        return {name: hit[2] for name, hit in fresh.items()}
 
     def _views_of(self, raw_rows: Sequence[Any]) -> tuple[list[LeaseView], list[InvalidLeaseRow]]:
         """The planner's view of every raw ``leases`` row. A row is validated (and hashed) again only
@@ -323,13 +370,16 @@ class Reconciler:
         now = self.clock()
         by_lease = {o.action.lease_name: o for o in outcomes}
         index = _STATUS_INDEX
+        columns = _STATUS.c
         updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         with self.db.session() as session:
             self._fence(session)
             # Compared with the rows as they are now (locked), not as the pass read them: a status
             # written meanwhile (a create attempt) is seen. Plain tuples, no ORM objects.
-            current = {row[0]: row for row in session.execute(sa.select(_STATUS).with_for_update())}
+            locked = session.connection().execute(_STATUS_SELECT.with_for_update())
+            current = {row[0]: tuple(row) for row in locked}
+            loaded = self._statuses
             phases: dict[str, int] = {}
             for name, decision in the_plan.decisions.items():
                 values = decision.status_values()
@@ -342,13 +392,18 @@ class Reconciler:
                     session.add(self._event(outcome, pass_id, now))
                 phase = values.get("phase", "Pending")
                 phases[phase] = phases.get(phase, 0) + 1
-                row = current.get(name)
-                if row is not None and all(row[index[k]] == v for k, v in values.items() if k in index):
-                    continue
-                changed = {k: v for k, v in values.items() if k in index}
+                raw = current.get(name)
+                row: StatusRow | None = None
+                if raw is not None:
+                    hit = loaded.get(name)
+                    row = hit[1] if hit is not None and hit[0] == raw else _status_row(raw)
+                    # A key that is not a compared column (updated_at) counts as a change.
+                    if all(k in index and row[index[k]] == v for k, v in values.items() if k in columns):
+                        continue
+                changed = {k: v for k, v in values.items() if k in columns}
                 changed["updated_at"] = now
                 changed["last_reconciled_at"] = now
-                if row is None:
+                if raw is None:
                     changed.setdefault("failures", 0)
                     changed["lease_name"] = name
                     inserts.setdefault(tuple(sorted(changed)), []).append(changed)
