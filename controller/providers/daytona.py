@@ -251,14 +251,12 @@ def to_observed(item: Any) -> ObservedSandbox:
     )
 
 
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"list item {what} is not text: {value!r}")
-    return value
-
-
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if type(value) is int else None
+
+
+def _str(value: Any) -> str | None:
+    return value if type(value) is str else None
 
 
 def observed_from_json(item: Any) -> ObservedSandbox:
@@ -266,29 +264,26 @@ def observed_from_json(item: Any) -> ObservedSandbox:
     ``to_observed`` makes of the generated model, without building it. Unknown fields are ignored
     and unknown states kept as sent; an item without an id or a name raises ValueError (the page is
     then an unreadable answer, a transient error)."""
-    if not isinstance(item, dict):
+    if type(item) is not dict:
         raise ValueError(f"list item is not an object: {item!r}")
-    labels = item.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise ValueError(f"list item labels are not an object: {labels!r}")
-    state = item.get("state")
-    error_reason = item.get("errorReason")
-    snapshot = item.get("snapshot")
-    target = item.get("target")
+    get = item.get
+    ident, name, labels, state = get("id"), get("name"), get("labels") or {}, get("state")
+    if type(ident) is not str or type(name) is not str or type(labels) is not dict:
+        raise ValueError(f"list item without a text id and name or with labels that are no object: {item!r}")
     return ObservedSandbox(
-        id=_text(item.get("id"), "id"),
-        name=_text(item.get("name"), "name"),
+        id=ident,
+        name=name,
         state="unknown" if state is None else str(state),
         labels={str(k): str(v) for k, v in labels.items()},
-        created_at=_parse_time(item.get("createdAt")),
-        error_reason=error_reason if isinstance(error_reason, str) else None,
-        recoverable=item.get("recoverable") is True,
-        snapshot=snapshot if isinstance(snapshot, str) else None,
-        target=target if isinstance(target, str) else None,
-        cpu=_int(item.get("cpu")),
-        memory=_int(item.get("memory")),
-        disk=_int(item.get("disk")),
-        gpu=_int(item.get("gpu")),
+        created_at=_parse_time(get("createdAt")),
+        error_reason=_str(get("errorReason")),
+        recoverable=get("recoverable") is True,
+        snapshot=_str(get("snapshot")),
+        target=_str(get("target")),
+        cpu=_int(get("cpu")),
+        memory=_int(get("memory")),
+        disk=_int(get("disk")),
+        gpu=_int(get("gpu")),
     )
 
 
