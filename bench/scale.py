@@ -14,8 +14,13 @@ For each fleet size N and backend (SQLite, PostgreSQL):
    (``getrusage`` ``ru_maxrss`` of the child: imports + warm-up + measured pass) and, in a third,
    separate pass under ``tracemalloc``, the peak of Python allocations during a pass;
 3. the imperative way, same child, same fleet: read the recorded sandbox ids from the database, then
-   one GET per lease, as per-lease plugins do (sequentially, and with the applier's concurrency)
-   -> ratios of API requests and of wall time against the pass.
+   one GET per lease, as per-lease plugins do (sequentially, and with the applier's concurrency;
+   above 10,000 leases only the latter) -> ratios of API requests and of wall time against the pass.
+
+The warm-up pass's CPU is reported too (``cold_pass_cpu_s``): the first pass of a process validates
+and hashes every lease row; later passes reuse that for rows whose stored values did not change.
+``--huge`` (``make bench-huge``) runs 1,000, 10,000 and 100,000 leases, so the report can show how the
+cost grows with the fleet (it should be linear).
 """
 
 from __future__ import annotations
@@ -53,6 +58,13 @@ from bench.common import (
 
 QUICK_SIZES = (200, 1_000)
 FULL_SIZES = (1_000, 10_000)
+HUGE_SIZES = (1_000, 10_000, 100_000)  # make bench-huge: how the cost grows, up to 100,000 leases
+# The one-GET-per-lease way is also run one GET at a time up to this size; above it only with the
+# applier's concurrency (100,000 sequential GETs take minutes and count the same requests).
+SEQUENTIAL_IMPERATIVE_MAX = 10_000
+# Issue 14's targets for a no-op pass (CPU seconds), printed beside each figure with its ratio.
+CPU_TARGETS = {10_000: 0.4, 100_000: 5.0}
+RSS_TARGET_MIB = 1024
 WORKSPACE = "/home/daytona/workspace"
 
 
@@ -184,7 +196,9 @@ def child(params: dict[str, Any]) -> dict[str, Any]:
     provider = build_provider(settings)
     reconciler = make_reconciler(settings, db, provider)
 
-    warm = reconciler.run_pass()
+    cold0 = time.process_time()
+    warm = reconciler.run_pass()  # the first pass of a process: every row validated and hashed
+    cold_cpu = time.process_time() - cold0
     warm_actions = len(warm.outcomes)
 
     admin.reset_stats()
@@ -221,8 +235,9 @@ def child(params: dict[str, Any]) -> dict[str, Any]:
         assert all(f is not None and f.state == "started" for f in found)
         return w, c, admin.stats(), counter.take()
 
-    imp_wall, imp_cpu, imp_api, imp_queries = observe_imperatively(1)
-    par_wall, _par_cpu, par_api, _ = observe_imperatively(params["concurrency"])
+    sequential = params.get("sequential_imperative", True)
+    imp_wall, imp_cpu, imp_api, imp_queries = observe_imperatively(1) if sequential else (0, 0, {}, 0)
+    par_wall, _par_cpu, par_api, par_queries = observe_imperatively(params["concurrency"])
 
     tracemalloc.start()
     reconciler.run_pass()
@@ -231,30 +246,41 @@ def child(params: dict[str, Any]) -> dict[str, Any]:
 
     counter.close()
     db.dispose()
+    n = len(result.plan.decisions)
     api_total = sum(api.values())
-    imp_total = sum(imp_api.values())
+    par_total = sum(par_api.values())
+    imp_total = sum(imp_api.values()) if sequential else par_total
+    target = CPU_TARGETS.get(n)
     return {
-        "leases": len(result.plan.decisions),
+        "leases": n,
         "phases": phases,
         "warmup_actions": warm_actions,
         "actions": len(result.outcomes),
         "wall_s": round(wall, 4),
         "cpu_s": round(cpu, 4),
+        "cpu_us_per_lease": round(1e6 * cpu / n, 2) if n else None,
+        "cpu_target_s": target,
+        "ratio_cpu_to_target": ratio(cpu, target) if target else None,
+        "cold_pass_cpu_s": round(cold_cpu, 4),
+        "cold_pass_how": "the warm-up pass: the first of a process, which validates and hashes every row",
+        "ratio_cold_over_warm_cpu": ratio(cold_cpu, cpu),
         "peak_rss_mib": round(peak_rss_kib / 1024, 1),
+        "peak_rss_target_mib": RSS_TARGET_MIB,
         "peak_rss_how": "getrusage ru_maxrss of a fresh child process (imports + warm-up + measured pass)",
         "pass_alloc_peak_mib": round(traced_peak / 2**20, 1),
         "pass_alloc_peak_how": "tracemalloc peak during a separate, identical pass",
         "db_queries": queries,
         "api_requests": api_total,
         "api_by_op": api,
-        "imperative_wall_s": round(imp_wall, 4),
-        "imperative_cpu_s": round(imp_cpu, 4),
+        "imperative_sequential": sequential,
+        "imperative_wall_s": round(imp_wall, 4) if sequential else None,
+        "imperative_cpu_s": round(imp_cpu, 4) if sequential else None,
         "imperative_api_requests": imp_total,
-        "imperative_db_queries": imp_queries,
+        "imperative_db_queries": imp_queries if sequential else par_queries,
         "imperative_parallel_wall_s": round(par_wall, 4),
-        "imperative_parallel_api_requests": sum(par_api.values()),
+        "imperative_parallel_api_requests": par_total,
         "ratio_api_requests": ratio(imp_total, api_total),
-        "ratio_wall": ratio(imp_wall, wall),
+        "ratio_wall": ratio(imp_wall, wall) if sequential else None,
         "ratio_wall_parallel": ratio(par_wall, wall),
     }
 
@@ -284,8 +310,9 @@ def run(
     pg_admin_url: str,
     sizes: Sequence[int] | None = None,
     backends: Sequence[str] = ("sqlite", "postgres"),
+    huge: bool = False,
 ) -> list[dict[str, Any]]:
-    sizes = tuple(sizes or (QUICK_SIZES if quick else FULL_SIZES))
+    sizes = tuple(sizes or (HUGE_SIZES if huge else QUICK_SIZES if quick else FULL_SIZES))
     pg_problem = pg_reachable(pg_admin_url) if "postgres" in backends else None
     concurrency = 8
     records = []
@@ -305,7 +332,12 @@ def run(
                         seed_database(url, ids)
                         seeded = time.monotonic() - t0
                         figures = _run_child(
-                            {"database_url": url, "api_url": emu.api_url, "concurrency": concurrency}
+                            {
+                                "database_url": url,
+                                "api_url": emu.api_url,
+                                "concurrency": concurrency,
+                                "sequential_imperative": n <= SEQUENTIAL_IMPERATIVE_MAX,
+                            }
                         )
                     figures["seed_db_s"] = round(seeded, 2)
                     params = {
@@ -326,6 +358,8 @@ def run(
                 "db",
                 "wall s",
                 "cpu s",
+                "cold cpu s",
+                "us/lease",
                 "rss MiB",
                 "queries",
                 "api req",
@@ -333,6 +367,7 @@ def run(
                 "imp wall s",
                 "api ratio",
                 "wall ratio",
+                "par wall ratio",
             ],
             [
                 [
@@ -340,6 +375,8 @@ def run(
                     r["parameters"]["backend"],
                     r["figures"]["wall_s"],
                     r["figures"]["cpu_s"],
+                    r["figures"]["cold_pass_cpu_s"],
+                    r["figures"]["cpu_us_per_lease"],
                     r["figures"]["peak_rss_mib"],
                     r["figures"]["db_queries"],
                     r["figures"]["api_requests"],
@@ -347,6 +384,7 @@ def run(
                     r["figures"]["imperative_wall_s"],
                     r["figures"]["ratio_api_requests"],
                     r["figures"]["ratio_wall"],
+                    r["figures"]["ratio_wall_parallel"],
                 ]
                 for r in records
             ],
