@@ -34,6 +34,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
+import msgspec
 from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
 from daytona_api_client import (
     ApiClient,
@@ -259,41 +260,67 @@ def _str(value: Any) -> str | None:
     return value if type(value) is str else None
 
 
-def observed_from_json(item: Any) -> ObservedSandbox:
-    """One list item (Daytona's ``SandboxListItem`` JSON) as an ``ObservedSandbox``: what
-    ``to_observed`` makes of the generated model, without building it. Unknown fields are ignored
-    and unknown states kept as sent; an item without an id or a name raises ValueError (the page is
-    then an unreadable answer, a transient error)."""
-    if type(item) is not dict:
-        raise ValueError(f"list item is not an object: {item!r}")
-    get = item.get
-    ident, name, labels, state = get("id"), get("name"), get("labels") or {}, get("state")
-    if type(ident) is not str or type(name) is not str or type(labels) is not dict:
-        raise ValueError(f"list item without a text id and name or with labels that are no object: {item!r}")
+class ListItem(msgspec.Struct, rename="camel"):
+    """The fields of Daytona's ``SandboxListItem`` that an ``ObservedSandbox`` holds; the others
+    (about twenty) are skipped while decoding. Loose types where the SDK's model is loose too."""
+
+    id: str
+    name: str
+    state: Any = None
+    labels: dict[str, str] | None = None
+    created_at: Any = None
+    error_reason: Any = None
+    recoverable: Any = None
+    snapshot: Any = None
+    target: Any = None
+    cpu: Any = None
+    memory: Any = None
+    disk: Any = None
+    gpu: Any = None
+
+
+class ListPage(msgspec.Struct, rename="camel"):
+    items: list[ListItem] | None = None
+    next_cursor: Any = None
+
+
+_LIST_PAGE = msgspec.json.Decoder(ListPage)
+
+
+def observed_from_item(item: ListItem) -> ObservedSandbox:
+    """One list item as an ``ObservedSandbox``: what ``to_observed`` makes of the SDK's generated
+    model, without building it. Unknown states are kept as sent."""
+    state = item.state
     return ObservedSandbox(
-        id=ident,
-        name=name,
+        id=item.id,
+        name=item.name,
         state="unknown" if state is None else str(state),
-        labels={str(k): str(v) for k, v in labels.items()},
-        created_at=_parse_time(get("createdAt")),
-        error_reason=_str(get("errorReason")),
-        recoverable=get("recoverable") is True,
-        snapshot=_str(get("snapshot")),
-        target=_str(get("target")),
-        cpu=_int(get("cpu")),
-        memory=_int(get("memory")),
-        disk=_int(get("disk")),
-        gpu=_int(get("gpu")),
+        labels=item.labels or {},
+        created_at=_parse_time(item.created_at),
+        error_reason=_str(item.error_reason),
+        recoverable=item.recoverable is True,
+        snapshot=_str(item.snapshot),
+        target=_str(item.target),
+        cpu=_int(item.cpu),
+        memory=_int(item.memory),
+        disk=_int(item.disk),
+        gpu=_int(item.gpu),
     )
 
 
-def parse_list_page(page: Any) -> tuple[list[ObservedSandbox], str | None]:
-    """A decoded ``GET /api/sandbox`` answer: its items and the next cursor (None on the last page)."""
-    if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
-        raise ValueError("list answer is not an object with an items array")
-    cursor = page.get("nextCursor")
-    return [observed_from_json(item) for item in page.get("items") or []], (
-        cursor if isinstance(cursor, str) and cursor else None
+def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
+    """A ``GET /api/sandbox`` answer as its items and the next cursor (None on the last page).
+
+    The JSON is decoded straight into :class:`ListItem` (no dict per item, no pydantic model per
+    item). An answer that is not such a page (an item without a text id or name, labels that are not
+    an object of strings) raises ValueError: an unreadable answer, a transient error."""
+    try:
+        page = _LIST_PAGE.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ValueError(f"unreadable list answer: {exc}") from exc
+    cursor = page.next_cursor
+    return [observed_from_item(item) for item in page.items or ()], (
+        cursor if type(cursor) is str and cursor else None
     )
 
 
@@ -383,7 +410,7 @@ class DaytonaProvider:
             answer.data = body  # type: ignore[assignment]  # what its untyped read() would set
             text = body.decode("utf-8", "replace") if body else None
             raise ApiException.from_response(http_resp=answer, body=text, data=None)
-        return parse_list_page(json.loads(body))
+        return parse_list_page(body)
 
     def get(self, id_or_name: str) -> ObservedSandbox | None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import urllib3
 from daytona import DaytonaError
@@ -23,9 +25,9 @@ from controller.errors import (
     StateConflictError,
     TransientError,
 )
+from controller.providers.base import ObservedSandbox
 from controller.providers.daytona import (
     classify,
-    observed_from_json,
     parse_list_page,
     rate_limit_pauses,
     to_observed,
@@ -199,6 +201,16 @@ def _item(**overrides: object) -> dict[str, object]:
     return item
 
 
+def _page(*items: object, cursor: object = None) -> bytes:
+    return json.dumps({"items": list(items), "nextCursor": cursor}).encode()
+
+
+def _one(item: object) -> ObservedSandbox:
+    items, _ = parse_list_page(_page(item))
+    assert len(items) == 1
+    return items[0]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -210,35 +222,38 @@ def _item(**overrides: object) -> dict[str, object]:
     ],
 )
 def test_a_list_item_reads_as_the_sdk_model_does(overrides: dict[str, object]) -> None:
-    """observed_from_json makes of the JSON what to_observed makes of the SDK's generated model."""
+    """parse_list_page makes of the JSON what to_observed makes of the SDK's generated model."""
     item = _item(**overrides)
-    assert observed_from_json(item) == to_observed(SandboxListItem.from_dict(item))
+    assert _one(item) == to_observed(SandboxListItem.from_dict(item))
 
 
 def test_a_page_reads_its_items_and_cursor() -> None:
-    items, cursor = parse_list_page({"items": [_item(), _item(id="2", name="b")], "nextCursor": "abc"})
+    items, cursor = parse_list_page(_page(_item(), _item(id="2", name="b"), cursor="abc"))
     assert [sb.id for sb in items] == ["5f0c9d7e-1", "2"] and cursor == "abc"
-    assert parse_list_page({"items": [], "nextCursor": None}) == ([], None)
-    assert parse_list_page({"items": [_item()], "nextCursor": ""})[1] is None
+    assert parse_list_page(_page()) == ([], None)
+    assert parse_list_page(b'{"items": []}') == ([], None)
+    assert parse_list_page(_page(_item(), cursor=""))[1] is None
 
 
 def test_an_unknown_state_is_kept_as_sent() -> None:
-    assert observed_from_json(_item(state="hibernating")).state == "hibernating"
-    assert observed_from_json(_item(state=None)).state == "unknown"
+    assert _one(_item(state="hibernating")).state == "hibernating"
+    assert _one(_item(state=None)).state == "unknown"
 
 
 @pytest.mark.parametrize(
-    "page",
+    "body",
     [
-        [],
-        {"items": "no"},
-        {"items": [["not", "an", "object"]]},
-        {"items": [_item(id=None)]},
-        {"items": [_item(name=7)]},
-        {"items": [_item(labels=["a"])]},
+        b"[]",
+        b"not json",
+        b'{"items": "no"}',
+        _page(["not", "an", "object"]),
+        _page(_item(id=None)),
+        _page(_item(name=7)),
+        _page(_item(labels=["a"])),
+        _page(_item(labels={"a": 1})),
     ],
 )
-def test_an_unreadable_page_is_a_transient_error(page: object) -> None:
+def test_an_unreadable_page_is_a_transient_error(body: bytes) -> None:
     with pytest.raises(ValueError) as caught:
-        parse_list_page(page)
+        parse_list_page(body)
     assert isinstance(translate(caught.value, "list sandboxes", "list"), TransientError)
