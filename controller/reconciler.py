@@ -267,14 +267,14 @@ class Reconciler:
             key = tuple(raw)
             name = key[RAW_NAME_INDEX]
             hit = cache.get(name)
-            if hit is not None and hit[0] == key:
-                made = hit[1]
-            else:
+            if hit is None or hit[0] != key:
                 result = validate_row(dict(zip(RAW_KEYS, key, strict=True)))
-                made = (
+                made: LeaseView | InvalidLeaseRow = (
                     lease_view(result, self.instance, workspace) if isinstance(result, LeaseRow) else result
                 )
-            fresh[name] = (key, made)
+                hit = (key, made)
+            fresh[name] = hit
+            made = hit[1]
             if isinstance(made, LeaseView):
                 leases.append(made)
             else:
@@ -423,7 +423,7 @@ class Reconciler:
             self._fence(session)
             # Compared with the rows as they are now (locked), not as the pass read them: a status
             # written meanwhile (a create attempt) is seen. Plain tuples, no ORM objects.
-            locked = session.connection().execute(_STATUS_SELECT.with_for_update())
+            locked = session.connection().execute(_STATUS_SELECT.with_for_update()).all()
             current = {row[0]: tuple(row) for row in locked}
             loaded = self._statuses
             phases: dict[str, int] = {}

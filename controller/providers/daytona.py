@@ -252,36 +252,30 @@ def to_observed(item: Any) -> ObservedSandbox:
     )
 
 
-def _int(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
-def _str(value: Any) -> str | None:
-    return value if type(value) is str else None
-
-
 class ListItem(msgspec.Struct, rename="camel"):
-    """The fields of Daytona's ``SandboxListItem`` that an ``ObservedSandbox`` holds; the others
-    (about twenty) are skipped while decoding. Loose types where the SDK's model is loose too."""
+    """The fields of Daytona's ``SandboxListItem`` that an ``ObservedSandbox`` holds, typed as the
+    SDK's model types them (strict, as it is); the other twenty or so are skipped while decoding.
+    Looser than the model where it does not matter: any ``state`` text (kept as sent, where the SDK's
+    enum refuses a state it does not know), and fields the model requires may be missing."""
 
     id: str
     name: str
-    state: Any = None
+    state: str | None = None
     labels: dict[str, str] | None = None
-    created_at: Any = None
-    error_reason: Any = None
-    recoverable: Any = None
-    snapshot: Any = None
-    target: Any = None
-    cpu: Any = None
-    memory: Any = None
-    disk: Any = None
-    gpu: Any = None
+    created_at: str | None = None
+    error_reason: str | None = None
+    recoverable: bool | None = None
+    snapshot: str | None = None
+    target: str | None = None
+    cpu: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    gpu: int | None = None
 
 
 class ListPage(msgspec.Struct, rename="camel"):
     items: list[ListItem] | None = None
-    next_cursor: Any = None
+    next_cursor: str | None = None
 
 
 _LIST_PAGE = msgspec.json.Decoder(ListPage)
@@ -289,22 +283,21 @@ _LIST_PAGE = msgspec.json.Decoder(ListPage)
 
 def observed_from_item(item: ListItem) -> ObservedSandbox:
     """One list item as an ``ObservedSandbox``: what ``to_observed`` makes of the SDK's generated
-    model, without building it. Unknown states are kept as sent."""
-    state = item.state
+    model, without building it."""
     return ObservedSandbox(
         id=item.id,
         name=item.name,
-        state="unknown" if state is None else str(state),
+        state=item.state or "unknown",
         labels=item.labels or {},
         created_at=_parse_time(item.created_at),
-        error_reason=_str(item.error_reason),
+        error_reason=item.error_reason,
         recoverable=item.recoverable is True,
-        snapshot=_str(item.snapshot),
-        target=_str(item.target),
-        cpu=_int(item.cpu),
-        memory=_int(item.memory),
-        disk=_int(item.disk),
-        gpu=_int(item.gpu),
+        snapshot=item.snapshot,
+        target=item.target,
+        cpu=item.cpu,
+        memory=item.memory,
+        disk=item.disk,
+        gpu=item.gpu,
     )
 
 
@@ -312,16 +305,13 @@ def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
     """A ``GET /api/sandbox`` answer as its items and the next cursor (None on the last page).
 
     The JSON is decoded straight into :class:`ListItem` (no dict per item, no pydantic model per
-    item). An answer that is not such a page (an item without a text id or name, labels that are not
-    an object of strings) raises ValueError: an unreadable answer, a transient error."""
+    item). An answer that is not such a page (an item without a text id or name, a field of another
+    type than the SDK's model accepts) raises ValueError: an unreadable answer, a transient error."""
     try:
         page = _LIST_PAGE.decode(body)
     except msgspec.DecodeError as exc:  # ValidationError included
         raise ValueError(f"unreadable list answer: {exc}") from exc
-    cursor = page.next_cursor
-    return [observed_from_item(item) for item in page.items or ()], (
-        cursor if type(cursor) is str and cursor else None
-    )
+    return [observed_from_item(item) for item in page.items or ()], page.next_cursor or None
 
 
 class DaytonaProvider:
