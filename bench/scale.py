@@ -320,7 +320,7 @@ def run(
         with workdir("scale") as tmp:
             t0 = time.monotonic()
             ids = seed_sandboxes(tmp / "daytona", lease_names(n))
-            emu = start_emulator(tmp / "daytona")
+            emu = start_emulator(tmp / "daytona", startup_timeout=60 + n / 500)  # loads every sandbox
             log(f"scale: {n} sandboxes seeded and served in {time.monotonic() - t0:.1f}s")
             try:
                 for backend in backends:
