@@ -13,6 +13,12 @@ a second one.
 Status rows are written only when something about them changed, plus one set-based UPDATE of
 ``last_reconciled_at``, so a pass over a converged fleet costs a handful of statements whatever its
 size. Every write is fenced by the leader elector when one is given.
+
+Rows are read as plain Core rows of stored values. A ``Reconciler`` remembers, per lease, the stored
+``leases`` row and what it made of it (validation, spec hash, create request) and the stored
+``lease_status`` row and its ``StatusView``: a row stored exactly as last pass reuses them, any
+change to any column (apply or SQL) is seen on the next pass. See docs/architecture.md "What a pass
+costs" (issue 14).
 """
 
 from __future__ import annotations
