@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         help="PostgreSQL URL used to create and drop the benchmark databases "
         "(default: $LEASECTL_TEST_PG_URL or postgres@127.0.0.1:5432/test)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="scale: also run the same pass with this git revision's controller (e.g. main), up to "
+        "10,000 leases, for its CPU beside ours",
+    )
     parser.add_argument("--jsonl", type=Path, default=None, help="also append every JSON line to this file")
     parser.add_argument("--soak-minutes", type=float, default=20.0, help="soak drive time with --full")
     args = parser.parse_args(argv)
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.monotonic()
         if name == "scale":
-            scale.run(out, quick=quick, pg_admin_url=args.pg_url, huge=bool(args.huge))
+            scale.run(
+                out, quick=quick, pg_admin_url=args.pg_url, huge=bool(args.huge), baseline=args.baseline
+            )
         elif name == "convergence":
             convergence.run(out, quick=quick, pg_admin_url=args.pg_url)
         elif name == "execution":

@@ -357,6 +357,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         "```sh",
         "make bench-quick                  # every benchmark at a small size, a few minutes",
         f".venv/bin/python -m bench --full --jsonl {source}   # what this section comes from (make bench)",
+        "make bench-huge HUGE_JSONL=bench/results-huge.jsonl   # scale at 1,000, 10,000 and 100,000 leases",
         *(
             [f"make soak SOAK_JSONL={soak_source}        # the soak records (make soak alone: no file)"]
             if soak_source

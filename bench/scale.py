@@ -26,9 +26,11 @@ cost grows with the fleet (it should be linear).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
@@ -212,6 +214,19 @@ def child(params: dict[str, Any]) -> dict[str, Any]:
     phases: dict[str, int] = {}
     for decision in result.plan.decisions.values():
         phases[decision.phase] = phases.get(decision.phase, 0) + 1
+    if params.get("pass_only"):  # the baseline's child: the same two passes, nothing else
+        db.dispose()
+        return {
+            "leases": len(result.plan.decisions),
+            "phases": phases,
+            "actions": len(result.outcomes),
+            "wall_s": round(wall, 4),
+            "cpu_s": round(cpu, 4),
+            "cold_pass_cpu_s": round(cold_cpu, 4),
+            "peak_rss_mib": round(peak_rss_kib / 1024, 1),
+            "db_queries": queries,
+            "api_requests": sum(api.values()),
+        }
 
     # The imperative way: what a per-lease plugin does to learn the state of its sandboxes.
     from models import LeaseStatus
@@ -285,10 +300,17 @@ def child(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_child(params: dict[str, Any]) -> dict[str, Any]:
+def _run_child(params: dict[str, Any], baseline: Path | None = None) -> dict[str, Any]:
+    """One child process; with ``baseline`` (a directory holding another version's ``controller``
+    and ``models``), that version's code runs this file's child: the child's cwd comes first on
+    sys.path, the repository (for ``bench``) after it."""
+    env = None
+    if baseline is not None:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.scale", "--child", json.dumps(params)],
-        cwd=REPO_ROOT,
+        cwd=baseline or REPO_ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=1800,
@@ -303,6 +325,34 @@ def _run_child(params: dict[str, Any]) -> dict[str, Any]:
 # -- the parent -----------------------------------------------------------------------------------
 
 
+def _baseline_figures(name: str, base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "baseline": name,
+        "baseline_how": "the same two passes (warm-up, measured) by that revision's controller, in a "
+        "fresh process, on the same fleet and database right after ours",
+        "baseline_cpu_s": base["cpu_s"],
+        "baseline_cold_pass_cpu_s": base["cold_pass_cpu_s"],
+        "baseline_wall_s": base["wall_s"],
+        "baseline_peak_rss_mib": base["peak_rss_mib"],
+        "baseline_db_queries": base["db_queries"],
+        "baseline_api_requests": base["api_requests"],
+        "ratio_baseline_cpu": ratio(base["cpu_s"], ours["cpu_s"]),
+    }
+
+
+def _export(revision: str) -> tuple[Path, str]:
+    """``controller`` and ``models`` of a git revision in a fresh directory, and its short hash."""
+    target = Path(tempfile.mkdtemp(prefix="leasectl-baseline-"))
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "archive", revision, "controller", "models"], cwd=REPO_ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target, short
+
+
 def run(
     out: Output,
     *,
@@ -311,8 +361,12 @@ def run(
     sizes: Sequence[int] | None = None,
     backends: Sequence[str] = ("sqlite", "postgres"),
     huge: bool = False,
+    baseline: str | None = None,
 ) -> list[dict[str, Any]]:
+    """``baseline``: a git revision whose controller runs the same pass on the same fleet and
+    database right after ours (its CPU beside ours, the ratio of the two), up to 10,000 leases."""
     sizes = tuple(sizes or (HUGE_SIZES if huge else QUICK_SIZES if quick else FULL_SIZES))
+    baseline_dir, baseline_rev = _export(baseline) if baseline else (None, None)
     pg_problem = pg_reachable(pg_admin_url) if "postgres" in backends else None
     concurrency = 8
     records = []
@@ -339,6 +393,10 @@ def run(
                                 "sequential_imperative": n <= SEQUENTIAL_IMPERATIVE_MAX,
                             }
                         )
+                        if baseline_dir is not None and n <= SEQUENTIAL_IMPERATIVE_MAX:
+                            child_params = {"database_url": url, "api_url": emu.api_url, "pass_only": True}
+                            base = _run_child(child_params | {"concurrency": concurrency}, baseline_dir)
+                            figures.update(_baseline_figures(f"{baseline} ({baseline_rev})", base, figures))
                     figures["seed_db_s"] = round(seeded, 2)
                     params = {
                         "leases": n,
