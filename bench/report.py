@@ -103,8 +103,9 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             "round trip, so the wall ratios here are the least the imperative way costs."
         )
         out.append(
-            "Before: the pass CPU of the first record of the same case in these files (its date in "
-            "the column), the code of that day; the ratio is before / now. Cold: the first pass of "
+            "Before: the same pass by the revision named, run right after ours on the same fleet and "
+            "database (`python -m bench --baseline REV`), else the first record of the same case in "
+            "these files (its date in the column); the CPU ratio is before / now. Cold: the first pass of "
             "the process (the warm-up), which validates and hashes every lease row; later passes "
             "reuse that for rows whose stored values did not change. Issue 14's targets: 0.4 s CPU at "
             "10,000 leases, 5 s and 1 GiB at 100,000. Above 10,000 leases the per-lease way runs only "
@@ -116,6 +117,10 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             f = r["figures"]
             before = first[_key(r)]
             before_cpu = before["figures"]["cpu_s"] if before is not r else None
+            before_text = f"{before_cpu} ({before['at'][:10]})" if before_cpu is not None else "-"
+            if "baseline_cpu_s" in f:  # the same pass by another revision, in the same run
+                before_cpu = f["baseline_cpu_s"]
+                before_text = f"{before_cpu} ({f['baseline']}, same run)"
             sequential = f.get("imperative_sequential", True)
             imp_wall = f["imperative_wall_s"] if sequential else f["imperative_parallel_wall_s"]
             imp_requests = f["imperative_api_requests"]
@@ -126,7 +131,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     f["wall_s"],
                     f["cpu_s"],
                     f.get("cold_pass_cpu_s"),
-                    f"{before_cpu} ({before['at'][:10]})" if before_cpu is not None else "-",
+                    before_text,
                     _times(round(before_cpu / f["cpu_s"], 2)) if before_cpu else "-",
                     f["peak_rss_mib"],
                     f["pass_alloc_peak_mib"],
