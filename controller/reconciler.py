@@ -24,6 +24,7 @@ costs" (issue 14).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -137,13 +138,21 @@ _STATUS_KEYS: tuple[str, ...] = (
         if column.key not in ("lease_name", "updated_at", "last_reconciled_at", *STATUS_FIELDS)
     ),
 )
-_STATUS_SELECT = sa.select(
-    *(sa.type_coerce(_STATUS.c[k], sa.types.NullType()).label(k) for k in _STATUS_KEYS)
-)
+
+
+def _raw(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    """A column as stored: JSON as its text on both backends, anything else without processing."""
+    if isinstance(column.type, sa.JSON):
+        return sa.cast(column, sa.Text).label(column.key)
+    return sa.type_coerce(column, sa.types.NullType()).label(column.key)
+
+
+_STATUS_SELECT = sa.select(*(_raw(_STATUS.c[key]) for key in _STATUS_KEYS))
 _STATUS_INDEX = {key: index for index, key in enumerate(_STATUS_KEYS)}
 _STATUS_TIMES = tuple(
     index for index, key in enumerate(_STATUS_KEYS) if isinstance(_STATUS.c[key].type, UTCDateTime)
 )
+_STATUS_JSON = tuple(i for i, key in enumerate(_STATUS_KEYS) if isinstance(_STATUS.c[key].type, sa.JSON))
 _STATUS_VIEW = slice(1, 1 + len(STATUS_FIELDS))
 _STATUS_COLUMNS = frozenset(column.key for column in _STATUS.columns)
 StatusRow = tuple[Any, ...]
@@ -151,11 +160,14 @@ StatusRow = tuple[Any, ...]
 
 def _status_row(raw: Sequence[Any]) -> StatusRow:
     """A raw ``lease_status`` row (``_STATUS_SELECT``) with its timestamps as aware UTC datetimes,
-    as the model's ``UTCDateTime`` reads them."""
+    as the model's ``UTCDateTime`` reads them, and its JSON decoded."""
     row = list(raw)
     for index in _STATUS_TIMES:
         if row[index] is not None:
             row[index] = parse_timestamp(row[index])
+    for index in _STATUS_JSON:
+        if row[index] is not None:
+            row[index] = json.loads(row[index])
     return tuple(row)
 
 

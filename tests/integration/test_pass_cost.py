@@ -87,7 +87,7 @@ def test_a_noop_pass_costs_the_same_statements_and_a_list_request_per_page(
 # -- the caches never hide an edit -------------------------------------------------------------------
 
 NAMES = ("edit-a", "edit-b", "edit-c")
-TEAM_Y, OOPS, ENV_A = '{"team": "y"}', '"oops"', '{"A": "1"}'
+TEAM_Y, OOPS, ENV_A, ENV_B = '{"team": "y"}', '"oops"', '{"A": "1"}', '{"A": "2"}'
 
 
 def _statuses(db: dbmod.Database) -> dict[str, dict[str, Any]]:
@@ -132,8 +132,12 @@ def test_sql_edits_reach_the_next_pass_of_the_same_reconciler(db: dbmod.Database
             assert after[name]["updated_at"] == before[name]["updated_at"], name
             assert after[name]["last_reconciled_at"] > before[name]["last_reconciled_at"], name
 
-        # A spec change by SQL (same updated_at) replaces the sandbox on the next pass.
+        # Spec changes by SQL (same updated_at) are acted on at the next pass: labels in place,
+        # env by replacing the sandbox.
         _sql(db, f"UPDATE leases SET labels = {_json(db, TEAM_Y)} WHERE name = 'edit-a'")
+        result = reconciler.run_pass()
+        assert [(o.action.kind, o.action.lease_name) for o in result.outcomes] == [("update", "edit-a")]
+        _sql(db, f"UPDATE leases SET env = {_json(db, ENV_B)} WHERE name = 'edit-a'")
         result = reconciler.run_pass()
         assert [(o.action.kind, o.action.lease_name) for o in result.outcomes] == [("delete", "edit-a")]
         _converge(reconciler)
