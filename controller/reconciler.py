@@ -158,6 +158,17 @@ _STATUS_COLUMNS = frozenset(column.key for column in _STATUS.columns)
 StatusRow = tuple[Any, ...]
 
 
+def _fetch_plain(connection: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
+    """Every row of a query whose columns need no result processing (``_raw``, ``raw_rows_query``),
+    as the driver's own tuples: executed (and counted, and fenced) through SQLAlchemy like any
+    statement, fetched from its DBAPI cursor without making a ``Row`` per row."""
+    result = connection.execute(query)
+    try:
+        return [tuple(row) for row in result.cursor.fetchall()] if result.cursor is not None else []
+    finally:
+        result.close()
+
+
 def _status_row(raw: Sequence[Any]) -> StatusRow:
     """A raw ``lease_status`` row (``_STATUS_SELECT``) with its timestamps as aware UTC datetimes,
     as the model's ``UTCDateTime`` reads them, and its JSON decoded."""
@@ -253,8 +264,8 @@ class Reconciler:
         values are those of the previous pass reuses its validation, spec hash and create request."""
         with self.db.session(readonly=True) as session:
             connection = session.connection()  # Core rows: no ORM result layer
-            raw_rows = connection.execute(raw_rows_query()).all()
-            status_rows = connection.execute(_STATUS_SELECT).all()
+            raw_rows = _fetch_plain(connection, raw_rows_query())
+            status_rows = _fetch_plain(connection, _STATUS_SELECT)
         leases, invalid = self._views_of(raw_rows)
         return leases, self._status_views(status_rows), invalid
 
@@ -262,15 +273,17 @@ class Reconciler:
         """StatusViews of raw ``lease_status`` rows; a row read exactly as last time keeps its view."""
         cache = self._statuses
         fresh: dict[str, tuple[tuple[Any, ...], StatusRow, StatusView]] = {}
-        for raw in raw_rows:
-            key = tuple(raw)
-            hit = cache.get(key[0])
+        views: dict[str, StatusView] = {}
+        for key in raw_rows:
+            name = key[0]
+            hit = cache.get(name)
             if hit is None or hit[0] != key:
                 row = _status_row(key)
                 hit = (key, row, StatusView(*row[_STATUS_VIEW]))
-            fresh[key[0]] = hit
+            fresh[name] = hit
+            views[name] = hit[2]
         self._statuses = fresh
-        return {name: hit[2] for name, hit in fresh.items()}
+        return views
 
     def _views_of(self, raw_rows: Sequence[Any]) -> tuple[list[LeaseView], list[InvalidLeaseRow]]:
         """The planner's view of every raw ``leases`` row. A row is validated (and hashed) again only
@@ -281,8 +294,7 @@ class Reconciler:
         fresh: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
         leases: list[LeaseView] = []
         invalid: list[InvalidLeaseRow] = []
-        for raw in raw_rows:
-            key = tuple(raw)
+        for key in raw_rows:
             name = key[RAW_NAME_INDEX]
             hit = cache.get(name)
             if hit is None or hit[0] != key:
@@ -441,8 +453,8 @@ class Reconciler:
             self._fence(session)
             # Compared with the rows as they are now (locked), not as the pass read them: a status
             # written meanwhile (a create attempt) is seen. Plain tuples, no ORM objects.
-            locked = session.connection().execute(_STATUS_SELECT.with_for_update()).all()
-            current = {row[0]: tuple(row) for row in locked}
+            locked = _fetch_plain(session.connection(), _STATUS_SELECT.with_for_update())
+            current = {row[0]: row for row in locked}
             loaded = self._statuses
             phases: dict[str, int] = {}
             for name, decision in the_plan.decisions.items():

@@ -281,6 +281,12 @@ class ListPage(msgspec.Struct, rename="camel"):
 _LIST_PAGE = msgspec.json.Decoder(ListPage)
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _created_at(text: str) -> datetime | None:
+    """``createdAt`` never changes for a sandbox: each text is parsed once per process (bounded)."""
+    return _parse_time(text)
+
+
 def observed_from_item(item: ListItem) -> ObservedSandbox:
     """One list item as an ``ObservedSandbox``: what ``to_observed`` makes of the SDK's generated
     model, without building it."""
@@ -289,7 +295,7 @@ def observed_from_item(item: ListItem) -> ObservedSandbox:
         name=item.name,
         state=item.state or "unknown",
         labels=item.labels or {},
-        created_at=_parse_time(item.created_at),
+        created_at=_created_at(item.created_at) if item.created_at else None,
         error_reason=item.error_reason,
         recoverable=item.recoverable is True,
         snapshot=item.snapshot,
