@@ -340,14 +340,18 @@ def _baseline_figures(name: str, base: dict[str, Any], ours: dict[str, Any]) -> 
     }
 
 
+_RUN_PATHS = ("controller", "models", "migrations", "alembic.ini", "config.example.yaml")
+
+
 def _export(revision: str) -> tuple[Path, str]:
-    """``controller`` and ``models`` of a git revision in a fresh directory, and its short hash."""
+    """What a revision runs (``controller``, ``models``, its migrations and resources) in a fresh
+    directory, and its short hash."""
     target = Path(tempfile.mkdtemp(prefix="leasectl-baseline-"))
     short = subprocess.run(
         ["git", "rev-parse", "--short", revision], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     archive = subprocess.run(
-        ["git", "archive", revision, "controller", "models"], cwd=REPO_ROOT, capture_output=True, check=True
+        [*("git", "archive", revision), *_RUN_PATHS], cwd=REPO_ROOT, capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target, short
