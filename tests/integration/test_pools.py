@@ -314,3 +314,96 @@ def test_export_round_trips_pools_and_prune_guard_covers_them(database_url: str,
     assert code == exitcodes.INVALID and "pool" in err and "nothing was written" in err
     code, out, _ = cli(database_url, "apply", "-f", str(empty), "--prune", "--prune-all")
     assert code == 0 and "pool/agents pruned" in out
+
+
+def test_sql_release_expiry_events_and_claim_metrics(db: dbmod.Database) -> None:
+    """The rest of the claim life cycle through the Python API, on each backend (memory provider): a
+    new pool is Ready after ONE pass; warm, failed and cold claims are counted with their latency; a
+    SQL UPDATE of ``released_at`` gives a member back like ``release``; a claim past its TTL expires;
+    claim, release-by-SQL (retire) and expiry each leave their event, and the pool refills."""
+    from controller.config import load_settings
+    from controller.leases import apply_specs
+    from controller.metrics import Metrics
+    from controller.providers.memory import MemoryProvider
+    from controller.reconciler import build_reconciler
+    from controller.specs import PoolSpec
+
+    apply_specs(
+        db,
+        [],
+        pools=[
+            PoolSpec(name="agents", min_ready=2, max_size=3),
+            PoolSpec(name="lazy", min_ready=0, max_size=1),
+        ],
+    )
+    settings = load_settings(None, {"controller": {"instance": INSTANCE, "backoff_base_seconds": 0.01}})
+    provider = MemoryProvider()
+    reconciler = build_reconciler(db, provider, settings)
+    metrics = Metrics()
+
+    def ready() -> int:
+        return int(pools_of(db)["ready"])
+
+    try:
+        reconciler.run_pass()
+        assert ready() == 2  # created and Ready in the same pass: nothing to wait for
+        by_sql = claim(db, "agents", owner="sql-user", metrics=metrics)
+        expiring = claim(db, "agents", owner="short", ttl_seconds=1, metrics=metrics)
+        assert not by_sql.cold and not expiring.cold and expiring.expires_at is not None
+        with pytest.raises(NoMemberReadyError):
+            claim(db, "agents", metrics=metrics)  # both taken, nothing Ready yet
+        # A cold claim on an empty pool waits while the daemon's pass creates its member.
+        cold: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: cold.append(claim(db, "lazy", wait_seconds=30, metrics=metrics))
+        )
+        waiter.start()
+        while waiter.is_alive():
+            reconciler.run_pass()
+            waiter.join(0.05)
+        assert cold and cold[0].cold
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE leases SET released_at = CURRENT_TIMESTAMP WHERE name = :n"),
+                {"n": by_sql.lease},
+            )
+        time.sleep(1.1)  # past the short claim's TTL
+        for _ in range(10):
+            reconciler.run_pass()
+            with db.session(readonly=True) as session:
+                left = set(session.scalars(sa.select(Lease.name).where(Lease.pool == "agents")))
+            if by_sql.lease not in left and expiring.lease not in left and ready() == 2:
+                break
+        assert by_sql.lease not in left and expiring.lease not in left, left
+        assert ready() == 2
+    finally:
+        reconciler.applier.shutdown(timeout=5)
+    sandbox_ids = {sb.id for sb in provider.sandboxes.values()}
+    assert by_sql.sandbox_id not in sandbox_ids and expiring.sandbox_id not in sandbox_ids
+    with db.session(readonly=True) as session:
+        trail = {
+            name: [
+                (e.action, e.outcome)
+                for e in session.scalars(sa.select(Event).where(Event.lease_name == name))
+            ]
+            for name in (by_sql.lease, expiring.lease)
+        }
+    assert ("claim", "warm") in trail[by_sql.lease] and ("retire", "released") in trail[by_sql.lease]
+    assert ("claim", "warm") in trail[expiring.lease] and ("expire", "ok") in trail[expiring.lease]
+    assert metrics.value("leasectl_claims_total", {"pool": "agents", "kind": "warm"}) == 2
+    assert metrics.value("leasectl_claims_total", {"pool": "agents", "kind": "failed"}) == 1
+    assert metrics.value("leasectl_claims_total", {"pool": "lazy", "kind": "cold"}) == 1
+    assert metrics.value("leasectl_claim_seconds_count", {"kind": "warm"}) == 2
+    assert metrics.value("leasectl_claim_seconds_count", {"kind": "cold"}) == 1
+    assert metrics.value("leasectl_claim_seconds_bucket", {"kind": "warm", "le": "0.1"}) == 2
+
+
+def pools_of(db: dbmod.Database) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from controller.pool_sync import load_members
+    from controller.pools import count
+
+    with db.session(readonly=True) as session:
+        found = load_members(session, "agents")
+    return asdict(count(found))
