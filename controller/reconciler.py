@@ -43,6 +43,7 @@ from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
+from controller.pools import Headroom
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
 from controller.specs import SPEC_COLUMNS, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
@@ -183,14 +184,16 @@ class Reconciler:
 
     def _run(self, pass_id: str) -> PassResult:
         self._check_leader()
+        c = self.settings.controller
         pools = sync_pools(
             self.db,
             now=self.clock(),
-            create_budget=self.settings.controller.pool_creates_per_pass,
+            create_budget=c.pool_creates_per_pass,
             controller_id=self.controller_id,
             pass_id=pass_id,
             fence=self._fence,
             metrics=self.metrics,
+            headroom=Headroom(c.pool_headroom_factor, c.pool_claim_window_seconds),
         )
         the_plan, leases, statuses, invalid = self.observe_and_plan()
         views = {lease.name: lease for lease in leases}

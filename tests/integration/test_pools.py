@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from controller import db as dbmod
 from controller import exitcodes
-from controller.claims import NoMemberReadyError, _reserve, claim
+from controller.claims import NoMemberReadyError, _reserve, claim, release
 from controller.cli import app
 from controller.pool_sync import sync_pools
 from models import Event, Lease, utcnow
@@ -28,8 +28,15 @@ INSTANCE = "pooltest"
 
 @pytest.fixture
 def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
+    # pool_headroom_factor 0: these tests count members against min_ready exactly (the headroom has
+    # its own test below).
     return point_leasectl_at(
-        emulator, monkeypatch, INSTANCE, backoff_base_seconds="0.01", backoff_max_seconds="0.05"
+        emulator,
+        monkeypatch,
+        INSTANCE,
+        backoff_base_seconds="0.01",
+        backoff_max_seconds="0.05",
+        pool_headroom_factor="0",
     )
 
 
@@ -98,7 +105,8 @@ def test_fill_claim_exec_release_refill(database_url: str, env: EmulatorProcess,
     assert code == 0 and out.strip() == "one", out + err
 
     # The pool refills to min_ready unclaimed while the claim holds, within max_size.
-    state = pass_until(database_url, lambda s: s["ready"] == 1 and s["claimed"] == 1, max_size=3)
+    state = pools(database_url)  # before any pass: one taken, one left
+    assert (state["ready"], state["claimed"]) == (1, 1), state
     state = pass_until(database_url, lambda s: s["ready"] + s["provisioning"] == 2, max_size=3)
     assert state["claimed"] == 1
 
@@ -336,7 +344,10 @@ def test_sql_release_expiry_events_and_claim_metrics(db: dbmod.Database) -> None
             PoolSpec(name="lazy", min_ready=0, max_size=1),
         ],
     )
-    settings = load_settings(None, {"controller": {"instance": INSTANCE, "backoff_base_seconds": 0.01}})
+    settings = load_settings(
+        None,  # no headroom: exactly min_ready (the headroom has its own test below)
+        {"controller": {"instance": INSTANCE, "backoff_base_seconds": 0.01, "pool_headroom_factor": 0}},
+    )
     provider = MemoryProvider()
     reconciler = build_reconciler(db, provider, settings)
     metrics = Metrics()
@@ -407,3 +418,34 @@ def pools_of(db: dbmod.Database) -> dict[str, Any]:
     with db.session(readonly=True) as session:
         found = load_members(session, "agents")
     return asdict(count(found))
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.0])
+def test_claims_in_the_window_grow_the_pool_by_the_headroom(db: dbmod.Database, factor: float) -> None:
+    """Two warm claims (released at once) in the claim window: with the headroom on, the pool step
+    keeps one unclaimed member above min_ready (2 claims/min x a sub-second refill x 2, rounded up);
+    with it off, exactly min_ready. Counted as Ready members after the passes."""
+    from controller.config import load_settings
+    from controller.leases import apply_specs
+    from controller.providers.memory import MemoryProvider
+    from controller.reconciler import build_reconciler
+    from controller.specs import PoolSpec
+
+    apply_specs(db, [], pools=[PoolSpec(name="agents", min_ready=2, max_size=10)])
+    settings = load_settings(
+        None,
+        {"controller": {"instance": INSTANCE, "backoff_base_seconds": 0.01, "pool_headroom_factor": factor}},
+    )
+    reconciler = build_reconciler(db, MemoryProvider(), settings)
+    try:
+        reconciler.run_pass()
+        assert pools_of(db)["ready"] == 2
+        for _ in range(2):
+            release(db, claim(db, "agents", owner="burst").lease)
+        for _ in range(4):
+            reconciler.run_pass()
+        counts = pools_of(db)
+    finally:
+        reconciler.applier.shutdown(timeout=5)
+    assert counts["ready"] == (3 if factor else 2), counts
+    assert counts["retiring"] == 0 and counts["total"] == counts["ready"]
