@@ -10,7 +10,9 @@ server. On each backend:
   fewest Ready members seen just after each claim, and a sampler reading the Ready count every
   50 ms through the whole warm phase (its minimum, the time spent below ``min_ready``), show how
   closely refill keeps ``min_ready``;
-* cold: a pool with ``min_ready`` 0; each claim waits (``--wait``) while a member is created;
+* cold: a pool with ``min_ready`` 0; each claim waits (``--wait``) while a member is created, once
+  the warm pool has nothing left on its way (passes do not overlap: a claim made while a pass
+  creates for another pool also waits for that pass);
 * lease row: a lease INSERTed with SQL; time until its status shows the create (the daemon's
   wake-up, on SQLite the change watcher) and until it is Ready;
 * CLI: ``leasectl claim`` as a subprocess, for its start-up cost (reported apart).
@@ -91,6 +93,14 @@ def _ready(db: Any, pool: str) -> int:
             )
             or 0
         )
+
+
+def _provisioning(db: Any, pool: str) -> int:
+    from controller.pool_sync import load_members
+    from controller.pools import count
+
+    with db.session(readonly=True) as session:
+        return count(load_members(session, pool)).provisioning
 
 
 def _phase(db: Any, lease: str) -> str | None:
@@ -201,6 +211,10 @@ def measure(
                         time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
                 sampler_db.dispose()
                 refilled = wait_until(lambda: _ready(db, "warm") >= ready, timeout=60, interval=0.1)
+                # The warm pool may still be creating its headroom: passes do not overlap, so a cold
+                # claim made meanwhile would also wait for the pass in progress. Measure it on a
+                # daemon that has nothing else to create.
+                wait_until(lambda: _provisioning(db, "warm") == 0, timeout=60, interval=0.1)
 
                 # Cold claims: nothing warm; each waits while a member is created.
                 cold_s: list[float] = []

@@ -28,7 +28,8 @@ The headroom is ``ceil(factor * r * refill)``, with ``r`` the pool's claims of t
 ``claim_window_seconds`` (``PoolView.recent_claims``) over the time they span (at least a quarter of
 the window, so a claim rate that starts is followed within a quarter window) and ``refill`` the mean
 time from row to Ready of its members (``MemberView.created_at`` / ``ready_at``); with no claims in
-the window (or only one) it is 0, and the extra members go again as surplus. ``factor`` 0 turns it off.
+the window (or only one), and for a pool with ``min_ready`` 0 (no idle sandboxes wanted), it is 0;
+the extra members go again as surplus. ``factor`` 0 turns it off.
 ``max_size`` caps it like the rest.
 """
 
@@ -165,8 +166,10 @@ def refill_seconds(members: Iterable[MemberView]) -> float | None:
 
 def headroom(pool: PoolView, members: Sequence[MemberView], how: Headroom) -> int:
     """Unclaimed members to keep above ``min_ready`` for the claims that arrive during one refill."""
-    if how.factor <= 0 or pool.recent_claims < 2 or how.claim_window_seconds <= 0:
-        return 0  # off, or no rate to speak of: one claim alone is not worth extra sandboxes
+    if how.factor <= 0 or pool.min_ready <= 0 or pool.recent_claims < 2 or how.claim_window_seconds <= 0:
+        # Off; a pool that wants no idle sandboxes (min_ready 0: every claim is cold by choice); or no
+        # rate to speak of (one claim alone is not worth extra sandboxes).
+        return 0
     refill = refill_seconds(members)
     if refill is None:
         return 0

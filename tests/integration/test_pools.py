@@ -449,3 +449,22 @@ def test_claims_in_the_window_grow_the_pool_by_the_headroom(db: dbmod.Database, 
         reconciler.applier.shutdown(timeout=5)
     assert counts["ready"] == (3 if factor else 2), counts
     assert counts["retiring"] == 0 and counts["total"] == counts["ready"]
+
+
+def test_dry_run_treats_pools_like_leases(database_url: str, tmp_path: Path) -> None:
+    """`apply --dry-run` reports a pool created, changed or pruned and writes none of it."""
+    path = write_pool(tmp_path / "pool.yaml", min_ready=1, max_size=4)
+    code, out, _ = cli(database_url, "apply", "-f", str(path), "--dry-run")
+    assert code == 0 and "pool/agents created" in out and "dry run" in out, out
+    code, out, _ = cli(database_url, "pools", "-o", "json")
+    assert json.loads(out) == []
+    assert cli(database_url, "apply", "-f", str(path))[0] == 0
+    bigger = write_pool(tmp_path / "bigger.yaml", min_ready=3, max_size=4)
+    code, out, _ = cli(database_url, "apply", "-f", str(bigger), "--dry-run")
+    assert code == 0 and "pool/agents updated" in out, out
+    assert pools(database_url)["min_ready"] == 1
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("leases: []\n")
+    code, out, _ = cli(database_url, "apply", "-f", str(empty), "--prune", "--prune-all", "--dry-run")
+    assert code == 0 and "pool/agents pruned" in out, out
+    assert pools(database_url)["min_ready"] == 1  # still there

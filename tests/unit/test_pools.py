@@ -310,6 +310,7 @@ def test_headroom_is_claims_during_a_refill_times_the_factor() -> None:
         ("none without claims", pool(2), HOW, 0),
         ("max_size caps it", with_claims(pool(2, max_size=3), 30), HOW, 1),
         ("one claim alone is no rate", with_claims(pool(2), 1), HOW, 0),
+        ("min_ready 0 wants no idle sandboxes", with_claims(pool(0), 30), HOW, 0),
         ("two claims in the window round up to one", with_claims(pool(2), 2), HOW, 1),
     ],
 )
