@@ -107,8 +107,13 @@ def test_refill_after_claims_with_the_daemon(
         what="refill",
     )
     assert state["members"] == 6
-    metrics = d.http("/metrics")[1]
-    assert 'leasectl_pool_members{pool="agents",state="claimed"} 3.0' in metrics
+    # The gauge is what the last pass's pool step saw: a pass that planned the refill (and a headroom)
+    # from two claims can fill the pool before the next pass sees the third.
+    wait_for(
+        lambda: 'leasectl_pool_members{pool="agents",state="claimed"} 3.0' in d.http("/metrics")[1] or None,
+        timeout=30,
+        what="claimed gauge",
+    )
     # max_size reached: a further claim takes a warm one, and the pool cannot refill past 6.
     code, out, err = cli(database_url, "claim", "agents", "-o", "json")
     assert code == 0, err
