@@ -468,3 +468,47 @@ def test_dry_run_treats_pools_like_leases(database_url: str, tmp_path: Path) -> 
     code, out, _ = cli(database_url, "apply", "-f", str(empty), "--prune", "--prune-all", "--dry-run")
     assert code == 0 and "pool/agents pruned" in out, out
     assert pools(database_url)["min_ready"] == 1  # still there
+
+
+def _claim_and_hang(url: str, locked: Any) -> None:
+    """A claimer killed inside its claim transaction: the member row is updated, not committed."""
+    from controller import claims
+
+    def hang(*_: Any) -> None:
+        locked.put("locked")
+        time.sleep(120)
+
+    claims._event = hang  # type: ignore[assignment]  # runs after the UPDATE, before the commit
+    claims.claim(dbmod.connect(url), "agents", owner="doomed")
+
+
+def test_a_claimer_killed_mid_claim_leaves_no_member_half_claimed(db: dbmod.Database) -> None:
+    from controller.config import load_settings
+    from controller.leases import apply_specs
+    from controller.providers.memory import MemoryProvider
+    from controller.reconciler import build_reconciler
+    from controller.specs import PoolSpec
+
+    apply_specs(db, [], pools=[PoolSpec(name="agents", min_ready=1, max_size=1)])
+    settings = load_settings(None, {"controller": {"instance": INSTANCE, "pool_headroom_factor": 0}})
+    reconciler = build_reconciler(db, MemoryProvider(), settings)
+    try:
+        reconciler.run_pass()
+    finally:
+        reconciler.applier.shutdown(timeout=5)
+    url = db.engine.url.render_as_string(hide_password=False)
+    ctx = multiprocessing.get_context("spawn")
+    locked = ctx.Queue()
+    child = ctx.Process(target=_claim_and_hang, args=(url, locked))
+    child.start()
+    try:
+        assert locked.get(timeout=60) == "locked"
+    finally:
+        child.kill()
+        child.join(timeout=30)
+    got = claim(db, "agents", owner="survivor", wait_seconds=10)  # the only member, whole again
+    with db.session(readonly=True) as session:
+        rows = list(session.scalars(sa.select(Lease).where(Lease.pool == "agents")))
+        owners = [e.message for e in session.scalars(sa.select(Event).where(Event.action == "claim"))]
+    assert [(r.name, r.claimed_by) for r in rows] == [(got.lease, "survivor")]
+    assert len(owners) == 1 and "survivor" in owners[0]
