@@ -289,18 +289,27 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             f"made at {p0['claim_rate_per_s']:g}/s through `controller.claims.claim` (the claim "
             "itself, in-process: one transaction), each released at once (deleted; the daemon "
             "refills). A miss is a claim that found no Ready member and waited for one; ready after "
-            "each claim is the number of unclaimed Ready members left just after it. Cold: min_ready "
-            "0, each claim waits while a member is created (target: within L + 1 s). Lease row: a "
-            "lease INSERTed with SQL, time until the daemon has acted (its create attempt is "
-            "recorded: wake-up + pass) and until Ready (the next pass, which for a plain lease is "
-            "the interval unless something else wakes the daemon). CLI: `leasectl claim` as a "
-            "subprocess (Python start-up and imports included)."
+            "each claim is the number of unclaimed Ready members left just after it; sampled is the "
+            "same count read every 50 ms through the whole warm phase (its minimum and mean), and "
+            "below R the time it spent under min_ready (share of the phase). Cold: min_ready 0, each "
+            "claim waits while a member is created, once the warm pool has nothing left on its way "
+            "(target: within L + 1 s). Lease row: a lease "
+            "INSERTed with SQL, time until the daemon has acted (its create attempt is recorded: "
+            "wake-up + pass) and until Ready. CLI: `leasectl claim` as a subprocess (Python start-up "
+            "and imports included)."
+        )
+        at = sorted(r["at"] for r in by["pools"])
+        out.append("")
+        out.append(
+            f"These pool records: {at[0][:16].replace('T', ' ')} to {at[-1][:16].replace('T', ' ')} UTC "
+            f"on `{by['pools'][-1]['machine']['hostname']}` ({by['pools'][-1]['machine']['platform']})."
         )
         out.append("")
         rows = []
         for r in sorted(by["pools"], key=lambda r: r["parameters"]["backend"]):
             p, f = r["parameters"], r["figures"]
             seen = f["ready_after_each_claim"]
+            sampled = f.get("ready_sampled")  # n/a in records older than the sampler
             rows.append(
                 [
                     p["backend"],
@@ -309,6 +318,10 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     f["warm"]["p99_ms"],
                     f["warm_misses"]["claims"],
                     f"{seen['min']} / {seen['mean']}",
+                    f"{sampled['min']} / {sampled['mean']}" if sampled else "n/a",
+                    f"{sampled['below_min_ready_s']} s ({sampled['below_min_ready_share']:.0%})"
+                    if sampled
+                    else "n/a",
                     f["cold"]["p50_ms"],
                     f["cold"]["max_ms"],
                     f["lease_row_first_action"]["p50_ms"],
@@ -325,6 +338,8 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     "warm p99 ms",
                     "misses",
                     "ready after claim min / mean",
+                    "sampled min / mean",
+                    "below R",
                     "cold p50 ms",
                     "cold max ms",
                     "lease row acted p50 ms",

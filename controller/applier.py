@@ -21,6 +21,9 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
 - Quota and capacity refusals (``CapacityError``) are retried with the lease's back-off, capped at
   ``blocked_backoff_max_seconds`` so that a lease converges soon after capacity returns; the lease
   shows phase ``Blocked`` with the reason.
+- A create answered ``started`` realizes the lease's workspace (``Action.workspace_dir``) in the same
+  action, so the lease is ``Ready`` after one pass; if that fails the create still succeeded and the
+  planner asks for ``realize_workspace`` next pass.
 - A create that failed in a way that may have left a sandbox (a late "failed to start", a name
   conflict, no answer) is followed at once by one ``get`` by the deterministic name: a sandbox of this
   lease found there is recorded (an errored one is then recovered or replaced by the planner), never
@@ -35,7 +38,11 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
   consecutive failure, returned as ``Outcome.next_attempt_at``; success resets it. The failure count
   comes from the action (``Action.failures``, read from ``lease_status`` by the planner).
 - ``before_create(action)`` runs in the worker just before ``provider.create``; if it raises, the
-  create is not called. ``on_outcome(outcome)`` is called for every finished action.
+  create is not called. ``on_done(outcome)`` runs in the worker as soon as its action has finished,
+  while the lease is still marked in flight (the reconciler records the lease's status there, so a
+  quick action is not held back by a slow one of the same pass); an exception in it is logged and
+  the outcome is returned as usual. ``on_outcome(outcome)`` is called for every finished action once
+  the whole batch is done.
 - ``fence()`` runs in the worker at the moment each call that changes a sandbox (create, delete,
   start, stop, archive, recover) is sent, after every wait; if it raises ``NotLeaderError`` the call
   is not made (outcome ``fenced``, not a failure). The reconciler passes one that re-checks the
@@ -79,6 +86,7 @@ from controller.providers.base import (
     LABEL_LEASE,
     STATE_BUILD_FAILED,
     STATE_ERROR,
+    STATE_STARTED,
     ObservedSandbox,
     SandboxProvider,
 )
@@ -191,6 +199,8 @@ class Outcome:
                 failed_spec_hash=None,
                 spec_fields=dict(action.fields) if action.fields else None,
             )
+            if self.workspace_path is not None:  # realized in the same action: Ready now
+                values.update(phase=READY, workspace_path=self.workspace_path, ready_at=self.finished_at)
         elif kind == "update":
             values.update(
                 spec_hash=action.spec_hash, spec_fields=dict(action.fields) if action.fields else None
@@ -363,6 +373,7 @@ class Applier:
         before_create: ActionHook | None = None,
         on_outcome: OutcomeHook | None = None,
         fence: Fence | None = None,
+        on_done: OutcomeHook | None = None,
     ) -> list[Outcome]:
         """Run ``actions`` (at most one per lease is run; others are ``busy``); outcomes in input order."""
         hook = before_create or self.before_create
@@ -379,7 +390,7 @@ class Applier:
                 continue
             # Run in a copy of the caller's context so log records keep the pass id.
             context = contextvars.copy_context()
-            futures.append(self._pool.submit(context.run, self._run, action, hook, fence))
+            futures.append(self._pool.submit(context.run, self._run, action, hook, fence, on_done))
         outcomes = [f if isinstance(f, Outcome) else f.result() for f in futures]
         if notify is not None:
             for outcome in outcomes:
@@ -415,7 +426,13 @@ class Applier:
         now = self.clock()
         return Outcome(action, False, now, now, kind, message, failures=action.failures)
 
-    def _run(self, action: Action, before_create: ActionHook | None, fence: Fence | None = None) -> Outcome:
+    def _run(
+        self,
+        action: Action,
+        before_create: ActionHook | None,
+        fence: Fence | None = None,
+        on_done: OutcomeHook | None = None,
+    ) -> Outcome:
         lease = action.lease_name
         with self._lock:
             if lease in self._in_flight:
@@ -429,7 +446,13 @@ class Applier:
             if self.stopping:
                 return self._not_run(action, SKIPPED, "the controller is shutting down")
             with logs.bound(lease=lease):
-                return self._execute(action, before_create, fence)
+                outcome = self._execute(action, before_create, fence)
+                if on_done is not None:
+                    try:
+                        on_done(outcome)
+                    except Exception:
+                        log.exception("lease %s: on_done hook failed", lease)
+                return outcome
         finally:
             with self._idle:
                 self._in_flight.discard(lease)
@@ -472,6 +495,10 @@ class Applier:
                         raise
                     return self._after_failed_create(action, started, exc, deadline)
                 message = f"created sandbox {sandbox.name} ({sandbox.id}), {sandbox.state}"
+                if action.workspace_dir is not None and sandbox.state == STATE_STARTED:
+                    workspace = self._realize_after_create(action, sandbox, deadline)
+                    if workspace is not None:
+                        message = f"{message}; workspace {workspace} ready"
             elif action.kind == "lookup":
                 sandbox, message = self._lookup(action, deadline)
             elif action.kind == "realize_workspace":
@@ -694,8 +721,22 @@ class Applier:
             return found, f"found sandbox {found.name} ({found.id}), {found.state}, by {key}"
         return None, f"no sandbox found by {' or '.join(keys)}; the record is cleared"
 
-    def _realize(self, action: Action, deadline: float) -> str:
-        sid = _sid(action)
+    def _realize_after_create(self, action: Action, sandbox: ObservedSandbox, deadline: float) -> str | None:
+        """The workspace of a sandbox the create answered ``started``, in the same action (the lease is
+        Ready after one pass). None when it fails: the create still succeeded, and the planner asks
+        for ``realize_workspace`` on the next pass."""
+        try:
+            return self._realize(action, deadline, sandbox.id)
+        except (ProviderError, _Deferred) as exc:
+            log.info(
+                "lease %s: workspace not realized after create (%s); realized on the next pass",
+                action.lease_name,
+                exc,
+            )
+            return None
+
+    def _realize(self, action: Action, deadline: float, sandbox_id: str | None = None) -> str:
+        sid = sandbox_id or _sid(action)
         wanted = action.workspace_dir or "workspace"
         if posixpath.isabs(wanted):
             path = posixpath.normpath(wanted)

@@ -58,6 +58,11 @@ transit.   wait (Provisioning wait (Stopping)             wait (Archiving)      
 unknown    wait, phase kept   wait, phase kept            wait, phase kept             delete
 =========  =================  ==========================  ===========================  ====================
 
+A create carries the lease's ``workspace_dir``: when Daytona answers the create with the sandbox
+``started`` (it waits for that), the applier realizes the workspace in the same action, so the lease
+is ``Ready`` after one pass; otherwise (still starting, or the realize failed) ``realize_workspace``
+follows on a later pass as in the table.
+
 Idle: on a lease with ``auto_stop_interval`` (> 0), a stopped or archived sandbox that the lease had
 Ready (or Idle) is one Daytona parked for inactivity: phase ``Idle``, no start (``leasectl exec`` and
 the queue start it on demand). Without ``auto_stop_interval`` the sandbox is created with auto-stop
@@ -695,6 +700,7 @@ def _nothing_live(
         create=req,
         spec_hash=lease.spec_hash,
         fields=lease.fields or None,
+        workspace_dir=lease.workspace_dir,  # the applier realizes it at once when the create answers started
     )
     # The create attempt is committed by the reconciler just before the call: never clear it here.
     gone.pop("clear_create_attempt")

@@ -3,16 +3,20 @@
 A pass starts with the pool step (``controller.pool_sync``: member rows to add, retire, remove).
 
 Reads every lease and status row (one read transaction), observes every sandbox of this instance
-(one paginated list call), asks the pure planner for at most one action per lease, runs the
-actions through the applier and writes ``lease_status`` and ``events`` in one transaction at the
-end. The one write that cannot wait for the end is the create attempt: the deterministic sandbox
-name and the time are committed *before* the create call (``before_create``), so a process killed
-at any instant leaves a record that the next pass uses to look the sandbox up instead of creating
-a second one.
+(one paginated list call), asks the pure planner for at most one action per lease and runs the
+actions through the applier. Each lease whose action ran gets its ``lease_status`` row and event
+written as soon as that action finishes, in a short transaction of its own (``_write_outcome``, from
+the applier's worker), so a workspace realized in a pass with slow creates shows ``Ready`` at once,
+not when the slowest create of the pass returns. The other leases (no action, or an action that was
+not run, or whose early write failed) are written in one transaction at the end. The one write that
+must come *before* an action is the create attempt: the deterministic sandbox name and the time are
+committed before the create call (``before_create``), so a process killed at any instant leaves a
+record that the next pass uses to look the sandbox up instead of creating a second one.
 
 Status rows are written only when something about them changed, plus one set-based UPDATE of
 ``last_reconciled_at``, so a pass over a converged fleet costs a handful of statements whatever its
-size. Every write is fenced by the leader elector when one is given.
+size. Every write is fenced by the leader elector when one is given; an early write refused by the
+fence (or failing) is left to the end-of-pass write, which is fenced the same way.
 
 Rows are read as plain Core rows of stored values. A ``Reconciler`` remembers, per lease, the stored
 ``leases`` row and what it made of it (validation, spec hash, create request) and the stored
@@ -57,6 +61,7 @@ from controller.lease_rows import (
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
+from controller.pools import Headroom
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
 from controller.specs import SPEC_COLUMNS, field_digests, legacy_spec_hash, settings_hash, spec_hash
 from models import Event, Lease, LeaseStatus, UTCDateTime, utcnow
@@ -354,14 +359,16 @@ class Reconciler:
 
     def _run(self, pass_id: str) -> PassResult:
         self._check_leader()
+        c = self.settings.controller
         pools = sync_pools(
             self.db,
             now=self.clock(),
-            create_budget=self.settings.controller.pool_creates_per_pass,
+            create_budget=c.pool_creates_per_pass,
             controller_id=self.controller_id,
             pass_id=pass_id,
             fence=self._fence,
             metrics=self.metrics,
+            headroom=Headroom(c.pool_headroom_factor, c.pool_claim_window_seconds),
         )
         the_plan, leases, statuses, invalid = self.observe_and_plan()
         views = {lease.name: lease for lease in leases}
@@ -371,10 +378,20 @@ class Reconciler:
         def before_create(action: Action) -> None:
             self._record_create_attempt(action)
 
+        written: set[str] = set()  # leases whose status and event are committed already
+
+        def on_done(outcome: Outcome) -> None:
+            if self._write_outcome(pass_id, the_plan, outcome, views, statuses):
+                written.add(outcome.action.lease_name)  # set.add is atomic; read after apply returns
+
         # Plain leases first: filling a pool never delays them (the sort is stable).
         actions = sorted(the_plan.actions, key=lambda a: a.lease_name in pools.members)
-        outcomes = self.applier.apply(actions, before_create=before_create, fence=fence) if actions else []
-        self._write(pass_id, the_plan, outcomes, views, statuses)
+        outcomes = (
+            self.applier.apply(actions, before_create=before_create, fence=fence, on_done=on_done)
+            if actions
+            else []
+        )
+        self._write(pass_id, the_plan, outcomes, views, statuses, written)
         if invalid:
             self._write_invalid(pass_id, invalid)
             if self.metrics:
@@ -443,7 +460,10 @@ class Reconciler:
         outcomes: Sequence[Outcome],
         views: dict[str, LeaseView],
         before: dict[str, StatusView],
+        written: frozenset[str] | set[str] = frozenset(),
     ) -> None:
+        """The end-of-pass write; leases in ``written`` were recorded by ``_write_outcome`` already
+        (they only count in the phase gauge)."""
         now = self.clock()
         by_lease = {o.action.lease_name: o for o in outcomes}
         columns = _STATUS_COLUMNS
@@ -458,16 +478,14 @@ class Reconciler:
             loaded = self._statuses
             phases: dict[str, int] = {}
             for name, decision in the_plan.decisions.items():
-                values = decision.status_values()
                 outcome = by_lease.get(name)
-                if outcome is not None and outcome.reobserved and name in views:
-                    values = self._replan(views[name], before.get(name), outcome, now)
-                    session.add(self._event(outcome, pass_id, now))
-                elif outcome is not None:
-                    values.update(outcome.status_values(views.get(name)))
-                    session.add(self._event(outcome, pass_id, now))
+                values = self._status_values(decision.status_values(), outcome, views, before, now)
                 phase = values.get("phase", "Pending")
                 phases[phase] = phases.get(phase, 0) + 1
+                if name in written:
+                    continue
+                if outcome is not None:
+                    session.add(self._event(outcome, pass_id, now))
                 raw = current.get(name)
                 if raw is not None:
                     hit = loaded.get(name)
@@ -501,6 +519,58 @@ class Reconciler:
                 self.metrics.leases.labels(*phase).set(0)
             for phase, count in phases.items():
                 self.metrics.leases.labels(phase=phase).set(count)
+
+    def _status_values(
+        self,
+        values: dict[str, Any],
+        outcome: Outcome | None,
+        views: dict[str, LeaseView],
+        before: dict[str, StatusView],
+        now: datetime,
+    ) -> dict[str, Any]:
+        """A lease's new ``lease_status`` values: its decision's, with its action's outcome laid over."""
+        if outcome is None:
+            return values
+        name = outcome.action.lease_name
+        if outcome.reobserved and name in views:
+            return self._replan(views[name], before.get(name), outcome, now)
+        values.update(outcome.status_values(views.get(name)))
+        return values
+
+    def _write_outcome(
+        self,
+        pass_id: str,
+        the_plan: Plan,
+        outcome: Outcome,
+        views: dict[str, LeaseView],
+        before: dict[str, StatusView],
+    ) -> bool:
+        """Record one finished action (status row and event) in its own short, fenced transaction, from
+        the applier's worker. False (nothing written) for an action that never ran or when the write
+        fails: the end-of-pass ``_write`` records it then."""
+        name = outcome.action.lease_name
+        decision = the_plan.decisions.get(name)
+        if decision is None or not outcome.ran:
+            return False
+        now = self.clock()
+        values = self._status_values(decision.status_values(), outcome, views, before, now)
+        try:
+            with self.db.session() as session:
+                self._fence(session)
+                row = session.get(LeaseStatus, name, with_for_update=True)
+                if row is None:
+                    row = LeaseStatus(lease_name=name, failures=0)
+                    session.add(row)
+                for key, value in values.items():
+                    if hasattr(row, key):
+                        setattr(row, key, value)
+                row.updated_at = now
+                row.last_reconciled_at = now
+                session.add(self._event(outcome, pass_id, now))
+        except Exception as exc:  # NotLeaderError, a database error: the end of the pass tries again
+            log.warning("lease %s: status not recorded yet (%s); recorded at the end of the pass", name, exc)
+            return False
+        return True
 
     def _replan(
         self, lease: LeaseView, status: StatusView | None, outcome: Outcome, now: datetime
