@@ -874,7 +874,11 @@ def soak(
             last_cli = 0.0
             cut_at = 0.0
             outage_at = drive_seconds / 2 if daemon_url is not None and outage_seconds > 0 else None
-            while time.monotonic() - started < drive_seconds and not stop.is_set():
+            # The drive lasts drive_seconds, and longer while the outage has not run its full length:
+            # a slow operator step must not cut the outage short (or skip it).
+            while not stop.is_set() and (
+                time.monotonic() - started < drive_seconds or outage_at is not None or run.outage.is_set()
+            ):
                 if outage_at is not None and time.monotonic() - started >= outage_at:
                     outage_at = None
                     with run.lock:
