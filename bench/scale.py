@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -411,6 +412,8 @@ def run(
                     records.append(out.emit("scale", params, figures))
             finally:
                 emu.kill()
+    if baseline_dir is not None:
+        shutil.rmtree(baseline_dir, ignore_errors=True)
     print()
     print("scale: one reconcile pass over a converged fleet vs one GET per lease")
     print(
