@@ -69,7 +69,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
     sources = (source, *(soak_source.split() if soak_source else ()))
     by = {
         name: [r for r in records if r["name"] == name]
-        for name in ("scale", "convergence", "execution", "pools", "soak")
+        for name in ("scale", "convergence", "execution", "pools", "cli", "soak")
     }
     # The soak may come from another run (and machine) than the benchmarks: each says its own.
     perf = [r for r in records if r["name"] != "soak"] or records
@@ -278,6 +278,32 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     "API requests/cmd",
                 ],
                 rows,
+            )
+        )
+    if by["cli"]:
+        out += ["", "### CLI start-up against `python -c pass`", ""]
+        p0 = by["cli"][0]["parameters"]
+        out.append(
+            f"Each command run {p0['rounds']} times as a fresh process, interleaved with `python -c pass` "
+            "in the same loop; medians. `get` reads a SQLite database of "
+            f"{p0['leases']} leases; `exec` runs `true` on a Ready lease of the local API through the "
+            "whole path (execution row, login-shell script, toolbox request, result row, event)."
+        )
+        out.append("")
+        out.append(
+            _md(
+                ["command", "median s", "`python -c pass` s", "ratio", "target"],
+                [
+                    [
+                        f"`{r['parameters']['command']}`",
+                        r["figures"]["median_seconds"],
+                        r["figures"]["baseline_median_seconds"],
+                        f"{r['figures']['ratio_to_baseline']}x",
+                        f"<= {r['figures']['target_ratio']:g}x"
+                        + ("" if r["figures"]["within_target"] else " (not met)"),
+                    ]
+                    for r in by["cli"]
+                ],
             )
         )
     if by["pools"]:
