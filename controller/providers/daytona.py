@@ -4,9 +4,9 @@ Lifecycle calls (list, get, create, start, stop, archive, recover, delete) go th
 generated REST client (``daytona_api_client``) so that each is exactly one bounded HTTP request and
 returns as soon as Daytona accepted it: the reconciler observes progress on its next pass instead of
 blocking a worker in the high-level client's wait loops. ``exec``, the hot path of ``leasectl
-exec`` and the execution queue, goes through the generated toolbox client too (``ProcessApi``,
-aimed at the sandbox's toolbox proxy URL from one ``get_sandbox``): the same request the high-level
-client sends, without importing it. The other toolbox calls (files, work dir, sessions) use the
+exec`` and the execution queue, and the session calls go through the generated toolbox client
+too (``ProcessApi``, aimed at the sandbox's toolbox proxy URL from one ``get_sandbox``): the same
+requests the high-level client sends, without importing it. The file and work-dir calls use the
 high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable socket
 can neither slow nor break anything; it is made on first use, because importing it (OpenTelemetry,
 aiohttp, socketio, every generated model) takes seconds that ``plan``, ``gc`` and ``exec`` never need.
@@ -58,7 +58,9 @@ from daytona_toolbox_api_client.api.process_api import ProcessApi
 from daytona_toolbox_api_client.api_client import ApiClient as ToolboxApiClient
 from daytona_toolbox_api_client.configuration import Configuration as ToolboxConfiguration
 from daytona_toolbox_api_client.exceptions import ApiException as ToolboxApiException
+from daytona_toolbox_api_client.models.create_session_request import CreateSessionRequest
 from daytona_toolbox_api_client.models.execute_request import ExecuteRequest
+from daytona_toolbox_api_client.models.session_execute_request import SessionExecuteRequest
 
 from controller.errors import (
     SCOPE_ALL,
@@ -683,55 +685,67 @@ class DaytonaProvider:
 
     # -- sessions --------------------------------------------------------------------------------
 
+    def _process_call(self, sandbox_id: str, operation: str, what: str, fn: Callable[[ProcessApi], T]) -> T:
+        """A call of the sandbox's toolbox process API; any failure drops it from the cache."""
+        process = self._process(sandbox_id)
+        try:
+            return self._call(operation, what, lambda: fn(process))
+        except ProviderError:
+            self._forget(sandbox_id)
+            raise
+
     def create_session(self, sandbox_id: str, session_id: str) -> None:
-        self._toolbox(
+        self._process_call(
             sandbox_id,
             "session_create",
             f"create session {session_id}",
-            lambda sb: sb.process.create_session(session_id, request_timeout=self._timeout),
+            lambda api: api.create_session(
+                CreateSessionRequest(session_id=session_id), _request_timeout=self._timeout
+            ),
         )
 
     def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
-        from daytona import SessionExecuteRequest
-
         request = SessionExecuteRequest(command=command, run_async=True)
         try:
-            self._sandbox(sandbox_id)
+            self._process(sandbox_id)
         except ProviderError as exc:
             raise not_sent(exc, "session execute") from exc
-        response = self._toolbox(
+        response = self._process_call(
             sandbox_id,
             "session_execute",
             f"execute in session {session_id}",
-            lambda sb: sb.process.execute_session_command(session_id, request, timeout=int(self._timeout)),
+            lambda api: api.session_execute_command(
+                session_id, request, _request_timeout=float(int(self._timeout) + 5)
+            ),
         )
         return str(response.cmd_id)
 
     def session_command(self, sandbox_id: str, session_id: str, command_id: str) -> SessionCommand:
-        command = self._toolbox(
+        command = self._process_call(
             sandbox_id,
             "session_command",
             f"get command {command_id} of session {session_id}",
-            lambda sb: sb.process.get_session_command(session_id, command_id, request_timeout=self._timeout),
+            lambda api: api.get_session_command(session_id, command_id, _request_timeout=self._timeout),
         )
         code = command.exit_code
         return SessionCommand(command_id, int(code) if code is not None else None)
 
     def session_logs(self, sandbox_id: str, session_id: str, command_id: str) -> str:
-        logs = self._toolbox(
+        logs = self._process_call(
             sandbox_id,
             "session_logs",
             f"get logs of command {command_id}",
-            lambda sb: sb.process.get_session_command_logs(
-                session_id, command_id, request_timeout=self._timeout
-            ),
+            lambda api: api.get_session_command_logs(session_id, command_id, _request_timeout=self._timeout),
         )
         return str(logs.output or "")
 
     def delete_session(self, sandbox_id: str, session_id: str) -> None:
-        self._toolbox_delete(
-            sandbox_id,
-            "session_delete",
-            f"delete session {session_id}",
-            lambda sb: sb.process.delete_session(session_id, request_timeout=self._timeout),
-        )
+        try:
+            self._process_call(
+                sandbox_id,
+                "session_delete",
+                f"delete session {session_id}",
+                lambda api: api.delete_session(session_id, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return
