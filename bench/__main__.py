@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "convergence":
             convergence.run(out, quick=quick, pg_admin_url=args.pg_url)
         elif name == "execution":
-            execution.run(out, quick=quick, pg_admin_url=args.pg_url)
+            pg = ["postgres"] if common.pg_reachable(args.pg_url) is None else []
+            for backend in ["sqlite", *pg]:
+                execution.run(out, quick=quick, pg_admin_url=args.pg_url, backend=backend)
         elif name == "pools":
             pools.run(out, quick=quick, pg_admin_url=args.pg_url)
         elif name == "cli":
