@@ -58,6 +58,7 @@ me``) that then matches nothing: its result is logged and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -1201,6 +1202,10 @@ class Dispatcher:
         self._more = False  # the last claim filled every slot it asked for: more may be runnable
         # Twice the slots: a thread recording a result while the slot's next command already runs.
         self._claim_select: sa.Select[Any] | None = None
+        # SQLite has one writer: this process's claims and results take turns here instead of in
+        # SQLite's busy handler, whose sleeps (up to tens of ms) would idle a slot. PostgreSQL
+        # writes rows, not the database: no turn-taking there.
+        self._writes: Any = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
         self._pool = ThreadPoolExecutor(
             max_workers=2 * settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
@@ -1235,7 +1240,8 @@ class Dispatcher:
         free = self.settings.max_concurrent - self._taken
         self._more = False
         while free > 0:
-            jobs, ended = self._claim(free)
+            with self._writes:
+                jobs, ended = self._claim(free)
             processed += len(jobs) + ended
             for job in jobs:
                 started.append(self._submit(job))
@@ -1682,7 +1688,7 @@ class Dispatcher:
 
     def _conclude(self, job: Job, outcome: CommandOutcome) -> None:
         """Record how the attempt ended: back to the queue, handed over, or finished."""
-        with logs.bound(lease=job.lease_name):
+        with logs.bound(lease=job.lease_name), self._writes:
             try:
                 if outcome.state == NOT_STARTED:
                     self._retry_or_fail(job, outcome)
