@@ -769,6 +769,55 @@ def finish(
     return False
 
 
+@dataclass(frozen=True)
+class Finished:
+    """One outcome to record with :func:`finish_many`."""
+
+    execution_id: int
+    outcome: CommandOutcome
+    lease_name: str
+    sandbox_id: str | None
+
+
+def finish_many(
+    db: Database, worker_id: str, results: list[Finished], *, max_output_bytes: int, clock: Clock = utcnow
+) -> list[int]:
+    """Record several outcomes of rows this worker claimed in ONE transaction (a group commit): one
+    fenced UPDATE per row, one INSERT of all their events. Rows no longer ours (someone else ended
+    them) are left to :func:`finish`, which drops their result and clears their secrets; returns
+    their ids. If the transaction fails, nothing of it is kept and the caller records one by one."""
+    with db.session() as session:
+        return _finish_in(session, worker_id, results, clock(), max_output_bytes)
+
+
+def _finish_in(
+    session: Session, worker_id: str, results: list[Finished], now: datetime, max_output_bytes: int
+) -> list[int]:
+    """:func:`finish_many` inside the caller's transaction."""
+    events: list[dict[str, Any]] = []
+    lost: list[int] = []
+    for item in results:
+        values = _finish_values(item.outcome, now, max_output_bytes)
+        del values["env"], values["stdin"]  # cleared by _FINISH itself
+        if _update(session, _FINISH, {"b_id": item.execution_id, "b_worker": worker_id, **values}) != 1:
+            lost.append(item.execution_id)
+            continue
+        detail = _detail(item.outcome)
+        events.append(
+            {
+                "lease_name": item.lease_name,
+                "sandbox_id": item.sandbox_id,
+                "action": "exec",
+                "outcome": item.outcome.state,
+                "message": f"execution {item.execution_id}" + (f": {detail}" if detail else ""),
+                "controller_id": worker_id,
+            }
+        )
+    if events:
+        session.connection().execute(_INSERT_EVENT, events)
+    return lost
+
+
 def execute_now(
     db: Database,
     provider: SandboxProvider,
@@ -1206,6 +1255,10 @@ class Dispatcher:
         # SQLite's busy handler, whose sleeps (up to tens of ms) would idle a slot. PostgreSQL
         # writes rows, not the database: no turn-taking there.
         self._writes: Any = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
+        self._results: list[tuple[Job, CommandOutcome]] = []  # finished, not yet written
+        self._results_lock = threading.Lock()
+        # One group commit at a time (on PostgreSQL too): results arriving meanwhile join the next.
+        self._flushing = threading.Lock()
         self._pool = ThreadPoolExecutor(
             max_workers=2 * settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
@@ -1556,55 +1609,57 @@ class Dispatcher:
         """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
         error (counted); rows for leases still starting, rows backing off and rows waiting for an
         earlier row of their lease stay queued. Core statements: the rows are never ORM objects."""
+        with self.db.session() as session:
+            jobs, ended = self._claim_in(session, limit)
+        self._log_ended(ended)
+        return jobs, len(ended)
+
+    def _log_ended(self, ended: list[tuple[int, str, str]]) -> None:
+        for execution_id, lease_name, problem in ended:
+            with logs.bound(lease=lease_name):
+                log.warning("execution %d: %s", execution_id, problem)
+
+    def _claim_in(self, session: Session, limit: int) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """:meth:`_claim` inside the caller's transaction: the jobs and the rows ended in error."""
         now = self._clock()
         cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        with self.db.session() as session:
-            conn = session.connection()
-            rows = conn.execute(
-                self._claim_query(), {"b_now": now, "b_cutoff": cutoff, "b_limit": limit}
-            ).all()
-            for row in rows:
-                lease = _LeaseView(row.desired_state, row.expires_at) if row.lease_id is not None else None
-                status = (
-                    _StatusView(row.phase, row.status_sandbox_id, row.workspace_path) if row.phase else None
+        conn = session.connection()
+        rows = conn.execute(self._claim_query(), {"b_now": now, "b_cutoff": cutoff, "b_limit": limit}).all()
+        for row in rows:
+            lease = _LeaseView(row.desired_state, row.expires_at) if row.lease_id is not None else None
+            status = _StatusView(row.phase, row.status_sandbox_id, row.workspace_path) if row.phase else None
+            job, problem = self._decide(row, lease, status, now)
+            if job is None and problem is None:
+                continue  # still waiting for its lease
+            if job is not None:
+                claimed = _update(
+                    session,
+                    _CLAIM,
+                    {
+                        "b_id": row.id,
+                        "claimed_by": self.worker_id,
+                        "started_at": now,
+                        "sandbox_id": job.sandbox_id,
+                    },
                 )
-                job, problem = self._decide(row, lease, status, now)
-                if job is None and problem is None:
-                    continue  # still waiting for its lease
-                if job is not None:
-                    claimed = _update(
-                        session,
-                        _CLAIM,
-                        {
-                            "b_id": row.id,
-                            "claimed_by": self.worker_id,
-                            "started_at": now,
-                            "sandbox_id": job.sandbox_id,
-                        },
-                    )
-                else:
-                    claimed = _update(
-                        session,
-                        sa.update(Execution)
-                        .where(Execution.id == row.id, Execution.state == "queued")
-                        .values(
-                            env=sa.null(), stdin=sa.null(), state="error", error=problem, finished_at=now
-                        ),
-                    )
-                if claimed != 1:
-                    continue
-                if job is not None:
-                    jobs.append(job)
-                else:
-                    assert problem is not None
-                    _event(session, row.id, row.lease_name, None, "error", problem, self.worker_id)
-                    ended.append((row.id, row.lease_name, problem))
-        for execution_id, lease_name, problem in ended:
-            with logs.bound(lease=lease_name):
-                log.warning("execution %d: %s", execution_id, problem)
-        return jobs, len(ended)
+            else:
+                claimed = _update(
+                    session,
+                    sa.update(Execution)
+                    .where(Execution.id == row.id, Execution.state == "queued")
+                    .values(env=sa.null(), stdin=sa.null(), state="error", error=problem, finished_at=now),
+                )
+            if claimed != 1:
+                continue
+            if job is not None:
+                jobs.append(job)
+            else:
+                assert problem is not None
+                _event(session, row.id, row.lease_name, None, "error", problem, self.worker_id)
+                ended.append((row.id, row.lease_name, problem))
+        return jobs, ended
 
     def _decide(
         self, row: Any, lease: _LeaseView | None, status: _StatusView | None, now: datetime
@@ -1664,6 +1719,11 @@ class Dispatcher:
                 self._running.pop(job.id, None)
                 self._stopping.discard(job.id)
                 self._taken -= 1
+        if outcome.state not in (NOT_STARTED, DETACH) and self._refill and self._more:
+            with self._results_lock:
+                self._results.append((job, outcome))
+            self._flush_and_claim()  # its result and the slot's next row: one transaction
+            return
         self._refill_slot()
         self._conclude(job, outcome)
 
@@ -1687,29 +1747,111 @@ class Dispatcher:
                 )
 
     def _conclude(self, job: Job, outcome: CommandOutcome) -> None:
-        """Record how the attempt ended: back to the queue, handed over, or finished."""
-        with logs.bound(lease=job.lease_name), self._writes:
+        """Record how the attempt ended: back to the queue, handed over, or finished. Finished rows
+        are group-committed: results that arrive while another thread writes go in its next
+        transaction together (see :meth:`_flush_results`)."""
+        with logs.bound(lease=job.lease_name):
+            if outcome.state not in (NOT_STARTED, DETACH):
+                with self._results_lock:
+                    self._results.append((job, outcome))
+                self._flush_results()
+                return
+            with self._writes:
+                try:
+                    if outcome.state == NOT_STARTED:
+                        self._retry_or_fail(job, outcome)
+                    else:
+                        self._detach(job)
+                except sa.exc.SQLAlchemyError:
+                    log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
+
+    def _flush_results(self) -> None:
+        """Write every pending result in one transaction. A thread that finds its result already
+        written by another (which took it into its batch) has nothing left to do."""
+        with self._writes, self._flushing:
+            with self._results_lock:
+                batch, self._results = self._results, []
+            if not batch:
+                return
+            results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
             try:
-                if outcome.state == NOT_STARTED:
-                    self._retry_or_fail(job, outcome)
-                    return
-                if outcome.state == DETACH:
-                    self._detach(job)
-                    return
-                finish(
-                    self.db,
-                    job.id,
-                    self.worker_id,
-                    outcome,
-                    lease_name=job.lease_name,
-                    sandbox_id=job.sandbox_id,
-                    max_output_bytes=self.settings.max_output_bytes,
-                    clock=self._clock,
+                lost = set(
+                    finish_many(
+                        self.db,
+                        self.worker_id,
+                        results,
+                        max_output_bytes=self.settings.max_output_bytes,
+                        clock=self._clock,
+                    )
                 )
             except sa.exc.SQLAlchemyError:
-                log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
-                return
-            log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
+                lost = {job.id for job, _ in batch}
+        self._after_flush(batch, lost)
+
+    def _flush_and_claim(self) -> None:
+        """Continuous mode, a command just ended: write the pending results (a group commit) and
+        claim rows for the free slots in the same transaction, then start them. One commit per
+        command instead of two; the claim is still the conditional ``state = 'queued'`` UPDATE."""
+        jobs: list[Job] = []
+        ended: list[tuple[int, str, str]] = []
+        with self._lock:
+            claim = not self._closed and self._refill and self._more
+            with self._writes, self._flushing:
+                with self._results_lock:
+                    batch, self._results = self._results, []
+                free = self.settings.max_concurrent - self._taken if claim else 0
+                if not batch and free <= 0:
+                    return
+                results = [
+                    Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch
+                ]
+                try:
+                    with self.db.session() as session:
+                        lost = set(
+                            _finish_in(
+                                session,
+                                self.worker_id,
+                                results,
+                                self._clock(),
+                                self.settings.max_output_bytes,
+                            )
+                        )
+                        if free > 0:
+                            jobs, ended = self._claim_in(session, free)
+                except sa.exc.SQLAlchemyError as exc:
+                    log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+                    jobs, ended, lost = [], [], {job.id for job, _ in batch}
+                    self._more = False  # the next poll claims again
+                else:
+                    if free > 0:
+                        self._more = len(jobs) + len(ended) == free
+                for job in jobs:  # only after the commit: the claim holds from then on
+                    self._submit(job)
+        self._log_ended(ended)
+        self._after_flush(batch, lost)
+
+    def _after_flush(self, batch: list[tuple[Job, CommandOutcome]], lost: set[int]) -> None:
+        """Log what a group commit wrote; record one by one what it did not (a row someone else
+        ended meanwhile, or a group that rolled back: then one bad row costs only itself)."""
+        for job, outcome in batch:
+            with logs.bound(lease=job.lease_name):
+                if job.id in lost:
+                    try:
+                        with self._writes:
+                            finish(
+                                self.db,
+                                job.id,
+                                self.worker_id,
+                                outcome,
+                                lease_name=job.lease_name,
+                                sandbox_id=job.sandbox_id,
+                                max_output_bytes=self.settings.max_output_bytes,
+                                clock=self._clock,
+                            )
+                    except sa.exc.SQLAlchemyError:
+                        log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
+                        continue
+                log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
 
     def _attempt(self, job: Job) -> CommandOutcome:
         """One attempt at starting the command: one request, or a session followed to its end."""
