@@ -1762,8 +1762,8 @@ class Dispatcher:
                         self._retry_or_fail(job, outcome)
                     else:
                         self._detach(job)
-                except sa.exc.SQLAlchemyError:
-                    log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
+                except sa.exc.SQLAlchemyError as exc:
+                    _unrecorded(job.id, outcome, exc)
 
     def _flush_results(self) -> None:
         """Write every pending result in one transaction. A thread that finds its result already
@@ -1848,8 +1848,8 @@ class Dispatcher:
                                 max_output_bytes=self.settings.max_output_bytes,
                                 clock=self._clock,
                             )
-                    except sa.exc.SQLAlchemyError:
-                        log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
+                    except sa.exc.SQLAlchemyError as exc:
+                        _unrecorded(job.id, outcome, exc)
                         continue
                 log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
 
@@ -2025,6 +2025,17 @@ class Dispatcher:
 
 
 DETACHED_PREFIX = "detached:"
+
+
+def _unrecorded(execution_id: int, outcome: CommandOutcome, exc: Exception) -> None:
+    """A result the database refused (an outage, typically): one line, no traceback. The row stays
+    ``running`` and is recovered like any row whose worker stopped (``interrupted``)."""
+    log.error(
+        "execution %d: could not record its result (%s): %s",
+        execution_id,
+        outcome.state,
+        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+    )
 
 
 def retry_delay(
