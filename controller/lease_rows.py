@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from controller.overview import parse_timestamp
+from controller.overview import parse_timestamp as parse_timestamp  # re-exported (the reconciler)
 from controller.secrets import is_ref
 from controller.specs import SPEC_COLUMNS, LeaseSpec
 from models import Lease
