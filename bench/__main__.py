@@ -1,9 +1,9 @@
 """``python -m bench --quick|--full|--huge [--only NAME] [--pg-url URL] [--jsonl PATH]``.
 
-Runs scale, convergence, execution, pools and the soak in that order (``--only`` picks some);
-``--huge`` runs only scale, up to 100,000 leases. The
-soak runs on PostgreSQL with two replicas (when reachable) and, with ``--full``, also on SQLite with
-one; with ``--quick`` once, 30 s, on PostgreSQL if reachable, else SQLite. Exit status 1 when the soak
+Runs scale, convergence, execution, pools, cli (start-up times) and the soak in that order
+(``--only`` picks some); ``--huge`` runs only scale, up to 100,000 leases. The soak runs on
+PostgreSQL with two replicas (when reachable) and, with ``--full``, also on SQLite with one; with
+``--quick`` once, 30 s, on PostgreSQL if reachable, else SQLite. Exit status 1 when the soak
 counted a loss or a duplicate; the benchmarks themselves never fail on a figure.
 """
 
@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, convergence, execution, pools, scale, soak
+from bench import cli, common, convergence, execution, pools, scale, soak
 
-BENCHES = ("scale", "convergence", "execution", "pools", "soak")
+BENCHES = ("scale", "convergence", "execution", "pools", "cli", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "convergence":
             convergence.run(out, quick=quick, pg_admin_url=args.pg_url)
         elif name == "execution":
-            execution.run(out, quick=quick, pg_admin_url=args.pg_url)
+            pg = ["postgres"] if common.pg_reachable(args.pg_url) is None else []
+            for backend in ["sqlite", *pg]:
+                execution.run(out, quick=quick, pg_admin_url=args.pg_url, backend=backend)
         elif name == "pools":
             pools.run(out, quick=quick, pg_admin_url=args.pg_url)
+        elif name == "cli":
+            cli.run(out, quick=quick, pg_admin_url=args.pg_url)
         else:
             backends = ["postgres"] if common.pg_reachable(args.pg_url) is None else []
             for backend in [*backends, "sqlite"] if not quick else backends or ["sqlite"]:

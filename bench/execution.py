@@ -34,6 +34,7 @@ from bench.common import (
     API_KEY,
     EmulatorAdmin,
     Output,
+    QueryCounter,
     bench_settings,
     database,
     log,
@@ -165,6 +166,8 @@ def _dispatch(
             **path,
         ),
     )
+    statements = QueryCounter(db.engine)  # the dispatcher's statements only: the bench watches on its own
+    watch = sa.create_engine(db.engine.url)
     started = time.perf_counter()
     if mode == "drain":
         dispatcher.drain()
@@ -172,7 +175,7 @@ def _dispatch(
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             dispatcher.run_once(wait=False)
-            with db.session(readonly=True) as session:
+            with watch.connect() as session:
                 left = session.scalar(
                     sa.select(sa.func.count()).where(
                         Execution.state.in_(("queued", "running")), Execution.command.like(f"echo {mode}-%")
@@ -182,6 +185,9 @@ def _dispatch(
                 break
             time.sleep(0.05)
     elapsed = time.perf_counter() - started
+    statement_count = statements.take()
+    statements.close()
+    watch.dispose()
     dispatcher.shutdown()
     with db.session(readonly=True) as session:
         rows = session.execute(
@@ -195,6 +201,7 @@ def _dispatch(
     run_s = [(r.finished_at - r.started_at).total_seconds() for r in rows if r.started_at and r.finished_at]
     return {
         "seconds": elapsed,
+        "sql_statements": statement_count,
         "states": states,
         "mean_row_seconds": sum(run_s) / len(run_s) if run_s else None,
     }
@@ -258,6 +265,8 @@ def run(
             "dispatcher_states": res["states"],
             "dispatcher_api_requests": sum(res["api"].values()),
             "dispatcher_api_by_op": res["api"],
+            "dispatcher_api_requests_per_command": round(sum(res["api"].values()) / m, 3),
+            "dispatcher_sql_statements_per_command": round(res["sql_statements"] / m, 2),
             "overhead_per_command_ms": round(1000 * (res["seconds"] - direct_s) * concurrency / m, 2),
             "ratio_throughput_direct_over_dispatcher": ratio(direct_tput, tput),
             "ratio_throughput_login_shell_over_dispatcher": ratio(m / wrapped_s, tput),
@@ -290,6 +299,7 @@ def run(
                 "overhead ms/cmd",
                 "api/cmd direct",
                 "api/cmd queue",
+                "sql/cmd queue",
             ],
             [
                 [
@@ -302,6 +312,7 @@ def run(
                     r["figures"]["overhead_per_command_ms"],
                     r["figures"]["direct_api_requests"] / m,
                     r["figures"]["dispatcher_api_requests"] / m,
+                    r["figures"]["dispatcher_sql_statements_per_command"],
                 ]
                 for r in records
             ],

@@ -69,7 +69,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
     sources = (source, *(soak_source.split() if soak_source else ()))
     by = {
         name: [r for r in records if r["name"] == name]
-        for name in ("scale", "convergence", "execution", "pools", "soak")
+        for name in ("scale", "convergence", "execution", "pools", "cli", "soak")
     }
     # The soak may come from another run (and machine) than the benchmarks: each says its own.
     perf = [r for r in records if r["name"] != "soak"] or records
@@ -244,7 +244,9 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             "with the dispatcher's login-shell script). Dispatcher: rows INSERTed with SQL, drained "
             "by `controller.execution.Dispatcher` (`drain()`, or `run_once(wait=False)` every 50 ms as "
             "the daemon does), each with its claim, script, execute (one request: the sandbox object is "
-            "cached), result row and event. "
+            "cached), result row and event. In poll mode a slot that frees up claims the next row at "
+            "once; the poll only finds new work. SQL statements are counted on the dispatcher's "
+            "engine (on SQLite each BEGIN is one). "
             "Overhead per command = (dispatcher wall - direct wall) x C / M."
         )
         out.append("")
@@ -254,30 +256,62 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             rows.append(
                 [
                     p["mode"],
+                    p.get("backend", "sqlite"),
                     p["commands"],
                     p["concurrency"],
                     f["direct_per_second"],
                     f["direct_login_shell_per_second"],
                     f["dispatcher_per_second"],
                     f"{f['ratio_throughput_direct_over_dispatcher']}x",
+                    f"{f['ratio_throughput_login_shell_over_dispatcher']}x",
                     f["overhead_per_command_ms"],
                     round(f["dispatcher_api_requests"] / p["commands"], 2),
+                    f.get("dispatcher_sql_statements_per_command", "n/a"),
                 ]
             )
         out.append(
             _md(
                 [
                     "dispatcher mode",
+                    "database",
                     "commands",
                     "C",
                     "direct cmd/s",
                     "direct + login shell cmd/s",
                     "dispatcher cmd/s",
-                    "throughput ratio",
+                    "ratio to direct",
+                    "ratio to direct + login shell (target <= 1.18)",
                     "overhead ms/cmd",
                     "API requests/cmd",
+                    "SQL statements/cmd",
                 ],
                 rows,
+            )
+        )
+    if by["cli"]:
+        out += ["", "### CLI start-up against `python -c pass`", ""]
+        p0 = by["cli"][0]["parameters"]
+        out.append(
+            f"Each command run {p0['rounds']} times as a fresh process, interleaved with `python -c pass` "
+            "in the same loop; medians. `get` reads a SQLite database of "
+            f"{p0['leases']} leases; `exec` runs `true` on a Ready lease of the local API through the "
+            "whole path (execution row, login-shell script, toolbox request, result row, event)."
+        )
+        out.append("")
+        out.append(
+            _md(
+                ["command", "median s", "`python -c pass` s", "ratio", "target"],
+                [
+                    [
+                        f"`{r['parameters']['command']}`",
+                        r["figures"]["median_seconds"],
+                        r["figures"]["baseline_median_seconds"],
+                        f"{r['figures']['ratio_to_baseline']}x",
+                        f"<= {r['figures']['target_ratio']:g}x"
+                        + ("" if r["figures"]["within_target"] else " (not met)"),
+                    ]
+                    for r in by["cli"]
+                ],
             )
         )
     if by["pools"]:

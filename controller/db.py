@@ -7,27 +7,33 @@ takes the write lock at its start (``BEGIN IMMEDIATE``): a transaction that read
 later would otherwise fail at once with "database is locked" whenever another connection wrote in
 between, without waiting for the busy timeout. Pure reads say ``db.session(readonly=True)`` and
 run concurrently with a writer. On PostgreSQL both are plain transactions.
+
+Alembic is imported only to migrate (``upgrade``, ``downgrade``): the schema guard, which every
+writing command runs, reads ``alembic_version`` with one plain ``SELECT`` and the revisions this
+build ships from the ``revision`` / ``down_revision`` lines of migrations/versions (falling back to
+Alembic's own reading for anything but a plain chain), so a command starts without importing it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 
 from controller import resources
 from controller.errors import SchemaError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +129,17 @@ class Database:
         if not readonly and not self._schema_checked:
             check_schema(self)
             self._schema_checked = True
+        from sqlalchemy.orm import Session  # not at the top: `get` reads with Core only (read())
+
         bind = self.engine if readonly else self._writer
         with Session(bind, expire_on_commit=False) as session, session.begin():
             yield session
+
+    @contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A read-only Core transaction (no ORM session): for reads that need no mapped objects."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -136,6 +150,8 @@ def connect(url: str, *, check_schema: bool = True) -> Database:
 
 
 def alembic_config(url: str | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.migrations_dir()))
     if url is not None:
@@ -148,6 +164,8 @@ def upgrade(db: Database, revision: str = "head") -> None:
     state = schema_state(db)
     if state.newer:
         raise SchemaError(state.problem() or "")
+    from alembic import command
+
     with db.engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
@@ -155,6 +173,8 @@ def upgrade(db: Database, revision: str = "head") -> None:
 
 
 def downgrade(db: Database, revision: str = "base") -> None:
+    from alembic import command
+
     with db.engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
@@ -163,21 +183,70 @@ def downgrade(db: Database, revision: str = "base") -> None:
 
 @functools.cache
 def _script() -> ScriptDirectory:
-    """The migrations this leasectl ships (read once per process)."""
+    """The migrations this leasectl ships, as Alembic reads them (read once per process)."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
+_REVISION_LINE = re.compile(
+    r"^(?P<key>revision|down_revision)\s*(?::[^=]*)?=\s*(?:(?P<none>None)|[\"'](?P<id>[^\"']+)[\"'])\s*$",
+    re.M,
+)
+
+
+@functools.cache
+def _revision_chain() -> tuple[str, ...]:
+    """Every revision of migrations/versions, oldest first, read from the files' ``revision`` and
+    ``down_revision`` lines without importing Alembic. A layout this does not understand (a file
+    without both lines, a merge, a branch) is read by Alembic instead."""
+    down_of: dict[str, str | None] = {}
+    for path in sorted((resources.migrations_dir() / "versions").glob("*.py")):
+        found = {m["key"]: m["id"] for m in _REVISION_LINE.finditer(path.read_text(encoding="utf-8"))}
+        if "revision" not in found or "down_revision" not in found or found["revision"] is None:
+            return _alembic_chain()
+        down_of[found["revision"]] = found["down_revision"]
+    children = {down for down in down_of.values() if down is not None}
+    heads = [rev for rev in down_of if rev not in children]
+    if len(heads) != 1 or len(children) != len(down_of) - 1:
+        return _alembic_chain()
+    chain: list[str] = []
+    current: str | None = heads[0]
+    while current is not None:
+        if current not in down_of or current in chain:
+            return _alembic_chain()
+        chain.append(current)
+        current = down_of[current]
+    if len(chain) != len(down_of):
+        return _alembic_chain()
+    return tuple(reversed(chain))
+
+
+def _alembic_chain() -> tuple[str, ...]:
+    return tuple(rev.revision for rev in reversed(list(_script().walk_revisions())))
+
+
 def head_revision() -> str | None:
-    return _script().get_current_head()
+    chain = _revision_chain()
+    return chain[-1] if chain else None
 
 
 def known_revisions() -> list[str]:
     """Every revision this leasectl's migrations hold, oldest first."""
-    return [rev.revision for rev in reversed(list(_script().walk_revisions()))]
+    return list(_revision_chain())
 
 
 def current_revision(db: Database) -> str | None:
+    """The database's revision: one ``SELECT`` of ``alembic_version`` (None without that table).
+    Several rows (a branched history, which leasectl never makes) are left to Alembic to report."""
     with db.engine.connect() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+        if len(rows) <= 1:
+            return str(rows[0]) if rows else None
+        from alembic.runtime.migration import MigrationContext
+
         return MigrationContext.configure(conn).get_current_revision()
 
 

@@ -58,6 +58,7 @@ me``) that then matches nothing: its result is logged and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -75,7 +76,6 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, aliased
 
 from controller import logs
@@ -100,7 +100,7 @@ from controller.execution_script import (
     wrap_for_exec,
 )
 from controller.providers.base import SandboxProvider, SessionCommand
-from models import Event, Execution, Lease, LeaseStatus, utcnow
+from models import Event, Execution, Lease, LeaseStatus, UTCDateTime, utcnow
 from models.tables import EXECUTION_TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -618,7 +618,24 @@ def wake(
         sleep(poll_seconds)
 
 
-def _not_runnable(lease_name: str, lease: Lease | None, now: datetime) -> str | None:
+@dataclass(frozen=True)
+class _LeaseView:
+    """The lease columns the queue reads (a claim selects them with Core, no ORM object)."""
+
+    desired_state: str
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _StatusView:
+    """The status columns the queue reads."""
+
+    phase: str
+    sandbox_id: str | None
+    workspace_path: str | None
+
+
+def _not_runnable(lease_name: str, lease: Lease | _LeaseView | None, now: datetime) -> str | None:
     """Why commands can never run on this lease as it is, or None."""
     if lease is None:
         return f"no such lease: {lease_name!r}"
@@ -629,10 +646,49 @@ def _not_runnable(lease_name: str, lease: Lease | None, now: datetime) -> str | 
     return None
 
 
-def _update(session: Session, statement: sa.Update) -> int:
-    """Run an UPDATE; return how many rows it changed."""
-    result = session.execute(statement, execution_options={"synchronize_session": False})
-    return cast("CursorResult[Any]", result).rowcount
+def _update(session: Session, statement: sa.Update, parameters: Mapping[str, Any] | None = None) -> int:
+    """Run an UPDATE on the session's connection (Core: no ORM bulk-update bookkeeping, the queue
+    never holds the rows as objects); return how many rows it changed."""
+    result = session.connection().execute(statement, dict(parameters) if parameters is not None else None)
+    return result.rowcount
+
+
+# The statements a command runs through, built once: rebuilding them per command cost more CPU
+# than running them (statement construction and cache keys), on the path the queue's throughput
+# depends on. Parameters are bound per call.
+_EXECUTIONS = cast(sa.Table, Execution.__table__)
+_FINISH = (
+    sa.update(_EXECUTIONS)
+    .where(
+        _EXECUTIONS.c.id == sa.bindparam("b_id"),
+        _EXECUTIONS.c.state == "running",
+        _EXECUTIONS.c.claimed_by == sa.bindparam("b_worker"),
+    )
+    .values(
+        state=sa.bindparam("state"),
+        exit_code=sa.bindparam("exit_code"),
+        output=sa.bindparam("output"),
+        output_truncated=sa.bindparam("output_truncated"),
+        error=sa.bindparam("error"),
+        finished_at=sa.bindparam("finished_at"),
+        env=sa.null(),
+        stdin=sa.null(),
+    )
+)
+_INSERT_EVENT = sa.insert(cast(sa.Table, Event.__table__))
+_CLAIM = (
+    sa.update(_EXECUTIONS)
+    .where(_EXECUTIONS.c.id == sa.bindparam("b_id"), _EXECUTIONS.c.state == "queued")
+    .values(
+        state="running",
+        claimed_by=sa.bindparam("claimed_by"),
+        started_at=sa.bindparam("started_at"),
+        sandbox_id=sa.bindparam("sandbox_id"),
+        next_attempt_at=None,
+        env=sa.null(),
+        stdin=sa.null(),
+    )
+)
 
 
 def _finish_values(outcome: CommandOutcome, now: datetime, max_output_bytes: int) -> dict[str, Any]:
@@ -661,15 +717,17 @@ def _event(
     controller_id: str,
 ) -> None:
     message = f"execution {execution_id}" + (f": {detail}" if detail else "")
-    session.add(
-        Event(
-            lease_name=lease_name,
-            sandbox_id=sandbox_id,
-            action="exec",
-            outcome=outcome,
-            message=message,
-            controller_id=controller_id,
-        )
+    # A Core INSERT in the same transaction: no unit-of-work flush for an append-only row.
+    session.connection().execute(
+        _INSERT_EVENT,
+        {
+            "lease_name": lease_name,
+            "sandbox_id": sandbox_id,
+            "action": "exec",
+            "outcome": outcome,
+            "message": message,
+            "controller_id": controller_id,
+        },
     )
 
 
@@ -692,17 +750,10 @@ def finish(
 ) -> bool:
     """Record the outcome of a row this worker claimed; False if the row is no longer ours."""
     now = clock()
+    values = _finish_values(outcome, now, max_output_bytes)
+    del values["env"], values["stdin"]  # cleared by _FINISH itself
     with db.session() as session:
-        done = _update(
-            session,
-            sa.update(Execution)
-            .where(
-                Execution.id == execution_id,
-                Execution.state == "running",
-                Execution.claimed_by == worker_id,
-            )
-            .values(**_finish_values(outcome, now, max_output_bytes)),
-        )
+        done = _update(session, _FINISH, {"b_id": execution_id, "b_worker": worker_id, **values})
         if done == 1:
             _event(session, execution_id, lease_name, sandbox_id, outcome.state, _detail(outcome), worker_id)
             return True
@@ -716,6 +767,55 @@ def finish(
         "execution %d finished as %s but is now %s: result dropped", execution_id, outcome.state, state
     )
     return False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One outcome to record with :func:`finish_many`."""
+
+    execution_id: int
+    outcome: CommandOutcome
+    lease_name: str
+    sandbox_id: str | None
+
+
+def finish_many(
+    db: Database, worker_id: str, results: list[Finished], *, max_output_bytes: int, clock: Clock = utcnow
+) -> list[int]:
+    """Record several outcomes of rows this worker claimed in ONE transaction (a group commit): one
+    fenced UPDATE per row, one INSERT of all their events. Rows no longer ours (someone else ended
+    them) are left to :func:`finish`, which drops their result and clears their secrets; returns
+    their ids. If the transaction fails, nothing of it is kept and the caller records one by one."""
+    with db.session() as session:
+        return _finish_in(session, worker_id, results, clock(), max_output_bytes)
+
+
+def _finish_in(
+    session: Session, worker_id: str, results: list[Finished], now: datetime, max_output_bytes: int
+) -> list[int]:
+    """:func:`finish_many` inside the caller's transaction."""
+    events: list[dict[str, Any]] = []
+    lost: list[int] = []
+    for item in results:
+        values = _finish_values(item.outcome, now, max_output_bytes)
+        del values["env"], values["stdin"]  # cleared by _FINISH itself
+        if _update(session, _FINISH, {"b_id": item.execution_id, "b_worker": worker_id, **values}) != 1:
+            lost.append(item.execution_id)
+            continue
+        detail = _detail(item.outcome)
+        events.append(
+            {
+                "lease_name": item.lease_name,
+                "sandbox_id": item.sandbox_id,
+                "action": "exec",
+                "outcome": item.outcome.state,
+                "message": f"execution {item.execution_id}" + (f": {detail}" if detail else ""),
+                "controller_id": worker_id,
+            }
+        )
+    if events:
+        session.connection().execute(_INSERT_EVENT, events)
+    return lost
 
 
 def execute_now(
@@ -1146,8 +1246,21 @@ class Dispatcher:
         self._last_recover = float("-inf")
         self._running: dict[int, Job] = {}
         self._stopping: set[int] = set()
+        self._taken = 0  # slots holding a job (submitted, not yet finished)
+        self._refill = False  # set by run_once(wait=False): a freed slot claims the next row at once
+        self._more = False  # the last claim filled every slot it asked for: more may be runnable
+        # Twice the slots: a thread recording a result while the slot's next command already runs.
+        self._claim_select: sa.Select[Any] | None = None
+        # SQLite has one writer: this process's claims and results take turns here instead of in
+        # SQLite's busy handler, whose sleeps (up to tens of ms) would idle a slot. PostgreSQL
+        # writes rows, not the database: no turn-taking there.
+        self._writes: Any = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
+        self._results: list[tuple[Job, CommandOutcome]] = []  # finished, not yet written
+        self._results_lock = threading.Lock()
+        # One group commit at a time (on PostgreSQL too): results arriving meanwhile join the next.
+        self._flushing = threading.Lock()
         self._pool = ThreadPoolExecutor(
-            max_workers=settings.max_concurrent, thread_name_prefix="leasectl-exec"
+            max_workers=2 * settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
 
     # -- public ----------------------------------------------------------------------------------
@@ -1161,26 +1274,48 @@ class Dispatcher:
         with self._lock:
             if self._closed:
                 return 0
+            self._refill = not wait
             if time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS:
                 processed += self._recover(started)
                 self._sweep_cancelled()
             if self._running:
                 self._stop_cancelled()
             self._inflight = {f for f in self._inflight if not f.done()}
-            free = self.settings.max_concurrent - len(self._inflight)
-            if not self._anything_queued():
-                free = 0
-            while free > 0:
-                jobs, ended = self._claim(free)
-                processed += len(jobs) + ended
-                for job in jobs:
-                    started.append(self._submit(job))
-                if len(jobs) + ended < free:
-                    break  # nothing more is runnable now
-                free -= len(jobs)  # rows that ended in error took no slot: claim again
+            if self._anything_queued():
+                processed += self._fill(started)
         if wait and started:
             futures.wait(started)
         return processed
+
+    def _fill(self, started: list[Future[None]]) -> int:
+        """Claim rows for the free slots and start them (under ``_lock``); rows processed."""
+        processed = 0
+        free = self.settings.max_concurrent - self._taken
+        self._more = False
+        while free > 0:
+            with self._writes:
+                jobs, ended = self._claim(free)
+            processed += len(jobs) + ended
+            for job in jobs:
+                started.append(self._submit(job))
+            if len(jobs) + ended < free:
+                return processed  # nothing more is runnable now
+            free -= len(jobs)  # rows that ended in error took no slot: claim again
+        self._more = True
+        return processed
+
+    def _refill_slot(self) -> None:
+        """A slot just freed up while the dispatcher runs continuously (``run_once(wait=False)``,
+        the daemon's way): claim the next runnable row now instead of at the next poll, unless the
+        last claim already found fewer runnable rows than slots (then the next poll looks)."""
+        with self._lock:
+            if self._closed or not self._refill or not self._more:
+                return
+            try:
+                self._fill([])
+            except sa.exc.SQLAlchemyError as exc:
+                self._more = False  # the next poll tries again
+                log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
 
     def drain(self) -> int:
         """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
@@ -1237,6 +1372,7 @@ class Dispatcher:
     # -- internals -------------------------------------------------------------------------------
 
     def _submit(self, job: Job) -> Future[None]:
+        self._taken += 1
         future = self._pool.submit(self._run, job)
         self._inflight.add(future)
         return future
@@ -1371,7 +1507,7 @@ class Dispatcher:
 
     def _anything_queued(self) -> bool:
         """A cheap read first, so an idle queue never takes SQLite's write lock."""
-        with self.db.session() as session:
+        with self.db.session(readonly=True) as session:
             found = session.scalar(sa.select(Execution.id).where(Execution.state == "queued").limit(1))
             return found is not None
 
@@ -1409,76 +1545,124 @@ class Dispatcher:
         )
         return sa.and_(Execution.ordered.is_(True), count >= self.settings.per_lease_concurrency)
 
-    def _claim(self, limit: int) -> tuple[list[Job], int]:
-        """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
-        error (counted); rows for leases still starting, rows backing off and rows waiting for an
-        earlier row of their lease stay queued."""
-        now = self._clock()
-        cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
+    def _claim_query(self) -> sa.Select[Any]:
+        """The claim's SELECT (built once per dispatcher): queued rows that may run or must end,
+        oldest first, with the lease and status columns ``_decide`` reads; ``b_now``, ``b_cutoff``
+        and ``b_limit`` are bound per claim."""
+        if self._claim_select is not None:
+            return self._claim_select
+        now, cutoff = (
+            sa.bindparam("b_now", type_=UTCDateTime()),
+            sa.bindparam("b_cutoff", type_=UTCDateTime()),
+        )
+        e, lease, status = (
+            _EXECUTIONS.c,
+            cast(sa.Table, Lease.__table__).c,
+            cast(sa.Table, LeaseStatus.__table__).c,
+        )
         query = (
-            sa.select(Execution, Lease, LeaseStatus)
-            .options(_LEASE_COLUMNS)
-            .outerjoin(Lease, Lease.name == Execution.lease_name)
-            .outerjoin(LeaseStatus, LeaseStatus.lease_name == Execution.lease_name)
-            .where(Execution.state == "queued")
-            .where(sa.or_(Execution.next_attempt_at.is_(None), Execution.next_attempt_at <= now))
-            .where(
-                sa.or_(
-                    LeaseStatus.phase.in_(RUNNABLE_PHASES),
-                    Lease.id.is_(None),
-                    Lease.desired_state != "running",
-                    Lease.expires_at <= now,
-                    Execution.created_at <= cutoff,
+            sa.select(
+                e.id,
+                e.lease_name,
+                e.command,
+                e.cwd,
+                e.env,
+                e.stdin,
+                e.timeout_seconds,
+                e.created_at,
+                e.attempts,
+                e.attempt_log,
+                lease.id.label("lease_id"),
+                lease.desired_state,
+                lease.expires_at,
+                status.phase,
+                status.sandbox_id.label("status_sandbox_id"),
+                status.workspace_path,
+            )
+            .select_from(
+                _EXECUTIONS.outerjoin(Lease.__table__, lease.name == e.lease_name).outerjoin(
+                    LeaseStatus.__table__, status.lease_name == e.lease_name
                 )
             )
-            .order_by(Execution.created_at, Execution.id)
-            .limit(limit)
+            .where(e.state == "queued")
+            .where(sa.or_(e.next_attempt_at.is_(None), e.next_attempt_at <= now))
+            .where(
+                sa.or_(
+                    status.phase.in_(RUNNABLE_PHASES),
+                    lease.id.is_(None),
+                    lease.desired_state != "running",
+                    lease.expires_at <= now,
+                    e.created_at <= cutoff,
+                )
+            )
+            .order_by(e.created_at, e.id)
+            .limit(sa.bindparam("b_limit", type_=sa.Integer()))
         )
         if self.settings.per_lease_concurrency > 0:
             query = query.where(sa.not_(self._blocked_by_earlier()))
         if not self.db.is_sqlite:
-            query = query.with_for_update(of=Execution, skip_locked=True)
-        jobs: list[Job] = []
-        ended: list[tuple[int, str, str]] = []
+            query = query.with_for_update(of=_EXECUTIONS, skip_locked=True)
+        self._claim_select = query
+        return query
+
+    def _claim(self, limit: int) -> tuple[list[Job], int]:
+        """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
+        error (counted); rows for leases still starting, rows backing off and rows waiting for an
+        earlier row of their lease stay queued. Core statements: the rows are never ORM objects."""
         with self.db.session() as session:
-            for execution, lease, status in session.execute(query).tuples():
-                job, problem = self._decide(execution, lease, status, now)
-                if job is None and problem is None:
-                    continue  # still waiting for its lease
-                values: dict[str, Any] = {"env": sa.null(), "stdin": sa.null()}
-                if job is not None:
-                    values |= {
-                        "state": "running",
-                        "claimed_by": self.worker_id,
-                        "started_at": now,
-                        "sandbox_id": job.sandbox_id,
-                        "next_attempt_at": None,
-                    }
-                else:
-                    values |= {"state": "error", "error": problem, "finished_at": now}
-                result = _update(
-                    session,
-                    sa.update(Execution)
-                    .where(Execution.id == execution.id, Execution.state == "queued")
-                    .values(**values),
-                )
-                if result != 1:
-                    continue
-                if job is not None:
-                    jobs.append(job)
-                else:
-                    assert problem is not None
-                    _event(
-                        session, execution.id, execution.lease_name, None, "error", problem, self.worker_id
-                    )
-                    ended.append((execution.id, execution.lease_name, problem))
+            jobs, ended = self._claim_in(session, limit)
+        self._log_ended(ended)
+        return jobs, len(ended)
+
+    def _log_ended(self, ended: list[tuple[int, str, str]]) -> None:
         for execution_id, lease_name, problem in ended:
             with logs.bound(lease=lease_name):
                 log.warning("execution %d: %s", execution_id, problem)
-        return jobs, len(ended)
+
+    def _claim_in(self, session: Session, limit: int) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """:meth:`_claim` inside the caller's transaction: the jobs and the rows ended in error."""
+        now = self._clock()
+        cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
+        jobs: list[Job] = []
+        ended: list[tuple[int, str, str]] = []
+        conn = session.connection()
+        rows = conn.execute(self._claim_query(), {"b_now": now, "b_cutoff": cutoff, "b_limit": limit}).all()
+        for row in rows:
+            lease = _LeaseView(row.desired_state, row.expires_at) if row.lease_id is not None else None
+            status = _StatusView(row.phase, row.status_sandbox_id, row.workspace_path) if row.phase else None
+            job, problem = self._decide(row, lease, status, now)
+            if job is None and problem is None:
+                continue  # still waiting for its lease
+            if job is not None:
+                claimed = _update(
+                    session,
+                    _CLAIM,
+                    {
+                        "b_id": row.id,
+                        "claimed_by": self.worker_id,
+                        "started_at": now,
+                        "sandbox_id": job.sandbox_id,
+                    },
+                )
+            else:
+                claimed = _update(
+                    session,
+                    sa.update(Execution)
+                    .where(Execution.id == row.id, Execution.state == "queued")
+                    .values(env=sa.null(), stdin=sa.null(), state="error", error=problem, finished_at=now),
+                )
+            if claimed != 1:
+                continue
+            if job is not None:
+                jobs.append(job)
+            else:
+                assert problem is not None
+                _event(session, row.id, row.lease_name, None, "error", problem, self.worker_id)
+                ended.append((row.id, row.lease_name, problem))
+        return jobs, ended
 
     def _decide(
-        self, row: Execution, lease: Lease | None, status: LeaseStatus | None, now: datetime
+        self, row: Any, lease: _LeaseView | None, status: _StatusView | None, now: datetime
     ) -> tuple[Job | None, str | None]:
         """(job, None) to run it, (None, message) to end it in error, (None, None) to wait."""
         problem = _not_runnable(row.lease_name, lease, now)
@@ -1523,55 +1707,151 @@ class Dispatcher:
         return None, None
 
     def _run(self, job: Job) -> None:
+        """Run one job on a pool thread. Its slot is free as soon as the command has ended: the next
+        row is claimed (continuous mode) while this thread still records the result, so writing a
+        result never holds a command back (the pool has room for both)."""
         with self._lock:
             self._running[job.id] = job
         try:
-            self._run_job(job)
+            outcome = self._outcome(job)
         finally:
             with self._lock:
                 self._running.pop(job.id, None)
                 self._stopping.discard(job.id)
+                self._taken -= 1
+        if outcome.state not in (NOT_STARTED, DETACH) and self._refill and self._more:
+            with self._results_lock:
+                self._results.append((job, outcome))
+            self._flush_and_claim()  # its result and the slot's next row: one transaction
+            return
+        self._refill_slot()
+        self._conclude(job, outcome)
 
     def _uses_session(self, job: Job) -> bool:
         return job.timeout_seconds >= self.settings.session_min_timeout_seconds
 
-    def _run_job(self, job: Job) -> None:
+    def _outcome(self, job: Job) -> CommandOutcome:
         with logs.bound(lease=job.lease_name):
             try:
                 if job.session_id and job.command_id:
                     log.info("execution %d: following session command %s", job.id, job.command_id)
-                    outcome = self._follow(job, job.session_id, job.command_id, job.started_at)
-                else:
-                    log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
-                    outcome = self._attempt(job)
+                    return self._follow(job, job.session_id, job.command_id, job.started_at)
+                log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
+                return self._attempt(job)
             except InvalidCommandError as exc:
-                outcome = CommandOutcome(state="error", error=str(exc))
+                return CommandOutcome(state="error", error=str(exc))
             except Exception as exc:
                 log.exception("execution %d: unexpected failure", job.id)
-                outcome = CommandOutcome(
+                return CommandOutcome(
                     state="error", error=_short_error(f"{type(exc).__name__}: {exc}", job.env)
                 )
+
+    def _conclude(self, job: Job, outcome: CommandOutcome) -> None:
+        """Record how the attempt ended: back to the queue, handed over, or finished. Finished rows
+        are group-committed: results that arrive while another thread writes go in its next
+        transaction together (see :meth:`_flush_results`)."""
+        with logs.bound(lease=job.lease_name):
+            if outcome.state not in (NOT_STARTED, DETACH):
+                with self._results_lock:
+                    self._results.append((job, outcome))
+                self._flush_results()
+                return
+            with self._writes:
+                try:
+                    if outcome.state == NOT_STARTED:
+                        self._retry_or_fail(job, outcome)
+                    else:
+                        self._detach(job)
+                except sa.exc.SQLAlchemyError as exc:
+                    _unrecorded(job.id, outcome, exc)
+
+    def _flush_results(self) -> None:
+        """Write every pending result in one transaction. A thread that finds its result already
+        written by another (which took it into its batch) has nothing left to do."""
+        with self._writes, self._flushing:
+            with self._results_lock:
+                batch, self._results = self._results, []
+            if not batch:
+                return
+            results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
             try:
-                if outcome.state == NOT_STARTED:
-                    self._retry_or_fail(job, outcome)
-                    return
-                if outcome.state == DETACH:
-                    self._detach(job)
-                    return
-                finish(
-                    self.db,
-                    job.id,
-                    self.worker_id,
-                    outcome,
-                    lease_name=job.lease_name,
-                    sandbox_id=job.sandbox_id,
-                    max_output_bytes=self.settings.max_output_bytes,
-                    clock=self._clock,
+                lost = set(
+                    finish_many(
+                        self.db,
+                        self.worker_id,
+                        results,
+                        max_output_bytes=self.settings.max_output_bytes,
+                        clock=self._clock,
+                    )
                 )
             except sa.exc.SQLAlchemyError:
-                log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
-                return
-            log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
+                lost = {job.id for job, _ in batch}
+        self._after_flush(batch, lost)
+
+    def _flush_and_claim(self) -> None:
+        """Continuous mode, a command just ended: write the pending results (a group commit) and
+        claim rows for the free slots in the same transaction, then start them. One commit per
+        command instead of two; the claim is still the conditional ``state = 'queued'`` UPDATE."""
+        jobs: list[Job] = []
+        ended: list[tuple[int, str, str]] = []
+        with self._lock:
+            claim = not self._closed and self._refill and self._more
+            with self._writes, self._flushing:
+                with self._results_lock:
+                    batch, self._results = self._results, []
+                free = self.settings.max_concurrent - self._taken if claim else 0
+                if not batch and free <= 0:
+                    return
+                results = [
+                    Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch
+                ]
+                try:
+                    with self.db.session() as session:
+                        lost = set(
+                            _finish_in(
+                                session,
+                                self.worker_id,
+                                results,
+                                self._clock(),
+                                self.settings.max_output_bytes,
+                            )
+                        )
+                        if free > 0:
+                            jobs, ended = self._claim_in(session, free)
+                except sa.exc.SQLAlchemyError as exc:
+                    log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+                    jobs, ended, lost = [], [], {job.id for job, _ in batch}
+                    self._more = False  # the next poll claims again
+                else:
+                    if free > 0:
+                        self._more = len(jobs) + len(ended) == free
+                for job in jobs:  # only after the commit: the claim holds from then on
+                    self._submit(job)
+        self._log_ended(ended)
+        self._after_flush(batch, lost)
+
+    def _after_flush(self, batch: list[tuple[Job, CommandOutcome]], lost: set[int]) -> None:
+        """Log what a group commit wrote; record one by one what it did not (a row someone else
+        ended meanwhile, or a group that rolled back: then one bad row costs only itself)."""
+        for job, outcome in batch:
+            with logs.bound(lease=job.lease_name):
+                if job.id in lost:
+                    try:
+                        with self._writes:
+                            finish(
+                                self.db,
+                                job.id,
+                                self.worker_id,
+                                outcome,
+                                lease_name=job.lease_name,
+                                sandbox_id=job.sandbox_id,
+                                max_output_bytes=self.settings.max_output_bytes,
+                                clock=self._clock,
+                            )
+                    except sa.exc.SQLAlchemyError as exc:
+                        _unrecorded(job.id, outcome, exc)
+                        continue
+                log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
 
     def _attempt(self, job: Job) -> CommandOutcome:
         """One attempt at starting the command: one request, or a session followed to its end."""
@@ -1745,6 +2025,17 @@ class Dispatcher:
 
 
 DETACHED_PREFIX = "detached:"
+
+
+def _unrecorded(execution_id: int, outcome: CommandOutcome, exc: Exception) -> None:
+    """A result the database refused (an outage, typically): one line, no traceback. The row stays
+    ``running`` and is recovered like any row whose worker stopped (``interrupted``)."""
+    log.error(
+        "execution %d: could not record its result (%s): %s",
+        execution_id,
+        outcome.state,
+        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+    )
 
 
 def retry_delay(

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from controller.overview import parse_timestamp as parse_timestamp  # re-exported (the reconciler)
 from controller.secrets import is_ref
 from controller.specs import SPEC_COLUMNS, LeaseSpec
 from models import Lease
@@ -58,28 +59,6 @@ class InvalidLeaseRow:
 
     name: str
     message: str
-
-
-def parse_timestamp(value: Any) -> datetime:
-    """A stored timestamp as an aware UTC datetime; naive values are UTC (how SQLite stores them).
-
-    Raises ValueError for anything that is not a timestamp.
-    """
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.strip())
-    if not isinstance(value, datetime):
-        raise ValueError(f"not a timestamp ({type(value).__name__})")
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def tolerant_timestamp(value: Any) -> datetime | str | None:
-    """For display: a timestamp, or the stored text when it is not one (never raises)."""
-    if value is None:
-        return None
-    try:
-        return parse_timestamp(value)
-    except (ValueError, TypeError):
-        return str(value)
 
 
 def _raw_columns() -> list[sa.ColumnElement[Any]]:

@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session
 
 from controller.db import Database
 from controller.errors import SpecError
-from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
+from controller.lease_rows import InvalidLeaseRow, load_lease_rows
+from controller.overview import overview_rows
 from controller.specs import LeaseSpec, PoolSpec
-from models import Lease, Pool, UTCDateTime, lease_overview, utcnow
+from models import Lease, Pool, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
 DEFAULT_MAX_PRUNE_SHARE = 0.5
@@ -279,23 +280,8 @@ def read_specs(
 
 
 def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows of the ``lease_overview`` view, as dicts, ordered by name.
-
-    Timestamps are read raw and parsed one by one, so a value written by hand that is not a
-    timestamp shows as its text instead of failing the whole listing.
-    """
-    columns = [
-        sa.type_coerce(c, sa.types.NullType()).label(c.key) if isinstance(c.type, UTCDateTime) else c
-        for c in lease_overview.c
-    ]
-    query = sa.select(*columns).order_by(lease_overview.c.name)
-    if names:
-        query = query.where(lease_overview.c.name.in_(names))
-    timestamps = {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)}
-    return [
-        {k: tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
-        for row in session.execute(query)
-    ]
+    """Rows of the ``lease_overview`` view, as dicts, ordered by name (see controller/overview.py)."""
+    return overview_rows(session.connection(), names)
 
 
 def request_rollout(db: Database, names: Sequence[str]) -> list[str]:

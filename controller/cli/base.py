@@ -1,5 +1,10 @@
 """The typer application, its global options and the context every command reads settings from.
 
+Start-up time matters here: ``leasectl --help`` builds the whole command tree, so this module and
+the command modules import only typer and the standard library at the top; settings (pydantic),
+the database (SQLAlchemy), the SDK and the local API are imported by the commands that use them.
+tests/unit/test_cli_imports.py counts what ``--help`` and ``get`` import.
+
 Command modules (``db``, ``leases``, ``control``, ``executions``, ``gc``) register their commands on
 :data:`app`; :mod:`controller.cli` imports them all and exposes ``main``.
 """
@@ -8,16 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import sqlalchemy as sa
 import typer
 
 from controller import __version__, exitcodes
-from controller import db as dbmod
 from controller.cli.output import EXIT_INVALID, UnusableDatabaseError, fail, first_line, out, state
-from controller.config import Settings, describe_origin, load_settings
 from controller.errors import ConfigError
+
+if TYPE_CHECKING:
+    from controller import db as dbmod
+    from controller.config import Settings
 
 app = typer.Typer(
     name="leasectl",
@@ -47,6 +53,8 @@ class CliContext:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from controller.config import load_settings
+
             try:
                 self._settings = load_settings(self.config, self.overrides)
             except ConfigError as exc:
@@ -67,6 +75,9 @@ class CliContext:
 
     def describe_database(self) -> str:
         """``database URL (from ORIGIN)``, password masked, for messages."""
+        from controller import db as dbmod
+        from controller.config import describe_origin
+
         url = self.settings.database_url
         origin = describe_origin("database_url", self.config, self.overrides)
         return f"database {dbmod.redact_url(dbmod.normalize_url(url))} (from {origin})"
@@ -75,6 +86,11 @@ class CliContext:
         """The database of the settings. Only ``create=True`` (``db upgrade``) may create a SQLite
         file; every other command refuses a missing one instead of leaving an empty file behind.
         Raises :class:`UnusableDatabaseError` (which :func:`handled` turns into a line and a code)."""
+        import sqlalchemy as sa
+
+        from controller import db as dbmod
+        from controller.config import describe_origin
+
         url = dbmod.normalize_url(self.settings.database_url)
         origin = describe_origin("database_url", self.config, self.overrides)
         try:

@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import sqlalchemy as sa
 import typer
-import yaml
-from rich.table import Table
 
-from controller import db as dbmod
 from controller import exitcodes
 from controller.cli.base import CliContext, app, context_of
 from controller.cli.output import (
@@ -24,6 +20,7 @@ from controller.cli.output import (
     first_line,
     handled,
     out,
+    yaml_dump,
 )
 from controller.errors import ConfigError, LeasectlError
 
@@ -106,6 +103,9 @@ def plan(
         if detailed_exitcode and exc.exit_code != exitcodes.OK:
             raise typer.Exit(exitcodes.FAILURE) from None
         raise
+
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False)
     for col in ("ACTION", "LEASE", "SANDBOX", "REASON"):
         table.add_column(col, overflow="fold")
@@ -127,6 +127,7 @@ def plan(
 @app.command()
 def run(ctx: typer.Context) -> None:
     """Run the controller daemon in the foreground (reconcile, GC, executions, health/metrics)."""
+    from controller import db as dbmod
     from controller.daemon import Daemon
     from controller.metrics import Metrics
     from controller.providers import build_provider
@@ -165,6 +166,9 @@ def doctor(
     import time
     import uuid
 
+    import sqlalchemy as sa
+
+    from controller import db as dbmod
     from controller.config import redacted
     from controller.providers import build_provider
     from controller.providers.base import LABEL_INSTANCE, CreateRequest
@@ -180,7 +184,7 @@ def doctor(
         out.print(f"{mark} {what}: {detail}", highlight=False)
 
     out.print("settings (secrets masked):", highlight=False)
-    sys.stdout.write(yaml.safe_dump(redacted(settings), sort_keys=False))
+    sys.stdout.write(yaml_dump(redacted(settings)))
 
     try:
         database = cli.database()

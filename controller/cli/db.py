@@ -7,7 +7,6 @@ import sys
 
 import typer
 
-from controller import db as dbmod
 from controller.cli.base import config_app, context_of, db_app
 from controller.cli.output import handled, out
 
@@ -15,6 +14,8 @@ from controller.cli.output import handled, out
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Create or migrate the schema to the newest revision (safe to run again)."""
+    from controller import db as dbmod
+
     cli = context_of(ctx)
     with handled():
         database = cli.database(create=True)
@@ -25,6 +26,8 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context) -> None:
     """Show the schema revision of the database and the newest one known."""
+    from controller import db as dbmod
+
     cli = context_of(ctx)
     with handled():
         database = cli.database()

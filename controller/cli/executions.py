@@ -12,12 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import sqlalchemy as sa
 import typer
-import yaml
-from rich.table import Table
 
-from controller import db as dbmod
 from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import (
@@ -29,6 +25,7 @@ from controller.cli.output import (
     jsonable,
     out,
     write_raw,
+    yaml_dump,
 )
 
 
@@ -366,6 +363,8 @@ def executions(
     output: Annotated[OutputFormat, typer.Option("--output", "-o", metavar="FORMAT")] = OutputFormat.table,
 ) -> None:
     """List executions, newest last (env and stdin are never shown)."""
+    import sqlalchemy as sa
+
     from models import Execution
     from models.tables import EXECUTION_STATES
 
@@ -408,6 +407,8 @@ def executions(
         for r in rows
     ]
     if output is OutputFormat.table:
+        from rich.table import Table
+
         table = Table(box=None, pad_edge=False)
         for col in EXECUTION_COLUMNS:
             table.add_column(col, overflow="fold")
@@ -432,7 +433,7 @@ def executions(
     elif output is OutputFormat.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
-        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+        sys.stdout.write(yaml_dump(data))
 
 
 FOLLOW_POLL_SECONDS = 0.5
@@ -452,6 +453,8 @@ def execution_logs(
     did not succeed). Output written while it runs comes from its session command, read by the
     worker that runs it, so it lags by about ``exec.log_poll_seconds``.
     """
+    import sqlalchemy as sa
+
     from models import Execution
     from models.tables import EXECUTION_TERMINAL_STATES
 
@@ -494,6 +497,7 @@ def exec_worker(
     import signal
     import threading
 
+    from controller import db as dbmod
     from controller.execution import Dispatcher
     from controller.providers import build_provider
 

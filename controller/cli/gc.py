@@ -7,11 +7,9 @@ import sys
 from typing import Annotated
 
 import typer
-import yaml
-from rich.table import Table
 
 from controller.cli.base import app, context_of
-from controller.cli.output import OutputFormat, handled, out
+from controller.cli.output import OutputFormat, handled, out, yaml_dump
 
 
 def _gc_age(seconds: float) -> str:
@@ -108,6 +106,8 @@ def gc_command(
     ]
     if output is OutputFormat.table:
         if rows:
+            from rich.table import Table
+
             table = Table(box=None, pad_edge=False)
             for col in ("SANDBOX", "NAME", "LEASE", "AGE", "STATUS", "WHY"):
                 table.add_column(col, overflow="fold")
@@ -149,6 +149,6 @@ def gc_command(
         if output is OutputFormat.json:
             sys.stdout.write(json.dumps(data, indent=2) + "\n")
         else:
-            sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+            sys.stdout.write(yaml_dump(data))
     if result.failed:
         raise typer.Exit(1)

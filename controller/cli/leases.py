@@ -9,15 +9,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-import sqlalchemy as sa
 import typer
-import yaml
 
 from controller import exitcodes
 from controller.cli.base import app, context_of
-from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out
-from controller.leases import apply_specs, overview, read_pools, read_specs, request_rollout
-from controller.specs import dump_leases, load_manifest
+from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out, yaml_dump
 
 
 @app.command()
@@ -45,6 +41,9 @@ def apply(
     --prune refuses (exit 2, nothing written) to set all live leases, or more than
     controller.max_prune_share of them, absent unless --prune-all is given.
     """
+    from controller.leases import apply_specs
+    from controller.specs import load_manifest
+
     cli = context_of(ctx)
     if prune_all and not prune:
         fail("--prune-all only makes sense with --prune", EXIT_INVALID)
@@ -117,7 +116,7 @@ class _Columns:
         return "  ".join([c.ljust(w) for c, w in zip(head, self.widths, strict=False)] + [last]).rstrip()
 
     def print(self, cells: Sequence[str]) -> None:
-        out.print(self.line(cells), markup=False, highlight=False)
+        sys.stdout.write(self.line(cells) + "\n")  # plain text: no rich console needed
         sys.stdout.flush()
 
 
@@ -126,7 +125,7 @@ def _emit(data: Any, output: OutputFormat, *, stream: bool = False) -> None:
     if output is OutputFormat.json:
         sys.stdout.write((json.dumps(data) if stream else json.dumps(data, indent=2)) + "\n")
     else:
-        sys.stdout.write(("---\n" if stream else "") + yaml.safe_dump(data, sort_keys=False))
+        sys.stdout.write(("---\n" if stream else "") + yaml_dump(data))
     sys.stdout.flush()
 
 
@@ -149,12 +148,14 @@ def get(
     ] = 1.0,
 ) -> None:
     """Show desired and observed state of leases (-w: keep watching; Ctrl-C ends it, exit 0)."""
+    from controller.overview import overview_rows
+
     cli = context_of(ctx)
     database = None
     with handled():
         database = cli.database()
-        with database.session(readonly=True) as session:
-            rows = overview(session, names or ())
+        with database.read() as conn:
+            rows = overview_rows(conn, names or ())
     missing = sorted(set(names or ()) - {r["name"] for r in rows})
     if missing and watch:
         fail(f"no such lease: {', '.join(missing)}", EXIT_INVALID)
@@ -174,8 +175,8 @@ def get(
     try:
         while True:
             time.sleep(interval)
-            with handled(), database.session(readonly=True) as session:
-                current = overview(session, names or ())
+            with handled(), database.read() as conn:
+                current = overview_rows(conn, names or ())
             for r in current:
                 cells = _lease_cells(r)
                 if seen.get(r["name"]) == cells:
@@ -204,6 +205,9 @@ def export(
     names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
 ) -> None:
     """Print the leases and pools as YAML that `apply` accepts (pool members belong to their pool)."""
+    from controller.leases import read_pools, read_specs
+    from controller.specs import dump_leases
+
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
         invalid: list[Any] = []
@@ -246,6 +250,8 @@ def rollout(
     each sandbox created before that time, delete-then-create, with the crash safety of a spec
     change. An unknown lease is an error (exit 2) and nothing is changed.
     """
+    from controller.leases import request_rollout
+
     cli = context_of(ctx)
     with handled():
         missing = request_rollout(cli.database(), names)
@@ -276,6 +282,8 @@ def events(
 
     A lease that does not exist and has no events is an error (exit 2), as for `get`.
     """
+    import sqlalchemy as sa
+
     from models import Event, Lease
 
     cli = context_of(ctx)

@@ -15,12 +15,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-import sqlalchemy as sa
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from controller import exitcodes
 from controller.errors import (
@@ -32,10 +29,37 @@ from controller.errors import (
     SpecError,
 )
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use: importing rich costs start-up time that ``--help`` and
+    commands printing plain lines never need."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+def escape(text: str) -> str:
+    """rich's markup escape (imported when an error is printed)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 # Tables are never squeezed to the terminal's width (rich would cut the NAME column first): one
 # row per line, as kubectl prints them, which also keeps them greppable when piped.
-out = Console(soft_wrap=True, width=10_000)
-err = Console(stderr=True, soft_wrap=True)
+out = cast("Console", _LazyConsole(soft_wrap=True, width=10_000))
+err = cast("Console", _LazyConsole(stderr=True, soft_wrap=True))
 
 EXIT_INVALID = exitcodes.INVALID
 DEBUG_ENV_VAR = "LEASECTL_DEBUG"
@@ -108,9 +132,20 @@ def handled() -> Iterator[None]:
         fail(f"{exc}", exitcodes.FAILURE)
     except LeasectlError as exc:
         fail(str(exc))
-    except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
+    except Exception as exc:
+        _database_error(exc)
+        raise
+
+
+def _database_error(exc: Exception) -> None:
+    """Fail with one line for a SQLAlchemy error; return for anything else. A command that never
+    imported SQLAlchemy cannot have raised one, so this never imports it either."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is None:
+        return
+    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError)):
         fail(f"the database refused the change: {first_line(exc.orig)}", EXIT_INVALID)
-    except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.ProgrammingError)):
         detail = first_line(exc.orig)
         lowered = detail.lower()
         if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
@@ -150,6 +185,13 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     return value
+
+
+def yaml_dump(data: Any) -> str:
+    """YAML of ``data`` in the order given (PyYAML is imported when a command prints YAML)."""
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=False))
 
 
 def write_raw(text: str) -> None:

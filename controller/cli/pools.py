@@ -6,18 +6,11 @@ import json
 import sys
 from typing import Annotated, Any
 
-import sqlalchemy as sa
 import typer
-import yaml
 
 from controller import exitcodes
-from controller.claims import NoMemberReadyError, claim, release
 from controller.cli.base import app, context_of
-from controller.cli.output import EXIT_INVALID, OutputFormat, fail, handled, out
-from controller.pool_sync import load_members, pool_view
-from controller.pools import count
-from controller.specs import format_duration, parse_duration
-from models import Pool
+from controller.cli.output import EXIT_INVALID, OutputFormat, fail, handled, out, yaml_dump
 
 POOL_HEADERS = (
     "NAME",
@@ -36,7 +29,7 @@ def _emit(data: Any, output: OutputFormat) -> None:
     if output is OutputFormat.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
-        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+        sys.stdout.write(yaml_dump(data))
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -55,6 +48,13 @@ def pools_command(
     ] = OutputFormat.table,
 ) -> None:
     """Show each pool: members ready, claimed, provisioning and failing, and its sizes."""
+    import sqlalchemy as sa
+
+    from controller.pool_sync import load_members, pool_view
+    from controller.pools import count
+    from controller.specs import format_duration
+    from models import Pool
+
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
         query = sa.select(Pool).order_by(Pool.name)
@@ -133,6 +133,9 @@ def claim_command(
     ] = OutputFormat.table,
 ) -> None:
     """Atomically take one Ready member of POOL and print it (exit 5 when none is ready)."""
+    from controller.claims import NoMemberReadyError, claim
+    from controller.specs import parse_duration
+
     cli = context_of(ctx)
     ttl_seconds = None
     if ttl is not None:
@@ -159,6 +162,8 @@ def release_command(
     lease: Annotated[str, typer.Argument(help="The claimed member (its lease name).")],
 ) -> None:
     """Give a claimed pool member back: it is deleted (never handed out again) and the pool refills."""
+    from controller.claims import release
+
     cli = context_of(ctx)
     with handled():
         done = release(cli.database(), lease)

@@ -11,7 +11,26 @@ It is a development and test tool, NOT an isolation boundary: commands run as th
 the host.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .faults import FaultSettings
-from .server import BackgroundEmulator, EmulatorConfig, run, start_background
+
+if TYPE_CHECKING:
+    from .server import BackgroundEmulator, EmulatorConfig, run, start_background
+
+# The server (aiohttp) is imported on first use: `leasectl --help` lists `local-daytona` through
+# .cli without starting, or importing, a web server.
+_FROM_SERVER = frozenset({"BackgroundEmulator", "EmulatorConfig", "run", "start_background"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_SERVER:
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BackgroundEmulator", "EmulatorConfig", "FaultSettings", "run", "start_background"]

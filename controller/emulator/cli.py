@@ -16,7 +16,6 @@ from pathlib import Path
 import typer
 
 from .faults import FAIL_KINDS, FaultSettings, validate
-from .server import EmulatorConfig, run
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, float]:
@@ -159,6 +158,8 @@ def local_daytona(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from .server import EmulatorConfig, run  # aiohttp: only when serving
+
     run(
         EmulatorConfig(
             api_key=key, host=host, port=port, state_dir=state_dir, faults=faults, announce=sys.stdout

@@ -3,9 +3,13 @@
 Lifecycle calls (list, get, create, start, stop, archive, recover, delete) go through the SDK's
 generated REST client (``daytona_api_client``) so that each is exactly one bounded HTTP request and
 returns as soon as Daytona accepted it: the reconciler observes progress on its next pass instead of
-blocking a worker in the high-level client's wait loops. Toolbox calls (exec, files, work dir) use
-the high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable
-socket can neither slow nor break anything.
+blocking a worker in the high-level client's wait loops. ``exec``, the hot path of ``leasectl
+exec`` and the execution queue, and the session calls go through the generated toolbox client
+too (``ProcessApi``, aimed at the sandbox's toolbox proxy URL from one ``get_sandbox``): the same
+requests the high-level client sends, without importing it. The file and work-dir calls use the
+high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable socket
+can neither slow nor break anything; it is made on first use, because importing it (OpenTelemetry,
+aiohttp, socketio, every generated model) takes seconds that ``plan``, ``gc`` and ``exec`` never need.
 
 Every vendor exception is translated into ``controller.errors`` by ``classify`` and raised ``from``
 the original. Daytona's server decides much with 400 (quota, capacity, "failed to start", a state
@@ -22,11 +26,13 @@ belongs to the applier, which sees every failure.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
 import re
 import socket
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -35,19 +41,26 @@ from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
-from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
-from daytona_api_client import (
-    ApiClient,
-    Configuration,
-    CreateBuildInfo,
-    CreateSandbox,
-    SandboxApi,
-    SandboxLabels,
-    SandboxListSortDirection,
-    SandboxListSortField,
-)
+
+# Submodules, not the packages' lazy top levels: exactly what the provider uses gets imported.
+from daytona.internal.urllib3_retry import RemoteDisconnectedRetry
+from daytona_api_client.api.sandbox_api import SandboxApi
+from daytona_api_client.api_client import ApiClient
+from daytona_api_client.configuration import Configuration
 from daytona_api_client.exceptions import ApiException
+from daytona_api_client.models.create_build_info import CreateBuildInfo
+from daytona_api_client.models.create_sandbox import CreateSandbox
+from daytona_api_client.models.sandbox_labels import SandboxLabels
+from daytona_api_client.models.sandbox_list_sort_direction import SandboxListSortDirection
+from daytona_api_client.models.sandbox_list_sort_field import SandboxListSortField
 from daytona_api_client.rest import RESTResponse
+from daytona_toolbox_api_client.api.process_api import ProcessApi
+from daytona_toolbox_api_client.api_client import ApiClient as ToolboxApiClient
+from daytona_toolbox_api_client.configuration import Configuration as ToolboxConfiguration
+from daytona_toolbox_api_client.exceptions import ApiException as ToolboxApiException
+from daytona_toolbox_api_client.models.create_session_request import CreateSessionRequest
+from daytona_toolbox_api_client.models.execute_request import ExecuteRequest
+from daytona_toolbox_api_client.models.session_execute_request import SessionExecuteRequest
 
 from controller.errors import (
     SCOPE_ALL,
@@ -164,9 +177,9 @@ def translate(exc: BaseException, what: str, operation: str = "") -> ProviderErr
     """Map an SDK, HTTP or network exception to the project's error tree (see ``classify``)."""
     status: int | None = None
     headers: Mapping[str, str] | None = None
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiException | ToolboxApiException):
         status, headers = exc.status, exc.headers
-    elif isinstance(exc, DaytonaError):
+    elif _is_daytona_error(exc):
         status = getattr(exc, "status_code", None)
         headers = getattr(exc, "headers", None)
     detail = _short(exc)
@@ -175,6 +188,19 @@ def translate(exc: BaseException, what: str, operation: str = "") -> ProviderErr
     error = classify(status, detail, operation, headers, f"{what}: {detail}")
     error.status = status or None
     return error
+
+
+def _aimed(configuration: ToolboxConfiguration, host: str) -> ToolboxConfiguration:
+    """A copy of the toolbox client's configuration whose requests go to ``host``."""
+    aimed = copy.deepcopy(configuration)
+    aimed.host = host
+    return aimed
+
+
+def _is_daytona_error(exc: BaseException) -> bool:
+    """An error of the high-level client; without that client imported there can be none."""
+    errors = sys.modules.get("daytona.common.errors")
+    return errors is not None and isinstance(exc, errors.DaytonaError)
 
 
 def not_sent(exc: ProviderError, what: str) -> NotSentError:
@@ -202,7 +228,7 @@ def never_sent(exc: BaseException) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiException | ToolboxApiException):
         body = exc.body
         if isinstance(body, bytes):
             body = body.decode("utf-8", "replace")
@@ -343,18 +369,39 @@ class DaytonaProvider:
         self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
         self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
         self._api = SandboxApi(self._api_client)
-        with warnings.catch_warnings():
-            # Polling mode is deprecated upstream but is what we want: we never wait on events.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self._sdk = Daytona(
-                DaytonaConfig(
-                    api_key=api_key,
-                    api_url=api_url.rstrip("/"),
-                    target=target,
-                    use_deprecated_polling=True,
-                    connection_pool_maxsize=32,
-                )
-            )
+        self._api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        self._high_level: Any = None
+        self._high_level_lock = threading.Lock()
+        # Toolbox requests (exec): one connection pool for every sandbox; a stale pooled connection
+        # the server closed (RemoteDisconnected: nothing was processed) is retried, as the SDK does.
+        toolbox_configuration = ToolboxConfiguration(host="")
+        toolbox_configuration.retries = RemoteDisconnectedRetry(total=3, raise_on_status=False)
+        toolbox_configuration.connection_pool_maxsize = 32
+        self._toolbox_client = ToolboxApiClient(toolbox_configuration)
+        self._toolbox_client.default_headers.update(self._api_client.default_headers)
+        self._processes: dict[str, ProcessApi] = {}
+
+    @property
+    def _sdk(self) -> Any:
+        """The high-level client (files, work dir, sessions), made on first use (slow to import)."""
+        with self._high_level_lock:
+            if self._high_level is None:
+                from daytona import Daytona, DaytonaConfig
+
+                with warnings.catch_warnings():
+                    # Polling mode is deprecated upstream but is what we want: we never wait on events.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._high_level = Daytona(
+                        DaytonaConfig(
+                            api_key=self._api_key,
+                            api_url=self._api_url,
+                            target=self._target,
+                            use_deprecated_polling=True,
+                            connection_pool_maxsize=32,
+                        )
+                    )
+            return self._high_level
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -525,6 +572,37 @@ class DaytonaProvider:
     def _forget(self, sandbox_id: str) -> None:
         with self._cache_lock:
             self._sandboxes.pop(sandbox_id, None)
+            self._processes.pop(sandbox_id, None)
+
+    def _process(self, sandbox_id: str) -> ProcessApi:
+        """The toolbox process API of one sandbox: its proxy URL comes from one ``get_sandbox``,
+        cached like the SDK's Sandbox objects (dropped on delete and after any toolbox error)."""
+        with self._cache_lock:
+            cached = self._processes.get(sandbox_id)
+        if cached is not None:
+            return cached
+        dto = self._call(
+            "get",
+            f"get sandbox {sandbox_id}",
+            lambda: self._api.get_sandbox(sandbox_id, _request_timeout=self._timeout),
+        )
+        base_url = str(dto.toolbox_proxy_url or "").rstrip("/")
+        if not base_url:  # servers older than the field: ask for it (one more request, once)
+            base_url = self._call(
+                "toolbox_proxy_url",
+                f"get toolbox URL of {sandbox_id}",
+                lambda: self._api.get_toolbox_proxy_url(sandbox_id, _request_timeout=self._timeout),
+            ).url.rstrip("/")
+        client = ToolboxApiClient(self._toolbox_client.configuration)
+        client.rest_client = self._toolbox_client.rest_client  # the shared connection pool
+        client.default_headers = self._toolbox_client.default_headers
+        client.configuration = _aimed(self._toolbox_client.configuration, f"{base_url}/{dto.id}")
+        process = ProcessApi(client)
+        with self._cache_lock:
+            if len(self._processes) >= SANDBOX_CACHE_SIZE:
+                self._processes.pop(next(iter(self._processes)))
+            self._processes[sandbox_id] = process
+        return process
 
     def exec(
         self,
@@ -536,13 +614,16 @@ class DaytonaProvider:
         timeout: int | None = None,
     ) -> ExecResult:
         try:
-            sandbox = self._sandbox(sandbox_id)
+            process = self._process(sandbox_id)
         except ProviderError as exc:
             raise not_sent(exc, "exec") from exc
+        request = ExecuteRequest(command=command, cwd=cwd, timeout=timeout, envs=dict(env) if env else None)
         try:
-            response = sandbox.process.exec(command, cwd=cwd, env=dict(env) if env else None, timeout=timeout)
-        except DaytonaError as exc:
-            status = getattr(exc, "status_code", None)
+            response = process.execute_command(
+                request, _request_timeout=float(timeout + 5) if timeout else None
+            )
+        except Exception as exc:
+            status = getattr(exc, "status", None)
             # The toolbox's own time-out (408 REQUEST_TIMEOUT), or ours on the answer (no status, the
             # request time-out covers the command's): timed out. A 504 is a gateway that gave up: the
             # command may still run, so it is an error like any other 5xx (``unknown`` upstairs).
@@ -555,6 +636,8 @@ class DaytonaProvider:
             raise error from exc
         self._record("execute", "ok")
         code = response.exit_code
+        if code is None:  # older toolboxes answer {"code": N}
+            code = (response.additional_properties or {}).get("code")
         return ExecResult(exit_code=int(code) if code is not None else -1, output=response.result or "")
 
     def _toolbox(self, sandbox_id: str, operation: str, what: str, fn: Callable[[Any], T]) -> T:
@@ -602,53 +685,67 @@ class DaytonaProvider:
 
     # -- sessions --------------------------------------------------------------------------------
 
+    def _process_call(self, sandbox_id: str, operation: str, what: str, fn: Callable[[ProcessApi], T]) -> T:
+        """A call of the sandbox's toolbox process API; any failure drops it from the cache."""
+        process = self._process(sandbox_id)
+        try:
+            return self._call(operation, what, lambda: fn(process))
+        except ProviderError:
+            self._forget(sandbox_id)
+            raise
+
     def create_session(self, sandbox_id: str, session_id: str) -> None:
-        self._toolbox(
+        self._process_call(
             sandbox_id,
             "session_create",
             f"create session {session_id}",
-            lambda sb: sb.process.create_session(session_id, request_timeout=self._timeout),
+            lambda api: api.create_session(
+                CreateSessionRequest(session_id=session_id), _request_timeout=self._timeout
+            ),
         )
 
     def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:
         request = SessionExecuteRequest(command=command, run_async=True)
         try:
-            self._sandbox(sandbox_id)
+            self._process(sandbox_id)
         except ProviderError as exc:
             raise not_sent(exc, "session execute") from exc
-        response = self._toolbox(
+        response = self._process_call(
             sandbox_id,
             "session_execute",
             f"execute in session {session_id}",
-            lambda sb: sb.process.execute_session_command(session_id, request, timeout=int(self._timeout)),
+            lambda api: api.session_execute_command(
+                session_id, request, _request_timeout=float(int(self._timeout) + 5)
+            ),
         )
         return str(response.cmd_id)
 
     def session_command(self, sandbox_id: str, session_id: str, command_id: str) -> SessionCommand:
-        command = self._toolbox(
+        command = self._process_call(
             sandbox_id,
             "session_command",
             f"get command {command_id} of session {session_id}",
-            lambda sb: sb.process.get_session_command(session_id, command_id, request_timeout=self._timeout),
+            lambda api: api.get_session_command(session_id, command_id, _request_timeout=self._timeout),
         )
         code = command.exit_code
         return SessionCommand(command_id, int(code) if code is not None else None)
 
     def session_logs(self, sandbox_id: str, session_id: str, command_id: str) -> str:
-        logs = self._toolbox(
+        logs = self._process_call(
             sandbox_id,
             "session_logs",
             f"get logs of command {command_id}",
-            lambda sb: sb.process.get_session_command_logs(
-                session_id, command_id, request_timeout=self._timeout
-            ),
+            lambda api: api.get_session_command_logs(session_id, command_id, _request_timeout=self._timeout),
         )
         return str(logs.output or "")
 
     def delete_session(self, sandbox_id: str, session_id: str) -> None:
-        self._toolbox_delete(
-            sandbox_id,
-            "session_delete",
-            f"delete session {session_id}",
-            lambda sb: sb.process.delete_session(session_id, request_timeout=self._timeout),
-        )
+        try:
+            self._process_call(
+                sandbox_id,
+                "session_delete",
+                f"delete session {session_id}",
+                lambda api: api.delete_session(session_id, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return

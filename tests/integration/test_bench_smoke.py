@@ -128,3 +128,17 @@ def test_pool_bench_prints_json_lines(tmp_path: Path, capsys: pytest.CaptureFixt
     sampled = figures["ready_sampled"]  # the Ready count read through the warm phase
     assert sampled["samples"] >= 2 and 0 <= sampled["min"] <= 2
     assert 0 <= sampled["below_min_ready_s"] <= sampled["span_s"]
+
+
+def test_cli_bench_prints_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One round of each start-up case: every command ran to exit 0 (else the bench raises)."""
+    from bench import cli
+
+    jsonl = tmp_path / "bench.jsonl"
+    cli.run(common.Output(None, jsonl), quick=True, pg_admin_url="", rounds=1)
+    records = _check_shape(jsonl, capsys.readouterr().out, "cli", 3)
+    assert [r["parameters"]["case"] for r in records] == ["help", "get", "exec"]
+    for record in records:
+        figures = record["figures"]
+        assert isinstance(figures, dict)
+        assert figures["baseline_median_seconds"] > 0 and figures["ratio_to_baseline"] > 0

@@ -64,10 +64,15 @@ class Sandbox:
 
 
 @pytest.fixture(scope="module")
-def local_daytona(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def local_daytona_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
     """One emulator subprocess for the module (the shared ``emulator`` fixture is per test)."""
     with EmulatorProcess(tmp_path_factory.mktemp("execution") / "daytona", api_key=API_KEY) as emu:
-        yield emu.api_url
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def local_daytona(local_daytona_process: EmulatorProcess) -> str:
+    return local_daytona_process.api_url
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +275,54 @@ def test_dispatcher_and_direct_run_with_the_real_provider(sandbox: Sandbox, leas
     with db.session() as session:
         [row] = session.scalars(sa.select(Execution).where(Execution.command == "cat")).all()
     assert (row.state, row.output, row.env, row.stdin) == ("succeeded", "queued stdin", None, None)
+
+
+def test_a_queued_command_costs_one_api_request_and_a_bounded_number_of_statements(
+    local_daytona_process: EmulatorProcess, sandbox: Sandbox, lease: str, db: Database
+) -> None:
+    """Issue 14's structural guard for the queue: through the dispatcher a command is one toolbox
+    request (the sandbox's toolbox URL is looked up once per sandbox, then cached) and a bounded
+    number of SQL statements per command, counted on the engine, whatever the number of commands."""
+    emu = local_daytona_process
+    statements = 0
+
+    def served() -> dict[str, int]:
+        return {op: n for op, n in emu.stats().items() if n}
+
+    def count(*_args: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    def queue(n: int, tag: str) -> None:
+        with db.session() as session:
+            session.add_all(
+                Execution(lease_name=lease, command=f"echo {tag}-{i}", ordered=False) for i in range(n)
+            )
+
+    settings = ExecSettings(max_concurrent=1, per_lease_concurrency=0, session_min_timeout_seconds=10**6)
+    d = Dispatcher(db, DaytonaProvider(sandbox.url, API_KEY, request_timeout=30), settings)
+    sa.event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        queue(1, "warm-up")
+        emu.reset_stats()
+        assert d.drain() == 1
+        assert served() == {"get": 1, "execute": 1}  # the toolbox URL, once per sandbox
+        per_run = {}
+        for n in (1, 6):
+            queue(n, f"run{n}")
+            emu.reset_stats()
+            statements = 0
+            assert d.drain() == n
+            assert served() == {"execute": n}  # exactly one API request per command
+            per_run[n] = statements
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", count)
+        d.shutdown()
+    per_command = (per_run[6] - per_run[1]) / 5
+    # claim: (BEGIN,) SELECT, UPDATE; result: (BEGIN,) UPDATE, INSERT event; the idle check of
+    # the next round: (BEGIN,) SELECT. BEGIN is a statement of its own only on SQLite.
+    assert per_command <= (8 if db.is_sqlite else 5), per_run
+    assert per_run[1] <= per_command + 4, per_run  # and nothing else that grows
+    with db.session(readonly=True) as session:
+        states = session.scalars(sa.select(Execution.state).where(Execution.command.like("echo run%"))).all()
+    assert states == ["succeeded"] * 7
