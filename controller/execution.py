@@ -59,6 +59,7 @@ me``) that then matches nothing: its result is logged and dropped.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -66,10 +67,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -100,6 +101,7 @@ from controller.execution_script import (
     wrap_for_exec,
 )
 from controller.providers.base import SandboxProvider, SessionCommand
+from controller.secrets import is_ref, resolvable_values
 from models import Event, Execution, Lease, LeaseStatus, utcnow
 from models.tables import EXECUTION_TERMINAL_STATES
 
@@ -183,9 +185,38 @@ def storable(text: str) -> str:
 
 def redact(text: str, env: Mapping[str, str]) -> str:
     """``text`` with every non-trivial env value masked (for error messages that echo a request)."""
-    for value in sorted((v for v in env.values() if len(v) >= 3), key=len, reverse=True):
+    return redact_values(text, env.values())
+
+
+def redact_values(text: str, values: Iterable[str]) -> str:
+    """``text`` with every non-trivial value (3 characters or more) masked, longest first."""
+    for value in sorted({v for v in values if len(v) >= 3}, key=len, reverse=True):
         text = text.replace(value, "***")
     return text
+
+
+def lease_secret_values(db: Database, lease_name: str) -> tuple[str, ...]:
+    """The current values of the lease's secret references (``{from_env}``/``{from_file}`` in its
+    env), as this process resolves them now: what stored output must not contain. One SELECT of the
+    env column read as text, so a hand-written row that does not parse redacts nothing instead of
+    failing the command; references that cannot be resolved here are skipped."""
+    with db.session(readonly=True) as session:
+        raw = session.scalar(sa.select(sa.cast(Lease.env, sa.Text)).where(Lease.name == lease_name))
+    try:
+        env = json.loads(raw) if raw else {}
+    except ValueError:
+        return ()
+    if not isinstance(env, dict):
+        return ()
+    refs = {str(k): v for k, v in env.items() if is_ref(v)}
+    return tuple(resolvable_values(refs)) if refs else ()
+
+
+def _redacted(outcome: CommandOutcome, secrets: Sequence[str]) -> CommandOutcome:
+    if not secrets:
+        return outcome
+    error = redact_values(outcome.error, secrets) if outcome.error is not None else None
+    return replace(outcome, output=redact_values(outcome.output, secrets), error=error)
 
 
 def _short_error(text: str, env: Mapping[str, str]) -> str:
@@ -635,7 +666,10 @@ def _update(session: Session, statement: sa.Update) -> int:
     return cast("CursorResult[Any]", result).rowcount
 
 
-def _finish_values(outcome: CommandOutcome, now: datetime, max_output_bytes: int) -> dict[str, Any]:
+def _finish_values(
+    outcome: CommandOutcome, now: datetime, max_output_bytes: int, secrets: Sequence[str] = ()
+) -> dict[str, Any]:
+    outcome = _redacted(outcome, secrets)
     # Cap what is stored, not what arrived: each NUL becomes U+FFFD (3 bytes) on the way in, since
     # PostgreSQL text cannot hold NUL, so the cap applies after that substitution.
     output, truncated = cap_output(storable(outcome.output), max_output_bytes)
@@ -689,8 +723,11 @@ def finish(
     sandbox_id: str | None,
     max_output_bytes: int,
     clock: Clock = utcnow,
+    secrets: Sequence[str] = (),
 ) -> bool:
-    """Record the outcome of a row this worker claimed; False if the row is no longer ours."""
+    """Record the outcome of a row this worker claimed; False if the row is no longer ours.
+
+    ``secrets`` (:func:`lease_secret_values`) are masked in the stored output and error."""
     now = clock()
     with db.session() as session:
         done = _update(
@@ -701,10 +738,11 @@ def finish(
                 Execution.state == "running",
                 Execution.claimed_by == worker_id,
             )
-            .values(**_finish_values(outcome, now, max_output_bytes)),
+            .values(**_finish_values(outcome, now, max_output_bytes, secrets)),
         )
         if done == 1:
-            _event(session, execution_id, lease_name, sandbox_id, outcome.state, _detail(outcome), worker_id)
+            detail = _detail(_redacted(outcome, secrets))
+            _event(session, execution_id, lease_name, sandbox_id, outcome.state, detail, worker_id)
             return True
     with db.session() as session:  # someone else ended it (interrupted, cancelled): still no secrets
         _update(
@@ -759,6 +797,7 @@ def execute_now(
         target = ready_target(session, lease_name, now)
     if target.idle:
         wake(provider, target.sandbox_id, timeout_seconds=settings.idle_start_timeout_seconds)
+    secrets = lease_secret_values(db, lease_name)
     with db.session() as session:
         row = Execution(
             lease_name=lease_name,
@@ -783,7 +822,7 @@ def execute_now(
 
     def record(**values: Any) -> None:
         if "output" in values:
-            text, cut = cap_output(values["output"], settings.max_output_bytes)
+            text, cut = cap_output(redact_values(values["output"], secrets), settings.max_output_bytes)
             values |= {"output": storable(text), "output_truncated": cut}
         with db.session() as session:
             _update(
@@ -794,6 +833,8 @@ def execute_now(
                 )
                 .values(**values),
             )
+
+    publish = _fan_out(on_output, lambda text: record(output=text))
 
     def should_stop() -> tuple[str, str] | None:
         reason = interrupted() if interrupted is not None else None
@@ -842,7 +883,7 @@ def execute_now(
             timeout_seconds=timeout,
             poll_seconds=settings.log_poll_seconds,
             max_output_bytes=None,
-            on_output=_fan_out(on_output, lambda text: record(output=text)),
+            on_output=lambda text: publish(redact_values(text, secrets)),
             should_stop=should_stop,
             has_stdin=stdin is not None,
             clock=clock,
@@ -901,7 +942,9 @@ def execute_now(
                 sandbox_id=target.sandbox_id,
                 max_output_bytes=settings.max_output_bytes,
                 clock=clock,
+                secrets=secrets,
             )
+        outcome = _redacted(outcome, secrets)
         log.info("execution %d: %s", execution_id, _detail(outcome) or outcome.state)
     return execution_id, outcome
 
@@ -1145,6 +1188,7 @@ class Dispatcher:
         self._closed = False
         self._last_recover = float("-inf")
         self._running: dict[int, Job] = {}
+        self._secrets: dict[int, tuple[str, ...]] = {}  # execution id -> values its output must not show
         self._stopping: set[int] = set()
         self._pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="leasectl-exec"
@@ -1538,40 +1582,54 @@ class Dispatcher:
     def _run_job(self, job: Job) -> None:
         with logs.bound(lease=job.lease_name):
             try:
-                if job.session_id and job.command_id:
-                    log.info("execution %d: following session command %s", job.id, job.command_id)
-                    outcome = self._follow(job, job.session_id, job.command_id, job.started_at)
-                else:
-                    log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
-                    outcome = self._attempt(job)
-            except InvalidCommandError as exc:
-                outcome = CommandOutcome(state="error", error=str(exc))
-            except Exception as exc:
-                log.exception("execution %d: unexpected failure", job.id)
-                outcome = CommandOutcome(
-                    state="error", error=_short_error(f"{type(exc).__name__}: {exc}", job.env)
-                )
-            try:
-                if outcome.state == NOT_STARTED:
-                    self._retry_or_fail(job, outcome)
-                    return
-                if outcome.state == DETACH:
-                    self._detach(job)
-                    return
-                finish(
-                    self.db,
-                    job.id,
-                    self.worker_id,
-                    outcome,
-                    lease_name=job.lease_name,
-                    sandbox_id=job.sandbox_id,
-                    max_output_bytes=self.settings.max_output_bytes,
-                    clock=self._clock,
-                )
+                secrets = lease_secret_values(self.db, job.lease_name)
             except sa.exc.SQLAlchemyError:
-                log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
+                log.exception("execution %d: could not read the lease's secret references", job.id)
+                return  # the row stays running under this worker; recovery takes it
+            with self._lock:
+                self._secrets[job.id] = secrets
+            try:
+                self._run_job_redacted(job, secrets)
+            finally:
+                with self._lock:
+                    self._secrets.pop(job.id, None)
+
+    def _run_job_redacted(self, job: Job, secrets: tuple[str, ...]) -> None:
+        try:
+            if job.session_id and job.command_id:
+                log.info("execution %d: following session command %s", job.id, job.command_id)
+                outcome = self._follow(job, job.session_id, job.command_id, job.started_at)
+            else:
+                log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
+                outcome = self._attempt(job)
+        except InvalidCommandError as exc:
+            outcome = CommandOutcome(state="error", error=str(exc))
+        except Exception as exc:
+            log.exception("execution %d: unexpected failure", job.id)
+            error = _short_error(redact_values(f"{type(exc).__name__}: {exc}", secrets), job.env)
+            outcome = CommandOutcome(state="error", error=error)
+        try:
+            if outcome.state == NOT_STARTED:
+                self._retry_or_fail(job, outcome)
                 return
-            log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
+            if outcome.state == DETACH:
+                self._detach(job)
+                return
+            finish(
+                self.db,
+                job.id,
+                self.worker_id,
+                outcome,
+                lease_name=job.lease_name,
+                sandbox_id=job.sandbox_id,
+                max_output_bytes=self.settings.max_output_bytes,
+                clock=self._clock,
+                secrets=secrets,
+            )
+        except sa.exc.SQLAlchemyError:
+            log.exception("execution %d: could not record its result (%s)", job.id, outcome.state)
+            return
+        log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
 
     def _attempt(self, job: Job) -> CommandOutcome:
         """One attempt at starting the command: one request, or a session followed to its end."""
@@ -1660,7 +1718,9 @@ class Dispatcher:
     def _record(self, execution_id: int, **values: Any) -> None:
         """Write progress (session id, command id, output so far) to a row this worker holds."""
         if "output" in values:
-            text, cut = cap_output(values["output"], self.settings.max_output_bytes)
+            with self._lock:
+                secrets = self._secrets.get(execution_id, ())
+            text, cut = cap_output(redact_values(values["output"], secrets), self.settings.max_output_bytes)
             values |= {"output": storable(text), "output_truncated": cut}
         with self.db.session() as session:
             _update(
