@@ -293,9 +293,26 @@ def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]
         query = query.where(lease_overview.c.name.in_(names))
     timestamps = {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)}
     return [
-        {k: tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
+        # str(): the keys are SQLAlchemy's quoted_name, which yaml.safe_dump cannot represent
+        {str(k): tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
         for row in session.execute(query)
     ]
+
+
+def shown_specs(session: Session, names: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per valid lease, its spec as ``get -o json|yaml`` shows it: the YAML form without name and
+    state (those are columns of the view), env values left out (only the variable names, and for a
+    reference where it is read from, never a value)."""
+    rows, _ = load_lease_rows(session, names)
+    shown: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        data = row.lease.to_yaml_dict()
+        data.pop("name", None)
+        data.pop("state", None)
+        if "env" in data:
+            data["env"] = {k: (v if isinstance(v, dict) else "(set)") for k, v in data["env"].items()}
+        shown[row.name] = data
+    return shown
 
 
 def request_rollout(db: Database, names: Sequence[str]) -> list[str]:

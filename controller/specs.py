@@ -9,7 +9,9 @@ of one member, and :meth:`PoolSpec.template_hash` the spec hash every current me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,17 +48,54 @@ REPLACING_COLUMNS = (
     "disk",
     "gpu",
     "env",  # the toolbox's update_env changes only the daemon's process, not what a restart sees
+    # -- issue 15, the whole sandbox (ADDED_COLUMNS: hashed only when set) --
+    "os_user",  # the user is fixed when the sandbox is made
+    "gpu_type",
+    "spot",  # GPU placement: no setter
+    "secrets",  # Daytona's update_secrets needs a restart for a sandbox created without any
 )
 # Daytona changes these on a live sandbox with a setter (labels: PUT .../labels; the intervals:
-# POST .../autostop|autoarchive|autodelete/{n}): a change is an ``update`` action, never a
-# replacement. Their hash is the ``leasectl-settings`` label.
+# POST .../autostop|autoarchive|autodelete|autopause/{n}; public: POST .../public/{bool}; network:
+# POST .../network-settings; ephemeral is auto_delete_interval 0): a change is an ``update``
+# action, never a replacement. Their hash is the ``leasectl-settings`` label.
 IN_PLACE_COLUMNS = (
     "labels",
     "auto_stop_interval",
     "auto_archive_interval",
     "auto_delete_interval",
+    # -- issue 15, the whole sandbox (ADDED_COLUMNS: hashed only when set) --
+    "auto_pause_interval",
+    "ephemeral",
+    "public",
+    "network_block_all",
+    "network_allow_list",
+    "domain_allow_list",
 )
 SPEC_COLUMNS = REPLACING_COLUMNS + IN_PLACE_COLUMNS
+# Spec columns added after sandboxes were already labelled with hashes: a column left unset (NULL)
+# is left out of the hashes and field digests, so adding it changes no existing sandbox's hash.
+ADDED_COLUMNS = frozenset(
+    {
+        "os_user",
+        "gpu_type",
+        "spot",
+        "secrets",
+        "auto_pause_interval",
+        "ephemeral",
+        "public",
+        "network_block_all",
+        "network_allow_list",
+        "domain_allow_list",
+    }
+)
+# Columns of `leases` holding JSON (lists or objects).
+JSON_COLUMNS = ("env", "labels", "secrets", "network_allow_list", "domain_allow_list")
+# Daytona's GPU types (GpuType in the API contract).
+GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X")
+GpuType = Literal["H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X"]
+OS_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+DOMAIN_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+MAX_ALLOW_LIST = 64  # entries per allow list (a guard against pasted files, not a Daytona limit)
 # The columns the spec hash covered before in-place updates existed (every spec column): a sandbox
 # labelled with this hash of the current spec is up to date and only needs the new labels.
 LEGACY_SPEC_COLUMNS = (
@@ -117,6 +156,71 @@ class LeaseSpec(BaseModel):
     auto_delete_interval: int | None = Field(default=None, ge=-1, le=INT_MAX, strict=True)
     expires_at: datetime | None = None
     paused: bool = False
+    # -- issue 15: the whole sandbox (None = Daytona's default, nothing sent) --
+    os_user: str | None = None
+    public: bool | None = None
+    network_block_all: bool | None = None
+    network_allow_list: list[str] | None = Field(default=None, max_length=MAX_ALLOW_LIST)
+    domain_allow_list: list[str] | None = Field(default=None, max_length=MAX_ALLOW_LIST)
+    gpu_type: GpuType | None = None
+    spot: bool | None = None
+    auto_pause_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    ephemeral: bool | None = None
+    # Daytona's own secrets: env variable -> name of a secret of the organization (the sandbox sees
+    # an opaque placeholder, Daytona substitutes the value on outbound requests).
+    secrets: dict[str, str] | None = None
+
+    @field_validator("os_user")
+    @classmethod
+    def _os_user(cls, value: str | None) -> str | None:
+        if value is not None and not OS_USER_RE.fullmatch(value):
+            raise ValueError(
+                f"invalid user name {value!r}: lowercase letters, digits, '_' and '-', "
+                "starting with a letter or '_', at most 32 characters"
+            )
+        return value
+
+    @field_validator("network_allow_list")
+    @classmethod
+    def _cidrs(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            try:
+                network = ipaddress.ip_network(item, strict=True)
+            except ValueError as exc:
+                hint = ""
+                if "/" in item:
+                    with contextlib.suppress(ValueError):
+                        hint = f" (did you mean {ipaddress.ip_network(item, strict=False)}?)"
+                raise ValueError(f"{item!r} is not an IPv4 network in CIDR form: {exc}{hint}") from None
+            if network.version != 4 or "/" not in item:
+                raise ValueError(f"{item!r} is not an IPv4 network in CIDR form, e.g. 10.0.0.0/8")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a network twice")
+        return value
+
+    @field_validator("domain_allow_list")
+    @classmethod
+    def _domains(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            if not DOMAIN_RE.fullmatch(item) or len(item) > 253:
+                raise ValueError(f"{item!r} is not a domain name (lowercase, e.g. pypi.org or *.github.com)")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a domain twice")
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _native_secrets(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, name in (value or {}).items():
+            if not ENV_KEY_RE.fullmatch(key):
+                raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+            if not name or "\x00" in name or len(name) > 255:
+                raise ValueError(f"{key}: the name of a Daytona secret must be 1-255 characters")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -191,12 +295,54 @@ class LeaseSpec(BaseModel):
                 f"so it cannot be kept {self.state}; use state running or absent, or another "
                 "auto_delete_interval (-1 = never)",
             )
-        if self.resources is not None and self.resources.gpu and self.auto_delete_interval != 0:
+        if (
+            self.ephemeral is not None
+            and self.auto_delete_interval is not None
+            and self.ephemeral != (self.auto_delete_interval == 0)
+        ):
+            raise FieldRuleError(
+                "ephemeral",
+                f"ephemeral: {str(self.ephemeral).lower()} contradicts auto_delete_interval: "
+                f"{self.auto_delete_interval} (ephemeral means auto_delete_interval 0); give one of them",
+            )
+        if self.ephemeral and self.state in ("stopped", "archived"):
+            raise FieldRuleError(
+                "ephemeral",
+                f"an ephemeral sandbox is deleted when it stops and cannot be archived, so it cannot be "
+                f"kept {self.state}; use state running or absent",
+            )
+        gpu = bool(self.resources is not None and self.resources.gpu)
+        if gpu and not self.is_ephemeral:
             raise FieldRuleError(
                 "auto_delete_interval",
-                "a GPU sandbox must be ephemeral on Daytona: set auto_delete_interval: 0",
+                "a GPU sandbox must be ephemeral on Daytona: "
+                "set auto_delete_interval: 0 (or ephemeral: true)",
+            )
+        if self.auto_pause_interval and self.is_ephemeral:
+            raise FieldRuleError(
+                "auto_pause_interval", "an ephemeral sandbox cannot auto-pause: set it to 0 or leave it out"
+            )
+        if self.auto_pause_interval and self.auto_stop_interval:
+            raise FieldRuleError(
+                "auto_pause_interval",
+                "auto_stop_interval and auto_pause_interval are mutually exclusive: set at most one of them",
+            )
+        if self.gpu_type is not None and not gpu:
+            raise FieldRuleError("gpu_type", "needs a GPU: set resources.gpu (and image)")
+        if self.spot and not gpu:
+            raise FieldRuleError("spot", "spot is for GPU sandboxes only: set resources.gpu (and image)")
+        if self.network_block_all and (self.network_allow_list or self.domain_allow_list):
+            raise FieldRuleError(
+                "network_block_all",
+                "blocks all traffic, so an allow list would not apply: give either network_block_all "
+                "or network_allow_list/domain_allow_list",
             )
         return self
+
+    @property
+    def is_ephemeral(self) -> bool:
+        """Daytona deletes the sandbox when it stops (``ephemeral: true`` or auto_delete_interval 0)."""
+        return bool(self.ephemeral) or self.auto_delete_interval == 0
 
     # -- row form -------------------------------------------------------------------------------
 
@@ -221,6 +367,16 @@ class LeaseSpec(BaseModel):
             "auto_delete_interval": self.auto_delete_interval,
             "expires_at": self.expires_at,
             "paused": self.paused,
+            "os_user": self.os_user,
+            "public": self.public,
+            "network_block_all": self.network_block_all,
+            "network_allow_list": _list_or_none(self.network_allow_list),
+            "domain_allow_list": _list_or_none(self.domain_allow_list),
+            "gpu_type": self.gpu_type,
+            "spot": self.spot,
+            "auto_pause_interval": self.auto_pause_interval,
+            "ephemeral": self.ephemeral,
+            "secrets": dict(self.secrets) if self.secrets is not None else None,
         }
 
     @classmethod
@@ -241,6 +397,7 @@ class LeaseSpec(BaseModel):
             auto_delete_interval=row.get("auto_delete_interval"),
             expires_at=row.get("expires_at"),
             paused=bool(row.get("paused")),
+            **{col: row.get(col) for col in ADDED_COLUMNS if row.get(col) is not None},
         )
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -253,19 +410,28 @@ class LeaseSpec(BaseModel):
         return ordered
 
 
+def _list_or_none(value: list[str] | None) -> list[str] | None:
+    return list(value) if value is not None else None
+
+
 def _digest(values: Mapping[str, Any]) -> str:
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _hashed(row: Mapping[str, Any], columns: Iterable[str]) -> dict[str, Any]:
+    """The values a hash covers: every column, except an added column that is not set."""
+    return {col: row.get(col) for col in columns if col not in ADDED_COLUMNS or row.get(col) is not None}
+
+
 def spec_hash(row: Mapping[str, Any]) -> str:
     """A stable short hash of the replacing spec columns of a lease row: a change replaces the sandbox."""
-    return _digest({col: row.get(col) for col in REPLACING_COLUMNS})
+    return _digest(_hashed(row, REPLACING_COLUMNS))
 
 
 def settings_hash(row: Mapping[str, Any]) -> str:
     """A stable short hash of the in-place spec columns: a change is applied with Daytona's setters."""
-    return _digest({col: row.get(col) for col in IN_PLACE_COLUMNS})
+    return _digest(_hashed(row, IN_PLACE_COLUMNS))
 
 
 def legacy_spec_hash(row: Mapping[str, Any]) -> str | None:
@@ -279,7 +445,7 @@ def legacy_spec_hash(row: Mapping[str, Any]) -> str | None:
 def field_digests(row: Mapping[str, Any]) -> dict[str, str]:
     """Per spec column a short digest of its value (never the value): ``lease_status.spec_fields``
     keeps those of the sandbox, so ``plan`` can say which fields a change touches."""
-    return {col: _digest({"v": row.get(col)})[:8] for col in SPEC_COLUMNS}
+    return {col: _digest({"v": value})[:8] for col, value in _hashed(row, SPEC_COLUMNS).items()}
 
 
 def _field_path(loc: Sequence[Any]) -> str:

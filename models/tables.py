@@ -112,6 +112,19 @@ class Lease(Base):
     rollout_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    # The whole sandbox (issue 15); NULL = Daytona's default (nothing sent, left out of the hashes).
+    # No CHECK constraints: adding one on SQLite rebuilds the table; a row that breaks LeaseSpec's
+    # rules is reported Failed by the reconciler (lease_rows) like any other bad row.
+    os_user: Mapped[str | None] = mapped_column(sa.String(32))
+    public: Mapped[bool | None] = mapped_column(sa.Boolean)
+    network_block_all: Mapped[bool | None] = mapped_column(sa.Boolean)
+    network_allow_list: Mapped[list[str] | None] = mapped_column(sa.JSON)  # IPv4 CIDRs
+    domain_allow_list: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    gpu_type: Mapped[str | None] = mapped_column(sa.String(32))
+    spot: Mapped[bool | None] = mapped_column(sa.Boolean)
+    auto_pause_interval: Mapped[int | None] = mapped_column(sa.Integer)
+    ephemeral: Mapped[bool | None] = mapped_column(sa.Boolean)
+    secrets: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)  # env variable -> Daytona secret name
     # Pool members (``pool`` set) are rows the controller inserts for a pool; the claim columns say
     # who holds one (``claimed_at`` NULL with ``claimed_by`` set: reserved by a waiting claimer),
     # until when, and when it was given back. Plain leases leave them all NULL.

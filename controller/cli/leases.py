@@ -16,7 +16,7 @@ import yaml
 from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out
-from controller.leases import apply_specs, overview, read_pools, read_specs, request_rollout
+from controller.leases import apply_specs, overview, read_pools, read_specs, request_rollout, shown_specs
 from controller.specs import dump_leases, load_manifest
 
 
@@ -155,6 +155,9 @@ def get(
         database = cli.database()
         with database.session(readonly=True) as session:
             rows = overview(session, names or ())
+            if output is not OutputFormat.table:  # json/yaml also show the spec (env values never)
+                specs = shown_specs(session, names or ())
+                rows = [{**r, "spec": specs.get(r["name"])} for r in rows]
     missing = sorted(set(names or ()) - {r["name"] for r in rows})
     if missing and watch:
         fail(f"no such lease: {', '.join(missing)}", EXIT_INVALID)

@@ -32,7 +32,7 @@ from aiohttp import web
 from . import toolbox
 from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response
 from .faults import THROTTLE_LIMITS, Faults, FaultSettings, throttler_for, validate
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, check_list, parse_secrets, secret_placeholder
 from .sessions import Sessions
 from .state import DEFAULT_SNAPSHOT, ERRORED, SandboxRecord, Store, decode_cursor, encode_cursor
 
@@ -351,6 +351,9 @@ async def toolbox_proxy_url(request: web.Request) -> web.StreamResponse:
     return json_response({"url": toolbox_url(request)})
 
 
+_STOP_XOR_PAUSE = "autoStopInterval and autoPauseInterval are mutually exclusive"
+
+
 async def set_setting(request: web.Request) -> web.StreamResponse:
     record = find(request)
     setting = request.match_info["setting"]
@@ -362,14 +365,72 @@ async def set_setting(request: web.Request) -> web.StreamResponse:
             number = int(value)
         except ValueError:
             raise ApiError(400, f"{setting} needs an integer", source=SOURCE_API) from None
+        if number < 0 and setting != "autodelete":
+            raise ApiError(400, f"{setting} must not be negative", source=SOURCE_API)
         if setting == "autostop":
+            if number and record.auto_pause_interval:
+                raise ApiError(
+                    400, "autoStopInterval and autoPauseInterval are mutually exclusive", source=SOURCE_API
+                )
             record.auto_stop_interval = number
         elif setting == "autoarchive":
             record.auto_archive_interval = number
         elif setting == "autodelete":
             record.auto_delete_interval = number
+        elif setting == "autopause":
+            if number and record.auto_stop_interval:
+                raise ApiError(
+                    400, "autoStopInterval and autoPauseInterval are mutually exclusive", source=SOURCE_API
+                )
+            if number and record.auto_delete_interval == 0:
+                raise ApiError(400, "Ephemeral sandboxes cannot have auto-pause enabled", source=SOURCE_API)
+            record.auto_pause_interval = number
+        elif setting == "ttl":
+            request.app[LIFECYCLE].set_ttl(record, number)
         else:
             raise ApiError(404, f"unknown setting {setting}", source=SOURCE_API)
+    request.app[STORE].save(record)
+    return dto(request, record)
+
+
+async def set_network(request: web.Request) -> web.StreamResponse:
+    """``POST /sandbox/{id}/network-settings``: a list given replaces the stored one ("" clears it);
+    ``networkBlockAll: false`` with no list restores unrestricted access and clears both lists."""
+    record = find(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", source=SOURCE_API)
+    block = body.get("networkBlockAll")
+    lists = {k: body.get(k) for k in ("networkAllowList", "domainAllowList") if body.get(k) is not None}
+    if block is None and not lists:
+        raise ApiError(400, "give networkBlockAll, networkAllowList or domainAllowList", source=SOURCE_API)
+    if block is not None and not isinstance(block, bool):
+        raise ApiError(400, "networkBlockAll must be a boolean", source=SOURCE_API)
+    for key, value in lists.items():
+        if not isinstance(value, str):
+            raise ApiError(400, f"{key} must be a string", source=SOURCE_API)
+        checked = check_list(key, value)
+        if checked:
+            record.extra[key] = checked
+        else:
+            record.extra.pop(key, None)
+    if block is False and not lists:
+        record.extra.pop("networkAllowList", None)
+        record.extra.pop("domainAllowList", None)
+    record.network_block_all = bool(block) if block is not None else (record.network_block_all and not lists)
+    request.app[STORE].save(record)
+    return dto(request, record)
+
+
+async def set_secrets(request: web.Request) -> web.StreamResponse:
+    """``PUT /sandbox/{id}/secrets``: replaces the set of Daytona secrets (env placeholders)."""
+    record = find(request)
+    body = await json_body(request)
+    secrets = parse_secrets(body.get("secrets") if isinstance(body, dict) else None)
+    for key in record.secrets:
+        record.env.pop(key, None)
+    record.secrets = secrets
+    record.env.update({k: secret_placeholder(v) for k, v in secrets.items()})
     request.app[STORE].save(record)
     return dto(request, record)
 
@@ -567,10 +628,12 @@ def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
         allow_head=False,
     )
     r.add_post(
-        "/api/sandbox/{idOrName}/{setting:autostop|autoarchive|autodelete|public}/{value}",
+        "/api/sandbox/{idOrName}/{setting:autostop|autoarchive|autodelete|autopause|ttl|public}/{value}",
         set_setting,
         name="settings",
     )
+    r.add_post("/api/sandbox/{idOrName}/network-settings", set_network, name="network_settings")
+    r.add_put("/api/sandbox/{idOrName}/secrets", set_secrets, name="secrets")
     r.add_get("/api/config", get_config, name="config", allow_head=False)
     tb = "/toolbox/{sandboxId}"
     r.add_post(f"{tb}/process/execute", tb_execute, name="execute")

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,38 @@ def _int(body: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X")
+_CIDR_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})$")
+
+
+def secret_placeholder(name: str) -> str:
+    """What a sandbox's env holds for a Daytona secret: an opaque stand-in, never a value (the real
+    server substitutes the value on outbound requests; the local API has no secret store)."""
+    return f"daytona-secret-placeholder:{name}"
+
+
+def check_list(key: str, value: str) -> str:
+    """A comma-separated allow list as Daytona stores it; CIDRs must be IPv4 networks."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if key == "networkAllowList":
+        for item in items:
+            match = _CIDR_RE.fullmatch(item)
+            if match is None or any(int(p) > 255 for p in match.groups()[:4]) or int(match.group(5)) > 32:
+                raise _bad(f"Invalid CIDR in networkAllowList: {item}")
+    return ",".join(items)
+
+
+def parse_secrets(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not all(
+        isinstance(item, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in item.items())
+        for item in value
+    ):
+        raise _bad("secrets must be a list of {ENV_NAME: secretName} objects")
+    return {k: v for item in value for k, v in item.items()}
+
+
 def _bad(message: str) -> ApiError:
     return ApiError(400, message, source=SOURCE_API)
 
@@ -115,6 +149,9 @@ class Lifecycle:
         now = self.clock()
         for record in list(self.store.by_id.values()):
             if record.pending_until is not None or record.desired_state == "destroyed":
+                continue
+            if record.auto_destroy_ts and now >= record.auto_destroy_ts:  # ttl: whatever the state
+                self._destroy(record)
                 continue
             if record.state == "started" and record.auto_stop_interval > 0:
                 if now - record.last_activity_ts >= self.faults.minutes(record.auto_stop_interval):
@@ -308,8 +345,18 @@ class Lifecycle:
         extra = {
             key: body[key]
             for key in ("networkAllowList", "domainAllowList", "outboundProxyUrl", "otelEndpointOverride")
-            if isinstance(body.get(key), str)
+            if isinstance(body.get(key), str) and body[key] != ""
         }
+        for key in ("networkAllowList", "domainAllowList"):
+            if key in extra:
+                extra[key] = check_list(key, extra[key])
+        secrets = parse_secrets(body.get("secrets"))
+        gpu_types = body.get("gpuType")
+        if gpu_types is not None and (
+            not isinstance(gpu_types, list) or not all(t in GPU_TYPES for t in gpu_types)
+        ):
+            raise _bad(f"gpuType must be a list of {', '.join(GPU_TYPES)}")
+        ttl = _int(body, "ttlMinutes", 0)
         record = SandboxRecord(
             id=sandbox_id,
             name=name,
@@ -321,7 +368,10 @@ class Lifecycle:
             desired_state="started",
             snapshot=snapshot,
             user=body["user"] if isinstance(body.get("user"), str) else "daytona",
-            env=_str_map(body.get("env"), "env"),
+            env={
+                **_str_map(body.get("env"), "env"),
+                **{k: secret_placeholder(v) for k, v in secrets.items()},
+            },
             labels=labels,
             public=bool(body.get("public", False)),
             network_block_all=bool(body.get("networkBlockAll", False)),
@@ -334,6 +384,10 @@ class Lifecycle:
             auto_stop_interval=_int(body, "autoStopInterval", 15),
             auto_archive_interval=_int(body, "autoArchiveInterval", 10080),
             auto_delete_interval=_int(body, "autoDeleteInterval", -1, -1),
+            auto_pause_interval=_int(body, "autoPauseInterval", 0),
+            spot=bool(body.get("spot", False)),
+            gpu_type=gpu_types[0] if gpu_types else None,
+            secrets=secrets,
             build_info=stored_build,
             volumes=[v for v in body.get("volumes") or [] if isinstance(v, dict)],
             extra=extra,
@@ -343,6 +397,14 @@ class Lifecycle:
         )
         if record.gpu > 0 and record.auto_delete_interval != 0:
             raise _bad("GPU sandboxes must be ephemeral (autoDeleteInterval 0)")
+        if (record.spot or record.gpu_type is not None) and record.gpu == 0:
+            raise _bad("spot and gpuType need a GPU sandbox")
+        if record.auto_pause_interval and record.auto_stop_interval:
+            raise _bad("autoStopInterval and autoPauseInterval are mutually exclusive")
+        if record.auto_pause_interval and record.auto_delete_interval == 0:
+            raise _bad("Ephemeral sandboxes cannot have auto-pause enabled")
+        if ttl > 0:
+            self.set_ttl(record, ttl, now)
         self._capacity(record, new=True)
         record.seq = self.store.next_seq()
         root = self.store.root_of(record)
@@ -351,6 +413,15 @@ class Lifecycle:
         self._save(record)
         self._begin_start(record, "create", "creating")
         return record
+
+    def set_ttl(self, record: SandboxRecord, minutes: int, now: float | None = None) -> None:
+        """Daytona's ttl: destroyed ``minutes`` from now whatever its state (0 = never)."""
+        if minutes <= 0:
+            record.auto_destroy_ts, record.auto_destroy_at = 0.0, None
+            return
+        at = (now if now is not None else self.clock()) + self.faults.minutes(minutes)
+        record.auto_destroy_ts = at
+        record.auto_destroy_at = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
     def start(self, record: SandboxRecord) -> SandboxRecord:
         if record.state == "started" and record.pending_until is None:

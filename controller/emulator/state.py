@@ -74,6 +74,15 @@ class SandboxRecord:
     auto_stop_interval: int = 15
     auto_archive_interval: int = 10080
     auto_delete_interval: int = -1
+    auto_pause_interval: int = 0
+    spot: bool = False
+    gpu_type: str | None = None
+    # Daytona's ttl: epoch seconds when the sandbox is destroyed whatever its state (0 = never) and
+    # the same time as Daytona prints it.
+    auto_destroy_ts: float = 0.0
+    auto_destroy_at: str | None = None
+    # Daytona's own secrets: env variable -> secret name (the sandbox's env holds a placeholder).
+    secrets: dict[str, str] = field(default_factory=dict)
     error_reason: str | None = None
     recoverable: bool = False
     build_info: dict[str, Any] | None = None
@@ -116,6 +125,8 @@ class SandboxRecord:
             "autoStopInterval": self.auto_stop_interval,
             "autoArchiveInterval": self.auto_archive_interval,
             "autoDeleteInterval": self.auto_delete_interval,
+            "autoPauseInterval": self.auto_pause_interval,
+            "spot": self.spot,
             "volumes": list(self.volumes),
             "buildInfo": self.build_info,
             "createdAt": self.created_at,
@@ -126,6 +137,10 @@ class SandboxRecord:
             "runnerId": "local",
             "toolboxProxyUrl": toolbox_proxy_url,
         }
+        if self.gpu_type is not None:
+            dto["gpuType"] = self.gpu_type
+        if self.auto_destroy_at is not None:
+            dto["autoDestroyAt"] = self.auto_destroy_at
         dto.update(self.extra)
         if list_item:
             dto["state"] = list_state(self.state, self.desired_state)

@@ -115,6 +115,29 @@ class CreateRequest:
     # env variable -> secret reference ({"from_env": NAME} / {"from_file": path}); the applier resolves
     # them into ``env`` right before the create (controller.secrets), so providers never see one.
     secret_refs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # -- the whole sandbox (issue 15); None = Daytona's default, not sent --
+    os_user: str | None = None
+    public: bool | None = None
+    network: NetworkSettings | None = None
+    gpu_type: str | None = None
+    spot: bool | None = None
+    auto_pause_interval: int | None = None
+    ttl_minutes: int | None = None  # Daytona's own wall-clock end (from the lease's expires_at)
+    secrets: Mapping[str, str] = field(default_factory=dict)  # env variable -> Daytona secret name
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """A sandbox's outbound network policy (Daytona's network settings): block everything, or allow
+    only the listed IPv4 networks and domains; all empty and False = unrestricted."""
+
+    block_all: bool = False
+    allow_list: tuple[str, ...] = ()  # IPv4 CIDRs
+    domain_allow_list: tuple[str, ...] = ()
+
+    @property
+    def restricted(self) -> bool:
+        return self.block_all or bool(self.allow_list) or bool(self.domain_allow_list)
 
 
 @dataclass(frozen=True)
@@ -127,12 +150,31 @@ class SandboxUpdate:
     auto_stop_interval: int | None = None
     auto_archive_interval: int | None = None
     auto_delete_interval: int | None = None
+    auto_pause_interval: int | None = None
+    public: bool | None = None
+    network: NetworkSettings | None = None
 
     @property
     def setters(self) -> tuple[str, ...]:
-        """The settings this update changes, in the order they are applied."""
-        names = ("auto_stop_interval", "auto_archive_interval", "auto_delete_interval", "labels")
-        return tuple(n for n in names if getattr(self, n) is not None)
+        """The settings this update changes, in the order they are applied. Daytona refuses auto-stop
+        and auto-pause both non-zero, so the one that becomes zero is set first."""
+        order = list(UPDATE_SETTERS)
+        if self.auto_pause_interval:
+            order.remove("auto_pause_interval")
+            order.insert(order.index("auto_stop_interval") + 1, "auto_pause_interval")
+        return tuple(n for n in order if getattr(self, n) is not None)
+
+
+# The setters of an in-place update, in the order they are applied (labels last).
+UPDATE_SETTERS = (
+    "auto_pause_interval",
+    "auto_stop_interval",
+    "auto_archive_interval",
+    "auto_delete_interval",
+    "public",
+    "network",
+    "labels",
+)
 
 
 @dataclass(frozen=True)

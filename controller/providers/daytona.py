@@ -41,10 +41,12 @@ from daytona_api_client import (
     Configuration,
     CreateBuildInfo,
     CreateSandbox,
+    GpuType,
     SandboxApi,
     SandboxLabels,
     SandboxListSortDirection,
     SandboxListSortField,
+    UpdateSandboxNetworkSettings,
 )
 from daytona_api_client.exceptions import ApiException
 from daytona_api_client.rest import RESTResponse
@@ -67,6 +69,7 @@ from controller.errors import (
 from controller.providers.base import (
     CreateRequest,
     ExecResult,
+    NetworkSettings,
     ObservedSandbox,
     SandboxUpdate,
     SessionCommand,
@@ -320,6 +323,21 @@ def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
     return [observed_from_item(item) for item in page.items or ()], page.next_cursor or None
 
 
+def _network_fields(network: NetworkSettings | None, *, update: bool = False) -> dict[str, Any]:
+    """Daytona's network fields (comma-separated lists) for a create or a network-settings update.
+
+    On create, nothing is sent for no policy. An update always says ``network_block_all``; a list
+    the spec emptied while the other stays is sent as "" (cleared), and with no list at all
+    ``network_block_all: false`` alone restores unrestricted access (Daytona clears stored lists)."""
+    if network is None:
+        return {"network_block_all": False} if update else {}
+    allow, domains = ",".join(network.allow_list), ",".join(network.domain_allow_list)
+    fields: dict[str, Any] = {"network_block_all": network.block_all}
+    if allow or domains:
+        fields |= {"network_allow_list": allow, "domain_allow_list": domains}
+    return fields if update else {k: v for k, v in fields.items() if v != ""}
+
+
 class DaytonaProvider:
     """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
 
@@ -439,6 +457,14 @@ class DaytonaProvider:
                 CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n") if request.image else None
             ),
             volumes=[],
+            user=request.os_user,
+            public=request.public,
+            gpu_type=[GpuType(request.gpu_type)] if request.gpu_type else None,
+            spot=request.spot,
+            auto_pause_interval=request.auto_pause_interval,
+            ttl_minutes=request.ttl_minutes,
+            secrets=[{key: name} for key, name in sorted(request.secrets.items())] or None,
+            **_network_fields(request.network),
         )
         item = self._call(
             "create",
@@ -494,11 +520,18 @@ class DaytonaProvider:
             "auto_stop_interval": api.set_autostop_interval,
             "auto_archive_interval": api.set_auto_archive_interval,
             "auto_delete_interval": api.set_auto_delete_interval,
+            "auto_pause_interval": api.set_auto_pause_interval,
+            "public": api.update_public_status,
+            "network": api.update_network_settings,
             "labels": api.replace_labels,
         }
         for name in update.setters:
             value = getattr(update, name)
-            argument = SandboxLabels(labels=dict(value)) if name == "labels" else value
+            argument = value
+            if name == "labels":
+                argument = SandboxLabels(labels=dict(value))
+            elif name == "network":
+                argument = UpdateSandboxNetworkSettings(**_network_fields(value, update=True))
             call = functools.partial(setters[name], sandbox_id, argument, _request_timeout=timeout)
             self._call("update", f"set {name} of sandbox {sandbox_id}", call)
 

@@ -487,19 +487,27 @@ class MemoryProvider:
         self._lifecycle("recover", sandbox_id, frozenset({STATE_ERROR}), STATE_STARTED)
 
     def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
-        """Daytona's setters: the intervals go into the sandbox's request, labels replace all labels."""
+        """Daytona's setters: the intervals, public and the network policy go into the sandbox's
+        request (what ``sandboxes[id].request`` shows), labels replace all labels."""
         fault = self._enter("update", sandbox_id)
         with self._lock:
             sb = self._live(sandbox_id)
             if sb.state == STATE_DESTROYED or sb.pending_state == STATE_DESTROYED:
                 raise StateConflictError(f"Sandbox {sb.id} is being destroyed")
-            intervals = {
+            settings = {
                 name: getattr(update, name)
-                for name in ("auto_stop_interval", "auto_archive_interval", "auto_delete_interval")
+                for name in (
+                    "auto_stop_interval",
+                    "auto_archive_interval",
+                    "auto_delete_interval",
+                    "auto_pause_interval",
+                    "public",
+                    "network",
+                )
                 if getattr(update, name) is not None
             }
-            if intervals and sb.request is not None:
-                sb.request = replace(sb.request, **intervals)
+            if settings and sb.request is not None:
+                sb.request = replace(sb.request, **settings)
             if update.labels is not None:
                 sb.labels = dict(update.labels)
         _after(fault)

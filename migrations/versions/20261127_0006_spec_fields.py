@@ -11,6 +11,12 @@ Create Date: 2026-11-27 09:00:00
 * ``leases.rollout_requested_at``: `leasectl rollout` (or plain SQL) asks for the lease's sandbox to be
   replaced; a sandbox created before that time is replaced like after a spec change.
 
+* The whole sandbox in ``leases`` (NULL = Daytona's default): ``os_user``, ``public``,
+  ``network_block_all``, ``network_allow_list`` and ``domain_allow_list`` (JSON lists), ``gpu_type``,
+  ``spot``, ``auto_pause_interval``, ``ephemeral`` and ``secrets`` (JSON:
+  env variable -> Daytona secret name). Unset, they are left out of the spec hashes, so no existing
+  sandbox is replaced by the upgrade.
+
 Columns are added in place (no table copy), so ``lease_overview`` needs no rebuild.
 """
 
@@ -27,9 +33,25 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+_LEASE_COLUMNS = (
+    ("os_user", sa.String(length=32)),
+    ("public", sa.Boolean()),
+    ("network_block_all", sa.Boolean()),
+    ("network_allow_list", sa.JSON()),
+    ("domain_allow_list", sa.JSON()),
+    ("gpu_type", sa.String(length=32)),
+    ("spot", sa.Boolean()),
+    ("auto_pause_interval", sa.Integer()),
+    ("ephemeral", sa.Boolean()),
+    ("secrets", sa.JSON()),
+)
+
+
 def upgrade() -> None:
     op.add_column("lease_status", sa.Column("spec_fields", sa.JSON(), nullable=True))
     op.add_column("leases", sa.Column("rollout_requested_at", sa.DateTime(timezone=True), nullable=True))
+    for name, kind in _LEASE_COLUMNS:
+        op.add_column("leases", sa.Column(name, kind, nullable=True))
 
 
 def downgrade() -> None:
@@ -38,6 +60,8 @@ def downgrade() -> None:
         batch.drop_column("spec_fields")
     with op.batch_alter_table("leases") as batch:
         batch.drop_column("rollout_requested_at")
+        for name, _ in reversed(_LEASE_COLUMNS):
+            batch.drop_column(name)
     op.execute("CREATE VIEW lease_overview AS " + _view_0005())
 
 

@@ -109,6 +109,17 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "paused": False,
         "created_at": AT,
         "updated_at": AT,
+        # 0006: the whole sandbox (inserted only at revisions that have the columns)
+        "os_user": "agent",
+        "public": True,
+        "network_block_all": False,
+        "network_allow_list": ["10.0.0.0/8"],
+        "domain_allow_list": ["pypi.org"],
+        "gpu_type": None,
+        "spot": None,
+        "auto_pause_interval": 0,
+        "ephemeral": None,
+        "secrets": {"API_KEY": "prod-api-key"},
     },
     "lease_status": {
         "lease_name": "alpha",
