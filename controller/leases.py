@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
-from controller.specs import LeaseSpec, PoolSpec
-from models import Lease, Pool, UTCDateTime, lease_overview, utcnow
+from controller.specs import LeaseSpec, PoolSpec, VolumeSpec
+from models import Lease, Pool, UTCDateTime, Volume, lease_overview, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
 DEFAULT_MAX_PRUNE_SHARE = 0.5
@@ -62,6 +62,9 @@ class ApplyResult:
     pools_updated: list[str] = field(default_factory=list)
     pools_unchanged: list[str] = field(default_factory=list)
     pools_pruned: list[str] = field(default_factory=list)
+    volumes_created: list[str] = field(default_factory=list)
+    volumes_updated: list[str] = field(default_factory=list)
+    volumes_unchanged: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -72,6 +75,8 @@ class ApplyResult:
             or self.pools_created
             or self.pools_updated
             or self.pools_pruned
+            or self.volumes_created
+            or self.volumes_updated
         )
 
 
@@ -80,6 +85,7 @@ def apply_specs(
     specs: Sequence[LeaseSpec],
     *,
     pools: Sequence[PoolSpec] | None = None,
+    volumes: Sequence[VolumeSpec] = (),
     prune: bool = False,
     dry_run: bool = False,
     prune_all: bool = False,
@@ -95,7 +101,17 @@ def apply_specs(
     wanted = {s.name for s in specs}
     guard = None if prune_all else max_prune_share
     with contextlib.suppress(_RolledBack):
-        _apply(db, specs, pools, wanted, result, prune=prune, dry_run=dry_run, max_prune_share=guard)
+        _apply(
+            db,
+            specs,
+            pools,
+            wanted,
+            result,
+            prune=prune,
+            dry_run=dry_run,
+            max_prune_share=guard,
+            volumes=volumes,
+        )
     return result
 
 
@@ -113,6 +129,7 @@ def _apply(
     prune: bool,
     dry_run: bool,
     max_prune_share: float | None,
+    volumes: Sequence[VolumeSpec] = (),
 ) -> None:
     with db.session() as session:
         # Lock and read the rows without loading them through the ORM: a row written by hand that
@@ -130,6 +147,7 @@ def _apply(
         current = {row.name: row.lease.to_row() for row in valid if row.name in states}
         now = utcnow()
         _check_names(session, specs, pools, members)
+        _apply_volumes(session, specs, volumes, result, now=now)
         if pools is not None:
             _apply_pools(session, pools, result, prune=prune, max_prune_share=max_prune_share, now=now)
         for spec in specs:
@@ -206,6 +224,48 @@ def _check_names(
             )
     if problems:
         raise SpecError("; ".join(problems) + "; nothing was written")
+
+
+def _apply_volumes(
+    session: Session,
+    specs: Sequence[LeaseSpec],
+    volumes: Sequence[VolumeSpec],
+    result: ApplyResult,
+    *,
+    now: Any,
+) -> None:
+    """Upsert the declared volumes (never pruned: a volume is deleted only by ``state: absent``) and
+    refuse a lease that mounts a volume stored as absent (nothing is written then)."""
+    existing = {row.name: row for row in session.scalars(sa.select(Volume).with_for_update())}
+    for spec in volumes:
+        row = existing.get(spec.name)
+        if row is None:
+            row = Volume(name=spec.name, desired_state=spec.state, created_at=now, updated_at=now)
+            session.add(row)
+            existing[spec.name] = row
+            result.volumes_created.append(spec.name)
+        elif row.desired_state != spec.state:
+            row.desired_state, row.updated_at = spec.state, now
+            result.volumes_updated.append(spec.name)
+        else:
+            result.volumes_unchanged.append(spec.name)
+    problems = [
+        f"lease {spec.name!r}: volumes.{index}.volume: {mount.volume!r} is stored with state absent "
+        "(to be deleted); declare it present or mount another volume"
+        for spec in specs
+        if spec.state != "absent"
+        for index, mount in enumerate(spec.volumes or ())
+        if mount.volume in existing and existing[mount.volume].desired_state == "absent"
+    ]
+    if problems:
+        raise SpecError("; ".join(problems) + "; nothing was written")
+
+
+def read_volumes(session: Session) -> list[VolumeSpec]:
+    return [
+        VolumeSpec(name=row.name, state=row.desired_state)
+        for row in session.scalars(sa.select(Volume).order_by(Volume.name))
+    ]
 
 
 def _apply_pools(

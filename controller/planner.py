@@ -108,6 +108,7 @@ from controller.providers.base import (
     STATE_STOPPED,
     TRANSITIONAL_STATES,
     CreateRequest,
+    Mount,
     NetworkSettings,
     ObservedSandbox,
     SandboxUpdate,
@@ -253,6 +254,10 @@ def build_create_request(
         spot=spec.get("spot"),
         auto_pause_interval=_int_or_none(spec.get("auto_pause_interval")),
         secrets={str(k): str(v) for k, v in (spec.get("secrets") or {}).items()},
+        volumes=tuple(
+            Mount(volume=str(m["volume"]), mount_path=str(m["mount_path"]), subpath=m.get("subpath"))
+            for m in spec.get("volumes") or ()
+        ),
     )
 
 

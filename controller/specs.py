@@ -15,7 +15,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,7 @@ REPLACING_COLUMNS = (
     "gpu_type",
     "spot",  # GPU placement: no setter
     "secrets",  # Daytona's update_secrets needs a restart for a sandbox created without any
+    "volumes",  # mounts are fixed when the sandbox is made
 )
 # Daytona changes these on a live sandbox with a setter (labels: PUT .../labels; the intervals:
 # POST .../autostop|autoarchive|autodelete|autopause/{n}; public: POST .../public/{bool}; network:
@@ -80,6 +81,7 @@ ADDED_COLUMNS = frozenset(
         "gpu_type",
         "spot",
         "secrets",
+        "volumes",
         "auto_pause_interval",
         "ephemeral",
         "public",
@@ -89,7 +91,8 @@ ADDED_COLUMNS = frozenset(
     }
 )
 # Columns of `leases` holding JSON (lists or objects).
-JSON_COLUMNS = ("env", "labels", "secrets", "network_allow_list", "domain_allow_list")
+JSON_COLUMNS = ("env", "labels", "secrets", "network_allow_list", "domain_allow_list", "volumes")
+VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Daytona's GPU types (GpuType in the API contract).
 GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X")
 GpuType = Literal["H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X"]
@@ -135,6 +138,65 @@ class Resources(BaseModel):
     gpu: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True)
 
 
+class VolumeMount(BaseModel):
+    """A Daytona volume mounted into a lease's sandbox at ``mount_path`` (``subpath``: only that
+    directory of the volume)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    volume: str
+    mount_path: str
+    subpath: str | None = None
+
+    @field_validator("volume")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _volume_name(value)
+
+    @field_validator("mount_path")
+    @classmethod
+    def _mount_path(cls, value: str) -> str:
+        if not value.startswith("/") or "\x00" in value:
+            raise ValueError(f"{value!r} must be an absolute path (starting with /)")
+        parts = value.strip("/").split("/")
+        if value == "/" or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(
+                f"{value!r} must be a directory below / without '.', '..' or empty parts, e.g. /data"
+            )
+        return value.rstrip("/")
+
+    @field_validator("subpath")
+    @classmethod
+    def _subpath(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = value.strip("/").split("/")
+        if value.startswith("/") or "\x00" in value or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{value!r} must be a relative path inside the volume, without '.' or '..'")
+        return value
+
+
+def _volume_name(value: str) -> str:
+    if not VOLUME_NAME_RE.fullmatch(value):
+        raise ValueError(f"invalid volume name {value!r}: letters, digits, '.', '_' and '-', 1-63 characters")
+    return value
+
+
+class VolumeSpec(BaseModel):
+    """A Daytona volume leasectl manages (top-level ``volumes:``): created before the leases that
+    mount it; deleted only when ``state: absent`` and no lease mounts it any more."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    state: Literal["present", "absent"] = "present"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _volume_name(value)
+
+
 class LeaseSpec(BaseModel):
     """One lease. ``state`` is the desired state (column ``desired_state``)."""
 
@@ -169,6 +231,17 @@ class LeaseSpec(BaseModel):
     # Daytona's own secrets: env variable -> name of a secret of the organization (the sandbox sees
     # an opaque placeholder, Daytona substitutes the value on outbound requests).
     secrets: dict[str, str] | None = None
+    volumes: list[VolumeMount] | None = None
+
+    @field_validator("volumes")
+    @classmethod
+    def _one_mount_per_path(cls, value: list[VolumeMount] | None) -> list[VolumeMount] | None:
+        seen: set[str] = set()
+        for mount in value or ():
+            if mount.mount_path in seen:
+                raise ValueError(f"two volumes are mounted on {mount.mount_path}")
+            seen.add(mount.mount_path)
+        return value
 
     @field_validator("os_user")
     @classmethod
@@ -377,6 +450,9 @@ class LeaseSpec(BaseModel):
             "auto_pause_interval": self.auto_pause_interval,
             "ephemeral": self.ephemeral,
             "secrets": dict(self.secrets) if self.secrets is not None else None,
+            "volumes": (
+                [m.model_dump(exclude_none=True) for m in self.volumes] if self.volumes is not None else None
+            ),
         }
 
     @classmethod
@@ -483,14 +559,19 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+TOP_LEVEL_KEYS = frozenset({"leases", "pools", "volumes"})
+
+
 def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[LeaseSpec]:
     """Validate the parsed YAML of one file; every error names the source, the lease and the field."""
     if data is None:
         return []
-    if not isinstance(data, Mapping) or set(data) - {"leases", "pools"}:
-        extra = sorted(set(data) - {"leases", "pools"}) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping) or set(data) - TOP_LEVEL_KEYS:
+        extra = sorted(set(data) - TOP_LEVEL_KEYS) if isinstance(data, Mapping) else None
         hint = f" (unknown keys: {', '.join(map(str, extra))})" if extra else ""
-        raise SpecError(f"{source}: the top level must be a mapping with the keys 'leases' and 'pools'{hint}")
+        raise SpecError(
+            f"{source}: the top level must be a mapping with the keys 'leases', 'pools' and 'volumes'{hint}"
+        )
     items = data.get("leases")
     if items is None:
         return []
@@ -536,8 +617,10 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
     them, and no lease may be named like a pool's members (``<pool>-...``)."""
     specs: list[LeaseSpec] = []
     pools: list[PoolSpec] = []
+    volumes: list[VolumeSpec] = []
     seen: dict[str, str] = {}
     seen_pools: dict[str, str] = {}
+    seen_volumes: dict[str, str] = {}
     problems: list[str] = []
     for path in paths:
         source = str(path)
@@ -555,9 +638,19 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
         try:
             file_specs = parse_leases(data, source, yaml_lines(text))
             file_pools = parse_pools(data, source)
+            file_volumes = parse_volumes(data, source)
         except SpecError as exc:
             problems.append(str(exc))
             continue
+        for volume in file_volumes:
+            if volume.name in seen_volumes:
+                problems.append(
+                    f"{source}: volume {volume.name!r}: name: duplicate (also defined in "
+                    f"{seen_volumes[volume.name]})"
+                )
+            else:
+                seen_volumes[volume.name] = source
+                volumes.append(volume)
         for pool in file_pools:
             if pool.name in seen_pools:
                 problems.append(
@@ -581,9 +674,18 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
                     f"{seen[spec.name]}: lease {spec.name!r}: name: matches the member names of pool "
                     f"{pool.name!r} ({pool.name}-...); rename the lease or the pool"
                 )
+    absent = {v.name for v in volumes if v.state == "absent"}
+    for spec in specs:
+        for index, mount in enumerate(spec.volumes or ()):
+            if mount.volume in absent and spec.state != "absent":
+                problems.append(
+                    f"{seen[spec.name]}: lease {spec.name!r}: volumes.{index}.volume: {mount.volume!r} is "
+                    f"declared state: absent in {seen_volumes[mount.volume]}; a lease cannot mount a "
+                    "volume that is to be deleted"
+                )
     if problems:
         raise SpecError("\n".join(problems))
-    return Manifest(leases=specs, pools=pools)
+    return Manifest(leases=specs, pools=pools, volumes=volumes)
 
 
 def _stdin() -> str:
@@ -592,12 +694,18 @@ def _stdin() -> str:
     return sys.stdin.read()
 
 
-def dump_leases(specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = ()) -> str:
-    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` only when there are)."""
+def dump_leases(
+    specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = (), volumes: Iterable[VolumeSpec] = ()
+) -> str:
+    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` and ``volumes:`` only
+    when there are)."""
     data: dict[str, Any] = {"leases": [s.to_yaml_dict() for s in specs]}
     pool_items = [p.to_yaml_dict() for p in pools]
     if pool_items:
         data["pools"] = pool_items
+    volume_items = [v.model_dump() for v in volumes]
+    if volume_items:
+        data["volumes"] = volume_items
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -730,6 +838,34 @@ class Manifest:
 
     leases: list[LeaseSpec]
     pools: list[PoolSpec]
+    volumes: list[VolumeSpec] = field(default_factory=list)
+
+
+def parse_volumes(data: Any, source: str) -> list[VolumeSpec]:
+    """Validate the top-level ``volumes:`` list of one parsed file; errors name the source, the volume
+    and the field."""
+    if not isinstance(data, Mapping) or data.get("volumes") is None:
+        return []
+    items = data["volumes"]
+    if not isinstance(items, list):
+        raise SpecError(f"{source}: 'volumes' must be a list")
+    volumes: list[VolumeSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        label = f"volumes[{index}]"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            label = f"volume {item['name']!r}"
+        if not isinstance(item, Mapping):
+            problems.append(f"{source}: {label}: must be a mapping")
+            continue
+        try:
+            volumes.append(VolumeSpec.model_validate(dict(item)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return volumes
 
 
 def parse_pools(data: Any, source: str) -> list[PoolSpec]:

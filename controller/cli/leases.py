@@ -16,7 +16,15 @@ import yaml
 from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out
-from controller.leases import apply_specs, overview, read_pools, read_specs, request_rollout, shown_specs
+from controller.leases import (
+    apply_specs,
+    overview,
+    read_pools,
+    read_specs,
+    read_volumes,
+    request_rollout,
+    shown_specs,
+)
 from controller.specs import dump_leases, load_manifest
 
 
@@ -54,6 +62,7 @@ def apply(
             cli.database(),
             manifest.leases,
             pools=manifest.pools,
+            volumes=manifest.volumes,
             prune=prune,
             dry_run=dry_run,
             prune_all=prune_all,
@@ -76,6 +85,13 @@ def apply(
     ):
         for name in names:
             out.print(f"pool/{name} {label}", highlight=False)
+    for label, names in (
+        ("created", result.volumes_created),
+        ("updated", result.volumes_updated),
+        ("unchanged", result.volumes_unchanged),
+    ):
+        for name in names:
+            out.print(f"volume/{name} {label}", highlight=False)
     out.print(
         f"{len(result.created)} created, {len(result.updated)} updated, "
         f"{len(result.unchanged)} unchanged, {len(result.pruned)} pruned{suffix}",
@@ -211,7 +227,9 @@ def export(
     with handled(), cli.database().session(readonly=True) as session:
         invalid: list[Any] = []
         text = dump_leases(
-            read_specs(session, names or (), invalid=invalid), read_pools(session) if not names else ()
+            read_specs(session, names or (), invalid=invalid),
+            read_pools(session) if not names else (),
+            read_volumes(session) if not names else (),
         )
     for bad in invalid:
         err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)

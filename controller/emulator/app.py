@@ -22,6 +22,8 @@ import contextlib
 import hmac
 import json
 import logging
+import shutil
+import uuid
 from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,11 +32,19 @@ from typing import Any
 from aiohttp import web
 
 from . import toolbox
-from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response
+from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response, now_iso
 from .faults import THROTTLE_LIMITS, Faults, FaultSettings, throttler_for, validate
 from .lifecycle import Lifecycle, check_list, parse_secrets, secret_placeholder
 from .sessions import Sessions
-from .state import DEFAULT_SNAPSHOT, ERRORED, SandboxRecord, Store, decode_cursor, encode_cursor
+from .state import (
+    DEFAULT_SNAPSHOT,
+    ERRORED,
+    SandboxRecord,
+    Store,
+    VolumeRecord,
+    decode_cursor,
+    encode_cursor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +445,52 @@ async def set_secrets(request: web.Request) -> web.StreamResponse:
     return dto(request, record)
 
 
+# -- volumes -----------------------------------------------------------------------------------
+
+
+def _volume(request: web.Request, key: str) -> VolumeRecord:
+    volume = request.app[STORE].find_volume(request.match_info[key])
+    if volume is None:
+        raise ApiError(404, f"Volume with ID or name {request.match_info[key]} not found", source=SOURCE_API)
+    return volume
+
+
+async def list_volumes(request: web.Request) -> web.StreamResponse:
+    return json_response([v.to_dto() for v in request.app[STORE].volumes.values()])
+
+
+async def create_volume(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "name is required", source=SOURCE_API)
+    store = request.app[STORE]
+    if any(v.name == name for v in store.volumes.values()):
+        raise ApiError(409, f"Volume with name {name} already exists", source=SOURCE_API)
+    volume = VolumeRecord(id=str(uuid.uuid4()), name=name, created_at=now_iso())
+    store.save_volume(volume)
+    return json_response(volume.to_dto())
+
+
+async def get_volume(request: web.Request) -> web.StreamResponse:
+    return json_response(_volume(request, "volumeId").to_dto())
+
+
+async def get_volume_by_name(request: web.Request) -> web.StreamResponse:
+    return json_response(_volume(request, "name").to_dto())
+
+
+async def delete_volume(request: web.Request) -> web.StreamResponse:
+    """Refused while a sandbox mounts the volume; the directory goes with the volume."""
+    volume = _volume(request, "volumeId")
+    if request.app[LIFECYCLE].in_use(volume.id):
+        raise ApiError(409, f"Volume {volume.name} is in use by a sandbox", source=SOURCE_API)
+    store = request.app[STORE]
+    store.remove_volume(volume)
+    shutil.rmtree(store.volume_dir(volume.id), ignore_errors=True)
+    return web.Response(status=200)
+
+
 async def get_config(request: web.Request) -> web.StreamResponse:
     base = f"{request.scheme}://{request.host}"
     return json_response(
@@ -634,6 +690,11 @@ def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
     )
     r.add_post("/api/sandbox/{idOrName}/network-settings", set_network, name="network_settings")
     r.add_put("/api/sandbox/{idOrName}/secrets", set_secrets, name="secrets")
+    r.add_get("/api/volumes", list_volumes, name="list_volumes", allow_head=False)
+    r.add_post("/api/volumes", create_volume, name="create_volume")
+    r.add_get("/api/volumes/by-name/{name}", get_volume_by_name, name="get_volume_by_name", allow_head=False)
+    r.add_get("/api/volumes/{volumeId}", get_volume, name="get_volume", allow_head=False)
+    r.add_delete("/api/volumes/{volumeId}", delete_volume, name="delete_volume")
     r.add_get("/api/config", get_config, name="config", allow_head=False)
     tb = "/toolbox/{sandboxId}"
     r.add_post(f"{tb}/process/execute", tb_execute, name="execute")

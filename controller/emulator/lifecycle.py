@@ -389,7 +389,7 @@ class Lifecycle:
             gpu_type=gpu_types[0] if gpu_types else None,
             secrets=secrets,
             build_info=stored_build,
-            volumes=[v for v in body.get("volumes") or [] if isinstance(v, dict)],
+            volumes=self._mounts(body.get("volumes")),
             extra=extra,
             last_activity_ts=now,
             last_activity_at=now_text,
@@ -410,9 +410,58 @@ class Lifecycle:
         root = self.store.root_of(record)
         (root / HOME_RELATIVE).mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
+        for mount in record.volumes:
+            # The volume's directory (or its subpath) is bind-mapped into the sandbox root by a
+            # symlink at the mount path; the toolbox's file API follows it (see toolbox.py).
+            target = self.store.volume_dir(mount["volumeId"]) / (mount.get("subpath") or "")
+            target.mkdir(parents=True, exist_ok=True)
+            link = root / mount["mountPath"].strip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                raise _bad(f"mount path {mount['mountPath']} is taken")
+            link.symlink_to(target, target_is_directory=True)
         self._save(record)
         self._begin_start(record, "create", "creating")
         return record
+
+    def _mounts(self, value: Any) -> list[dict[str, Any]]:
+        """Validate a create's ``volumes``: each volume exists and is ready, mount paths are absolute,
+        below / and distinct. Stored with the volume's id (a name is accepted too)."""
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise _bad("volumes must be a list of {volumeId, mountPath, subpath?}")
+        mounts: list[dict[str, Any]] = []
+        paths: set[str] = set()
+        for item in value:
+            volume_id, path, subpath = item.get("volumeId"), item.get("mountPath"), item.get("subpath")
+            if not isinstance(volume_id, str) or not isinstance(path, str):
+                raise _bad("each volume needs volumeId and mountPath strings")
+            volume = self.store.find_volume(volume_id)
+            if volume is None:
+                raise ApiError(404, f"Volume {volume_id} not found", source=SOURCE_API)
+            if volume.state != "ready":
+                raise _bad(f"Volume {volume.name} is not ready ({volume.state})")
+            norm = "/" + "/".join(p for p in path.split("/") if p)
+            if not path.startswith("/") or norm == "/" or ".." in norm.split("/") or norm in paths:
+                raise _bad(f"Invalid mount path {path}")
+            if subpath is not None and (
+                not isinstance(subpath, str) or subpath.startswith("/") or ".." in subpath.split("/")
+            ):
+                raise _bad(f"Invalid subpath {subpath}")
+            paths.add(norm)
+            mount = {"volumeId": volume.id, "mountPath": norm}
+            if subpath:
+                mount["subpath"] = subpath
+            mounts.append(mount)
+        return mounts
+
+    def in_use(self, volume_id: str) -> bool:
+        """Whether a sandbox that is not being destroyed mounts the volume."""
+        return any(
+            r.desired_state != "destroyed" and any(m.get("volumeId") == volume_id for m in r.volumes)
+            for r in self.store.by_id.values()
+        )
 
     def set_ttl(self, record: SandboxRecord, minutes: int, now: float | None = None) -> None:
         """Daytona's ttl: destroyed ``minutes`` from now whatever its state (0 = never)."""

@@ -151,6 +151,28 @@ class SandboxRecord:
         return dto
 
 
+@dataclass
+class VolumeRecord:
+    """A Daytona volume: a shared directory ``<state-dir>/volumes/<id>/`` that sandboxes mount."""
+
+    id: str
+    name: str
+    created_at: str
+    state: str = "ready"
+
+    def to_dto(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "organizationId": ORGANIZATION_ID,
+            "state": self.state,
+            "createdAt": self.created_at,
+            "updatedAt": self.created_at,
+            "lastUsedAt": None,
+            "errorReason": None,
+        }
+
+
 def encode_cursor(values: list[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 
@@ -179,6 +201,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, seq INTEGER, data TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS volumes (id TEXT PRIMARY KEY, data TEXT)")
+        self.volumes_dir = state_dir / "volumes"
+        self.volumes: dict[str, VolumeRecord] = {
+            record.id: record
+            for record in (
+                VolumeRecord(**json.loads(data)) for (data,) in self._db.execute("SELECT data FROM volumes")
+            )
+        }
         self.by_id: dict[str, SandboxRecord] = {}
         self.by_name: dict[str, SandboxRecord] = {}
         self.pending: set[str] = set()
@@ -230,6 +260,25 @@ class Store:
 
     def root_of(self, record: SandboxRecord) -> Path:
         return self.sandboxes_dir / record.id
+
+    def volume_dir(self, volume_id: str) -> Path:
+        return self.volumes_dir / volume_id
+
+    def save_volume(self, volume: VolumeRecord) -> None:
+        self.volumes[volume.id] = volume
+        self.volume_dir(volume.id).mkdir(parents=True, exist_ok=True)
+        self._db.execute(
+            "INSERT OR REPLACE INTO volumes (id, data) VALUES (?, ?)", (volume.id, json.dumps(asdict(volume)))
+        )
+
+    def remove_volume(self, volume: VolumeRecord) -> None:
+        self.volumes.pop(volume.id, None)
+        self._db.execute("DELETE FROM volumes WHERE id = ?", (volume.id,))
+
+    def find_volume(self, id_or_name: str) -> VolumeRecord | None:
+        return self.volumes.get(id_or_name) or next(
+            (v for v in self.volumes.values() if v.name == id_or_name), None
+        )
 
     def next_seq(self) -> int:
         seq = self._next_seq

@@ -124,6 +124,32 @@ class CreateRequest:
     auto_pause_interval: int | None = None
     ttl_minutes: int | None = None  # Daytona's own wall-clock end (from the lease's expires_at)
     secrets: Mapping[str, str] = field(default_factory=dict)  # env variable -> Daytona secret name
+    # Mounts by volume name; the applier fills in each ``volume_id`` right before the create (the
+    # volume must exist and be ready at Daytona, else the lease waits in phase Blocked).
+    volumes: tuple[Mount, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A volume mounted into a sandbox at ``mount_path`` (``subpath``: only that directory of it)."""
+
+    volume: str  # the volume's name
+    mount_path: str
+    subpath: str | None = None
+    volume_id: str | None = None
+
+
+VOLUME_READY = "ready"
+
+
+@dataclass(frozen=True)
+class ObservedVolume:
+    """A Daytona volume (``state``: ready, creating, pending_create, deleting, error, ...)."""
+
+    id: str
+    name: str
+    state: str
+    error_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +251,20 @@ class SandboxProvider(Protocol):
 
     def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
         """Apply ``update`` in place (each setter is idempotent; labels last)."""
+        ...
+
+    # Volumes (Daytona's shared persistent storage, mounted into sandboxes by id).
+
+    def list_volumes(self) -> list[ObservedVolume]: ...
+
+    def get_volume(self, name: str) -> ObservedVolume | None:
+        """The volume with this name, or None."""
+        ...
+
+    def create_volume(self, name: str) -> ObservedVolume: ...
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete; a volume that is already gone is not an error."""
         ...
 
     def exec(

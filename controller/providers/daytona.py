@@ -41,12 +41,15 @@ from daytona_api_client import (
     Configuration,
     CreateBuildInfo,
     CreateSandbox,
+    CreateVolume,
     GpuType,
     SandboxApi,
     SandboxLabels,
     SandboxListSortDirection,
     SandboxListSortField,
+    SandboxVolume,
     UpdateSandboxNetworkSettings,
+    VolumesApi,
 )
 from daytona_api_client.exceptions import ApiException
 from daytona_api_client.rest import RESTResponse
@@ -71,6 +74,7 @@ from controller.providers.base import (
     ExecResult,
     NetworkSettings,
     ObservedSandbox,
+    ObservedVolume,
     SandboxUpdate,
     SessionCommand,
 )
@@ -323,6 +327,12 @@ def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
     return [observed_from_item(item) for item in page.items or ()], page.next_cursor or None
 
 
+def _volume(item: Any) -> ObservedVolume:
+    return ObservedVolume(
+        id=item.id, name=item.name, state=_state(item.state), error_reason=item.error_reason or None
+    )
+
+
 def _network_fields(network: NetworkSettings | None, *, update: bool = False) -> dict[str, Any]:
     """Daytona's network fields (comma-separated lists) for a create or a network-settings update.
 
@@ -361,6 +371,7 @@ class DaytonaProvider:
         self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
         self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
         self._api = SandboxApi(self._api_client)
+        self._volumes = VolumesApi(self._api_client)
         with warnings.catch_warnings():
             # Polling mode is deprecated upstream but is what we want: we never wait on events.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -456,7 +467,10 @@ class DaytonaProvider:
             build_info=(
                 CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n") if request.image else None
             ),
-            volumes=[],
+            volumes=[
+                SandboxVolume(volume_id=m.volume_id or m.volume, mount_path=m.mount_path, subpath=m.subpath)
+                for m in request.volumes
+            ],
             user=request.os_user,
             public=request.public,
             gpu_type=[GpuType(request.gpu_type)] if request.gpu_type else None,
@@ -534,6 +548,43 @@ class DaytonaProvider:
                 argument = UpdateSandboxNetworkSettings(**_network_fields(value, update=True))
             call = functools.partial(setters[name], sandbox_id, argument, _request_timeout=timeout)
             self._call("update", f"set {name} of sandbox {sandbox_id}", call)
+
+    # -- volumes ---------------------------------------------------------------------------------
+
+    def list_volumes(self) -> list[ObservedVolume]:
+        items = self._call(
+            "list_volumes", "list volumes", lambda: self._volumes.list_volumes(_request_timeout=self._timeout)
+        )
+        return [_volume(item) for item in items]
+
+    def get_volume(self, name: str) -> ObservedVolume | None:
+        try:
+            item = self._call(
+                "get_volume",
+                f"get volume {name}",
+                lambda: self._volumes.get_volume_by_name(name, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return None
+        return _volume(item)
+
+    def create_volume(self, name: str) -> ObservedVolume:
+        item = self._call(
+            "create_volume",
+            f"create volume {name}",
+            lambda: self._volumes.create_volume(CreateVolume(name=name), _request_timeout=self._timeout),
+        )
+        return _volume(item)
+
+    def delete_volume(self, volume_id: str) -> None:
+        try:
+            self._call(
+                "delete_volume",
+                f"delete volume {volume_id}",
+                lambda: self._volumes.delete_volume(volume_id, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return
 
     # -- toolbox ---------------------------------------------------------------------------------
 

@@ -120,7 +120,9 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "auto_pause_interval": 0,
         "ephemeral": None,
         "secrets": {"API_KEY": "prod-api-key"},
+        "volumes": [{"volume": "datasets", "mount_path": "/data"}],
     },
+    "volumes": {"name": "datasets", "desired_state": "present", "created_at": AT, "updated_at": AT},
     "lease_status": {
         "lease_name": "alpha",
         "sandbox_id": "sb-1",
