@@ -116,6 +116,10 @@ def _shape(column: str, value: Any) -> None:
     """The one rule the pydantic model cannot word for a row: what the JSON column must hold."""
     if value is None:
         return
+    if column == "build":
+        if not isinstance(value, dict):
+            raise _Problem("build must be a JSON object")
+        return
     if column == "volumes":
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise _Problem("volumes must be a JSON array of objects")

@@ -254,6 +254,8 @@ def build_create_request(
         spot=spec.get("spot"),
         auto_pause_interval=_int_or_none(spec.get("auto_pause_interval")),
         secrets={str(k): str(v) for k, v in (spec.get("secrets") or {}).items()},
+        dockerfile=(spec.get("build") or {}).get("dockerfile"),
+        build_context=tuple(str(c) for c in (spec.get("build") or {}).get("context") or ()),
         volumes=tuple(
             Mount(volume=str(m["volume"]), mount_path=str(m["mount_path"]), subpath=m.get("subpath"))
             for m in spec.get("volumes") or ()

@@ -54,6 +54,7 @@ REPLACING_COLUMNS = (
     "spot",  # GPU placement: no setter
     "secrets",  # Daytona's update_secrets needs a restart for a sandbox created without any
     "volumes",  # mounts are fixed when the sandbox is made
+    "build",  # the Dockerfile (content) and context digests: a new image
 )
 # Daytona changes these on a live sandbox with a setter (labels: PUT .../labels; the intervals:
 # POST .../autostop|autoarchive|autodelete|autopause/{n}; public: POST .../public/{bool}; network:
@@ -82,6 +83,7 @@ ADDED_COLUMNS = frozenset(
         "spot",
         "secrets",
         "volumes",
+        "build",
         "auto_pause_interval",
         "ephemeral",
         "public",
@@ -91,7 +93,8 @@ ADDED_COLUMNS = frozenset(
     }
 )
 # Columns of `leases` holding JSON (lists or objects).
-JSON_COLUMNS = ("env", "labels", "secrets", "network_allow_list", "domain_allow_list", "volumes")
+JSON_COLUMNS = ("env", "labels", "secrets", "network_allow_list", "domain_allow_list", "volumes", "build")
+MAX_DOCKERFILE_BYTES = 65536
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Daytona's GPU types (GpuType in the API contract).
 GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X")
@@ -182,6 +185,73 @@ def _volume_name(value: str) -> str:
     return value
 
 
+class BuildSpec(BaseModel):
+    """An image built by Daytona from a Dockerfile: inline (``dockerfile``) or a file relative to the
+    lease file (``dockerfile_path``), plus ``context`` files or directories (relative to the lease
+    file) that its COPY/ADD lines use. ``apply`` reads the file and resolves every path
+    (:func:`resolve_build`), so the row holds the Dockerfile's content, absolute context paths and
+    their digests (``context_sha256``): a change of any of them changes the spec hash at the next
+    apply and replaces the sandbox."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dockerfile: str | None = Field(default=None, min_length=1)
+    dockerfile_path: str | None = Field(default=None, min_length=1)
+    context: list[str] = Field(default_factory=list)
+    context_sha256: dict[str, str] | None = None  # set by apply: absolute path -> digest
+
+    @model_validator(mode="after")
+    def _one_dockerfile(self) -> BuildSpec:
+        if (self.dockerfile is None) == (self.dockerfile_path is None):
+            raise ValueError("give exactly one of dockerfile (inline) and dockerfile_path")
+        if self.dockerfile is not None:
+            if len(self.dockerfile.encode()) > MAX_DOCKERFILE_BYTES or "\x00" in self.dockerfile:
+                raise ValueError(f"dockerfile: at most {MAX_DOCKERFILE_BYTES} bytes of text")
+            if not any(line.strip().upper().startswith("FROM ") for line in self.dockerfile.splitlines()):
+                raise ValueError("dockerfile: has no FROM line")
+        return self
+
+
+def _tree_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a directory's relative names and file contents."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(path.read_bytes())
+        return digest.hexdigest()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(item.relative_to(path)).encode() + b"\0")
+        digest.update(hashlib.sha256(item.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def resolve_build(build: BuildSpec, base: Path) -> BuildSpec:
+    """The stored form of ``build`` for a lease file in directory ``base``: the Dockerfile's content
+    and every context path absolute, with its digest. ValueError names what cannot be read."""
+    dockerfile = build.dockerfile
+    if build.dockerfile_path is not None:
+        path = (base / build.dockerfile_path).resolve()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"dockerfile_path: cannot read {path}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        try:
+            dockerfile = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"dockerfile_path: {path} is not UTF-8 text") from None
+    digests: dict[str, str] = {}
+    for index, item in enumerate(build.context):
+        path = (base / item).resolve()
+        if not path.exists():
+            raise ValueError(f"context.{index}: {path} does not exist")
+        try:
+            digests[str(path)] = _tree_digest(path)
+        except OSError as exc:
+            raise ValueError(f"context.{index}: cannot read {path}: {exc.strerror or exc}") from None
+    return BuildSpec(dockerfile=dockerfile, context=list(digests), context_sha256=digests or None)
+
+
 class VolumeSpec(BaseModel):
     """A Daytona volume leasectl manages (top-level ``volumes:``): created before the leases that
     mount it; deleted only when ``state: absent`` and no lease mounts it any more."""
@@ -232,6 +302,7 @@ class LeaseSpec(BaseModel):
     # an opaque placeholder, Daytona substitutes the value on outbound requests).
     secrets: dict[str, str] | None = None
     volumes: list[VolumeMount] | None = None
+    build: BuildSpec | None = None
 
     @field_validator("volumes")
     @classmethod
@@ -351,8 +422,8 @@ class LeaseSpec(BaseModel):
 
     @model_validator(mode="after")
     def _image_rules(self) -> LeaseSpec:
-        if self.snapshot is not None and self.image is not None:
-            raise ValueError("give either snapshot or image, not both")
+        if sum(x is not None for x in (self.snapshot, self.image, self.build)) > 1:
+            raise ValueError("give one of snapshot or image or build, not several")
         if self.resources is not None and self.image is None:
             raise ValueError("resources can only be set together with image")
         return self
@@ -453,6 +524,7 @@ class LeaseSpec(BaseModel):
             "volumes": (
                 [m.model_dump(exclude_none=True) for m in self.volumes] if self.volumes is not None else None
             ),
+            "build": self.build.model_dump(exclude_none=True) if self.build is not None else None,
         }
 
     @classmethod
@@ -659,6 +731,16 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
             else:
                 seen_pools[pool.name] = source
                 pools.append(pool)
+        base = Path(source).resolve().parent if source != "-" else Path.cwd()
+        for index, spec in enumerate(file_specs):
+            if spec.build is not None:
+                try:
+                    file_specs[index] = spec = spec.model_copy(
+                        update={"build": resolve_build(spec.build, base)}
+                    )
+                except ValueError as exc:
+                    problems.append(f"{source}: lease {spec.name!r}: build.{exc}")
+                    continue
         for spec in file_specs:
             if spec.name in seen:
                 problems.append(

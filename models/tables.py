@@ -127,6 +127,9 @@ class Lease(Base):
     secrets: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)  # env variable -> Daytona secret name
     # [{"volume": name, "mount_path": "/data", "subpath"?: "x"}]: Daytona volumes mounted by name
     volumes: Mapped[list[dict[str, str]] | None] = mapped_column(sa.JSON)
+    # {"dockerfile": content, "context": [absolute paths], "context_sha256": {path: digest}}: what
+    # `apply` read (the image Daytona builds); NULL when the lease uses a snapshot or an image name
+    build: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     # Pool members (``pool`` set) are rows the controller inserts for a pool; the claim columns say
     # who holds one (``claimed_at`` NULL with ``claimed_by`` set: reserved by a waiting claimer),
     # until when, and when it was given back. Plain leases leave them all NULL.

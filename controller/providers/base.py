@@ -127,6 +127,10 @@ class CreateRequest:
     # Mounts by volume name; the applier fills in each ``volume_id`` right before the create (the
     # volume must exist and be ready at Daytona, else the lease waits in phase Blocked).
     volumes: tuple[Mount, ...] = ()
+    # An image Daytona builds: the Dockerfile's content and the absolute paths of its context files
+    # (the Daytona provider uploads them to Daytona's object storage first). Excludes snapshot/image.
+    dockerfile: str | None = None
+    build_context: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

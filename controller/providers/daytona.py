@@ -32,10 +32,12 @@ import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
+from daytona import Daytona, DaytonaConfig, DaytonaError, Image, SessionExecuteRequest
+from daytona._sync.snapshot import SnapshotService
 from daytona_api_client import (
     ApiClient,
     Configuration,
@@ -43,6 +45,7 @@ from daytona_api_client import (
     CreateSandbox,
     CreateVolume,
     GpuType,
+    ObjectStorageApi,
     SandboxApi,
     SandboxLabels,
     SandboxListSortDirection,
@@ -464,9 +467,7 @@ class DaytonaProvider:
             auto_stop_interval=request.auto_stop_interval,
             auto_archive_interval=request.auto_archive_interval,
             auto_delete_interval=request.auto_delete_interval,
-            build_info=(
-                CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n") if request.image else None
-            ),
+            build_info=self._build_info(request),
             volumes=[
                 SandboxVolume(volume_id=m.volume_id or m.volume, mount_path=m.mount_path, subpath=m.subpath)
                 for m in request.volumes
@@ -486,6 +487,31 @@ class DaytonaProvider:
             lambda: self._api.create_sandbox(body, _request_timeout=self._timeout),
         )
         return to_observed(item)
+
+    def _build_info(self, request: CreateRequest) -> CreateBuildInfo | None:
+        """Daytona's build info: ``FROM <image>`` for an image name, or the lease's Dockerfile with
+        its context uploaded to Daytona's object storage first (the SDK's own upload, which skips an
+        archive whose hash is already stored)."""
+        if request.dockerfile is not None:
+            hashes: list[str] | None = None
+            if request.build_context:
+                image = Image.base("scratch")
+                for path in request.build_context:
+                    name = path.rstrip("/").rsplit("/", 1)[-1]
+                    if Path(path).is_dir():
+                        image = image.add_local_dir(path, f"/{name}")
+                    else:
+                        image = image.add_local_file(path, f"/{name}")
+                storage = ObjectStorageApi(self._api_client)
+                hashes = self._call(
+                    "create",
+                    f"upload build context of {request.name}",
+                    lambda: SnapshotService.process_image_context(storage, image),
+                )
+            return CreateBuildInfo(dockerfile_content=request.dockerfile, context_hashes=hashes)
+        if request.image:
+            return CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n")
+        return None
 
     def start(self, sandbox_id: str) -> None:
         self._call(

@@ -14,7 +14,7 @@ Create Date: 2026-11-27 09:00:00
 * The whole sandbox in ``leases`` (NULL = Daytona's default): ``os_user``, ``public``,
   ``network_block_all``, ``network_allow_list`` and ``domain_allow_list`` (JSON lists), ``gpu_type``,
   ``spot``, ``auto_pause_interval``, ``ephemeral`` and ``secrets`` (JSON:
-  env variable -> Daytona secret name), ``volumes`` (JSON: the mounts). Unset, they are left out of the spec hashes, so no existing
+  env variable -> Daytona secret name), ``volumes`` (JSON: the mounts), ``build`` (JSON: Dockerfile content and context digests). Unset, they are left out of the spec hashes, so no existing
   sandbox is replaced by the upgrade.
 
 * ``volumes``: the Daytona volumes leasectl manages (operator-owned: name, desired state).
@@ -47,6 +47,7 @@ _LEASE_COLUMNS = (
     ("ephemeral", sa.Boolean()),
     ("secrets", sa.JSON()),
     ("volumes", sa.JSON()),
+    ("build", sa.JSON()),
 )
 
 

@@ -121,6 +121,7 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "ephemeral": None,
         "secrets": {"API_KEY": "prod-api-key"},
         "volumes": [{"volume": "datasets", "mount_path": "/data"}],
+        "build": {"dockerfile": "FROM python:3.12-slim\n"},
     },
     "volumes": {"name": "datasets", "desired_state": "present", "created_at": AT, "updated_at": AT},
     "lease_status": {

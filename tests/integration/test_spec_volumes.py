@@ -87,3 +87,34 @@ def test_undeclared_missing_volume_blocks_and_bad_mounts_are_refused(
     assert code == 2, err
     assert "lease 'twice': volumes: Value error, two volumes are mounted on /data" in err, err
     assert "lease 'relative': volumes.0.mount_path" in err and "absolute path" in err, err
+
+
+def test_a_dockerfile_build_reaches_the_local_api_and_its_content_replaces(
+    env: EmulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    """`build` (issue 15): the Dockerfile, read relative to the lease file at apply, is Daytona's
+    build info; a change of its content replaces the sandbox; a missing file is exit 2."""
+    (tmp_path / "img").mkdir()
+    dockerfile = tmp_path / "img" / "Dockerfile"
+    dockerfile.write_text("FROM python:3.12-slim\nRUN true\n")
+    spec = tmp_path / "b.yaml"
+    spec.write_text("leases:\n  - name: built\n    build: {dockerfile_path: img/Dockerfile}\n")
+    assert cli(database_url, "apply", "-f", str(spec))[0] == 0
+    first = converge(database_url, {"built": "Ready"})["built"]
+    sandbox = env.client().get(first["sandbox_id"])
+    assert sandbox.build_info is not None
+    assert sandbox.build_info.dockerfile_content == "FROM python:3.12-slim\nRUN true\n"
+
+    dockerfile.write_text("FROM python:3.13-slim\nRUN true\n")
+    code, out, _ = cli(database_url, "apply", "-f", str(spec))
+    assert code == 0 and "lease/built updated" in out, out
+    code, out, _ = cli(database_url, "plan")
+    assert "replace: build changed" in out, out
+    after = converge(database_url, {"built": "Ready"}, passes=12)["built"]
+    assert after["sandbox_id"] != first["sandbox_id"]
+    assert env.client().get(after["sandbox_id"]).build_info.dockerfile_content.startswith("FROM python:3.13")
+
+    dockerfile.unlink()
+    code, _, err = cli(database_url, "apply", "-f", str(spec))
+    assert code == 2, err
+    assert f"{spec}: lease 'built': build.dockerfile_path: cannot read" in err, err
