@@ -769,6 +769,7 @@ IN_PLACE_FIELDS: Final = (
     "network_block_all",
     "network_allow_list",
     "domain_allow_list",
+    "expires_at",
 )
 # The setter (SandboxUpdate field) that applies each in-place field.
 SETTER_OF: Final = {
@@ -782,6 +783,7 @@ SETTER_OF: Final = {
     "network_block_all": "network",
     "network_allow_list": "network",
     "domain_allow_list": "network",
+    "expires_at": "ttl_minutes",
 }
 # Labels the platform puts on a sandbox itself; an update that replaces all labels keeps them.
 PLATFORM_LABELS: Final = ("code-toolbox-language",)
@@ -844,6 +846,7 @@ def _update(ctx: _Ctx, sb: ObservedSandbox, legacy: bool) -> Decision:
         "auto_pause_interval": req.auto_pause_interval or 0,
         "public": bool(req.public),
         "network": req.network or NetworkSettings(),  # no policy in the spec: unrestricted
+        "ttl_minutes": ttl_minutes(lease.expires_at, ctx.now) or 0,  # re-anchored now; 0 = none
     }
     changed = changed_fields(status, sb, lease)
     if legacy:

@@ -72,6 +72,7 @@ IN_PLACE_COLUMNS = (
     "network_block_all",
     "network_allow_list",
     "domain_allow_list",
+    "expires_at",  # Daytona's ttl (POST .../ttl/{n}), re-anchored to the new end
 )
 SPEC_COLUMNS = REPLACING_COLUMNS + IN_PLACE_COLUMNS
 # Spec columns added after sandboxes were already labelled with hashes: a column left unset (NULL)
@@ -90,6 +91,7 @@ ADDED_COLUMNS = frozenset(
         "network_block_all",
         "network_allow_list",
         "domain_allow_list",
+        "expires_at",
     }
 )
 # Columns of `leases` holding JSON (lists or objects).
@@ -543,7 +545,6 @@ class LeaseSpec(BaseModel):
             auto_stop_interval=row.get("auto_stop_interval"),
             auto_archive_interval=row.get("auto_archive_interval"),
             auto_delete_interval=row.get("auto_delete_interval"),
-            expires_at=row.get("expires_at"),
             paused=bool(row.get("paused")),
             **{col: row.get(col) for col in ADDED_COLUMNS if row.get(col) is not None},
         )
@@ -585,7 +586,9 @@ def settings_hash(row: Mapping[str, Any]) -> str:
 def legacy_spec_hash(row: Mapping[str, Any]) -> str | None:
     """The hash leasectl before in-place updates put on sandboxes (all spec columns), or None when the
     row uses a column that did not exist then (no sandbox of that time can match it)."""
-    if any(row.get(col) not in (None, False) for col in SPEC_COLUMNS if col not in LEGACY_SPEC_COLUMNS):
+    # expires_at existed then but was not hashed: it does not tell the sandbox's age
+    newer = (col for col in SPEC_COLUMNS if col not in LEGACY_SPEC_COLUMNS and col != "expires_at")
+    if any(row.get(col) not in (None, False) for col in newer):
         return None
     return _digest({col: row.get(col) for col in LEGACY_SPEC_COLUMNS})
 

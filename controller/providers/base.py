@@ -183,6 +183,7 @@ class SandboxUpdate:
     auto_pause_interval: int | None = None
     public: bool | None = None
     network: NetworkSettings | None = None
+    ttl_minutes: int | None = None  # Daytona's ttl from now (0 = none)
 
     @property
     def setters(self) -> tuple[str, ...]:
@@ -203,6 +204,7 @@ UPDATE_SETTERS = (
     "auto_delete_interval",
     "public",
     "network",
+    "ttl_minutes",
     "labels",
 )
 

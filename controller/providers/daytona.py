@@ -563,6 +563,7 @@ class DaytonaProvider:
             "auto_pause_interval": api.set_auto_pause_interval,
             "public": api.update_public_status,
             "network": api.update_network_settings,
+            "ttl_minutes": api.set_ttl,
             "labels": api.replace_labels,
         }
         for name in update.setters:

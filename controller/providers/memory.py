@@ -510,6 +510,7 @@ class MemoryProvider:
                     "auto_pause_interval",
                     "public",
                     "network",
+                    "ttl_minutes",
                 )
                 if getattr(update, name) is not None
             }

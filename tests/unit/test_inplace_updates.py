@@ -361,3 +361,19 @@ def test_rollout_replaces_a_sandbox_created_before_the_request_only() -> None:
     assert decide(lease, newer, recorded(lease)).action is None
     stopped = dataclasses.replace(lease, desired_state="stopped")
     assert decide(stopped, dataclasses.replace(older, state="stopped"), recorded(lease)).action is None
+
+
+def test_a_new_expires_at_re_anchors_daytonas_ttl_in_place() -> None:
+    """Extending a lease must not let Daytona destroy the sandbox at the old ttl."""
+    end = NOW + timedelta(hours=1)
+    old = dataclasses.replace(view(expires_at=end), expires_at=end)
+    later = NOW + timedelta(hours=5, seconds=1)
+    new = dataclasses.replace(view(expires_at=later), expires_at=later)
+    assert new.spec_hash == old.spec_hash and new.settings_hash != old.settings_hash
+    action = decide(new, observed(old), recorded(old)).action
+    assert action is not None and action.kind == "update"
+    assert action.reason.startswith("update expires_at in place")
+    assert action.update is not None and action.update.setters == ("ttl_minutes", "labels")
+    assert action.update.ttl_minutes == 5 * 60 + 1 + planner.TTL_MARGIN_MINUTES
+    gone = decide(view(), observed(old), recorded(old)).action  # no end any more: ttl off
+    assert gone is not None and gone.update is not None and gone.update.ttl_minutes == 0
