@@ -477,6 +477,12 @@ class LeaseSpec(BaseModel):
             raise FieldRuleError("gpu_type", "needs a GPU: set resources.gpu (and image)")
         if self.spot and not gpu:
             raise FieldRuleError("spot", "spot is for GPU sandboxes only: set resources.gpu (and image)")
+        clash = sorted(set(self.secrets or ()) & set(self.env))
+        if clash:
+            raise FieldRuleError(
+                "secrets",
+                f"{', '.join(clash)} is also set in env: give each variable in env or in secrets, not both",
+            )
         if self.network_block_all and (self.network_allow_list or self.domain_allow_list):
             raise FieldRuleError(
                 "network_block_all",

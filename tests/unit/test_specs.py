@@ -252,6 +252,7 @@ GPU = {"image": "i", "resources": {"gpu": 1}, "ephemeral": True}
         ({"image": "i", "resources": {"gpu": 1}, "ephemeral": False}, "auto_delete_interval", "ephemeral"),
         ({"secrets": {"1BAD": "name"}}, "secrets", "invalid variable name"),
         ({"secrets": {"KEY": ""}}, "secrets", "1-255 characters"),
+        ({"secrets": {"KEY": "n"}, "env": {"KEY": "v"}}, "secrets", "KEY is also set in env"),
     ],
 )
 def test_sandbox_fields_are_validated_naming_file_lease_and_field(
