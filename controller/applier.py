@@ -79,6 +79,7 @@ from controller.errors import (
     StartFailedError,
     StateConflictError,
     TransientError,
+    VolumeNotReadyError,
 )
 from controller.planner import BLOCKED, FAILED, READY, Action, LeaseView
 from controller.providers.base import (
@@ -87,6 +88,8 @@ from controller.providers.base import (
     STATE_BUILD_FAILED,
     STATE_ERROR,
     STATE_STARTED,
+    VOLUME_READY,
+    Mount,
     ObservedSandbox,
     SandboxProvider,
 )
@@ -475,6 +478,8 @@ class Applier:
                     # in the request only (never in the action, the database or a message).
                     resolved = resolve(request.secret_refs)
                     request = replace(request, env={**request.env, **resolved}, secret_refs={})
+                if request.volumes:
+                    request = replace(request, volumes=self._mounts(request.volumes, deadline))
                 self._gate(deadline, create=True)
                 if before_create is not None:
                     try:
@@ -658,6 +663,25 @@ class Applier:
             observed_gone=fresh is None,
         )
 
+    def _mounts(self, mounts: tuple[Mount, ...], deadline: float) -> tuple[Mount, ...]:
+        """Each mount with the id of its volume, which must exist and be ready at Daytona: one get
+        per volume, right before the create (VolumeNotReadyError, phase Blocked, otherwise)."""
+        resolved = []
+        for mount in mounts:
+            volume = self._call(self.provider.get_volume, mount.volume, deadline=deadline)
+            if volume is None:
+                raise VolumeNotReadyError(
+                    f"volumes: volume {mount.volume!r} does not exist at Daytona; declare it under "
+                    "volumes: (leasectl creates it) or create it there"
+                )
+            if volume.state != VOLUME_READY:
+                reason = f": {volume.error_reason}" if volume.error_reason else ""
+                raise VolumeNotReadyError(
+                    f"volumes: waiting for volume {mount.volume!r} ({volume.state}{reason})"
+                )
+            resolved.append(replace(mount, volume_id=volume.id))
+        return tuple(resolved)
+
     def _failed(self, action: Action, started: datetime, exc: BaseException) -> Outcome:
         retry_after: float | None = None
         cap: float | None = None
@@ -666,7 +690,7 @@ class Applier:
         elif isinstance(exc, CapacityError):
             kind, retry_after = BLOCKED_KIND, exc.retry_after
             cap = self.config.blocked_backoff_max_seconds
-        elif isinstance(exc, SecretError):  # fixed by providing the secret, not by a spec change
+        elif isinstance(exc, SecretError | VolumeNotReadyError):  # fixed outside the spec: wait
             kind = BLOCKED_KIND
             cap = self.config.blocked_backoff_max_seconds
         elif isinstance(exc, StartFailedError):

@@ -9,6 +9,7 @@
     ├── NotLeaderError              a write attempted by a replica that no longer holds leadership
     ├── SchemaError                 (db) the schema is older or newer than this leasectl knows
     ├── MissingResourceError        (resources) a file a wheel must carry is missing
+    ├── VolumeNotReadyError         a volume a lease mounts is missing or not ready (phase Blocked)
     ├── ExecutionError              (execution) a command that cannot run
     │   ├── InvalidCommandError     bad command, cwd, env or stdin
     │   └── LeaseNotReadyError      unknown lease, or not Ready
@@ -57,6 +58,11 @@ class SchemaError(LeasectlError):
 
 class MissingResourceError(LeasectlError):
     """A file leasectl ships (migrations, config.example.yaml) is not where it should be."""
+
+
+class VolumeNotReadyError(LeasectlError):
+    """A volume a lease mounts does not exist at Daytona or is not ready yet: the lease waits (phase
+    Blocked) and no sandbox is created without it."""
 
 
 class ProviderError(LeasectlError):

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -67,10 +68,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -100,6 +101,7 @@ from controller.execution_script import (
     wrap_for_exec,
 )
 from controller.providers.base import SandboxProvider, SessionCommand
+from controller.secrets import is_ref, resolvable_values
 from models import Event, Execution, Lease, LeaseStatus, UTCDateTime, utcnow
 from models.tables import EXECUTION_TERMINAL_STATES
 
@@ -183,9 +185,43 @@ def storable(text: str) -> str:
 
 def redact(text: str, env: Mapping[str, str]) -> str:
     """``text`` with every non-trivial env value masked (for error messages that echo a request)."""
-    for value in sorted((v for v in env.values() if len(v) >= 3), key=len, reverse=True):
+    return redact_values(text, env.values())
+
+
+def redact_values(text: str, values: Iterable[str]) -> str:
+    """``text`` with every non-trivial value (3 characters or more) masked, longest first."""
+    for value in sorted({v for v in values if len(v) >= 3}, key=len, reverse=True):
         text = text.replace(value, "***")
     return text
+
+
+def lease_secret_values(db: Database, lease_name: str) -> tuple[str, ...]:
+    """The current values of the lease's secret references (``{from_env}``/``{from_file}`` in its
+    env), as this process resolves them now: what stored output must not contain. One SELECT of the
+    env column read as text, so a hand-written row that does not parse redacts nothing instead of
+    failing the command; references that cannot be resolved here are skipped."""
+    with db.session(readonly=True) as session:
+        raw = session.scalar(sa.select(sa.cast(Lease.env, sa.Text)).where(Lease.name == lease_name))
+    return secret_values_of(raw)
+
+
+def secret_values_of(raw: str | None) -> tuple[str, ...]:
+    """:func:`lease_secret_values` of a lease env column read as text (the claim reads it along)."""
+    try:
+        env = json.loads(raw) if raw else {}
+    except ValueError:
+        return ()
+    if not isinstance(env, dict):
+        return ()
+    refs = {str(k): v for k, v in env.items() if is_ref(v)}
+    return tuple(resolvable_values(refs)) if refs else ()
+
+
+def _redacted(outcome: CommandOutcome, secrets: Sequence[str]) -> CommandOutcome:
+    if not secrets:
+        return outcome
+    error = redact_values(outcome.error, secrets) if outcome.error is not None else None
+    return replace(outcome, output=redact_values(outcome.output, secrets), error=error)
 
 
 def _short_error(text: str, env: Mapping[str, str]) -> str:
@@ -691,7 +727,10 @@ _CLAIM = (
 )
 
 
-def _finish_values(outcome: CommandOutcome, now: datetime, max_output_bytes: int) -> dict[str, Any]:
+def _finish_values(
+    outcome: CommandOutcome, now: datetime, max_output_bytes: int, secrets: Sequence[str] = ()
+) -> dict[str, Any]:
+    outcome = _redacted(outcome, secrets)
     # Cap what is stored, not what arrived: each NUL becomes U+FFFD (3 bytes) on the way in, since
     # PostgreSQL text cannot hold NUL, so the cap applies after that substitution.
     output, truncated = cap_output(storable(outcome.output), max_output_bytes)
@@ -747,15 +786,19 @@ def finish(
     sandbox_id: str | None,
     max_output_bytes: int,
     clock: Clock = utcnow,
+    secrets: Sequence[str] = (),
 ) -> bool:
-    """Record the outcome of a row this worker claimed; False if the row is no longer ours."""
+    """Record the outcome of a row this worker claimed; False if the row is no longer ours.
+
+    ``secrets`` (:func:`lease_secret_values`) are masked in the stored output and error."""
     now = clock()
     values = _finish_values(outcome, now, max_output_bytes)
     del values["env"], values["stdin"]  # cleared by _FINISH itself
     with db.session() as session:
         done = _update(session, _FINISH, {"b_id": execution_id, "b_worker": worker_id, **values})
         if done == 1:
-            _event(session, execution_id, lease_name, sandbox_id, outcome.state, _detail(outcome), worker_id)
+            detail = _detail(_redacted(outcome, secrets))
+            _event(session, execution_id, lease_name, sandbox_id, outcome.state, detail, worker_id)
             return True
     with db.session() as session:  # someone else ended it (interrupted, cancelled): still no secrets
         _update(
@@ -859,6 +902,7 @@ def execute_now(
         target = ready_target(session, lease_name, now)
     if target.idle:
         wake(provider, target.sandbox_id, timeout_seconds=settings.idle_start_timeout_seconds)
+    secrets = lease_secret_values(db, lease_name)
     with db.session() as session:
         row = Execution(
             lease_name=lease_name,
@@ -883,7 +927,7 @@ def execute_now(
 
     def record(**values: Any) -> None:
         if "output" in values:
-            text, cut = cap_output(values["output"], settings.max_output_bytes)
+            text, cut = cap_output(redact_values(values["output"], secrets), settings.max_output_bytes)
             values |= {"output": storable(text), "output_truncated": cut}
         with db.session() as session:
             _update(
@@ -894,6 +938,8 @@ def execute_now(
                 )
                 .values(**values),
             )
+
+    publish = _fan_out(on_output, lambda text: record(output=text))
 
     def should_stop() -> tuple[str, str] | None:
         reason = interrupted() if interrupted is not None else None
@@ -942,7 +988,7 @@ def execute_now(
             timeout_seconds=timeout,
             poll_seconds=settings.log_poll_seconds,
             max_output_bytes=None,
-            on_output=_fan_out(on_output, lambda text: record(output=text)),
+            on_output=lambda text: publish(redact_values(text, secrets)),
             should_stop=should_stop,
             has_stdin=stdin is not None,
             clock=clock,
@@ -1001,7 +1047,9 @@ def execute_now(
                 sandbox_id=target.sandbox_id,
                 max_output_bytes=settings.max_output_bytes,
                 clock=clock,
+                secrets=secrets,
             )
+        outcome = _redacted(outcome, secrets)
         log.info("execution %d: %s", execution_id, _detail(outcome) or outcome.state)
     return execution_id, outcome
 
@@ -1194,6 +1242,8 @@ class Job:
     command_id: str | None = None
     started_at: datetime | None = None
     has_stdin: bool = False
+    # what the lease's secret references resolve to now: masked in everything stored or printed
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1435,6 +1485,7 @@ class Dispatcher:
                             command_id=row.command_id,
                             started_at=row.started_at,
                             has_stdin=bool(row.has_stdin),
+                            secrets=lease_secret_values(self.db, row.lease_name),
                         )
                     )
                     marked.append((row.id, row.lease_name, "reattached", detail))
@@ -1573,6 +1624,7 @@ class Dispatcher:
                 e.attempts,
                 e.attempt_log,
                 lease.id.label("lease_id"),
+                sa.cast(lease.env, sa.Text).label("lease_env"),
                 lease.desired_state,
                 lease.expires_at,
                 status.phase,
@@ -1693,6 +1745,7 @@ class Dispatcher:
                     claimed_at=now,
                     attempts=row.attempts or 0,
                     attempt_log=tuple(row.attempt_log or ()),
+                    secrets=secret_values_of(row.lease_env),
                 ),
                 None,
             )
@@ -1731,20 +1784,23 @@ class Dispatcher:
         return job.timeout_seconds >= self.settings.session_min_timeout_seconds
 
     def _outcome(self, job: Job) -> CommandOutcome:
+        """How the job's attempt ended, with the lease's secret values masked (what is stored,
+        logged and printed from here on never holds them)."""
         with logs.bound(lease=job.lease_name):
             try:
                 if job.session_id and job.command_id:
                     log.info("execution %d: following session command %s", job.id, job.command_id)
-                    return self._follow(job, job.session_id, job.command_id, job.started_at)
-                log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
-                return self._attempt(job)
+                    outcome = self._follow(job, job.session_id, job.command_id, job.started_at)
+                else:
+                    log.info("execution %d: running on sandbox %s", job.id, job.sandbox_id)
+                    outcome = self._attempt(job)
             except InvalidCommandError as exc:
-                return CommandOutcome(state="error", error=str(exc))
+                outcome = CommandOutcome(state="error", error=str(exc))
             except Exception as exc:
                 log.exception("execution %d: unexpected failure", job.id)
-                return CommandOutcome(
-                    state="error", error=_short_error(f"{type(exc).__name__}: {exc}", job.env)
-                )
+                text = redact_values(f"{type(exc).__name__}: {exc}", job.secrets)
+                outcome = CommandOutcome(state="error", error=_short_error(text, job.env))
+            return _redacted(outcome, job.secrets)
 
     def _conclude(self, job: Job, outcome: CommandOutcome) -> None:
         """Record how the attempt ended: back to the queue, handed over, or finished. Finished rows
@@ -1940,7 +1996,10 @@ class Dispatcher:
     def _record(self, execution_id: int, **values: Any) -> None:
         """Write progress (session id, command id, output so far) to a row this worker holds."""
         if "output" in values:
-            text, cut = cap_output(values["output"], self.settings.max_output_bytes)
+            with self._lock:
+                job = self._running.get(execution_id)
+            secrets = job.secrets if job is not None else ()
+            text, cut = cap_output(redact_values(values["output"], secrets), self.settings.max_output_bytes)
             values |= {"output": storable(text), "output_truncated": cut}
         with self.db.session() as session:
             _update(

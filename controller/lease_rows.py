@@ -28,11 +28,15 @@ from sqlalchemy.orm import Session
 
 from controller.overview import parse_timestamp as parse_timestamp  # re-exported (the reconciler)
 from controller.secrets import is_ref
-from controller.specs import SPEC_COLUMNS, LeaseSpec
+from controller.specs import JSON_COLUMNS, SPEC_COLUMNS, LeaseSpec
 from models import Lease
 
 INVALID_PREFIX = "invalid lease row: "
-_JSON_COLUMNS = ("env", "labels")
+_JSON_COLUMNS = JSON_COLUMNS
+_LIST_COLUMNS = ("network_allow_list", "domain_allow_list")
+# Nullable booleans of the spec: SQLite hands them back raw as 0/1, the ORM as False/True (and the
+# spec hash must not tell the two apart).
+_BOOL_COLUMNS = ("public", "network_block_all", "spot", "ephemeral")
 _TIME_COLUMNS = (
     "expires_at",
     "rollout_requested_at",
@@ -91,6 +95,18 @@ def _shape(column: str, value: Any) -> None:
     """The one rule the pydantic model cannot word for a row: what the JSON column must hold."""
     if value is None:
         return
+    if column == "build":
+        if not isinstance(value, dict):
+            raise _Problem("build must be a JSON object")
+        return
+    if column == "volumes":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise _Problem("volumes must be a JSON array of objects")
+        return
+    if column in _LIST_COLUMNS:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _Problem(f"{column} must be a JSON array of strings")
+        return
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and (isinstance(v, str) or (column == "env" and is_ref(v)))
         for k, v in value.items()
@@ -132,6 +148,12 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         if paused is not None and paused not in (True, False, 0, 1):
             raise _Problem(f"paused must be a boolean, not {paused!r}")
         values["paused"] = bool(paused)
+        for column in _BOOL_COLUMNS:
+            flag = values.get(column)
+            if flag is not None:
+                if flag not in (True, False, 0, 1):
+                    raise _Problem(f"{column} must be a boolean, not {flag!r}")
+                values[column] = bool(flag)
         try:
             spec = LeaseSpec.from_row(values)
         except ValidationError as exc:

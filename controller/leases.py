@@ -25,8 +25,8 @@ from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows
 from controller.overview import overview_rows
-from controller.specs import LeaseSpec, PoolSpec
-from models import Lease, Pool, utcnow
+from controller.specs import LeaseSpec, PoolSpec, VolumeSpec
+from models import Lease, Pool, Volume, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
 DEFAULT_MAX_PRUNE_SHARE = 0.5
@@ -63,6 +63,9 @@ class ApplyResult:
     pools_updated: list[str] = field(default_factory=list)
     pools_unchanged: list[str] = field(default_factory=list)
     pools_pruned: list[str] = field(default_factory=list)
+    volumes_created: list[str] = field(default_factory=list)
+    volumes_updated: list[str] = field(default_factory=list)
+    volumes_unchanged: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -73,6 +76,8 @@ class ApplyResult:
             or self.pools_created
             or self.pools_updated
             or self.pools_pruned
+            or self.volumes_created
+            or self.volumes_updated
         )
 
 
@@ -81,6 +86,7 @@ def apply_specs(
     specs: Sequence[LeaseSpec],
     *,
     pools: Sequence[PoolSpec] | None = None,
+    volumes: Sequence[VolumeSpec] = (),
     prune: bool = False,
     dry_run: bool = False,
     prune_all: bool = False,
@@ -96,7 +102,17 @@ def apply_specs(
     wanted = {s.name for s in specs}
     guard = None if prune_all else max_prune_share
     with contextlib.suppress(_RolledBack):
-        _apply(db, specs, pools, wanted, result, prune=prune, dry_run=dry_run, max_prune_share=guard)
+        _apply(
+            db,
+            specs,
+            pools,
+            wanted,
+            result,
+            prune=prune,
+            dry_run=dry_run,
+            max_prune_share=guard,
+            volumes=volumes,
+        )
     return result
 
 
@@ -114,6 +130,7 @@ def _apply(
     prune: bool,
     dry_run: bool,
     max_prune_share: float | None,
+    volumes: Sequence[VolumeSpec] = (),
 ) -> None:
     with db.session() as session:
         # Lock and read the rows without loading them through the ORM: a row written by hand that
@@ -131,6 +148,7 @@ def _apply(
         current = {row.name: row.lease.to_row() for row in valid if row.name in states}
         now = utcnow()
         _check_names(session, specs, pools, members)
+        _apply_volumes(session, specs, volumes, result, now=now)
         if pools is not None:
             _apply_pools(session, pools, result, prune=prune, max_prune_share=max_prune_share, now=now)
         for spec in specs:
@@ -209,6 +227,48 @@ def _check_names(
         raise SpecError("; ".join(problems) + "; nothing was written")
 
 
+def _apply_volumes(
+    session: Session,
+    specs: Sequence[LeaseSpec],
+    volumes: Sequence[VolumeSpec],
+    result: ApplyResult,
+    *,
+    now: Any,
+) -> None:
+    """Upsert the declared volumes (never pruned: a volume is deleted only by ``state: absent``) and
+    refuse a lease that mounts a volume stored as absent (nothing is written then)."""
+    existing = {row.name: row for row in session.scalars(sa.select(Volume).with_for_update())}
+    for spec in volumes:
+        row = existing.get(spec.name)
+        if row is None:
+            row = Volume(name=spec.name, desired_state=spec.state, created_at=now, updated_at=now)
+            session.add(row)
+            existing[spec.name] = row
+            result.volumes_created.append(spec.name)
+        elif row.desired_state != spec.state:
+            row.desired_state, row.updated_at = spec.state, now
+            result.volumes_updated.append(spec.name)
+        else:
+            result.volumes_unchanged.append(spec.name)
+    problems = [
+        f"lease {spec.name!r}: volumes.{index}.volume: {mount.volume!r} is stored with state absent "
+        "(to be deleted); declare it present or mount another volume"
+        for spec in specs
+        if spec.state != "absent"
+        for index, mount in enumerate(spec.volumes or ())
+        if mount.volume in existing and existing[mount.volume].desired_state == "absent"
+    ]
+    if problems:
+        raise SpecError("; ".join(problems) + "; nothing was written")
+
+
+def read_volumes(session: Session) -> list[VolumeSpec]:
+    return [
+        VolumeSpec(name=row.name, state=row.desired_state)
+        for row in session.scalars(sa.select(Volume).order_by(Volume.name))
+    ]
+
+
 def _apply_pools(
     session: Session,
     pools: Sequence[PoolSpec],
@@ -282,6 +342,22 @@ def read_specs(
 def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows of the ``lease_overview`` view, as dicts, ordered by name (see controller/overview.py)."""
     return overview_rows(session.connection(), names)
+
+
+def shown_specs(session: Session, names: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per valid lease, its spec as ``get -o json|yaml`` shows it: the YAML form without name and
+    state (those are columns of the view), env values left out (only the variable names, and for a
+    reference where it is read from, never a value)."""
+    rows, _ = load_lease_rows(session, names)
+    shown: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        data = row.lease.to_yaml_dict()
+        data.pop("name", None)
+        data.pop("state", None)
+        if "env" in data:
+            data["env"] = {k: (v if isinstance(v, dict) else "(set)") for k, v in data["env"].items()}
+        shown[row.name] = data
+    return shown
 
 
 def request_rollout(db: Database, names: Sequence[str]) -> list[str]:

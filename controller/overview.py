@@ -69,4 +69,5 @@ def _value(key: str, value: Any) -> Any:
 def overview_rows(conn: sa.Connection, names: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows of ``lease_overview`` as dicts, ordered by name (only ``names`` when given)."""
     result = conn.execute(_NAMED, {"names": list(names)}) if names else conn.execute(_ALL)
-    return [{k: _value(k, v) for k, v in row._mapping.items()} for row in result]
+    # str(): the keys are SQLAlchemy quoted_name, which yaml.safe_dump cannot represent
+    return [{str(k): _value(k, v) for k, v in row._mapping.items()} for row in result]

@@ -85,6 +85,7 @@ A converged lease (``Ready``, ``Stopped``, ``Archived``, ``Deleted`` with no act
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,8 @@ from controller.providers.base import (
     STATE_STOPPED,
     TRANSITIONAL_STATES,
     CreateRequest,
+    Mount,
+    NetworkSettings,
     ObservedSandbox,
     SandboxUpdate,
 )
@@ -242,8 +245,52 @@ def build_create_request(
         # for auto-stop must never be stopped behind the controller's back.
         auto_stop_interval=_int_or_none(spec.get("auto_stop_interval")) or 0,
         auto_archive_interval=_int_or_none(spec.get("auto_archive_interval")),
-        auto_delete_interval=_int_or_none(spec.get("auto_delete_interval")),
+        # ephemeral: true is Daytona's auto_delete_interval 0 (the SDK sends exactly that)
+        auto_delete_interval=0 if spec.get("ephemeral") else _int_or_none(spec.get("auto_delete_interval")),
+        os_user=spec.get("os_user"),
+        public=spec.get("public"),
+        network=network_settings(spec),
+        gpu_type=spec.get("gpu_type"),
+        spot=spec.get("spot"),
+        auto_pause_interval=_int_or_none(spec.get("auto_pause_interval")),
+        secrets={str(k): str(v) for k, v in (spec.get("secrets") or {}).items()},
+        dockerfile=(spec.get("build") or {}).get("dockerfile"),
+        build_context=tuple(str(c) for c in (spec.get("build") or {}).get("context") or ()),
+        volumes=tuple(
+            Mount(volume=str(m["volume"]), mount_path=str(m["mount_path"]), subpath=m.get("subpath"))
+            for m in spec.get("volumes") or ()
+        ),
     )
+
+
+def network_settings(spec: Mapping[str, Any]) -> NetworkSettings | None:
+    """The network policy of a lease's spec columns, or None when the lease says nothing about it."""
+    block, allow, domains = (
+        spec.get("network_block_all"),
+        spec.get("network_allow_list"),
+        spec.get("domain_allow_list"),
+    )
+    if block is None and allow is None and domains is None:
+        return None
+    return NetworkSettings(
+        block_all=bool(block),
+        allow_list=tuple(str(v) for v in allow or ()),
+        domain_allow_list=tuple(str(v) for v in domains or ()),
+    )
+
+
+# Minutes added to Daytona's wall-clock ttl over the lease's expires_at: while leasectl runs it
+# deletes the sandbox at expires_at; Daytona's own end matters only when leasectl is down.
+TTL_MARGIN_MINUTES: Final = 10
+
+
+def ttl_minutes(expires_at: datetime | None, now: datetime) -> int | None:
+    """Daytona's ``ttl_minutes`` for a sandbox created ``now`` for a lease expiring at ``expires_at``:
+    the minutes left, rounded up (at least 1), plus ``TTL_MARGIN_MINUTES``; None without an expiry."""
+    if expires_at is None:
+        return None
+    left = (expires_at - now).total_seconds() / 60
+    return max(1, math.ceil(left)) + TTL_MARGIN_MINUTES
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -690,7 +737,7 @@ def _nothing_live(
             "change the spec to retry",
             **gone,
         )
-    req = lease.create
+    req = replace(lease.create, ttl_minutes=ttl_minutes(lease.expires_at, ctx.now))
     reason = f"creating sandbox {req.name} (spec {lease.spec_hash})"
     action = _action(
         ctx,
@@ -711,7 +758,33 @@ def _nothing_live(
 
 # The spec fields Daytona changes on a live sandbox (controller.specs.IN_PLACE_COLUMNS; a unit test
 # keeps the two equal). Everything else replaces the sandbox.
-IN_PLACE_FIELDS: Final = ("labels", "auto_stop_interval", "auto_archive_interval", "auto_delete_interval")
+IN_PLACE_FIELDS: Final = (
+    "labels",
+    "auto_stop_interval",
+    "auto_archive_interval",
+    "auto_delete_interval",
+    "auto_pause_interval",
+    "ephemeral",
+    "public",
+    "network_block_all",
+    "network_allow_list",
+    "domain_allow_list",
+    "expires_at",
+)
+# The setter (SandboxUpdate field) that applies each in-place field.
+SETTER_OF: Final = {
+    "labels": "labels",
+    "auto_stop_interval": "auto_stop_interval",
+    "auto_archive_interval": "auto_archive_interval",
+    "auto_delete_interval": "auto_delete_interval",
+    "auto_pause_interval": "auto_pause_interval",
+    "ephemeral": "auto_delete_interval",
+    "public": "public",
+    "network_block_all": "network",
+    "network_allow_list": "network",
+    "domain_allow_list": "network",
+    "expires_at": "ttl_minutes",
+}
 # Labels the platform puts on a sandbox itself; an update that replaces all labels keeps them.
 PLATFORM_LABELS: Final = ("code-toolbox-language",)
 DAYTONA_AUTO_ARCHIVE_DEFAULT: Final = 10080  # minutes (7 days): what an unset auto_archive_interval means
@@ -728,13 +801,28 @@ def _legacy_match(lease: LeaseView, sb: ObservedSandbox) -> bool:
     )
 
 
+# In-place fields whose setter runs on every update the record cannot explain: the ones older
+# leasectl ran, and public and the network policy (a sandbox left public or open by a lost record
+# is worse than one request more); the other added fields run only when the lease sets them.
+_ALWAYS_SET: Final = (
+    "labels",
+    "auto_stop_interval",
+    "auto_archive_interval",
+    "auto_delete_interval",
+    "public",
+    "network_block_all",
+)
+
+
 def changed_fields(status: StatusView, sb: ObservedSandbox, lease: LeaseView) -> list[str] | None:
     """The spec fields whose value differs between the recorded sandbox and the lease, or None when
-    the record cannot tell (another sandbox, nothing recorded)."""
+    the record cannot tell (another sandbox, nothing recorded). A field missing on one side (an
+    added field that is unset there) differs from one that is set."""
     known = status.spec_fields
     if not known or not lease.fields or status.sandbox_id != sb.id:
         return None
-    return [f for f in lease.fields if known.get(f) != lease.fields[f]]
+    names = [*lease.fields, *(f for f in known if f not in lease.fields)]
+    return [f for f in names if known.get(f) != lease.fields.get(f)]
 
 
 def _update(ctx: _Ctx, sb: ObservedSandbox, legacy: bool) -> Decision:
@@ -755,6 +843,10 @@ def _update(ctx: _Ctx, sb: ObservedSandbox, legacy: bool) -> Decision:
             else DAYTONA_AUTO_ARCHIVE_DEFAULT
         ),
         "auto_delete_interval": req.auto_delete_interval if req.auto_delete_interval is not None else -1,
+        "auto_pause_interval": req.auto_pause_interval or 0,
+        "public": bool(req.public),
+        "network": req.network or NetworkSettings(),  # no policy in the spec: unrestricted
+        "ttl_minutes": ttl_minutes(lease.expires_at, ctx.now) or 0,  # re-anchored now; 0 = none
     }
     changed = changed_fields(status, sb, lease)
     if legacy:
@@ -765,8 +857,10 @@ def _update(ctx: _Ctx, sb: ObservedSandbox, legacy: bool) -> Decision:
             f"({sb.spec_hash} is {lease.spec_hash} now)"
         )
     else:
-        in_place = [f for f in (changed or IN_PLACE_FIELDS) if f in IN_PLACE_FIELDS]
-        setters = [f for f in in_place if f != "labels"]
+        in_place = [f for f in IN_PLACE_FIELDS if not changed or f in changed]
+        if not changed:  # the record cannot tell: every setter, but only settings the spec has
+            in_place = [f for f in in_place if f in _ALWAYS_SET or f in lease.fields]
+        setters = [SETTER_OF[f] for f in in_place if f != "labels"]
         what = ", ".join(in_place) if changed is not None and in_place else "labels and settings"
         reason = f"update {what} in place on {_describe(sb)}"
     update = SandboxUpdate(labels=labels, **{k: v for k, v in values.items() if k in setters})

@@ -1,6 +1,8 @@
 """One reconcile pass: observe -> plan -> apply -> write status. Called by the CLI and the daemon.
 
-A pass starts with the pool step (``controller.pool_sync``: member rows to add, retire, remove).
+A pass starts with the pool step (``controller.pool_sync``: member rows to add, retire, remove);
+after planning, the volume step (``controller.volume_sync``) creates declared volumes before any
+create that mounts them.
 
 Reads every lease and status row (one read transaction), observes every sandbox of this instance
 (one paginated list call), asks the pure planner for at most one action per lease and runs the
@@ -64,6 +66,7 @@ from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.pools import Headroom
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
 from controller.specs import SPEC_COLUMNS, field_digests, legacy_spec_hash, settings_hash, spec_hash
+from controller.volume_sync import sync_volumes
 from models import Event, Lease, LeaseStatus, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
@@ -374,6 +377,16 @@ class Reconciler:
         views = {lease.name: lease for lease in leases}
         self._check_leader()
         fence = self._fence_for_term()
+        # Declared volumes before the leases that mount them (each create looks its volumes up).
+        sync_volumes(
+            self.db,
+            self.provider,
+            leases,
+            statuses,
+            controller_id=self.controller_id,
+            pass_id=pass_id,
+            fence=fence,
+        )
 
         def before_create(action: Action) -> None:
             self._record_create_attempt(action)

@@ -9,11 +9,13 @@ of one member, and :meth:`PoolSpec.template_hash` the spec hash every current me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -46,17 +48,62 @@ REPLACING_COLUMNS = (
     "disk",
     "gpu",
     "env",  # the toolbox's update_env changes only the daemon's process, not what a restart sees
+    # -- issue 15, the whole sandbox (ADDED_COLUMNS: hashed only when set) --
+    "os_user",  # the user is fixed when the sandbox is made
+    "gpu_type",
+    "spot",  # GPU placement: no setter
+    "secrets",  # Daytona's update_secrets needs a restart for a sandbox created without any
+    "volumes",  # mounts are fixed when the sandbox is made
+    "build",  # the Dockerfile (content) and context digests: a new image
 )
 # Daytona changes these on a live sandbox with a setter (labels: PUT .../labels; the intervals:
-# POST .../autostop|autoarchive|autodelete/{n}): a change is an ``update`` action, never a
-# replacement. Their hash is the ``leasectl-settings`` label.
+# POST .../autostop|autoarchive|autodelete|autopause/{n}; public: POST .../public/{bool}; network:
+# POST .../network-settings; ephemeral is auto_delete_interval 0): a change is an ``update``
+# action, never a replacement. Their hash is the ``leasectl-settings`` label.
 IN_PLACE_COLUMNS = (
     "labels",
     "auto_stop_interval",
     "auto_archive_interval",
     "auto_delete_interval",
+    # -- issue 15, the whole sandbox (ADDED_COLUMNS: hashed only when set) --
+    "auto_pause_interval",
+    "ephemeral",
+    "public",
+    "network_block_all",
+    "network_allow_list",
+    "domain_allow_list",
+    "expires_at",  # Daytona's ttl (POST .../ttl/{n}), re-anchored to the new end
 )
 SPEC_COLUMNS = REPLACING_COLUMNS + IN_PLACE_COLUMNS
+# Spec columns added after sandboxes were already labelled with hashes: a column left unset (NULL)
+# is left out of the hashes and field digests, so adding it changes no existing sandbox's hash.
+ADDED_COLUMNS = frozenset(
+    {
+        "os_user",
+        "gpu_type",
+        "spot",
+        "secrets",
+        "volumes",
+        "build",
+        "auto_pause_interval",
+        "ephemeral",
+        "public",
+        "network_block_all",
+        "network_allow_list",
+        "domain_allow_list",
+        "expires_at",
+    }
+)
+# Columns of `leases` holding JSON (lists or objects).
+JSON_COLUMNS = ("env", "labels", "secrets", "network_allow_list", "domain_allow_list", "volumes", "build")
+MAX_DOCKERFILE_BYTES = 65536
+VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Daytona's GPU types (GpuType in the API contract).
+GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X")
+GpuType = Literal["H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X"]
+OS_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+DOMAIN_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+MAX_ALLOW_LIST = 64  # entries per allow list (a guard against pasted files, not a Daytona limit)
 # The columns the spec hash covered before in-place updates existed (every spec column): a sandbox
 # labelled with this hash of the current spec is up to date and only needs the new labels.
 LEGACY_SPEC_COLUMNS = (
@@ -96,6 +143,132 @@ class Resources(BaseModel):
     gpu: int | None = Field(default=None, gt=0, le=INT_MAX, strict=True)
 
 
+class VolumeMount(BaseModel):
+    """A Daytona volume mounted into a lease's sandbox at ``mount_path`` (``subpath``: only that
+    directory of the volume)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    volume: str
+    mount_path: str
+    subpath: str | None = None
+
+    @field_validator("volume")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _volume_name(value)
+
+    @field_validator("mount_path")
+    @classmethod
+    def _mount_path(cls, value: str) -> str:
+        if not value.startswith("/") or "\x00" in value:
+            raise ValueError(f"{value!r} must be an absolute path (starting with /)")
+        parts = value.strip("/").split("/")
+        if value == "/" or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(
+                f"{value!r} must be a directory below / without '.', '..' or empty parts, e.g. /data"
+            )
+        return value.rstrip("/")
+
+    @field_validator("subpath")
+    @classmethod
+    def _subpath(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = value.strip("/").split("/")
+        if value.startswith("/") or "\x00" in value or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{value!r} must be a relative path inside the volume, without '.' or '..'")
+        return value
+
+
+def _volume_name(value: str) -> str:
+    if not VOLUME_NAME_RE.fullmatch(value):
+        raise ValueError(f"invalid volume name {value!r}: letters, digits, '.', '_' and '-', 1-63 characters")
+    return value
+
+
+class BuildSpec(BaseModel):
+    """An image built by Daytona from a Dockerfile: inline (``dockerfile``) or a file relative to the
+    lease file (``dockerfile_path``), plus ``context`` files or directories (relative to the lease
+    file) that its COPY/ADD lines use. ``apply`` reads the file and resolves every path
+    (:func:`resolve_build`), so the row holds the Dockerfile's content, absolute context paths and
+    their digests (``context_sha256``): a change of any of them changes the spec hash at the next
+    apply and replaces the sandbox."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dockerfile: str | None = Field(default=None, min_length=1)
+    dockerfile_path: str | None = Field(default=None, min_length=1)
+    context: list[str] = Field(default_factory=list)
+    context_sha256: dict[str, str] | None = None  # set by apply: absolute path -> digest
+
+    @model_validator(mode="after")
+    def _one_dockerfile(self) -> BuildSpec:
+        if (self.dockerfile is None) == (self.dockerfile_path is None):
+            raise ValueError("give exactly one of dockerfile (inline) and dockerfile_path")
+        if self.dockerfile is not None:
+            if len(self.dockerfile.encode()) > MAX_DOCKERFILE_BYTES or "\x00" in self.dockerfile:
+                raise ValueError(f"dockerfile: at most {MAX_DOCKERFILE_BYTES} bytes of text")
+            if not any(line.strip().upper().startswith("FROM ") for line in self.dockerfile.splitlines()):
+                raise ValueError("dockerfile: has no FROM line")
+        return self
+
+
+def _tree_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a directory's relative names and file contents."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(path.read_bytes())
+        return digest.hexdigest()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(item.relative_to(path)).encode() + b"\0")
+        digest.update(hashlib.sha256(item.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def resolve_build(build: BuildSpec, base: Path) -> BuildSpec:
+    """The stored form of ``build`` for a lease file in directory ``base``: the Dockerfile's content
+    and every context path absolute, with its digest. ValueError names what cannot be read."""
+    dockerfile = build.dockerfile
+    if build.dockerfile_path is not None:
+        path = (base / build.dockerfile_path).resolve()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"dockerfile_path: cannot read {path}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        try:
+            dockerfile = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"dockerfile_path: {path} is not UTF-8 text") from None
+    digests: dict[str, str] = {}
+    for index, item in enumerate(build.context):
+        path = (base / item).resolve()
+        if not path.exists():
+            raise ValueError(f"context.{index}: {path} does not exist")
+        try:
+            digests[str(path)] = _tree_digest(path)
+        except OSError as exc:
+            raise ValueError(f"context.{index}: cannot read {path}: {exc.strerror or exc}") from None
+    return BuildSpec(dockerfile=dockerfile, context=list(digests), context_sha256=digests or None)
+
+
+class VolumeSpec(BaseModel):
+    """A Daytona volume leasectl manages (top-level ``volumes:``): created before the leases that
+    mount it; deleted only when ``state: absent`` and no lease mounts it any more."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    state: Literal["present", "absent"] = "present"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _volume_name(value)
+
+
 class LeaseSpec(BaseModel):
     """One lease. ``state`` is the desired state (column ``desired_state``)."""
 
@@ -117,6 +290,83 @@ class LeaseSpec(BaseModel):
     auto_delete_interval: int | None = Field(default=None, ge=-1, le=INT_MAX, strict=True)
     expires_at: datetime | None = None
     paused: bool = False
+    # -- issue 15: the whole sandbox (None = Daytona's default, nothing sent) --
+    os_user: str | None = None
+    public: bool | None = None
+    network_block_all: bool | None = None
+    network_allow_list: list[str] | None = Field(default=None, max_length=MAX_ALLOW_LIST)
+    domain_allow_list: list[str] | None = Field(default=None, max_length=MAX_ALLOW_LIST)
+    gpu_type: GpuType | None = None
+    spot: bool | None = None
+    auto_pause_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    ephemeral: bool | None = None
+    # Daytona's own secrets: env variable -> name of a secret of the organization (the sandbox sees
+    # an opaque placeholder, Daytona substitutes the value on outbound requests).
+    secrets: dict[str, str] | None = None
+    volumes: list[VolumeMount] | None = None
+    build: BuildSpec | None = None
+
+    @field_validator("volumes")
+    @classmethod
+    def _one_mount_per_path(cls, value: list[VolumeMount] | None) -> list[VolumeMount] | None:
+        seen: set[str] = set()
+        for mount in value or ():
+            if mount.mount_path in seen:
+                raise ValueError(f"two volumes are mounted on {mount.mount_path}")
+            seen.add(mount.mount_path)
+        return value
+
+    @field_validator("os_user")
+    @classmethod
+    def _os_user(cls, value: str | None) -> str | None:
+        if value is not None and not OS_USER_RE.fullmatch(value):
+            raise ValueError(
+                f"invalid user name {value!r}: lowercase letters, digits, '_' and '-', "
+                "starting with a letter or '_', at most 32 characters"
+            )
+        return value
+
+    @field_validator("network_allow_list")
+    @classmethod
+    def _cidrs(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            try:
+                network = ipaddress.ip_network(item, strict=True)
+            except ValueError as exc:
+                hint = ""
+                if "/" in item:
+                    with contextlib.suppress(ValueError):
+                        hint = f" (did you mean {ipaddress.ip_network(item, strict=False)}?)"
+                raise ValueError(f"{item!r} is not an IPv4 network in CIDR form: {exc}{hint}") from None
+            if network.version != 4 or "/" not in item:
+                raise ValueError(f"{item!r} is not an IPv4 network in CIDR form, e.g. 10.0.0.0/8")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a network twice")
+        return value
+
+    @field_validator("domain_allow_list")
+    @classmethod
+    def _domains(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            if not DOMAIN_RE.fullmatch(item) or len(item) > 253:
+                raise ValueError(f"{item!r} is not a domain name (lowercase, e.g. pypi.org or *.github.com)")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a domain twice")
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _native_secrets(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, name in (value or {}).items():
+            if not ENV_KEY_RE.fullmatch(key):
+                raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+            if not name or "\x00" in name or len(name) > 255:
+                raise ValueError(f"{key}: the name of a Daytona secret must be 1-255 characters")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -174,8 +424,8 @@ class LeaseSpec(BaseModel):
 
     @model_validator(mode="after")
     def _image_rules(self) -> LeaseSpec:
-        if self.snapshot is not None and self.image is not None:
-            raise ValueError("give either snapshot or image, not both")
+        if sum(x is not None for x in (self.snapshot, self.image, self.build)) > 1:
+            raise ValueError("give one of snapshot or image or build, not several")
         if self.resources is not None and self.image is None:
             raise ValueError("resources can only be set together with image")
         return self
@@ -191,12 +441,60 @@ class LeaseSpec(BaseModel):
                 f"so it cannot be kept {self.state}; use state running or absent, or another "
                 "auto_delete_interval (-1 = never)",
             )
-        if self.resources is not None and self.resources.gpu and self.auto_delete_interval != 0:
+        if (
+            self.ephemeral is not None
+            and self.auto_delete_interval is not None
+            and self.ephemeral != (self.auto_delete_interval == 0)
+        ):
+            raise FieldRuleError(
+                "ephemeral",
+                f"ephemeral: {str(self.ephemeral).lower()} contradicts auto_delete_interval: "
+                f"{self.auto_delete_interval} (ephemeral means auto_delete_interval 0); give one of them",
+            )
+        if self.ephemeral and self.state in ("stopped", "archived"):
+            raise FieldRuleError(
+                "ephemeral",
+                f"an ephemeral sandbox is deleted when it stops and cannot be archived, so it cannot be "
+                f"kept {self.state}; use state running or absent",
+            )
+        gpu = bool(self.resources is not None and self.resources.gpu)
+        if gpu and not self.is_ephemeral:
             raise FieldRuleError(
                 "auto_delete_interval",
-                "a GPU sandbox must be ephemeral on Daytona: set auto_delete_interval: 0",
+                "a GPU sandbox must be ephemeral on Daytona: "
+                "set auto_delete_interval: 0 (or ephemeral: true)",
+            )
+        if self.auto_pause_interval and self.is_ephemeral:
+            raise FieldRuleError(
+                "auto_pause_interval", "an ephemeral sandbox cannot auto-pause: set it to 0 or leave it out"
+            )
+        if self.auto_pause_interval and self.auto_stop_interval:
+            raise FieldRuleError(
+                "auto_pause_interval",
+                "auto_stop_interval and auto_pause_interval are mutually exclusive: set at most one of them",
+            )
+        if self.gpu_type is not None and not gpu:
+            raise FieldRuleError("gpu_type", "needs a GPU: set resources.gpu (and image)")
+        if self.spot and not gpu:
+            raise FieldRuleError("spot", "spot is for GPU sandboxes only: set resources.gpu (and image)")
+        clash = sorted(set(self.secrets or ()) & set(self.env))
+        if clash:
+            raise FieldRuleError(
+                "secrets",
+                f"{', '.join(clash)} is also set in env: give each variable in env or in secrets, not both",
+            )
+        if self.network_block_all and (self.network_allow_list or self.domain_allow_list):
+            raise FieldRuleError(
+                "network_block_all",
+                "blocks all traffic, so an allow list would not apply: give either network_block_all "
+                "or network_allow_list/domain_allow_list",
             )
         return self
+
+    @property
+    def is_ephemeral(self) -> bool:
+        """Daytona deletes the sandbox when it stops (``ephemeral: true`` or auto_delete_interval 0)."""
+        return bool(self.ephemeral) or self.auto_delete_interval == 0
 
     # -- row form -------------------------------------------------------------------------------
 
@@ -221,6 +519,20 @@ class LeaseSpec(BaseModel):
             "auto_delete_interval": self.auto_delete_interval,
             "expires_at": self.expires_at,
             "paused": self.paused,
+            "os_user": self.os_user,
+            "public": self.public,
+            "network_block_all": self.network_block_all,
+            "network_allow_list": _list_or_none(self.network_allow_list),
+            "domain_allow_list": _list_or_none(self.domain_allow_list),
+            "gpu_type": self.gpu_type,
+            "spot": self.spot,
+            "auto_pause_interval": self.auto_pause_interval,
+            "ephemeral": self.ephemeral,
+            "secrets": dict(self.secrets) if self.secrets is not None else None,
+            "volumes": (
+                [m.model_dump(exclude_none=True) for m in self.volumes] if self.volumes is not None else None
+            ),
+            "build": self.build.model_dump(exclude_none=True) if self.build is not None else None,
         }
 
     @classmethod
@@ -239,8 +551,8 @@ class LeaseSpec(BaseModel):
             auto_stop_interval=row.get("auto_stop_interval"),
             auto_archive_interval=row.get("auto_archive_interval"),
             auto_delete_interval=row.get("auto_delete_interval"),
-            expires_at=row.get("expires_at"),
             paused=bool(row.get("paused")),
+            **{col: row.get(col) for col in ADDED_COLUMNS if row.get(col) is not None},
         )
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -253,25 +565,36 @@ class LeaseSpec(BaseModel):
         return ordered
 
 
+def _list_or_none(value: list[str] | None) -> list[str] | None:
+    return list(value) if value is not None else None
+
+
 def _digest(values: Mapping[str, Any]) -> str:
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _hashed(row: Mapping[str, Any], columns: Iterable[str]) -> dict[str, Any]:
+    """The values a hash covers: every column, except an added column that is not set."""
+    return {col: row.get(col) for col in columns if col not in ADDED_COLUMNS or row.get(col) is not None}
+
+
 def spec_hash(row: Mapping[str, Any]) -> str:
     """A stable short hash of the replacing spec columns of a lease row: a change replaces the sandbox."""
-    return _digest({col: row.get(col) for col in REPLACING_COLUMNS})
+    return _digest(_hashed(row, REPLACING_COLUMNS))
 
 
 def settings_hash(row: Mapping[str, Any]) -> str:
     """A stable short hash of the in-place spec columns: a change is applied with Daytona's setters."""
-    return _digest({col: row.get(col) for col in IN_PLACE_COLUMNS})
+    return _digest(_hashed(row, IN_PLACE_COLUMNS))
 
 
 def legacy_spec_hash(row: Mapping[str, Any]) -> str | None:
     """The hash leasectl before in-place updates put on sandboxes (all spec columns), or None when the
     row uses a column that did not exist then (no sandbox of that time can match it)."""
-    if any(row.get(col) not in (None, False) for col in SPEC_COLUMNS if col not in LEGACY_SPEC_COLUMNS):
+    # expires_at existed then but was not hashed: it does not tell the sandbox's age
+    newer = (col for col in SPEC_COLUMNS if col not in LEGACY_SPEC_COLUMNS and col != "expires_at")
+    if any(row.get(col) not in (None, False) for col in newer):
         return None
     return _digest({col: row.get(col) for col in LEGACY_SPEC_COLUMNS})
 
@@ -279,7 +602,7 @@ def legacy_spec_hash(row: Mapping[str, Any]) -> str | None:
 def field_digests(row: Mapping[str, Any]) -> dict[str, str]:
     """Per spec column a short digest of its value (never the value): ``lease_status.spec_fields``
     keeps those of the sandbox, so ``plan`` can say which fields a change touches."""
-    return {col: _digest({"v": row.get(col)})[:8] for col in SPEC_COLUMNS}
+    return {col: _digest({"v": value})[:8] for col, value in _hashed(row, SPEC_COLUMNS).items()}
 
 
 def _field_path(loc: Sequence[Any]) -> str:
@@ -317,14 +640,19 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+TOP_LEVEL_KEYS = frozenset({"leases", "pools", "volumes"})
+
+
 def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[LeaseSpec]:
     """Validate the parsed YAML of one file; every error names the source, the lease and the field."""
     if data is None:
         return []
-    if not isinstance(data, Mapping) or set(data) - {"leases", "pools"}:
-        extra = sorted(set(data) - {"leases", "pools"}) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping) or set(data) - TOP_LEVEL_KEYS:
+        extra = sorted(set(data) - TOP_LEVEL_KEYS) if isinstance(data, Mapping) else None
         hint = f" (unknown keys: {', '.join(map(str, extra))})" if extra else ""
-        raise SpecError(f"{source}: the top level must be a mapping with the keys 'leases' and 'pools'{hint}")
+        raise SpecError(
+            f"{source}: the top level must be a mapping with the keys 'leases', 'pools' and 'volumes'{hint}"
+        )
     items = data.get("leases")
     if items is None:
         return []
@@ -370,8 +698,10 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
     them, and no lease may be named like a pool's members (``<pool>-...``)."""
     specs: list[LeaseSpec] = []
     pools: list[PoolSpec] = []
+    volumes: list[VolumeSpec] = []
     seen: dict[str, str] = {}
     seen_pools: dict[str, str] = {}
+    seen_volumes: dict[str, str] = {}
     problems: list[str] = []
     for path in paths:
         source = str(path)
@@ -389,9 +719,19 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
         try:
             file_specs = parse_leases(data, source, yaml_lines(text))
             file_pools = parse_pools(data, source)
+            file_volumes = parse_volumes(data, source)
         except SpecError as exc:
             problems.append(str(exc))
             continue
+        for volume in file_volumes:
+            if volume.name in seen_volumes:
+                problems.append(
+                    f"{source}: volume {volume.name!r}: name: duplicate (also defined in "
+                    f"{seen_volumes[volume.name]})"
+                )
+            else:
+                seen_volumes[volume.name] = source
+                volumes.append(volume)
         for pool in file_pools:
             if pool.name in seen_pools:
                 problems.append(
@@ -400,6 +740,16 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
             else:
                 seen_pools[pool.name] = source
                 pools.append(pool)
+        base = Path(source).resolve().parent if source != "-" else Path.cwd()
+        for index, spec in enumerate(file_specs):
+            if spec.build is not None:
+                try:
+                    file_specs[index] = spec = spec.model_copy(
+                        update={"build": resolve_build(spec.build, base)}
+                    )
+                except ValueError as exc:
+                    problems.append(f"{source}: lease {spec.name!r}: build.{exc}")
+                    continue
         for spec in file_specs:
             if spec.name in seen:
                 problems.append(
@@ -415,9 +765,18 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
                     f"{seen[spec.name]}: lease {spec.name!r}: name: matches the member names of pool "
                     f"{pool.name!r} ({pool.name}-...); rename the lease or the pool"
                 )
+    absent = {v.name for v in volumes if v.state == "absent"}
+    for spec in specs:
+        for index, mount in enumerate(spec.volumes or ()):
+            if mount.volume in absent and spec.state != "absent":
+                problems.append(
+                    f"{seen[spec.name]}: lease {spec.name!r}: volumes.{index}.volume: {mount.volume!r} is "
+                    f"declared state: absent in {seen_volumes[mount.volume]}; a lease cannot mount a "
+                    "volume that is to be deleted"
+                )
     if problems:
         raise SpecError("\n".join(problems))
-    return Manifest(leases=specs, pools=pools)
+    return Manifest(leases=specs, pools=pools, volumes=volumes)
 
 
 def _stdin() -> str:
@@ -426,12 +785,18 @@ def _stdin() -> str:
     return sys.stdin.read()
 
 
-def dump_leases(specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = ()) -> str:
-    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` only when there are)."""
+def dump_leases(
+    specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = (), volumes: Iterable[VolumeSpec] = ()
+) -> str:
+    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` and ``volumes:`` only
+    when there are)."""
     data: dict[str, Any] = {"leases": [s.to_yaml_dict() for s in specs]}
     pool_items = [p.to_yaml_dict() for p in pools]
     if pool_items:
         data["pools"] = pool_items
+    volume_items = [v.model_dump() for v in volumes]
+    if volume_items:
+        data["volumes"] = volume_items
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -564,6 +929,34 @@ class Manifest:
 
     leases: list[LeaseSpec]
     pools: list[PoolSpec]
+    volumes: list[VolumeSpec] = field(default_factory=list)
+
+
+def parse_volumes(data: Any, source: str) -> list[VolumeSpec]:
+    """Validate the top-level ``volumes:`` list of one parsed file; errors name the source, the volume
+    and the field."""
+    if not isinstance(data, Mapping) or data.get("volumes") is None:
+        return []
+    items = data["volumes"]
+    if not isinstance(items, list):
+        raise SpecError(f"{source}: 'volumes' must be a list")
+    volumes: list[VolumeSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        label = f"volumes[{index}]"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            label = f"volume {item['name']!r}"
+        if not isinstance(item, Mapping):
+            problems.append(f"{source}: {label}: must be a mapping")
+            continue
+        try:
+            volumes.append(VolumeSpec.model_validate(dict(item)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return volumes
 
 
 def parse_pools(data: Any, source: str) -> list[PoolSpec]:

@@ -18,6 +18,7 @@ from models.tables import (
     LeaseStatus,
     OrphanSighting,
     Pool,
+    Volume,
 )
 from models.views import LEASE_OVERVIEW_SQL, lease_overview
 
@@ -39,6 +40,7 @@ __all__ = [
     "OrphanSighting",
     "Pool",
     "UTCDateTime",
+    "Volume",
     "lease_overview",
     "metadata",
     "utcnow",

@@ -112,6 +112,24 @@ class Lease(Base):
     rollout_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    # The whole sandbox (issue 15); NULL = Daytona's default (nothing sent, left out of the hashes).
+    # No CHECK constraints: adding one on SQLite rebuilds the table; a row that breaks LeaseSpec's
+    # rules is reported Failed by the reconciler (lease_rows) like any other bad row.
+    os_user: Mapped[str | None] = mapped_column(sa.String(32))
+    public: Mapped[bool | None] = mapped_column(sa.Boolean)
+    network_block_all: Mapped[bool | None] = mapped_column(sa.Boolean)
+    network_allow_list: Mapped[list[str] | None] = mapped_column(sa.JSON)  # IPv4 CIDRs
+    domain_allow_list: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    gpu_type: Mapped[str | None] = mapped_column(sa.String(32))
+    spot: Mapped[bool | None] = mapped_column(sa.Boolean)
+    auto_pause_interval: Mapped[int | None] = mapped_column(sa.Integer)
+    ephemeral: Mapped[bool | None] = mapped_column(sa.Boolean)
+    secrets: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)  # env variable -> Daytona secret name
+    # [{"volume": name, "mount_path": "/data", "subpath"?: "x"}]: Daytona volumes mounted by name
+    volumes: Mapped[list[dict[str, str]] | None] = mapped_column(sa.JSON)
+    # {"dockerfile": content, "context": [absolute paths], "context_sha256": {path: digest}}: what
+    # `apply` read (the image Daytona builds); NULL when the lease uses a snapshot or an image name
+    build: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     # Pool members (``pool`` set) are rows the controller inserts for a pool; the claim columns say
     # who holds one (``claimed_at`` NULL with ``claimed_by`` set: reserved by a waiting claimer),
     # until when, and when it was given back. Plain leases leave them all NULL.
@@ -143,6 +161,24 @@ class Pool(Base):
     min_ready: Mapped[int] = mapped_column(sa.Integer, server_default="0")
     max_size: Mapped[int | None] = mapped_column(sa.Integer)
     claim_ttl_seconds: Mapped[int | None] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+VOLUME_STATES = ("present", "absent")
+
+
+class Volume(Base):
+    """A Daytona volume leasectl manages, owned by the operator (top-level ``volumes:`` of a lease
+    file). The reconciler creates a ``present`` one that Daytona lacks and deletes an ``absent`` one
+    once no lease mounts it; a volume no row names is never touched."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (sa.CheckConstraint(_in("desired_state", VOLUME_STATES), name="desired_state"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(63), unique=True)
+    desired_state: Mapped[str] = mapped_column(sa.String(16), server_default="present")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
 

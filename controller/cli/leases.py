@@ -53,6 +53,7 @@ def apply(
             cli.database(),
             manifest.leases,
             pools=manifest.pools,
+            volumes=manifest.volumes,
             prune=prune,
             dry_run=dry_run,
             prune_all=prune_all,
@@ -75,6 +76,13 @@ def apply(
     ):
         for name in names:
             out.print(f"pool/{name} {label}", highlight=False)
+    for label, names in (
+        ("created", result.volumes_created),
+        ("updated", result.volumes_updated),
+        ("unchanged", result.volumes_unchanged),
+    ):
+        for name in names:
+            out.print(f"volume/{name} {label}", highlight=False)
     out.print(
         f"{len(result.created)} created, {len(result.updated)} updated, "
         f"{len(result.unchanged)} unchanged, {len(result.pruned)} pruned{suffix}",
@@ -156,6 +164,12 @@ def get(
         database = cli.database()
         with database.read() as conn:
             rows = overview_rows(conn, names or ())
+        if output is not OutputFormat.table:  # json/yaml also show the spec (env values never)
+            from controller.leases import shown_specs
+
+            with database.session(readonly=True) as session:
+                specs = shown_specs(session, names or ())
+            rows = [{**r, "spec": specs.get(r["name"])} for r in rows]
     missing = sorted(set(names or ()) - {r["name"] for r in rows})
     if missing and watch:
         fail(f"no such lease: {', '.join(missing)}", EXIT_INVALID)
@@ -205,14 +219,16 @@ def export(
     names: Annotated[list[str] | None, typer.Argument(help="Lease names (default: all).")] = None,
 ) -> None:
     """Print the leases and pools as YAML that `apply` accepts (pool members belong to their pool)."""
-    from controller.leases import read_pools, read_specs
+    from controller.leases import read_pools, read_specs, read_volumes
     from controller.specs import dump_leases
 
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
         invalid: list[Any] = []
         text = dump_leases(
-            read_specs(session, names or (), invalid=invalid), read_pools(session) if not names else ()
+            read_specs(session, names or (), invalid=invalid),
+            read_pools(session) if not names else (),
+            read_volumes(session) if not names else (),
         )
     for bad in invalid:
         err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)

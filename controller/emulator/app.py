@@ -22,6 +22,8 @@ import contextlib
 import hmac
 import json
 import logging
+import shutil
+import uuid
 from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,11 +32,19 @@ from typing import Any
 from aiohttp import web
 
 from . import toolbox
-from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response
+from .errors import SOURCE_API, SOURCE_PROXY, ApiError, error_response, json_response, now_iso
 from .faults import THROTTLE_LIMITS, Faults, FaultSettings, throttler_for, validate
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, check_list, parse_secrets, secret_placeholder
 from .sessions import Sessions
-from .state import DEFAULT_SNAPSHOT, ERRORED, SandboxRecord, Store, decode_cursor, encode_cursor
+from .state import (
+    DEFAULT_SNAPSHOT,
+    ERRORED,
+    SandboxRecord,
+    Store,
+    VolumeRecord,
+    decode_cursor,
+    encode_cursor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +361,9 @@ async def toolbox_proxy_url(request: web.Request) -> web.StreamResponse:
     return json_response({"url": toolbox_url(request)})
 
 
+_STOP_XOR_PAUSE = "autoStopInterval and autoPauseInterval are mutually exclusive"
+
+
 async def set_setting(request: web.Request) -> web.StreamResponse:
     record = find(request)
     setting = request.match_info["setting"]
@@ -362,16 +375,120 @@ async def set_setting(request: web.Request) -> web.StreamResponse:
             number = int(value)
         except ValueError:
             raise ApiError(400, f"{setting} needs an integer", source=SOURCE_API) from None
+        if number < 0 and setting != "autodelete":
+            raise ApiError(400, f"{setting} must not be negative", source=SOURCE_API)
         if setting == "autostop":
+            if number and record.auto_pause_interval:
+                raise ApiError(
+                    400, "autoStopInterval and autoPauseInterval are mutually exclusive", source=SOURCE_API
+                )
             record.auto_stop_interval = number
         elif setting == "autoarchive":
             record.auto_archive_interval = number
         elif setting == "autodelete":
             record.auto_delete_interval = number
+        elif setting == "autopause":
+            if number and record.auto_stop_interval:
+                raise ApiError(
+                    400, "autoStopInterval and autoPauseInterval are mutually exclusive", source=SOURCE_API
+                )
+            if number and record.auto_delete_interval == 0:
+                raise ApiError(400, "Ephemeral sandboxes cannot have auto-pause enabled", source=SOURCE_API)
+            record.auto_pause_interval = number
+        elif setting == "ttl":
+            request.app[LIFECYCLE].set_ttl(record, number)
         else:
             raise ApiError(404, f"unknown setting {setting}", source=SOURCE_API)
     request.app[STORE].save(record)
     return dto(request, record)
+
+
+async def set_network(request: web.Request) -> web.StreamResponse:
+    """``POST /sandbox/{id}/network-settings``: a list given replaces the stored one ("" clears it);
+    ``networkBlockAll: false`` with no list restores unrestricted access and clears both lists."""
+    record = find(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", source=SOURCE_API)
+    block = body.get("networkBlockAll")
+    lists = {k: body.get(k) for k in ("networkAllowList", "domainAllowList") if body.get(k) is not None}
+    if block is None and not lists:
+        raise ApiError(400, "give networkBlockAll, networkAllowList or domainAllowList", source=SOURCE_API)
+    if block is not None and not isinstance(block, bool):
+        raise ApiError(400, "networkBlockAll must be a boolean", source=SOURCE_API)
+    for key, value in lists.items():
+        if not isinstance(value, str):
+            raise ApiError(400, f"{key} must be a string", source=SOURCE_API)
+        checked = check_list(key, value)
+        if checked:
+            record.extra[key] = checked
+        else:
+            record.extra.pop(key, None)
+    if block is False and not lists:
+        record.extra.pop("networkAllowList", None)
+        record.extra.pop("domainAllowList", None)
+    record.network_block_all = bool(block) if block is not None else (record.network_block_all and not lists)
+    request.app[STORE].save(record)
+    return dto(request, record)
+
+
+async def set_secrets(request: web.Request) -> web.StreamResponse:
+    """``PUT /sandbox/{id}/secrets``: replaces the set of Daytona secrets (env placeholders)."""
+    record = find(request)
+    body = await json_body(request)
+    secrets = parse_secrets(body.get("secrets") if isinstance(body, dict) else None)
+    for key in record.secrets:
+        record.env.pop(key, None)
+    record.secrets = secrets
+    record.env.update({k: secret_placeholder(v) for k, v in secrets.items()})
+    request.app[STORE].save(record)
+    return dto(request, record)
+
+
+# -- volumes -----------------------------------------------------------------------------------
+
+
+def _volume(request: web.Request, key: str) -> VolumeRecord:
+    volume = request.app[STORE].find_volume(request.match_info[key])
+    if volume is None:
+        raise ApiError(404, f"Volume with ID or name {request.match_info[key]} not found", source=SOURCE_API)
+    return volume
+
+
+async def list_volumes(request: web.Request) -> web.StreamResponse:
+    return json_response([v.to_dto() for v in request.app[STORE].volumes.values()])
+
+
+async def create_volume(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "name is required", source=SOURCE_API)
+    store = request.app[STORE]
+    if any(v.name == name for v in store.volumes.values()):
+        raise ApiError(409, f"Volume with name {name} already exists", source=SOURCE_API)
+    volume = VolumeRecord(id=str(uuid.uuid4()), name=name, created_at=now_iso())
+    store.save_volume(volume)
+    return json_response(volume.to_dto())
+
+
+async def get_volume(request: web.Request) -> web.StreamResponse:
+    return json_response(_volume(request, "volumeId").to_dto())
+
+
+async def get_volume_by_name(request: web.Request) -> web.StreamResponse:
+    return json_response(_volume(request, "name").to_dto())
+
+
+async def delete_volume(request: web.Request) -> web.StreamResponse:
+    """Refused while a sandbox mounts the volume; the directory goes with the volume."""
+    volume = _volume(request, "volumeId")
+    if request.app[LIFECYCLE].in_use(volume.id):
+        raise ApiError(409, f"Volume {volume.name} is in use by a sandbox", source=SOURCE_API)
+    store = request.app[STORE]
+    store.remove_volume(volume)
+    shutil.rmtree(store.volume_dir(volume.id), ignore_errors=True)
+    return web.Response(status=200)
 
 
 async def get_config(request: web.Request) -> web.StreamResponse:
@@ -567,10 +684,17 @@ def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
         allow_head=False,
     )
     r.add_post(
-        "/api/sandbox/{idOrName}/{setting:autostop|autoarchive|autodelete|public}/{value}",
+        "/api/sandbox/{idOrName}/{setting:autostop|autoarchive|autodelete|autopause|ttl|public}/{value}",
         set_setting,
         name="settings",
     )
+    r.add_post("/api/sandbox/{idOrName}/network-settings", set_network, name="network_settings")
+    r.add_put("/api/sandbox/{idOrName}/secrets", set_secrets, name="secrets")
+    r.add_get("/api/volumes", list_volumes, name="list_volumes", allow_head=False)
+    r.add_post("/api/volumes", create_volume, name="create_volume")
+    r.add_get("/api/volumes/by-name/{name}", get_volume_by_name, name="get_volume_by_name", allow_head=False)
+    r.add_get("/api/volumes/{volumeId}", get_volume, name="get_volume", allow_head=False)
+    r.add_delete("/api/volumes/{volumeId}", delete_volume, name="delete_volume")
     r.add_get("/api/config", get_config, name="config", allow_head=False)
     tb = "/toolbox/{sandboxId}"
     r.add_post(f"{tb}/process/execute", tb_execute, name="execute")

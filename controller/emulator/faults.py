@@ -43,6 +43,13 @@ OPERATIONS = (
     "labels",
     "toolbox_proxy_url",
     "settings",
+    "network_settings",
+    "secrets",
+    "list_volumes",
+    "create_volume",
+    "get_volume",
+    "get_volume_by_name",
+    "delete_volume",
     "config",
     "execute",
     "work_dir",
@@ -65,7 +72,9 @@ LIFECYCLE = ("create", "start", "stop", "archive", "recover", "delete")
 THROTTLE_CREATE = "sandbox-create"
 THROTTLE_LIFECYCLE = "sandbox-lifecycle"
 THROTTLE_AUTHENTICATED = "authenticated"
-_LIFECYCLE_THROTTLED = frozenset({"start", "stop", "archive", "recover", "delete", "labels", "settings"})
+_LIFECYCLE_THROTTLED = frozenset(
+    {"start", "stop", "archive", "recover", "delete", "labels", "settings", "network_settings", "secrets"}
+)
 # The limits we print in X-RateLimit-Limit-<name> (per minute; the create figure is Daytona's
 # tier-1 creation limit, the others are our guess and only informative).
 THROTTLE_LIMITS = {THROTTLE_CREATE: 300, THROTTLE_LIFECYCLE: 10_000, THROTTLE_AUTHENTICATED: 10_000}

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,38 @@ def _int(body: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000", "RTX-4090", "RTX-5090", "MI355X")
+_CIDR_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})$")
+
+
+def secret_placeholder(name: str) -> str:
+    """What a sandbox's env holds for a Daytona secret: an opaque stand-in, never a value (the real
+    server substitutes the value on outbound requests; the local API has no secret store)."""
+    return f"daytona-secret-placeholder:{name}"
+
+
+def check_list(key: str, value: str) -> str:
+    """A comma-separated allow list as Daytona stores it; CIDRs must be IPv4 networks."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if key == "networkAllowList":
+        for item in items:
+            match = _CIDR_RE.fullmatch(item)
+            if match is None or any(int(p) > 255 for p in match.groups()[:4]) or int(match.group(5)) > 32:
+                raise _bad(f"Invalid CIDR in networkAllowList: {item}")
+    return ",".join(items)
+
+
+def parse_secrets(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not all(
+        isinstance(item, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in item.items())
+        for item in value
+    ):
+        raise _bad("secrets must be a list of {ENV_NAME: secretName} objects")
+    return {k: v for item in value for k, v in item.items()}
+
+
 def _bad(message: str) -> ApiError:
     return ApiError(400, message, source=SOURCE_API)
 
@@ -115,6 +149,9 @@ class Lifecycle:
         now = self.clock()
         for record in list(self.store.by_id.values()):
             if record.pending_until is not None or record.desired_state == "destroyed":
+                continue
+            if record.auto_destroy_ts and now >= record.auto_destroy_ts:  # ttl: whatever the state
+                self._destroy(record)
                 continue
             if record.state == "started" and record.auto_stop_interval > 0:
                 if now - record.last_activity_ts >= self.faults.minutes(record.auto_stop_interval):
@@ -308,8 +345,18 @@ class Lifecycle:
         extra = {
             key: body[key]
             for key in ("networkAllowList", "domainAllowList", "outboundProxyUrl", "otelEndpointOverride")
-            if isinstance(body.get(key), str)
+            if isinstance(body.get(key), str) and body[key] != ""
         }
+        for key in ("networkAllowList", "domainAllowList"):
+            if key in extra:
+                extra[key] = check_list(key, extra[key])
+        secrets = parse_secrets(body.get("secrets"))
+        gpu_types = body.get("gpuType")
+        if gpu_types is not None and (
+            not isinstance(gpu_types, list) or not all(t in GPU_TYPES for t in gpu_types)
+        ):
+            raise _bad(f"gpuType must be a list of {', '.join(GPU_TYPES)}")
+        ttl = _int(body, "ttlMinutes", 0)
         record = SandboxRecord(
             id=sandbox_id,
             name=name,
@@ -321,7 +368,10 @@ class Lifecycle:
             desired_state="started",
             snapshot=snapshot,
             user=body["user"] if isinstance(body.get("user"), str) else "daytona",
-            env=_str_map(body.get("env"), "env"),
+            env={
+                **_str_map(body.get("env"), "env"),
+                **{k: secret_placeholder(v) for k, v in secrets.items()},
+            },
             labels=labels,
             public=bool(body.get("public", False)),
             network_block_all=bool(body.get("networkBlockAll", False)),
@@ -334,8 +384,12 @@ class Lifecycle:
             auto_stop_interval=_int(body, "autoStopInterval", 15),
             auto_archive_interval=_int(body, "autoArchiveInterval", 10080),
             auto_delete_interval=_int(body, "autoDeleteInterval", -1, -1),
+            auto_pause_interval=_int(body, "autoPauseInterval", 0),
+            spot=bool(body.get("spot", False)),
+            gpu_type=gpu_types[0] if gpu_types else None,
+            secrets=secrets,
             build_info=stored_build,
-            volumes=[v for v in body.get("volumes") or [] if isinstance(v, dict)],
+            volumes=self._mounts(body.get("volumes")),
             extra=extra,
             last_activity_ts=now,
             last_activity_at=now_text,
@@ -343,14 +397,80 @@ class Lifecycle:
         )
         if record.gpu > 0 and record.auto_delete_interval != 0:
             raise _bad("GPU sandboxes must be ephemeral (autoDeleteInterval 0)")
+        if (record.spot or record.gpu_type is not None) and record.gpu == 0:
+            raise _bad("spot and gpuType need a GPU sandbox")
+        if record.auto_pause_interval and record.auto_stop_interval:
+            raise _bad("autoStopInterval and autoPauseInterval are mutually exclusive")
+        if record.auto_pause_interval and record.auto_delete_interval == 0:
+            raise _bad("Ephemeral sandboxes cannot have auto-pause enabled")
+        if ttl > 0:
+            self.set_ttl(record, ttl, now)
         self._capacity(record, new=True)
         record.seq = self.store.next_seq()
         root = self.store.root_of(record)
         (root / HOME_RELATIVE).mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
+        for mount in record.volumes:
+            # The volume's directory (or its subpath) is bind-mapped into the sandbox root by a
+            # symlink at the mount path; the toolbox's file API follows it (see toolbox.py).
+            target = self.store.volume_dir(mount["volumeId"]) / (mount.get("subpath") or "")
+            target.mkdir(parents=True, exist_ok=True)
+            link = root / mount["mountPath"].strip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                raise _bad(f"mount path {mount['mountPath']} is taken")
+            link.symlink_to(target, target_is_directory=True)
         self._save(record)
         self._begin_start(record, "create", "creating")
         return record
+
+    def _mounts(self, value: Any) -> list[dict[str, Any]]:
+        """Validate a create's ``volumes``: each volume exists and is ready, mount paths are absolute,
+        below / and distinct. Stored with the volume's id (a name is accepted too)."""
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise _bad("volumes must be a list of {volumeId, mountPath, subpath?}")
+        mounts: list[dict[str, Any]] = []
+        paths: set[str] = set()
+        for item in value:
+            volume_id, path, subpath = item.get("volumeId"), item.get("mountPath"), item.get("subpath")
+            if not isinstance(volume_id, str) or not isinstance(path, str):
+                raise _bad("each volume needs volumeId and mountPath strings")
+            volume = self.store.find_volume(volume_id)
+            if volume is None:
+                raise ApiError(404, f"Volume {volume_id} not found", source=SOURCE_API)
+            if volume.state != "ready":
+                raise _bad(f"Volume {volume.name} is not ready ({volume.state})")
+            norm = "/" + "/".join(p for p in path.split("/") if p)
+            if not path.startswith("/") or norm == "/" or ".." in norm.split("/") or norm in paths:
+                raise _bad(f"Invalid mount path {path}")
+            if subpath is not None and (
+                not isinstance(subpath, str) or subpath.startswith("/") or ".." in subpath.split("/")
+            ):
+                raise _bad(f"Invalid subpath {subpath}")
+            paths.add(norm)
+            mount = {"volumeId": volume.id, "mountPath": norm}
+            if subpath:
+                mount["subpath"] = subpath
+            mounts.append(mount)
+        return mounts
+
+    def in_use(self, volume_id: str) -> bool:
+        """Whether a sandbox that is not being destroyed mounts the volume."""
+        return any(
+            r.desired_state != "destroyed" and any(m.get("volumeId") == volume_id for m in r.volumes)
+            for r in self.store.by_id.values()
+        )
+
+    def set_ttl(self, record: SandboxRecord, minutes: int, now: float | None = None) -> None:
+        """Daytona's ttl: destroyed ``minutes`` from now whatever its state (0 = never)."""
+        if minutes <= 0:
+            record.auto_destroy_ts, record.auto_destroy_at = 0.0, None
+            return
+        at = (now if now is not None else self.clock()) + self.faults.minutes(minutes)
+        record.auto_destroy_ts = at
+        record.auto_destroy_at = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
     def start(self, record: SandboxRecord) -> SandboxRecord:
         if record.state == "started" and record.pending_until is None:

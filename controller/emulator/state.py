@@ -74,6 +74,15 @@ class SandboxRecord:
     auto_stop_interval: int = 15
     auto_archive_interval: int = 10080
     auto_delete_interval: int = -1
+    auto_pause_interval: int = 0
+    spot: bool = False
+    gpu_type: str | None = None
+    # Daytona's ttl: epoch seconds when the sandbox is destroyed whatever its state (0 = never) and
+    # the same time as Daytona prints it.
+    auto_destroy_ts: float = 0.0
+    auto_destroy_at: str | None = None
+    # Daytona's own secrets: env variable -> secret name (the sandbox's env holds a placeholder).
+    secrets: dict[str, str] = field(default_factory=dict)
     error_reason: str | None = None
     recoverable: bool = False
     build_info: dict[str, Any] | None = None
@@ -116,6 +125,8 @@ class SandboxRecord:
             "autoStopInterval": self.auto_stop_interval,
             "autoArchiveInterval": self.auto_archive_interval,
             "autoDeleteInterval": self.auto_delete_interval,
+            "autoPauseInterval": self.auto_pause_interval,
+            "spot": self.spot,
             "volumes": list(self.volumes),
             "buildInfo": self.build_info,
             "createdAt": self.created_at,
@@ -126,6 +137,10 @@ class SandboxRecord:
             "runnerId": "local",
             "toolboxProxyUrl": toolbox_proxy_url,
         }
+        if self.gpu_type is not None:
+            dto["gpuType"] = self.gpu_type
+        if self.auto_destroy_at is not None:
+            dto["autoDestroyAt"] = self.auto_destroy_at
         dto.update(self.extra)
         if list_item:
             dto["state"] = list_state(self.state, self.desired_state)
@@ -134,6 +149,28 @@ class SandboxRecord:
         elif dto["buildInfo"] is None:
             del dto["buildInfo"]
         return dto
+
+
+@dataclass
+class VolumeRecord:
+    """A Daytona volume: a shared directory ``<state-dir>/volumes/<id>/`` that sandboxes mount."""
+
+    id: str
+    name: str
+    created_at: str
+    state: str = "ready"
+
+    def to_dto(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "organizationId": ORGANIZATION_ID,
+            "state": self.state,
+            "createdAt": self.created_at,
+            "updatedAt": self.created_at,
+            "lastUsedAt": None,
+            "errorReason": None,
+        }
 
 
 def encode_cursor(values: list[Any]) -> str:
@@ -164,6 +201,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, seq INTEGER, data TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS volumes (id TEXT PRIMARY KEY, data TEXT)")
+        self.volumes_dir = state_dir / "volumes"
+        self.volumes: dict[str, VolumeRecord] = {
+            record.id: record
+            for record in (
+                VolumeRecord(**json.loads(data)) for (data,) in self._db.execute("SELECT data FROM volumes")
+            )
+        }
         self.by_id: dict[str, SandboxRecord] = {}
         self.by_name: dict[str, SandboxRecord] = {}
         self.pending: set[str] = set()
@@ -215,6 +260,25 @@ class Store:
 
     def root_of(self, record: SandboxRecord) -> Path:
         return self.sandboxes_dir / record.id
+
+    def volume_dir(self, volume_id: str) -> Path:
+        return self.volumes_dir / volume_id
+
+    def save_volume(self, volume: VolumeRecord) -> None:
+        self.volumes[volume.id] = volume
+        self.volume_dir(volume.id).mkdir(parents=True, exist_ok=True)
+        self._db.execute(
+            "INSERT OR REPLACE INTO volumes (id, data) VALUES (?, ?)", (volume.id, json.dumps(asdict(volume)))
+        )
+
+    def remove_volume(self, volume: VolumeRecord) -> None:
+        self.volumes.pop(volume.id, None)
+        self._db.execute("DELETE FROM volumes WHERE id = ?", (volume.id,))
+
+    def find_volume(self, id_or_name: str) -> VolumeRecord | None:
+        return self.volumes.get(id_or_name) or next(
+            (v for v in self.volumes.values() if v.name == id_or_name), None
+        )
 
     def next_seq(self) -> int:
         seq = self._next_seq

@@ -14,6 +14,9 @@ Path mapping (the SDK only round-trips the strings):
   used as is (the host's ``/tmp`` is shared, as commands see it);
 - any other absolute path is mapped into the root: ``/home/daytona/x`` -> ``<root>/home/daytona/x``
   (file calls round-trip; commands see only the host path, so prefer the reported dirs);
+- a volume mounted at ``/data`` is a symlink ``<root>/data`` -> ``<state-dir>/volumes/<id>/[subpath]``:
+  paths through it are allowed (the volume is shared by every sandbox that mounts it); commands
+  see the host path, so they reach it as ``$DAYTONA_SANDBOX_ROOT/data`` or with ``cwd: /data``;
 - anything else (e.g. ``..`` out of the root) is refused (403 ``FILE_ACCESS_DENIED``);
 - the check is made on the real path (symlinks resolved), so a symlink inside the sandbox that
   points out of it (``ln -s /etc etclink``) cannot be read, written or used as a cwd through the
@@ -93,9 +96,20 @@ def resolve_path(store: Store, record: SandboxRecord, raw: str | None, *, follow
             real_state = os.path.realpath(state_dir)
             if _inside(real, os.path.realpath("/tmp")) and not _inside(real, real_state):
                 return Path(candidate)
-        elif _inside(real, os.path.realpath(root)):
+        elif _inside(real, os.path.realpath(root)) or any(
+            _inside(real, os.path.realpath(d)) for d in mounted_dirs(store, record)
+        ):
             return Path(candidate)
     raise ApiError(403, f"access to {raw} is denied", code="FILE_ACCESS_DENIED", source=SOURCE_DAEMON)
+
+
+def mounted_dirs(store: Store, record: SandboxRecord) -> list[Path]:
+    """The volume directories (or subpaths) mounted into the sandbox: reachable through its mounts."""
+    return [
+        store.volume_dir(str(m.get("volumeId"))) / str(m.get("subpath") or "")
+        for m in record.volumes
+        if isinstance(m, dict)
+    ]
 
 
 def _not_found(raw: str) -> ApiError:
@@ -115,6 +129,7 @@ def command_env(store: Store, record: SandboxRecord, extra: dict[str, str]) -> d
         "SHELL": "/bin/bash",
         "DAYTONA_SANDBOX_ID": record.id,
         "DAYTONA_SANDBOX_USER": record.user,
+        "DAYTONA_SANDBOX_ROOT": str(store.root_of(record)),  # local API only: where /<mount> lives
     }
     if record.snapshot:
         env["DAYTONA_SANDBOX_SNAPSHOT"] = record.snapshot

@@ -115,6 +115,59 @@ class CreateRequest:
     # env variable -> secret reference ({"from_env": NAME} / {"from_file": path}); the applier resolves
     # them into ``env`` right before the create (controller.secrets), so providers never see one.
     secret_refs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # -- the whole sandbox (issue 15); None = Daytona's default, not sent --
+    os_user: str | None = None
+    public: bool | None = None
+    network: NetworkSettings | None = None
+    gpu_type: str | None = None
+    spot: bool | None = None
+    auto_pause_interval: int | None = None
+    ttl_minutes: int | None = None  # Daytona's own wall-clock end (from the lease's expires_at)
+    secrets: Mapping[str, str] = field(default_factory=dict)  # env variable -> Daytona secret name
+    # Mounts by volume name; the applier fills in each ``volume_id`` right before the create (the
+    # volume must exist and be ready at Daytona, else the lease waits in phase Blocked).
+    volumes: tuple[Mount, ...] = ()
+    # An image Daytona builds: the Dockerfile's content and the absolute paths of its context files
+    # (the Daytona provider uploads them to Daytona's object storage first). Excludes snapshot/image.
+    dockerfile: str | None = None
+    build_context: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A volume mounted into a sandbox at ``mount_path`` (``subpath``: only that directory of it)."""
+
+    volume: str  # the volume's name
+    mount_path: str
+    subpath: str | None = None
+    volume_id: str | None = None
+
+
+VOLUME_READY = "ready"
+
+
+@dataclass(frozen=True)
+class ObservedVolume:
+    """A Daytona volume (``state``: ready, creating, pending_create, deleting, error, ...)."""
+
+    id: str
+    name: str
+    state: str
+    error_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """A sandbox's outbound network policy (Daytona's network settings): block everything, or allow
+    only the listed IPv4 networks and domains; all empty and False = unrestricted."""
+
+    block_all: bool = False
+    allow_list: tuple[str, ...] = ()  # IPv4 CIDRs
+    domain_allow_list: tuple[str, ...] = ()
+
+    @property
+    def restricted(self) -> bool:
+        return self.block_all or bool(self.allow_list) or bool(self.domain_allow_list)
 
 
 @dataclass(frozen=True)
@@ -127,12 +180,33 @@ class SandboxUpdate:
     auto_stop_interval: int | None = None
     auto_archive_interval: int | None = None
     auto_delete_interval: int | None = None
+    auto_pause_interval: int | None = None
+    public: bool | None = None
+    network: NetworkSettings | None = None
+    ttl_minutes: int | None = None  # Daytona's ttl from now (0 = none)
 
     @property
     def setters(self) -> tuple[str, ...]:
-        """The settings this update changes, in the order they are applied."""
-        names = ("auto_stop_interval", "auto_archive_interval", "auto_delete_interval", "labels")
-        return tuple(n for n in names if getattr(self, n) is not None)
+        """The settings this update changes, in the order they are applied. Daytona refuses auto-stop
+        and auto-pause both non-zero, so the one that becomes zero is set first."""
+        order = list(UPDATE_SETTERS)
+        if self.auto_pause_interval:
+            order.remove("auto_pause_interval")
+            order.insert(order.index("auto_stop_interval") + 1, "auto_pause_interval")
+        return tuple(n for n in order if getattr(self, n) is not None)
+
+
+# The setters of an in-place update, in the order they are applied (labels last).
+UPDATE_SETTERS = (
+    "auto_pause_interval",
+    "auto_stop_interval",
+    "auto_archive_interval",
+    "auto_delete_interval",
+    "public",
+    "network",
+    "ttl_minutes",
+    "labels",
+)
 
 
 @dataclass(frozen=True)
@@ -183,6 +257,20 @@ class SandboxProvider(Protocol):
 
     def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
         """Apply ``update`` in place (each setter is idempotent; labels last)."""
+        ...
+
+    # Volumes (Daytona's shared persistent storage, mounted into sandboxes by id).
+
+    def list_volumes(self) -> list[ObservedVolume]: ...
+
+    def get_volume(self, name: str) -> ObservedVolume | None:
+        """The volume with this name, or None."""
+        ...
+
+    def create_volume(self, name: str) -> ObservedVolume: ...
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete; a volume that is already gone is not an error."""
         ...
 
     def exec(

@@ -38,21 +38,28 @@ import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 # Submodules, not the packages' lazy top levels: exactly what the provider uses gets imported.
 from daytona.internal.urllib3_retry import RemoteDisconnectedRetry
+from daytona_api_client.api.object_storage_api import ObjectStorageApi
 from daytona_api_client.api.sandbox_api import SandboxApi
+from daytona_api_client.api.volumes_api import VolumesApi
 from daytona_api_client.api_client import ApiClient
 from daytona_api_client.configuration import Configuration
 from daytona_api_client.exceptions import ApiException
 from daytona_api_client.models.create_build_info import CreateBuildInfo
 from daytona_api_client.models.create_sandbox import CreateSandbox
+from daytona_api_client.models.create_volume import CreateVolume
+from daytona_api_client.models.gpu_type import GpuType
 from daytona_api_client.models.sandbox_labels import SandboxLabels
 from daytona_api_client.models.sandbox_list_sort_direction import SandboxListSortDirection
 from daytona_api_client.models.sandbox_list_sort_field import SandboxListSortField
+from daytona_api_client.models.sandbox_volume import SandboxVolume
+from daytona_api_client.models.update_sandbox_network_settings import UpdateSandboxNetworkSettings
 from daytona_api_client.rest import RESTResponse
 from daytona_toolbox_api_client.api.process_api import ProcessApi
 from daytona_toolbox_api_client.api_client import ApiClient as ToolboxApiClient
@@ -80,7 +87,9 @@ from controller.errors import (
 from controller.providers.base import (
     CreateRequest,
     ExecResult,
+    NetworkSettings,
     ObservedSandbox,
+    ObservedVolume,
     SandboxUpdate,
     SessionCommand,
 )
@@ -346,6 +355,27 @@ def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
     return [observed_from_item(item) for item in page.items or ()], page.next_cursor or None
 
 
+def _volume(item: Any) -> ObservedVolume:
+    return ObservedVolume(
+        id=item.id, name=item.name, state=_state(item.state), error_reason=item.error_reason or None
+    )
+
+
+def _network_fields(network: NetworkSettings | None, *, update: bool = False) -> dict[str, Any]:
+    """Daytona's network fields (comma-separated lists) for a create or a network-settings update.
+
+    On create, nothing is sent for no policy. An update always says ``network_block_all``; a list
+    the spec emptied while the other stays is sent as "" (cleared), and with no list at all
+    ``network_block_all: false`` alone restores unrestricted access (Daytona clears stored lists)."""
+    if network is None:
+        return {"network_block_all": False} if update else {}
+    allow, domains = ",".join(network.allow_list), ",".join(network.domain_allow_list)
+    fields: dict[str, Any] = {"network_block_all": network.block_all}
+    if allow or domains:
+        fields |= {"network_allow_list": allow, "domain_allow_list": domains}
+    return fields if update else {k: v for k, v in fields.items() if v != ""}
+
+
 class DaytonaProvider:
     """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
 
@@ -369,6 +399,7 @@ class DaytonaProvider:
         self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
         self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
         self._api = SandboxApi(self._api_client)
+        self._volumes = VolumesApi(self._api_client)
         self._api_url = api_url.rstrip("/")
         self._api_key = api_key
         self._high_level: Any = None
@@ -482,10 +513,19 @@ class DaytonaProvider:
             auto_stop_interval=request.auto_stop_interval,
             auto_archive_interval=request.auto_archive_interval,
             auto_delete_interval=request.auto_delete_interval,
-            build_info=(
-                CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n") if request.image else None
-            ),
-            volumes=[],
+            build_info=self._build_info(request),
+            volumes=[
+                SandboxVolume(volume_id=m.volume_id or m.volume, mount_path=m.mount_path, subpath=m.subpath)
+                for m in request.volumes
+            ],
+            user=request.os_user,
+            public=request.public,
+            gpu_type=[GpuType(request.gpu_type)] if request.gpu_type else None,
+            spot=request.spot,
+            auto_pause_interval=request.auto_pause_interval,
+            ttl_minutes=request.ttl_minutes,
+            secrets=[{key: name} for key, name in sorted(request.secrets.items())] or None,
+            **_network_fields(request.network),
         )
         item = self._call(
             "create",
@@ -493,6 +533,35 @@ class DaytonaProvider:
             lambda: self._api.create_sandbox(body, _request_timeout=self._timeout),
         )
         return to_observed(item)
+
+    def _build_info(self, request: CreateRequest) -> CreateBuildInfo | None:
+        """Daytona's build info: ``FROM <image>`` for an image name, or the lease's Dockerfile with
+        its context uploaded to Daytona's object storage first (the SDK's own upload, which skips an
+        archive whose hash is already stored)."""
+        if request.dockerfile is not None:
+            hashes: list[str] | None = None
+            if request.build_context:
+                # The SDK's image context and upload step: imported here, its package is slow to load.
+                from daytona import Image
+                from daytona._sync.snapshot import SnapshotService
+
+                image = Image.base("scratch")
+                for path in request.build_context:
+                    name = path.rstrip("/").rsplit("/", 1)[-1]
+                    if Path(path).is_dir():
+                        image = image.add_local_dir(path, f"/{name}")
+                    else:
+                        image = image.add_local_file(path, f"/{name}")
+                storage = ObjectStorageApi(self._api_client)
+                hashes = self._call(
+                    "create",
+                    f"upload build context of {request.name}",
+                    lambda: SnapshotService.process_image_context(storage, image),
+                )
+            return CreateBuildInfo(dockerfile_content=request.dockerfile, context_hashes=hashes)
+        if request.image:
+            return CreateBuildInfo(dockerfile_content=f"FROM {request.image}\n")
+        return None
 
     def start(self, sandbox_id: str) -> None:
         self._call(
@@ -541,13 +610,58 @@ class DaytonaProvider:
             "auto_stop_interval": api.set_autostop_interval,
             "auto_archive_interval": api.set_auto_archive_interval,
             "auto_delete_interval": api.set_auto_delete_interval,
+            "auto_pause_interval": api.set_auto_pause_interval,
+            "public": api.update_public_status,
+            "network": api.update_network_settings,
+            "ttl_minutes": api.set_ttl,
             "labels": api.replace_labels,
         }
         for name in update.setters:
             value = getattr(update, name)
-            argument = SandboxLabels(labels=dict(value)) if name == "labels" else value
+            argument = value
+            if name == "labels":
+                argument = SandboxLabels(labels=dict(value))
+            elif name == "network":
+                argument = UpdateSandboxNetworkSettings(**_network_fields(value, update=True))
             call = functools.partial(setters[name], sandbox_id, argument, _request_timeout=timeout)
             self._call("update", f"set {name} of sandbox {sandbox_id}", call)
+
+    # -- volumes ---------------------------------------------------------------------------------
+
+    def list_volumes(self) -> list[ObservedVolume]:
+        items = self._call(
+            "list_volumes", "list volumes", lambda: self._volumes.list_volumes(_request_timeout=self._timeout)
+        )
+        return [_volume(item) for item in items]
+
+    def get_volume(self, name: str) -> ObservedVolume | None:
+        try:
+            item = self._call(
+                "get_volume",
+                f"get volume {name}",
+                lambda: self._volumes.get_volume_by_name(name, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return None
+        return _volume(item)
+
+    def create_volume(self, name: str) -> ObservedVolume:
+        item = self._call(
+            "create_volume",
+            f"create volume {name}",
+            lambda: self._volumes.create_volume(CreateVolume(name=name), _request_timeout=self._timeout),
+        )
+        return _volume(item)
+
+    def delete_volume(self, volume_id: str) -> None:
+        try:
+            self._call(
+                "delete_volume",
+                f"delete volume {volume_id}",
+                lambda: self._volumes.delete_volume(volume_id, _request_timeout=self._timeout),
+            )
+        except NotFoundError:
+            return
 
     # -- toolbox ---------------------------------------------------------------------------------
 

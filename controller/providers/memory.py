@@ -64,9 +64,11 @@ from controller.providers.base import (
     STATE_PAUSED,
     STATE_STARTED,
     STATE_STOPPED,
+    VOLUME_READY,
     CreateRequest,
     ExecResult,
     ObservedSandbox,
+    ObservedVolume,
     SandboxUpdate,
     SessionCommand,
 )
@@ -93,6 +95,10 @@ OPS = (
     "session_command",
     "session_logs",
     "session_delete",
+    "list_volumes",
+    "get_volume",
+    "create_volume",
+    "delete_volume",
 )
 
 ErrorSpec = BaseException | Callable[[], BaseException]
@@ -208,6 +214,7 @@ class MemoryProvider:
         self.on_call = on_call
         self.list_hook: Callable[[list[ObservedSandbox]], list[ObservedSandbox]] | None = None
         self.sandboxes: dict[str, MemorySandbox] = {}  # live ones, by id
+        self.volumes: dict[str, ObservedVolume] = {}  # by id; created ready at once
         self.graveyard: dict[str, MemorySandbox] = {}  # deleted ones, by id (kept forever)
         self.calls: list[tuple[str, str]] = []
         self.counters: Counter[str] = Counter()
@@ -487,21 +494,67 @@ class MemoryProvider:
         self._lifecycle("recover", sandbox_id, frozenset({STATE_ERROR}), STATE_STARTED)
 
     def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
-        """Daytona's setters: the intervals go into the sandbox's request, labels replace all labels."""
+        """Daytona's setters: the intervals, public and the network policy go into the sandbox's
+        request (what ``sandboxes[id].request`` shows), labels replace all labels."""
         fault = self._enter("update", sandbox_id)
         with self._lock:
             sb = self._live(sandbox_id)
             if sb.state == STATE_DESTROYED or sb.pending_state == STATE_DESTROYED:
                 raise StateConflictError(f"Sandbox {sb.id} is being destroyed")
-            intervals = {
+            settings = {
                 name: getattr(update, name)
-                for name in ("auto_stop_interval", "auto_archive_interval", "auto_delete_interval")
+                for name in (
+                    "auto_stop_interval",
+                    "auto_archive_interval",
+                    "auto_delete_interval",
+                    "auto_pause_interval",
+                    "public",
+                    "network",
+                    "ttl_minutes",
+                )
                 if getattr(update, name) is not None
             }
-            if intervals and sb.request is not None:
-                sb.request = replace(sb.request, **intervals)
+            if settings and sb.request is not None:
+                sb.request = replace(sb.request, **settings)
             if update.labels is not None:
                 sb.labels = dict(update.labels)
+        _after(fault)
+
+    # -- volumes -----------------------------------------------------------------------------------
+
+    def list_volumes(self) -> list[ObservedVolume]:
+        fault = self._enter("list_volumes", "*")
+        with self._lock:
+            result = list(self.volumes.values())
+        _after(fault)
+        return result
+
+    def get_volume(self, name: str) -> ObservedVolume | None:
+        fault = self._enter("get_volume", name)
+        with self._lock:
+            result = next((v for v in self.volumes.values() if v.name == name), None)
+        _after(fault)
+        return result
+
+    def create_volume(self, name: str) -> ObservedVolume:
+        fault = self._enter("create_volume", name)
+        with self._lock:
+            if any(v.name == name for v in self.volumes.values()):
+                raise ConflictError(f"Volume with name {name} already exists")
+            volume = ObservedVolume(id=f"vol-{next(self._ids):05d}", name=name, state=VOLUME_READY)
+            self.volumes[volume.id] = volume
+        _after(fault)
+        return volume
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Daytona refuses to delete a volume a live sandbox mounts."""
+        fault = self._enter("delete_volume", volume_id)
+        with self._lock:
+            requests = [sb.request for sb in self.sandboxes.values() if sb.request is not None]
+            mounted = {m.volume_id for request in requests for m in request.volumes}
+            if volume_id in self.volumes and volume_id in mounted:
+                raise StateConflictError(f"Volume {volume_id} is in use by a sandbox")
+            self.volumes.pop(volume_id, None)
         _after(fault)
 
     def delete(self, sandbox_id: str) -> None:

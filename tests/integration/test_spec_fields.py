@@ -111,3 +111,62 @@ def test_rollout_replaces_once_by_command_and_by_sql(
     again = converge(database_url, {"b": "Ready"})
     assert again["b"]["sandbox_id"] != first["b"]["sandbox_id"]
     assert sorted(s.labels["leasectl-lease"] for s in ours(env)) == ["a", "b"]
+
+
+def test_network_policy_and_sandbox_fields_are_stored_shown_and_updated_in_place(
+    env: EmulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    """A network allow-list (and public, a Daytona secret, ttl from expires_at) reaches the local API
+    and `get`; changing the list or public is an update of the same sandbox; a bad CIDR is exit 2."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    import yaml
+
+    expires = (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    spec = _write(
+        tmp_path / "l.yaml",
+        "leases:\n  - name: net\n    public: true\n    network_allow_list: [10.0.0.0/8]\n"
+        "    domain_allow_list: [pypi.org]\n    secrets: {API_KEY: prod-key}\n"
+        f"    expires_at: '{expires}'\n",
+    )
+    assert cli(database_url, "apply", "-f", str(spec))[0] == 0
+    first = converge(database_url, {"net": "Ready"})["net"]
+    code, out, err = cli(database_url, "get", "net", "-o", "yaml")
+    assert code == 0, err
+    (shown,) = yaml.safe_load(out)
+    assert shown["spec"]["network_allow_list"] == ["10.0.0.0/8"]
+    assert shown["spec"]["domain_allow_list"] == ["pypi.org"] and shown["spec"]["public"] is True
+    sandbox = env.client().get(first["sandbox_id"])
+    assert sandbox.network_allow_list == "10.0.0.0/8" and sandbox.domain_allow_list == "pypi.org"
+    assert sandbox.public is True
+    assert sandbox.env is not None and sandbox.env["API_KEY"].endswith(":prod-key")  # a placeholder
+    raw = sandbox.auto_destroy_at  # ttl: 2 h rounded up plus the margin
+    assert raw is not None
+    left = datetime.fromisoformat(raw.replace("Z", "+00:00")) - datetime.now(UTC)
+    assert timedelta(hours=2, minutes=5) < left < timedelta(hours=2, minutes=15)
+
+    _write(
+        spec,
+        "leases:\n  - name: net\n    network_allow_list: [192.168.0.0/16]\n"
+        f"    secrets: {{API_KEY: prod-key}}\n    expires_at: '{expires}'\n",
+    )
+    assert cli(database_url, "apply", "-f", str(spec))[0] == 0
+    code, out, _ = cli(database_url, "plan")
+    assert "update public, network_allow_list, domain_allow_list in place" in out, out
+    after = converge(database_url, {"net": "Ready"})["net"]
+    assert after["sandbox_id"] == first["sandbox_id"]
+    sandbox = env.client().get(first["sandbox_id"])
+    assert sandbox.network_allow_list == "192.168.0.0/16" and not sandbox.domain_allow_list
+    assert sandbox.public is False
+    assert json.loads(cli(database_url, "get", "net", "-o", "json")[1])[0]["spec"]["network_allow_list"] == [
+        "192.168.0.0/16"
+    ]
+
+    bad = _write(tmp_path / "bad.yaml", "leases:\n  - name: net\n    network_allow_list: [10.0.0.1/8]\n")
+    code, out, err = cli(database_url, "apply", "-f", str(bad))
+    assert code == 2, out + err
+    assert f"{bad}:3: lease 'net': network_allow_list" in err and "10.0.0.0/8" in err, err
+    assert json.loads(cli(database_url, "get", "net", "-o", "json")[1])[0]["spec"]["network_allow_list"] == [
+        "192.168.0.0/16"
+    ]

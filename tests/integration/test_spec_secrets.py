@@ -51,6 +51,11 @@ def test_secret_from_a_file_reaches_the_sandbox_and_nothing_else(
     for args in (("get", "-o", "yaml"), ("export",), ("events", "sec", "-o", "json"), ("plan",)):
         code, out, err = cli(database_url, *args)
         outputs += [out, err]
+    # A command that prints the secret: the stored output (and what the CLI prints) is redacted.
+    code, out, err = cli(database_url, "exec", "sec", "--", "sh", "-c", 'echo "token=$TOKEN"')
+    assert code == 0, out + err
+    assert "token=***" in out
+    outputs += [out, err]
 
     (sandbox,) = ours(env)
     full = env.client().get(sandbox.id)
@@ -61,6 +66,7 @@ def test_secret_from_a_file_reaches_the_sandbox_and_nothing_else(
     assert SECRET not in "\n".join(outputs)
     assert SECRET not in caplog.text
     assert str(secret_file) in _all_rows_text(database_url)  # the reference is what is stored
+    assert "token=***" in _all_rows_text(database_url)  # the execution's output, redacted
 
 
 def test_missing_references_block_the_lease_and_create_nothing(

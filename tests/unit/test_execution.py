@@ -729,3 +729,46 @@ def test_cli_queue_waits_for_a_dispatcher_and_executions_lists_it(
     assert "env" not in listed and SECRET not in out.decode()
     code, out, _ = cli(database_url, "executions", "--state", "failed")
     assert code == 0 and b"failed" in out
+
+
+def test_output_of_queued_and_direct_commands_masks_the_leases_secret_references(
+    db: Database,
+    provider: ExecFakeProvider,
+    disp: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """A command that prints a referenced secret (``echo $TOKEN``) is stored with the value masked,
+    in the output and in an error, whether it ran from the queue or directly; literals are kept."""
+    monkeypatch.setenv("LEASECTL_TEST_TOKEN", SECRET)
+    key_file = tmp_path / "key"
+    key_file.write_text("file-secret-42\n")
+    add_lease(db)
+    with db.session() as session:
+        lease = session.scalar(sa.select(Lease).where(Lease.name == "box"))
+        assert lease is not None
+        lease.env = {
+            "TOKEN": {"from_env": "LEASECTL_TEST_TOKEN"},
+            "KEY": {"from_file": str(key_file)},
+            "UNSET": {"from_env": "LEASECTL_TEST_NOT_SET"},
+            "PLAIN": "visible",
+        }
+    provider.on_exec = lambda _s, _c: ExecResult(
+        exit_code=0, output=f"token={SECRET} key=file-secret-42 plain=visible\n"
+    )
+    queued = insert_sql(db, "box", "echo $TOKEN $KEY $PLAIN")
+    assert disp.run_once() == 1
+    direct, outcome = execute_now(db, provider, settings(), lease_name="box", command="echo $TOKEN")
+    expected = "token=*** key=*** plain=visible\n"
+    assert row(db, queued).output == expected
+    assert row(db, direct).output == expected
+    assert outcome.output == expected
+
+    def boom(_s: str, _c: str) -> ExecResult:
+        raise RuntimeError(f"crashed near {SECRET}")
+
+    provider.on_exec = boom
+    failed = insert_sql(db, "box", "echo again")
+    assert disp.run_once() == 1
+    assert row(db, failed).state == "error"
+    assert SECRET not in (row(db, failed).error or "") and "***" in (row(db, failed).error or "")

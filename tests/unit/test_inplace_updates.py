@@ -13,10 +13,17 @@ import pytest
 from controller import planner
 from controller.applier import Applier, ApplierConfig
 from controller.planner import StatusView, ownership_labels, plan
-from controller.providers.base import LABEL_SETTINGS, LABEL_SPEC, ObservedSandbox, SandboxUpdate
+from controller.providers.base import (
+    LABEL_SETTINGS,
+    LABEL_SPEC,
+    NetworkSettings,
+    ObservedSandbox,
+    SandboxUpdate,
+)
 from controller.providers.memory import MemoryProvider
 from controller.reconciler import lease_view
 from controller.specs import (
+    ADDED_COLUMNS,
     IN_PLACE_COLUMNS,
     LEGACY_SPEC_COLUMNS,
     REPLACING_COLUMNS,
@@ -82,8 +89,10 @@ def test_every_spec_column_is_classified_once() -> None:
     assert set(REPLACING_COLUMNS) | set(IN_PLACE_COLUMNS) == set(SPEC_COLUMNS)
     assert not set(REPLACING_COLUMNS) & set(IN_PLACE_COLUMNS)
     assert tuple(planner.IN_PLACE_FIELDS) == IN_PLACE_COLUMNS
-    # every in-place field is a setter of the provider boundary
-    assert set(IN_PLACE_COLUMNS) == set(SandboxUpdate.__dataclass_fields__)
+    # every in-place field has a setter of the provider boundary, and every setter serves a field
+    assert set(planner.SETTER_OF) == set(IN_PLACE_COLUMNS)
+    assert set(planner.SETTER_OF.values()) == set(SandboxUpdate.__dataclass_fields__)
+    assert set(ADDED_COLUMNS) <= set(SPEC_COLUMNS)
 
 
 @pytest.mark.parametrize("col", IN_PLACE_COLUMNS)
@@ -119,7 +128,7 @@ def test_legacy_hash_is_the_old_all_columns_hash() -> None:
 
 def test_field_digests_never_hold_values() -> None:
     digests = field_digests(row(env={"TOKEN": "s3cret-value"}))
-    assert set(digests) == set(SPEC_COLUMNS)
+    assert set(digests) == set(SPEC_COLUMNS) - ADDED_COLUMNS  # added columns only when set
     assert "s3cret" not in repr(digests)
 
 
@@ -163,10 +172,87 @@ def test_unknown_record_sets_every_setter_with_daytona_defaults() -> None:
         "auto_stop_interval",
         "auto_archive_interval",
         "auto_delete_interval",
+        "public",
+        "network",
         "labels",
     )
     assert (action.update.auto_stop_interval, action.update.auto_archive_interval) == (0, 10080)
     assert action.update.auto_delete_interval == -1
+    assert action.update.public is False and action.update.network == NetworkSettings()
+
+
+def test_unset_added_fields_leave_every_hash_as_before() -> None:
+    """Fields added by issue 15 that a lease does not set change no hash: an upgrade replaces nothing."""
+    import hashlib
+    import json
+
+    values = row(labels={"a": "1"}, env={"E": "x"}, auto_stop_interval=5)
+
+    def old(columns: tuple[str, ...]) -> str:
+        kept = {c: values.get(c) for c in columns if c not in ADDED_COLUMNS}
+        canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    assert spec_hash(values) == old(REPLACING_COLUMNS)
+    assert settings_hash(values) == old(IN_PLACE_COLUMNS)
+    assert not set(field_digests(values)) & ADDED_COLUMNS
+    assert spec_hash({**values, "os_user": "agent"}) != spec_hash(values)
+    assert settings_hash({**values, "public": False}) != settings_hash(values)
+
+
+def test_public_and_network_changes_are_updates_with_their_setters() -> None:
+    old = view()
+    new = view(public=True, network_allow_list=["10.0.0.0/8"], domain_allow_list=["pypi.org"])
+    action = decide(new, observed(old), recorded(old)).action
+    assert action is not None and action.kind == "update", action
+    assert action.reason.startswith("update public, network_allow_list, domain_allow_list in place")
+    assert action.update is not None and action.update.setters == ("public", "network", "labels")
+    assert action.update.public is True
+    assert action.update.network == NetworkSettings(
+        block_all=False, allow_list=("10.0.0.0/8",), domain_allow_list=("pypi.org",)
+    )
+    # and back: no policy is an unrestricted network, not "leave as is"
+    back = decide(old, observed(new), recorded(new)).action
+    assert back is not None and back.update is not None
+    assert back.update.network == NetworkSettings() and back.update.public is False
+
+
+def test_ephemeral_is_the_auto_delete_setter_and_pause_is_ordered_against_stop() -> None:
+    old = view(auto_stop_interval=30)
+    new = view(auto_pause_interval=60, ephemeral=False)
+    action = decide(new, observed(old), recorded(old)).action
+    assert action is not None and action.update is not None
+    # stop goes to 0 before pause becomes non-zero (Daytona refuses both non-zero)
+    assert action.update.setters == (
+        "auto_stop_interval",
+        "auto_pause_interval",
+        "auto_delete_interval",
+        "labels",
+    )
+    assert (action.update.auto_stop_interval, action.update.auto_pause_interval) == (0, 60)
+    eph = decide(view(ephemeral=True), observed(old), recorded(old)).action
+    assert eph is not None and eph.update is not None and eph.update.auto_delete_interval == 0
+    assert view(ephemeral=True).ephemeral  # the planner's ephemeral rules apply
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("os_user", "agent"), ("secrets", {"API_KEY": "prod-key"})],
+)
+def test_added_replacing_fields_replace_and_say_so(field: str, value: Any) -> None:
+    old = view()
+    new = view(**{field: value})
+    action = decide(new, observed(old), recorded(old)).action
+    assert action is not None and action.kind == "delete"
+    assert action.reason.startswith(f"replace: {field} changed"), action.reason
+
+
+def test_create_carries_daytonas_own_ttl_rounded_up_with_a_margin() -> None:
+    lease = dataclasses.replace(view(), expires_at=NOW + timedelta(minutes=90, seconds=20))
+    (action,) = plan([lease], {}, [], NOW, instance=INSTANCE).actions
+    assert action.kind == "create" and action.create is not None
+    assert action.create.ttl_minutes == 91 + planner.TTL_MARGIN_MINUTES
+    assert plan([view()], {}, [], NOW, instance=INSTANCE).actions[0].create.ttl_minutes is None  # type: ignore[union-attr]
 
 
 def test_image_change_replaces_and_says_so() -> None:
@@ -275,3 +361,19 @@ def test_rollout_replaces_a_sandbox_created_before_the_request_only() -> None:
     assert decide(lease, newer, recorded(lease)).action is None
     stopped = dataclasses.replace(lease, desired_state="stopped")
     assert decide(stopped, dataclasses.replace(older, state="stopped"), recorded(lease)).action is None
+
+
+def test_a_new_expires_at_re_anchors_daytonas_ttl_in_place() -> None:
+    """Extending a lease must not let Daytona destroy the sandbox at the old ttl."""
+    end = NOW + timedelta(hours=1)
+    old = dataclasses.replace(view(expires_at=end), expires_at=end)
+    later = NOW + timedelta(hours=5, seconds=1)
+    new = dataclasses.replace(view(expires_at=later), expires_at=later)
+    assert new.spec_hash == old.spec_hash and new.settings_hash != old.settings_hash
+    action = decide(new, observed(old), recorded(old)).action
+    assert action is not None and action.kind == "update"
+    assert action.reason.startswith("update expires_at in place")
+    assert action.update is not None and action.update.setters == ("ttl_minutes", "labels")
+    assert action.update.ttl_minutes == 5 * 60 + 1 + planner.TTL_MARGIN_MINUTES
+    gone = decide(view(), observed(old), recorded(old)).action  # no end any more: ttl off
+    assert gone is not None and gone.update is not None and gone.update.ttl_minutes == 0

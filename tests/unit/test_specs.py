@@ -23,7 +23,7 @@ def _one(**fields: object) -> LeaseSpec:
         ({"name": "a" * 64}, "name"),
         ({"name": "box_1"}, "name"),
         ({"state": "paused"}, "state"),
-        ({"snapshot": "s", "image": "i"}, "either snapshot or image"),
+        ({"snapshot": "s", "image": "i"}, "one of snapshot or image or build"),
         ({"resources": {"cpu": 1}}, "only be set together with image"),
         ({"image": "i", "resources": {"cpu": 0}}, "resources.cpu"),
         ({"image": "i", "resources": {"memory": -1}}, "resources.memory"),
@@ -213,3 +213,121 @@ def test_a_lease_named_like_pool_members_is_refused(tmp_path: Path) -> None:
     path.write_text("leases:\n  - name: agents-0123abcd\n  - name: agents-web\npools:\n  - name: agents\n")
     with pytest.raises(SpecError, match="matches the member names of pool 'agents'"):
         load_manifest([path])
+
+
+# -- the whole sandbox (issue 15) ---------------------------------------------------------------------
+
+GPU = {"image": "i", "resources": {"gpu": 1}, "ephemeral": True}
+
+
+@pytest.mark.parametrize(
+    ("fields", "where", "needle"),
+    [
+        ({"network_allow_list": ["10.0.0.0/33"]}, "network_allow_list", "not an IPv4 network in CIDR form"),
+        ({"network_allow_list": ["10.0.0.1/8"]}, "network_allow_list", "did you mean 10.0.0.0/8"),
+        ({"network_allow_list": ["10.0.0.1"]}, "network_allow_list", "e.g. 10.0.0.0/8"),
+        ({"network_allow_list": ["fd00::/8"]}, "network_allow_list", "IPv4"),
+        ({"network_allow_list": ["nonsense"]}, "network_allow_list", "'nonsense'"),
+        ({"network_allow_list": ["10.0.0.0/8", "10.0.0.0/8"]}, "network_allow_list", "twice"),
+        ({"network_allow_list": "10.0.0.0/8"}, "network_allow_list", "list"),
+        ({"domain_allow_list": ["exa mple.com"]}, "domain_allow_list", "not a domain name"),
+        ({"domain_allow_list": ["https://pypi.org"]}, "domain_allow_list", "not a domain name"),
+        ({"network_block_all": True, "network_allow_list": ["10.0.0.0/8"]}, "network_block_all", "either"),
+        ({"os_user": "Root"}, "os_user", "invalid user name"),
+        ({"os_user": "a" * 33}, "os_user", "at most 32"),
+        ({"gpu_type": "H100"}, "gpu_type", "needs a GPU"),
+        ({**GPU, "gpu_type": "K80"}, "gpu_type", "H100"),
+        ({"spot": True}, "spot", "GPU sandboxes only"),
+        ({"public": "yes-please"}, "public", "boolean"),
+        ({"auto_pause_interval": -1}, "auto_pause_interval", "greater than or equal to 0"),
+        ({"auto_pause_interval": 10, "auto_stop_interval": 5}, "auto_pause_interval", "mutually exclusive"),
+        ({"auto_pause_interval": 10, "ephemeral": True}, "auto_pause_interval", "cannot auto-pause"),
+        (
+            {"ephemeral": True, "auto_delete_interval": 60},
+            "ephemeral",
+            "contradicts auto_delete_interval: 60",
+        ),
+        ({"ephemeral": False, "auto_delete_interval": 0}, "ephemeral", "contradicts"),
+        ({"ephemeral": True, "state": "stopped"}, "ephemeral", "cannot be kept stopped"),
+        ({"image": "i", "resources": {"gpu": 1}, "ephemeral": False}, "auto_delete_interval", "ephemeral"),
+        ({"secrets": {"1BAD": "name"}}, "secrets", "invalid variable name"),
+        ({"secrets": {"KEY": ""}}, "secrets", "1-255 characters"),
+        ({"secrets": {"KEY": "n"}, "env": {"KEY": "v"}}, "secrets", "KEY is also set in env"),
+    ],
+)
+def test_sandbox_fields_are_validated_naming_file_lease_and_field(
+    fields: dict[str, object], where: str, needle: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_leases({"leases": [{"name": "box", **fields}]}, "f.yaml")
+    message = str(info.value)
+    assert message.startswith("f.yaml: lease 'box': "), message
+    assert f": {where}" in message and needle in message, message
+
+
+def test_sandbox_fields_round_trip_through_row_and_yaml() -> None:
+    spec = _one(
+        **GPU,
+        gpu_type="H100",
+        spot=True,
+        os_user="agent",
+        public=True,
+        network_allow_list=["10.0.0.0/8", "192.168.1.0/24"],
+        domain_allow_list=["pypi.org", "*.github.com"],
+        secrets={"API_KEY": "prod-api-key"},
+    )
+    assert LeaseSpec.from_row(spec.to_row()) == spec
+    [again] = parse_leases(yaml.safe_load(dump_leases([spec])), "export")
+    assert again == spec
+    assert spec.is_ephemeral
+    blocked = _one(network_block_all=True, auto_pause_interval=30, auto_stop_interval=0)
+    assert LeaseSpec.from_row(blocked.to_row()) == blocked
+
+
+def test_build_reads_the_dockerfile_relative_to_the_file_and_hashes_its_content(tmp_path: Path) -> None:
+    from controller.specs import load_manifest, spec_hash
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "Dockerfile").write_text("FROM python:3.12-slim\nCOPY app.txt /app.txt\n")
+    (tmp_path / "img" / "app.txt").write_text("v1")
+    lease_file = tmp_path / "leases.yaml"
+    lease_file.write_text(
+        "leases:\n  - name: built\n    build:\n      dockerfile_path: img/Dockerfile\n"
+        "      context: [img/app.txt]\n  - name: inline\n    build: {dockerfile: 'FROM alpine:3'}\n"
+    )
+    built, inline = load_manifest([lease_file]).leases
+    assert built.build is not None and built.build.dockerfile is not None
+    assert built.build.dockerfile.startswith("FROM python:3.12-slim")
+    app = str((tmp_path / "img" / "app.txt").resolve())
+    assert built.build.context == [app] and built.build.context_sha256 is not None
+    assert LeaseSpec.from_row(built.to_row()) == built  # the stored form is a valid spec
+    assert inline.build is not None and inline.build.dockerfile == "FROM alpine:3"
+    first = spec_hash(built.to_row())
+
+    (tmp_path / "img" / "app.txt").write_text("v2")  # a context file changed: a new hash
+    second = spec_hash(load_manifest([lease_file]).leases[0].to_row())
+    (tmp_path / "img" / "Dockerfile").write_text("FROM python:3.13-slim\nCOPY app.txt /app.txt\n")
+    third = spec_hash(load_manifest([lease_file]).leases[0].to_row())
+    assert len({first, second, third}) == 3
+
+
+@pytest.mark.parametrize(
+    ("build", "needle"),
+    [
+        ("{dockerfile_path: missing/Dockerfile}", "build.dockerfile_path: cannot read"),
+        ("{dockerfile: 'FROM a', context: [nothere.txt]}", "build.context.0:"),
+        ("{dockerfile: 'RUN true'}", "has no FROM line"),
+        ("{dockerfile: 'FROM a', dockerfile_path: D}", "exactly one of dockerfile"),
+    ],
+)
+def test_bad_builds_name_file_lease_and_field(tmp_path: Path, build: str, needle: str) -> None:
+    from controller.specs import load_manifest
+
+    lease_file = tmp_path / "l.yaml"
+    lease_file.write_text(f"leases:\n  - name: b\n    build: {build}\n")
+    with pytest.raises(SpecError) as info:
+        load_manifest([lease_file])
+    assert f"{lease_file}" in str(info.value) and "lease 'b'" in str(info.value)
+    assert needle in str(info.value), str(info.value)
+    with pytest.raises(SpecError, match="one of snapshot or image or build"):
+        parse_leases({"leases": [{"name": "x", "image": "i", "build": {"dockerfile": "FROM a"}}]}, "f")
