@@ -792,7 +792,7 @@ def finish(
 
     ``secrets`` (:func:`lease_secret_values`) are masked in the stored output and error."""
     now = clock()
-    values = _finish_values(outcome, now, max_output_bytes)
+    values = _finish_values(outcome, now, max_output_bytes, secrets)
     del values["env"], values["stdin"]  # cleared by _FINISH itself
     with db.session() as session:
         done = _update(session, _FINISH, {"b_id": execution_id, "b_worker": worker_id, **values})
