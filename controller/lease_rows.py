@@ -26,11 +26,13 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from controller.schedules import Schedule, lease_schedule
 from controller.specs import SPEC_COLUMNS, LeaseSpec
 from models import Lease
 
 INVALID_PREFIX = "invalid lease row: "
 _JSON_COLUMNS = ("env", "labels")
+_OTHER_JSON_COLUMNS = ("schedule",)  # shape checked by LeaseSpec (controller.schedules)
 _TIME_COLUMNS = ("expires_at",)  # created_at/updated_at are not read by anyone who acts on a row
 _MAX_MESSAGE = 500
 
@@ -45,6 +47,11 @@ class LeaseRow:
     expires_at: datetime | None
     spec: Mapping[str, Any]  # SPEC_COLUMNS -> value, as the ORM would load them
     lease: LeaseSpec  # the validated spec (export)
+    created_at: datetime | None = None  # queue order behind a quota (controller.quotas)
+
+    @property
+    def schedule(self) -> Schedule | None:
+        return lease_schedule(self.lease.schedule)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ def tolerant_timestamp(value: Any) -> datetime | str | None:
 def _raw_columns() -> list[sa.ColumnElement[Any]]:
     columns: list[sa.ColumnElement[Any]] = []
     for column in Lease.__table__.columns:
-        if column.key in _JSON_COLUMNS:
+        if column.key in _JSON_COLUMNS or column.key in _OTHER_JSON_COLUMNS:
             # JSON as text on both backends, so '"oops"' is seen as the JSON string it is.
             columns.append(sa.cast(column, sa.Text).label(column.key))
         else:
@@ -134,6 +141,8 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         for column in _JSON_COLUMNS:
             values[column] = _json(values.get(column), column)
             _shape(column, values[column])
+        for column in _OTHER_JSON_COLUMNS:
+            values[column] = _json(values.get(column), column)
         for column in _TIME_COLUMNS:
             if values.get(column) is not None:
                 try:
@@ -161,7 +170,15 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         expires_at=spec.expires_at,
         spec={col: values.get(col) for col in SPEC_COLUMNS},
         lease=spec,
+        created_at=_created(values.get("created_at")),
     )
+
+
+def _created(value: Any) -> datetime | None:
+    try:
+        return parse_timestamp(value) if value is not None else None
+    except (ValueError, TypeError):
+        return None
 
 
 def load_lease_rows(

@@ -14,8 +14,10 @@ file must not be able to delete a fleet. The same guard applies to pools, counte
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,6 +26,7 @@ from sqlalchemy.orm import Session
 from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
+from controller.schedules import in_force, lease_schedule
 from controller.specs import LeaseSpec, PoolSpec
 from models import Lease, Pool, UTCDateTime, lease_overview, utcnow
 
@@ -255,6 +258,7 @@ def _pool_values(row: Pool) -> dict[str, Any]:
         "min_ready": row.min_ready,
         "max_size": row.max_size,
         "claim_ttl_seconds": row.claim_ttl_seconds,
+        "schedule": row.schedule,
     }
 
 
@@ -278,7 +282,9 @@ def read_specs(
     return [row.lease for row in rows if row.name not in members]
 
 
-def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
+def overview(
+    session: Session, names: Sequence[str] = (), *, now: datetime | None = None
+) -> list[dict[str, Any]]:
     """Rows of the ``lease_overview`` view, as dicts, ordered by name.
 
     Timestamps are read raw and parsed one by one, so a value written by hand that is not a
@@ -292,7 +298,34 @@ def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]
     if names:
         query = query.where(lease_overview.c.name.in_(names))
     timestamps = {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)}
-    return [
+    rows = [
         {k: tolerant_timestamp(v) if k in timestamps else v for k, v in row._mapping.items()}
         for row in session.execute(query)
     ]
+    return _with_schedules(session, rows, now or utcnow())
+
+
+def _with_schedules(session: Session, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Add what a lease's schedule says at ``now``: ``scheduled_state`` (the state in force),
+    ``next_change`` and ``next_state`` (None for leases without a schedule). A schedule written with
+    SQL that does not parse is left out here (the reconciler marks the row Failed)."""
+    query = sa.select(Lease.name, sa.cast(Lease.schedule, sa.Text)).where(Lease.schedule.is_not(None))
+    found: dict[str, Any] = {}
+    for name, text in session.execute(query):
+        try:
+            schedule = lease_schedule(json.loads(text)) if text not in (None, "null") else None
+        except (ValueError, TypeError):
+            continue
+        if schedule is not None:
+            found[name] = schedule
+    for row in rows:
+        schedule = found.get(row["name"])
+        row["scheduled_state"] = row["next_change"] = row["next_state"] = row["schedule_timezone"] = None
+        if schedule is None or row["desired_state"] == "absent":
+            continue
+        result = in_force(schedule, now, row["desired_state"])
+        row["scheduled_state"] = result.value
+        row["next_change"] = result.next_change
+        row["next_state"] = result.next_value
+        row["schedule_timezone"] = schedule.timezone
+    return rows

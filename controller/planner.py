@@ -103,6 +103,7 @@ from controller.providers.base import (
     CreateRequest,
     ObservedSandbox,
 )
+from controller.schedules import Schedule, in_force
 
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 DESIRED_STATES: Final = ("running", "stopped", "archived", "absent")
@@ -235,6 +236,8 @@ class LeaseView:
     paused: bool = False
     expires_at: datetime | None = None
     workspace_dir: str = "workspace"  # relative to the sandbox work dir, or absolute
+    schedule: Schedule | None = None  # the desired state follows it (controller.schedules)
+    created_at: datetime | None = None  # queue order behind a quota (controller.quotas)
 
     @property
     def ephemeral(self) -> bool:
@@ -360,8 +363,14 @@ def is_expired(lease: LeaseView, now: datetime) -> bool:
 
 
 def effective_desired(lease: LeaseView, now: datetime) -> str:
-    """The desired state the planner works towards: ``absent`` once expired."""
-    return "absent" if is_expired(lease, now) else lease.desired_state
+    """The desired state the planner works towards: ``absent`` once expired or desired absent (a
+    pruned lease goes whatever its schedule says); else the state its schedule puts in force at
+    ``now`` (its own ``desired_state`` until an entry has fired)."""
+    if is_expired(lease, now):
+        return "absent"
+    if lease.schedule is None or lease.desired_state == "absent":
+        return lease.desired_state
+    return str(in_force(lease.schedule, now, lease.desired_state).value)
 
 
 def _keep_order(lease: LeaseView, status: StatusView) -> Callable[[ObservedSandbox], tuple[Any, ...]]:

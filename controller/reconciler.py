@@ -40,6 +40,7 @@ from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.providers.base import LABEL_INSTANCE, SandboxProvider
+from controller.schedules import earliest, in_force, lease_schedule
 from controller.specs import SPEC_COLUMNS, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
 
@@ -71,6 +72,7 @@ class PassResult:
     duration_seconds: float = 0.0
     invalid: list[InvalidLeaseRow] = field(default_factory=list)  # rows left alone, phase Failed
     pools: PoolSyncResult | None = None
+    next_change: datetime | None = None  # the next time a schedule (lease or pool) changes something
 
     @property
     def errors(self) -> list[Outcome]:
@@ -82,8 +84,11 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
     if isinstance(row, Lease):
         spec: Mapping[str, Any] = {col: getattr(row, col) for col in SPEC_COLUMNS}
         paused, expires_at = bool(row.paused), row.expires_at
+        schedule = lease_schedule(row.schedule)
+        created_at: datetime | None = row.created_at
     else:
         spec, paused, expires_at = row.spec, row.paused, row.expires_at
+        schedule, created_at = row.schedule, row.created_at
     digest = spec_hash(spec)
     return LeaseView(
         name=row.name,
@@ -93,6 +98,19 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
         expires_at=expires_at,
         create=build_create_request(instance, row.name, digest, spec),
         workspace_dir=workspace_dir,
+        schedule=schedule,
+        created_at=created_at,
+    )
+
+
+def next_schedule_change(leases: Sequence[LeaseView], now: datetime) -> datetime | None:
+    """The next time a lease's schedule changes its desired state (the daemon wakes then)."""
+    return earliest(
+        *(
+            in_force(lease.schedule, now, lease.desired_state).next_change
+            for lease in leases
+            if lease.schedule is not None and lease.desired_state != "absent"
+        )
     )
 
 
@@ -143,12 +161,13 @@ class Reconciler:
         return the_plan, leases, statuses
 
     def observe_and_plan(
-        self,
+        self, at: datetime | None = None
     ) -> tuple[Plan, list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
-        """Observe and plan; also the rows left out because they break the lease rules."""
+        """Observe and plan (as of ``at``, default now: ``leasectl plan --at``); also the rows left
+        out because they break the lease rules."""
         leases, statuses, invalid = self._load()
         observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
-        the_plan = plan(leases, statuses, observed, self.clock(), instance=self.instance)
+        the_plan = plan(leases, statuses, observed, at or self.clock(), instance=self.instance)
         return the_plan, leases, statuses, invalid
 
     # -- one pass --------------------------------------------------------------------------------
@@ -208,7 +227,14 @@ class Reconciler:
             for outcome in outcomes:
                 result = "reobserved" if outcome.reobserved else "ok" if outcome.ok else "error"
                 self.metrics.actions.labels(kind=outcome.action.kind, result=result).inc()
-        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes, invalid=invalid, pools=pools)
+        return PassResult(
+            pass_id=pass_id,
+            plan=the_plan,
+            outcomes=outcomes,
+            invalid=invalid,
+            pools=pools,
+            next_change=earliest(pools.next_change, next_schedule_change(leases, self.clock())),
+        )
 
     def _check_leader(self) -> None:
         if self.elector is not None and not self.elector.is_leader():

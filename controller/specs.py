@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controller.errors import SpecError
+from controller.schedules import ScheduleError, lease_schedule, pool_schedule
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -89,6 +90,16 @@ class LeaseSpec(BaseModel):
     auto_delete_interval: int | None = Field(default=None, ge=-1, le=INT_MAX, strict=True)
     expires_at: datetime | None = None
     paused: bool = False
+    schedule: dict[str, Any] | None = None  # controller.schedules: {timezone, entries: [{cron, state}]}
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> dict[str, Any] | None:
+        try:
+            parsed = lease_schedule(value)
+        except ScheduleError as exc:
+            raise FieldRuleError(_schedule_field(exc), str(exc)) from None
+        return None if parsed is None else parsed.to_data()
 
     @field_validator("name")
     @classmethod
@@ -157,6 +168,17 @@ class LeaseSpec(BaseModel):
                 f"so it cannot be kept {self.state}; use state running or absent, or another "
                 "auto_delete_interval (-1 = never)",
             )
+        parked = [
+            index
+            for index, entry in enumerate((self.schedule or {}).get("entries", ()))
+            if entry.get("state") in ("stopped", "archived")
+        ]
+        if self.auto_delete_interval == 0 and parked:
+            raise FieldRuleError(
+                f"schedule.entries.{parked[0]}.state",
+                "the lease is ephemeral (auto_delete_interval 0): Daytona deletes it when it stops and "
+                "cannot archive it, so a schedule may only make it running or absent",
+            )
         if self.resources is not None and self.resources.gpu and self.auto_delete_interval != 0:
             raise FieldRuleError(
                 "auto_delete_interval",
@@ -187,6 +209,7 @@ class LeaseSpec(BaseModel):
             "auto_delete_interval": self.auto_delete_interval,
             "expires_at": self.expires_at,
             "paused": self.paused,
+            "schedule": self.schedule,
         }
 
     @classmethod
@@ -207,6 +230,7 @@ class LeaseSpec(BaseModel):
             auto_delete_interval=row.get("auto_delete_interval"),
             expires_at=row.get("expires_at"),
             paused=bool(row.get("paused")),
+            schedule=row.get("schedule"),
         )
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -225,6 +249,10 @@ def spec_hash(row: Mapping[str, Any]) -> str:
         {col: row.get(col) for col in SPEC_COLUMNS}, sort_keys=True, separators=(",", ":"), default=str
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _schedule_field(exc: ScheduleError) -> str:
+    return f"schedule.{exc.field}" if exc.field else "schedule"
 
 
 def _field_path(loc: Sequence[Any]) -> str:
@@ -293,7 +321,7 @@ def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[L
                 rule = (err.get("ctx") or {}).get("error")
                 if isinstance(rule, FieldRuleError):
                     loc = (rule.field,)
-                line = key_lines.get(str(loc[0])) if loc else None
+                line = key_lines.get(str(loc[0]).split(".")[0]) if loc else None
                 line = line or item_line
                 where = f"{source}:{line}" if line else source
                 message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
@@ -421,6 +449,16 @@ class PoolSpec(BaseModel):
     min_ready: int = Field(default=0, ge=0, strict=True)
     max_size: int | None = Field(default=None, ge=1, strict=True)
     claim_ttl: int | None = Field(default=None, description="seconds; YAML also takes 15m, 2h, ...")
+    schedule: dict[str, Any] | None = None  # {timezone, entries: [{cron, min_ready}]}
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> dict[str, Any] | None:
+        try:
+            parsed = pool_schedule(value)
+        except ScheduleError as exc:
+            raise FieldRuleError(_schedule_field(exc), str(exc)) from None
+        return None if parsed is None else parsed.to_data()
 
     @field_validator("name")
     @classmethod
@@ -443,6 +481,8 @@ class PoolSpec(BaseModel):
         for key in ("name", "state"):
             if key in value:
                 raise ValueError(f"a template has no {key!r}: members are named and run by the pool")
+        if "schedule" in value:
+            raise ValueError("a template has no 'schedule': give the pool a schedule of min_ready instead")
         try:
             LeaseSpec.model_validate({**value, "name": "member"})
         except ValidationError as exc:
@@ -456,6 +496,12 @@ class PoolSpec(BaseModel):
             raise FieldRuleError(
                 "min_ready", f"min_ready ({self.min_ready}) is larger than max_size ({self.max_size})"
             )
+        for index, entry in enumerate((self.schedule or {}).get("entries", ())):
+            if self.max_size is not None and entry["min_ready"] > self.max_size:
+                raise FieldRuleError(
+                    f"schedule.entries.{index}.min_ready",
+                    f"min_ready ({entry['min_ready']}) is larger than max_size ({self.max_size})",
+                )
         return self
 
     def owns_name(self, lease_name: str) -> bool:
@@ -478,6 +524,7 @@ class PoolSpec(BaseModel):
             "min_ready": self.min_ready,
             "max_size": self.max_size,
             "claim_ttl_seconds": self.claim_ttl,
+            "schedule": self.schedule,
         }
 
     @classmethod
@@ -488,6 +535,7 @@ class PoolSpec(BaseModel):
             min_ready=row.get("min_ready") or 0,
             max_size=row.get("max_size"),
             claim_ttl=row.get("claim_ttl_seconds"),
+            schedule=row.get("schedule"),
         )
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -500,6 +548,8 @@ class PoolSpec(BaseModel):
             data["max_size"] = self.max_size
         if self.claim_ttl is not None:
             data["claim_ttl"] = format_duration(self.claim_ttl)
+        if self.schedule is not None:
+            data["schedule"] = self.schedule
         return data
 
 

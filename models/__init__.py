@@ -18,6 +18,8 @@ from models.tables import (
     LeaseStatus,
     OrphanSighting,
     Pool,
+    Quota,
+    Usage,
 )
 from models.views import LEASE_OVERVIEW_SQL, lease_overview
 
@@ -38,7 +40,9 @@ __all__ = [
     "LeaseStatus",
     "OrphanSighting",
     "Pool",
+    "Quota",
     "UTCDateTime",
+    "Usage",
     "lease_overview",
     "metadata",
     "utcnow",

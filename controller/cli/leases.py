@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 import typer
@@ -88,8 +89,20 @@ GET_HEADERS = ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX", "MESSAGE")
 EVENT_HEADERS = ("TIME", "LEASE", "ACTION", "OUTCOME", "MESSAGE")
 
 
+def _desired(r: dict[str, Any]) -> str:
+    """``running``, or with a schedule ``stopped (schedule; running at 2026-11-30 09:00 CET)``."""
+    state = r.get("scheduled_state")
+    if state is None:
+        return str(r["desired_state"])
+    change = r.get("next_change")
+    if change is None:
+        return f"{state} (schedule)"
+    local = change.astimezone(ZoneInfo(r["schedule_timezone"]))
+    return f"{state} (schedule; {r['next_state']} at {local:%Y-%m-%d %H:%M %Z})"
+
+
 def _lease_cells(r: dict[str, Any]) -> tuple[str, ...]:
-    desired = r["desired_state"] + (" (paused)" if r["paused"] else "")
+    desired = _desired(r) + (" (paused)" if r["paused"] else "")
     return (
         r["name"],
         desired,
