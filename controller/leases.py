@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows, tolerant_timestamp
+from controller.quota_rows import QuotaApplyResult, apply_quotas
 from controller.schedules import in_force, lease_schedule
-from controller.specs import LeaseSpec, PoolSpec
+from controller.specs import LeaseSpec, PoolSpec, QuotaSpec
 from models import Lease, Pool, UTCDateTime, lease_overview, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
@@ -65,6 +66,7 @@ class ApplyResult:
     pools_updated: list[str] = field(default_factory=list)
     pools_unchanged: list[str] = field(default_factory=list)
     pools_pruned: list[str] = field(default_factory=list)
+    quotas: QuotaApplyResult = field(default_factory=QuotaApplyResult)
 
     @property
     def changed(self) -> bool:
@@ -83,6 +85,7 @@ def apply_specs(
     specs: Sequence[LeaseSpec],
     *,
     pools: Sequence[PoolSpec] | None = None,
+    quotas: Sequence[QuotaSpec] | None = None,
     prune: bool = False,
     dry_run: bool = False,
     prune_all: bool = False,
@@ -98,7 +101,17 @@ def apply_specs(
     wanted = {s.name for s in specs}
     guard = None if prune_all else max_prune_share
     with contextlib.suppress(_RolledBack):
-        _apply(db, specs, pools, wanted, result, prune=prune, dry_run=dry_run, max_prune_share=guard)
+        _apply(
+            db,
+            specs,
+            pools,
+            wanted,
+            result,
+            prune=prune,
+            dry_run=dry_run,
+            max_prune_share=guard,
+            quotas=quotas,
+        )
     return result
 
 
@@ -116,6 +129,7 @@ def _apply(
     prune: bool,
     dry_run: bool,
     max_prune_share: float | None,
+    quotas: Sequence[QuotaSpec] | None = None,
 ) -> None:
     with db.session() as session:
         # Lock and read the rows without loading them through the ORM: a row written by hand that
@@ -135,6 +149,8 @@ def _apply(
         _check_names(session, specs, pools, members)
         if pools is not None:
             _apply_pools(session, pools, result, prune=prune, max_prune_share=max_prune_share, now=now)
+        if quotas is not None:  # only when a file declares `quotas:` (prune never empties them silently)
+            apply_quotas(session, quotas, prune=prune, result=result.quotas)
         for spec in specs:
             values = spec.to_row()
             if spec.name not in states:

@@ -39,7 +39,9 @@ from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
-from controller.providers.base import LABEL_INSTANCE, SandboxProvider
+from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, SandboxProvider
+from controller.quota_rows import load_quotas
+from controller.quotas import QuotaView, gate
 from controller.schedules import earliest, in_force, lease_schedule
 from controller.specs import SPEC_COLUMNS, spec_hash
 from models import Event, Lease, LeaseStatus, utcnow
@@ -143,6 +145,7 @@ class Reconciler:
         self.instance = settings.controller.instance
         self.controller_id = controller_id or (elector.holder if elector else f"cli-{uuid.uuid4().hex[:8]}")
         self._lock = threading.Lock()
+        self._quotas: list[QuotaView] = []
         self.last_success: datetime | None = None
 
     # -- reading -------------------------------------------------------------------------------
@@ -152,6 +155,7 @@ class Reconciler:
         with self.db.session(readonly=True) as session:
             rows, invalid = load_lease_rows(session)
             statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
+            self._quotas = load_quotas(session)
         leases = [lease_view(row, self.instance, workspace) for row in rows]
         return leases, statuses, invalid
 
@@ -168,6 +172,7 @@ class Reconciler:
         leases, statuses, invalid = self._load()
         observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
         the_plan = plan(leases, statuses, observed, at or self.clock(), instance=self.instance)
+        the_plan = gate(the_plan, leases, statuses, observed, self._quotas, lease_label=LABEL_LEASE)
         return the_plan, leases, statuses, invalid
 
     # -- one pass --------------------------------------------------------------------------------

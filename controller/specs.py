@@ -290,14 +290,19 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+TOP_LEVEL_KEYS = frozenset({"leases", "pools", "quotas"})
+
+
 def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[LeaseSpec]:
     """Validate the parsed YAML of one file; every error names the source, the lease and the field."""
     if data is None:
         return []
-    if not isinstance(data, Mapping) or set(data) - {"leases", "pools"}:
-        extra = sorted(set(data) - {"leases", "pools"}) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping) or set(data) - TOP_LEVEL_KEYS:
+        extra = sorted(set(data) - TOP_LEVEL_KEYS) if isinstance(data, Mapping) else None
         hint = f" (unknown keys: {', '.join(map(str, extra))})" if extra else ""
-        raise SpecError(f"{source}: the top level must be a mapping with the keys 'leases' and 'pools'{hint}")
+        raise SpecError(
+            f"{source}: the top level must be a mapping with the keys 'leases', 'pools' and 'quotas'{hint}"
+        )
     items = data.get("leases")
     if items is None:
         return []
@@ -343,8 +348,10 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
     them, and no lease may be named like a pool's members (``<pool>-...``)."""
     specs: list[LeaseSpec] = []
     pools: list[PoolSpec] = []
+    quotas: list[QuotaSpec] | None = None
     seen: dict[str, str] = {}
     seen_pools: dict[str, str] = {}
+    seen_quotas: dict[str, str] = {}
     problems: list[str] = []
     for path in paths:
         source = str(path)
@@ -362,9 +369,21 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
         try:
             file_specs = parse_leases(data, source, yaml_lines(text))
             file_pools = parse_pools(data, source)
+            file_quotas = parse_quotas(data, source)
         except SpecError as exc:
             problems.append(str(exc))
             continue
+        if file_quotas is not None:
+            quotas = quotas or []
+            for quota in file_quotas:
+                if quota.scope in seen_quotas:
+                    problems.append(
+                        f"{source}: quota {quota.scope}: duplicate "
+                        f"(also defined in {seen_quotas[quota.scope]})"
+                    )
+                else:
+                    seen_quotas[quota.scope] = source
+                    quotas.append(quota)
         for pool in file_pools:
             if pool.name in seen_pools:
                 problems.append(
@@ -390,7 +409,7 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
                 )
     if problems:
         raise SpecError("\n".join(problems))
-    return Manifest(leases=specs, pools=pools)
+    return Manifest(leases=specs, pools=pools, quotas=quotas)
 
 
 def _stdin() -> str:
@@ -399,12 +418,18 @@ def _stdin() -> str:
     return sys.stdin.read()
 
 
-def dump_leases(specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = ()) -> str:
-    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` only when there are)."""
+def dump_leases(
+    specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = (), quotas: Iterable[QuotaSpec] = ()
+) -> str:
+    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` and ``quotas:`` only
+    when there are)."""
     data: dict[str, Any] = {"leases": [s.to_yaml_dict() for s in specs]}
     pool_items = [p.to_yaml_dict() for p in pools]
     if pool_items:
         data["pools"] = pool_items
+    quota_items = [q.to_yaml_dict() for q in quotas]
+    if quota_items:
+        data["quotas"] = quota_items
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -559,6 +584,7 @@ class Manifest:
 
     leases: list[LeaseSpec]
     pools: list[PoolSpec]
+    quotas: list[QuotaSpec] | None = None  # None: no file has a ``quotas:`` key (apply leaves them)
 
 
 def parse_pools(data: Any, source: str) -> list[PoolSpec]:
@@ -590,3 +616,96 @@ def parse_pools(data: Any, source: str) -> list[PoolSpec]:
     if problems:
         raise SpecError("\n".join(problems))
     return pools
+
+
+# -- quotas ------------------------------------------------------------------------------------------
+
+QUOTA_LIMITS = ("sandboxes", "cpu", "memory", "disk", "gpu")
+
+
+class QuotaSpec(BaseModel):
+    """One quota (controller.quotas): no ``label`` = the whole instance; ``label`` alone = every value
+    of it on its own (each team); ``label`` and ``value`` = that value only. Limits are whole numbers
+    >= 0 (memory and disk in GiB); a limit left out is no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str | None = Field(default=None, min_length=1, max_length=63)
+    value: str | None = Field(default=None, min_length=1, max_length=255)
+    sandboxes: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    cpu: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    memory: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True, description="GiB")
+    disk: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True, description="GiB")
+    gpu: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(RESERVED_LABEL_PREFIX):
+            raise ValueError(f"label {value!r} uses the reserved prefix {RESERVED_LABEL_PREFIX!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> QuotaSpec:
+        if self.value is not None and self.label is None:
+            raise FieldRuleError("value", "a value needs a label (e.g. label: team, value: ml)")
+        if all(getattr(self, limit) is None for limit in QUOTA_LIMITS):
+            raise FieldRuleError("(quota)", f"give at least one limit: {', '.join(QUOTA_LIMITS)}")
+        return self
+
+    @property
+    def scope(self) -> str:
+        if self.label is None:
+            return "instance"
+        return f"{self.label}={self.value}" if self.value is not None else f"{self.label}=*"
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "label": self.label or "",
+            "value": self.value or "",
+            **{limit: getattr(self, limit) for limit in QUOTA_LIMITS},
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QuotaSpec:
+        return cls(
+            label=row.get("label") or None,
+            value=row.get("value") or None,
+            **{limit: row.get(limit) for limit in QUOTA_LIMITS},
+        )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def parse_quotas(data: Any, source: str) -> list[QuotaSpec] | None:
+    """Validate the ``quotas:`` list of one parsed file (None when the file has no ``quotas:`` key)."""
+    if not isinstance(data, Mapping) or "quotas" not in data:
+        return None
+    items = data["quotas"]
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise SpecError(f"{source}: 'quotas' must be a list")
+    quotas: list[QuotaSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        label = f"quotas[{index}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{source}: {label}: must be a mapping")
+            continue
+        try:
+            quotas.append(QuotaSpec.model_validate(dict(item)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = err["loc"]
+                rule = (err.get("ctx") or {}).get("error")
+                if isinstance(rule, FieldRuleError):
+                    loc = (rule.field,)
+                message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
+                if err["type"] == "extra_forbidden" and len(loc) == 1:
+                    message = f"unknown field (a quota has label, value, {', '.join(QUOTA_LIMITS)})"
+                problems.append(f"{source}: {label}: {_field_path(loc)}: {message}")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return quotas

@@ -18,6 +18,7 @@ from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out
 from controller.leases import apply_specs, overview, read_pools, read_specs
+from controller.quota_rows import read_quota_specs
 from controller.specs import dump_leases, load_manifest
 
 
@@ -55,6 +56,7 @@ def apply(
             cli.database(),
             manifest.leases,
             pools=manifest.pools,
+            quotas=manifest.quotas,
             prune=prune,
             dry_run=dry_run,
             prune_all=prune_all,
@@ -77,6 +79,15 @@ def apply(
     ):
         for name in names:
             out.print(f"pool/{name} {label}", highlight=False)
+    q = result.quotas
+    for label, names in (
+        ("created", q.created),
+        ("updated", q.updated),
+        ("unchanged", q.unchanged),
+        ("pruned", q.pruned),
+    ):
+        for name in names:
+            out.print(f"quota/{name} {label}", highlight=False, markup=False)
     out.print(
         f"{len(result.created)} created, {len(result.updated)} updated, "
         f"{len(result.unchanged)} unchanged, {len(result.pruned)} pruned{suffix}",
@@ -221,7 +232,9 @@ def export(
     with handled(), cli.database().session(readonly=True) as session:
         invalid: list[Any] = []
         text = dump_leases(
-            read_specs(session, names or (), invalid=invalid), read_pools(session) if not names else ()
+            read_specs(session, names or (), invalid=invalid),
+            read_pools(session) if not names else (),
+            read_quota_specs(session) if not names else (),
         )
     for bad in invalid:
         err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)
