@@ -23,23 +23,24 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from controller import logs
+from controller import logs, usage
 from controller.applier import Applier, ApplierConfig, Outcome
 from controller.config import Settings
 from controller.db import Database
+from controller.disk_guard import guard
 from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
 from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
-from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, SandboxProvider
+from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, ObservedSandbox, SandboxProvider
 from controller.quota_rows import load_quotas
 from controller.quotas import QuotaView, gate
 from controller.schedules import earliest, in_force, lease_schedule
@@ -146,6 +147,8 @@ class Reconciler:
         self.controller_id = controller_id or (elector.holder if elector else f"cli-{uuid.uuid4().hex[:8]}")
         self._lock = threading.Lock()
         self._quotas: list[QuotaView] = []
+        self._since: dict[str, datetime] = {}  # sandbox id -> start of its open usage segment
+        self._observed: list[ObservedSandbox] = []  # what the last observe_and_plan saw
         self.last_success: datetime | None = None
 
     # -- reading -------------------------------------------------------------------------------
@@ -156,6 +159,8 @@ class Reconciler:
             rows, invalid = load_lease_rows(session)
             statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
             self._quotas = load_quotas(session)
+            if self.settings.policy.disk_guard_gib is not None:
+                self._since = usage.open_since(session)
         leases = [lease_view(row, self.instance, workspace) for row in rows]
         return leases, statuses, invalid
 
@@ -173,6 +178,12 @@ class Reconciler:
         observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
         the_plan = plan(leases, statuses, observed, at or self.clock(), instance=self.instance)
         the_plan = gate(the_plan, leases, statuses, observed, self._quotas, lease_label=LABEL_LEASE)
+        cap = self.settings.policy.disk_guard_gib
+        if cap is not None:
+            the_plan = guard(
+                the_plan, leases, observed, cap_gib=cap, since=self._since, instance=self.instance
+            )
+        self._observed = observed
         return the_plan, leases, statuses, invalid
 
     # -- one pass --------------------------------------------------------------------------------
@@ -224,6 +235,7 @@ class Reconciler:
         actions = sorted(the_plan.actions, key=lambda a: a.lease_name in pools.members)
         outcomes = self.applier.apply(actions, before_create=before_create, fence=fence) if actions else []
         self._write(pass_id, the_plan, outcomes, views, statuses)
+        self._record_usage(views)
         if invalid:
             self._write_invalid(pass_id, invalid)
             if self.metrics:
@@ -340,6 +352,13 @@ class Reconciler:
                 self.metrics.leases.labels(*phase).set(0)
             for phase, count in phases.items():
                 self.metrics.leases.labels(phase=phase).set(count)
+
+    def _record_usage(self, views: dict[str, LeaseView]) -> None:
+        """Append what this pass observed to ``usage`` (controller.usage), in its own transaction."""
+        gap = timedelta(seconds=self.settings.policy.usage_max_gap_seconds)
+        with self.db.session() as session:
+            self._fence(session)
+            usage.record(session, self._observed, views, self.clock(), gap)
 
     def _replan(
         self, lease: LeaseView, status: StatusView | None, outcome: Outcome, now: datetime
