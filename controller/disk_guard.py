@@ -5,7 +5,8 @@ Pure, called by ``controller.reconciler`` after the planner and the quota gate w
 against the organization's quota, so stopped sandboxes left alone can fill it until every create
 fails; archived ones hold none. The guard adds an ``archive`` action (its reason becomes the event
 message) for stopped sandboxes of leases that have nothing else to do this pass, longest stopped
-first (since the start of their current ``usage`` segment, else their creation), until the disk of
+first (since the start of their ``stopped`` segment in ``usage``; one stopped since the last pass
+has none yet and counts as the most recent), until the disk of
 the stopped ones left is at or under the cap. It never touches a paused lease, an ephemeral sandbox
 (Daytona cannot archive those), a sandbox no lease owns (garbage collection's) or one whose lease
 has another action this pass. The planner takes an archived sandbox as converged for a lease desired
@@ -56,9 +57,11 @@ def guard(
             and not lease.ephemeral
         )
 
+    # Known stop times first, oldest first; a sandbox without one (it stopped since the last pass)
+    # is the most recently stopped: after them, by creation.
     candidates = sorted(
         (sb for sb in stopped if eligible(sb)),
-        key=lambda sb: (since.get(sb.id) or sb.created_at or _EPOCH, sb.id),
+        key=lambda sb: (sb.id not in since, since.get(sb.id) or _EPOCH, sb.created_at or _EPOCH, sb.id),
     )
     actions = list(the_plan.actions)
     decisions = dict(the_plan.decisions)
@@ -66,8 +69,8 @@ def guard(
         if total <= cap_gib:
             break
         lease_name = sb.labels[LABEL_LEASE]
-        when = since.get(sb.id) or sb.created_at
-        stopped_for = f"stopped since {when.isoformat()}" if when is not None else "stopped"
+        when = since.get(sb.id)
+        stopped_for = f"stopped since {when.isoformat()}" if when is not None else "just stopped"
         reason = (
             f"disk guard: stopped sandboxes hold {total} GiB, over the cap of {cap_gib} GiB "
             f"(policy.disk_guard_gib); archiving sandbox {sb.name} ({sb.id}, {held[sb.id]} GiB, "
@@ -81,6 +84,7 @@ def guard(
             sandbox_name=sb.name,
             instance=instance,
             from_state=sb.state,
+            policy="disk-guard",
         )
         actions.append(action)
         decisions[lease_name] = replace(decisions[lease_name], message=reason, action=action)

@@ -298,6 +298,7 @@ class Action:
     duplicate: bool = False
     instance: str = ""
     from_state: str | None = None  # the observed state the action was planned from
+    policy: str | None = None  # a policy asked for it (e.g. "disk-guard"): the event keeps the reason
 
 
 @dataclass(frozen=True)

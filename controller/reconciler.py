@@ -160,7 +160,7 @@ class Reconciler:
             statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
             self._quotas = load_quotas(session)
             if self.settings.policy.disk_guard_gib is not None:
-                self._since = usage.open_since(session)
+                self._since = usage.open_since(session, "stopped")
         leases = [lease_view(row, self.instance, workspace) for row in rows]
         return leases, statuses, invalid
 
@@ -422,7 +422,9 @@ class Reconciler:
             sandbox_id=outcome.sandbox_id or action.sandbox_id,
             action=action.kind,
             outcome=_outcome_word(outcome),
-            message=outcome.message or action.reason,
+            message=(f"{action.reason}: {outcome.message}" if action.policy and outcome.message else None)
+            or outcome.message
+            or action.reason,
             controller_id=self.controller_id,
             pass_id=pass_id,
         )

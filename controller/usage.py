@@ -279,9 +279,10 @@ def report(
     return ordered
 
 
-def open_since(session: Session) -> dict[str, datetime]:
-    """Sandbox id -> when its open segment started: since when it has been in its current state."""
+def open_since(session: Session, state: str) -> dict[str, datetime]:
+    """Sandbox id -> since when it has been in ``state``, for sandboxes whose open segment is in it
+    (one that just changed state has an open segment in the old state until this pass records it)."""
     from models import Usage
 
-    query = sa.select(Usage.sandbox_id, Usage.started_at).where(Usage.closed.is_(False))
+    query = sa.select(Usage.sandbox_id, Usage.started_at).where(Usage.closed.is_(False), Usage.state == state)
     return {sandbox_id: started for sandbox_id, started in session.execute(query) if sandbox_id is not None}
