@@ -219,11 +219,12 @@ class QueryCounter:
 # -- the local Daytona API -----------------------------------------------------------------------
 
 
-def start_emulator(state_dir: Path, args: Sequence[str] = ()) -> Any:
+def start_emulator(state_dir: Path, args: Sequence[str] = (), startup_timeout: float = 60) -> Any:
     """The local Daytona API in a subprocess (its CPU and memory are not the controller's)."""
     from tests.support.emulator import EmulatorProcess
 
-    return EmulatorProcess(state_dir, api_key=API_KEY, args=list(args), startup_timeout=60).start()
+    emulator = EmulatorProcess(state_dir, api_key=API_KEY, args=list(args), startup_timeout=startup_timeout)
+    return emulator.start()
 
 
 def bench_settings(database_url: str, api_url: str, **controller: Any) -> Settings:

@@ -7,8 +7,12 @@ server. On each backend:
 * warm: a pool with ``min_ready`` R is filled; then K claims are made in this process through
   ``controller.claims.claim`` at a steady rate below the create rate, each released at once (the
   daemon deletes it and refills). Claim latency is the claim call itself (one transaction); the
-  fewest Ready members seen between claims shows whether refill keeps ``min_ready``;
-* cold: a pool with ``min_ready`` 0; each claim waits (``--wait``) while a member is created;
+  fewest Ready members seen just after each claim, and a sampler reading the Ready count every
+  50 ms through the whole warm phase (its minimum, the time spent below ``min_ready``), show how
+  closely refill keeps ``min_ready``;
+* cold: a pool with ``min_ready`` 0; each claim waits (``--wait``) while a member is created, once
+  the warm pool has nothing left on its way (passes do not overlap: a claim made while a pass
+  creates for another pool also waits for that pass);
 * lease row: a lease INSERTed with SQL; time until its status shows the create (the daemon's
   wake-up, on SQLite the change watcher) and until it is Ready;
 * CLI: ``leasectl claim`` as a subprocess, for its start-up cost (reported apart).
@@ -22,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -90,12 +95,61 @@ def _ready(db: Any, pool: str) -> int:
         )
 
 
+def _provisioning(db: Any, pool: str) -> int:
+    from controller.pool_sync import load_members
+    from controller.pools import count
+
+    with db.session(readonly=True) as session:
+        return count(load_members(session, pool)).provisioning
+
+
 def _phase(db: Any, lease: str) -> str | None:
     from models import LeaseStatus
 
     with db.session(readonly=True) as session:
         phase = session.scalar(sa.select(LeaseStatus.phase).where(LeaseStatus.lease_name == lease))
     return None if phase is None else str(phase)
+
+
+class ReadySampler:
+    """Reads the pool's unclaimed Ready count every ``period`` seconds in a thread of its own: the
+    fewest seen and the time spent below ``target`` (a sample below it counts until the next one)."""
+
+    def __init__(self, db: Any, pool: str, target: int, period: float = 0.05) -> None:
+        self.db, self.pool, self.target, self.period = db, pool, target, period
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ready-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), _ready(self.db, self.pool)))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> ReadySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), _ready(self.db, self.pool)))
+
+    def figures(self) -> dict[str, Any]:
+        below = 0.0
+        for (t0, n), (t1, _) in zip(self.samples, self.samples[1:], strict=False):
+            if n < self.target:
+                below += t1 - t0
+        span = self.samples[-1][0] - self.samples[0][0] if len(self.samples) > 1 else 0.0
+        counts = [n for _, n in self.samples]
+        return {
+            "samples": len(counts),
+            "min": min(counts),
+            "mean": round(sum(counts) / len(counts), 2),
+            "below_min_ready_s": round(below, 2),
+            "below_min_ready_share": round(below / span, 3) if span else None,
+            "span_s": round(span, 2),
+        }
 
 
 def measure(
@@ -146,14 +200,21 @@ def measure(
                 fallback: list[float] = []  # found no Ready member: waited while one was created
                 seen: list[int] = []
                 gap = 1.0 / rate
-                for _ in range(claims):
-                    t0 = time.perf_counter()
-                    got = claim(db, "warm", owner="bench", wait_seconds=60)
-                    (fallback if got.cold else warm).append(time.perf_counter() - t0)
-                    release(db, got.lease)
-                    seen.append(_ready(db, "warm"))
-                    time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
+                sampler_db = dbmod.connect(url)
+                with ReadySampler(sampler_db, "warm", ready) as sampler:
+                    for _ in range(claims):
+                        t0 = time.perf_counter()
+                        got = claim(db, "warm", owner="bench", wait_seconds=60)
+                        (fallback if got.cold else warm).append(time.perf_counter() - t0)
+                        release(db, got.lease)
+                        seen.append(_ready(db, "warm"))
+                        time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
+                sampler_db.dispose()
                 refilled = wait_until(lambda: _ready(db, "warm") >= ready, timeout=60, interval=0.1)
+                # The warm pool may still be creating its headroom: passes do not overlap, so a cold
+                # claim made meanwhile would also wait for the pass in progress. Measure it on a
+                # daemon that has nothing else to create.
+                wait_until(lambda: _provisioning(db, "warm") == 0, timeout=60, interval=0.1)
 
                 # Cold claims: nothing warm; each waits while a member is created.
                 cold_s: list[float] = []
@@ -217,6 +278,7 @@ def measure(
             "mean": round(sum(seen) / len(seen), 2),
             "max": max(seen),
         },
+        "ready_sampled": sampler.figures(),
         "refilled_after": refilled,
         "cold": {**_ms(cold_s), "claims": len(cold_s)},
         "cold_within_latency_plus_1s": (max(cold_s) <= latency + 1.0) if cold_s else None,
@@ -285,6 +347,8 @@ def run(
                 "warm p99",
                 "misses",
                 "ready min/mean",
+                "sampled min",
+                "below R s",
                 "cold p50",
                 "cold max",
                 "row acted p50",
@@ -299,6 +363,9 @@ def run(
                     r["figures"]["warm_misses"]["claims"],
                     f"{r['figures']['ready_after_each_claim']['min']}/"
                     f"{r['figures']['ready_after_each_claim']['mean']}",
+                    r["figures"]["ready_sampled"]["min"],
+                    f"{r['figures']['ready_sampled']['below_min_ready_s']} "
+                    f"({r['figures']['ready_sampled']['below_min_ready_share']})",
                     r["figures"]["cold"]["p50_ms"],
                     r["figures"]["cold"]["max_ms"],
                     r["figures"]["lease_row_first_action"]["p50_ms"],

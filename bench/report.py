@@ -51,7 +51,20 @@ def _split(line: str, rule: str) -> list[str]:
     return cells
 
 
+def earliest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The first record of each case: the baseline a later run of the same case is compared with."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for record in records:
+        chosen.setdefault(_key(record), record)
+    return chosen
+
+
+def _times(value: Any) -> str:
+    return "-" if value is None else f"{value}x"
+
+
 def render(records: list[dict[str, Any]], source: str, soak_source: str | None = None) -> str:
+    first = earliest(records)
     records = latest(records)
     sources = (source, *(soak_source.split() if soak_source else ()))
     by = {
@@ -89,25 +102,46 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             "under a millisecond (column ms per GET); against a remote API every GET adds a network "
             "round trip, so the wall ratios here are the least the imperative way costs."
         )
+        out.append(
+            "Before: the same pass by the revision named, run right after ours on the same fleet and "
+            "database (`python -m bench --baseline REV`), else the first record of the same case in "
+            "these files (its date in the column); the CPU ratio is before / now. Cold: the first pass of "
+            "the process (the warm-up), which validates and hashes every lease row; later passes "
+            "reuse that for rows whose stored values did not change. Issue 14's targets: 0.4 s CPU at "
+            "10,000 leases, 5 s and 1 GiB at 100,000. Above 10,000 leases the per-lease way runs only "
+            "with the applier's concurrency (imperative wall s and wall ratio then show that run)."
+        )
         out.append("")
         rows = []
         for r in sorted(by["scale"], key=lambda r: (r["parameters"]["leases"], r["parameters"]["backend"])):
             f = r["figures"]
+            before = first[_key(r)]
+            before_cpu = before["figures"]["cpu_s"] if before is not r else None
+            before_text = f"{before_cpu} ({before['at'][:10]})" if before_cpu is not None else "-"
+            if "baseline_cpu_s" in f:  # the same pass by another revision, in the same run
+                before_cpu = f["baseline_cpu_s"]
+                before_text = f"{before_cpu} ({f['baseline']}, same run)"
+            sequential = f.get("imperative_sequential", True)
+            imp_wall = f["imperative_wall_s"] if sequential else f["imperative_parallel_wall_s"]
+            imp_requests = f["imperative_api_requests"]
             rows.append(
                 [
                     r["parameters"]["leases"],
                     r["parameters"]["backend"],
                     f["wall_s"],
                     f["cpu_s"],
+                    f.get("cold_pass_cpu_s"),
+                    before_text,
+                    _times(round(before_cpu / f["cpu_s"], 2)) if before_cpu else "-",
                     f["peak_rss_mib"],
                     f["pass_alloc_peak_mib"],
                     f["db_queries"],
                     f["api_requests"],
-                    f["imperative_api_requests"],
-                    f["imperative_wall_s"],
-                    round(1000 * f["imperative_wall_s"] / f["imperative_api_requests"], 2),
+                    imp_requests,
+                    f"{imp_wall}" + ("" if sequential else " (C=8)"),
+                    round(1000 * imp_wall / imp_requests, 2) if sequential else "-",
                     f"{f['ratio_api_requests']}x",
-                    f"{f['ratio_wall']}x",
+                    _times(f["ratio_wall"] if sequential else f.get("ratio_wall_parallel")),
                 ]
             )
         out.append(
@@ -117,6 +151,9 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     "database",
                     "pass wall s",
                     "pass CPU s",
+                    "cold pass CPU s",
+                    "CPU s before",
+                    "CPU ratio",
                     "peak RSS MiB",
                     "alloc peak MiB",
                     "SQL stmts",
@@ -130,6 +167,27 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                 rows,
             )
         )
+        growth = _growth(by["scale"])
+        if growth:
+            out += [
+                "",
+                "How the cost of a no-op pass grows with the fleet: growth vs linear is (CPU / previous "
+                "CPU) / (leases / previous leases), 1.0 when the cost per lease stays the same.",
+                "",
+            ]
+            out.append(
+                _md(
+                    [
+                        "database",
+                        "leases",
+                        "pass CPU s",
+                        "CPU us per lease",
+                        "x per 10x leases",
+                        "peak RSS MiB",
+                    ],
+                    growth,
+                )
+            )
     if by["convergence"]:
         out += ["", "### Convergence: from nothing to all Ready", ""]
         out.append(
@@ -231,18 +289,27 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             f"made at {p0['claim_rate_per_s']:g}/s through `controller.claims.claim` (the claim "
             "itself, in-process: one transaction), each released at once (deleted; the daemon "
             "refills). A miss is a claim that found no Ready member and waited for one; ready after "
-            "each claim is the number of unclaimed Ready members left just after it. Cold: min_ready "
-            "0, each claim waits while a member is created (target: within L + 1 s). Lease row: a "
-            "lease INSERTed with SQL, time until the daemon has acted (its create attempt is "
-            "recorded: wake-up + pass) and until Ready (the next pass, which for a plain lease is "
-            "the interval unless something else wakes the daemon). CLI: `leasectl claim` as a "
-            "subprocess (Python start-up and imports included)."
+            "each claim is the number of unclaimed Ready members left just after it; sampled is the "
+            "same count read every 50 ms through the whole warm phase (its minimum and mean), and "
+            "below R the time it spent under min_ready (share of the phase). Cold: min_ready 0, each "
+            "claim waits while a member is created, once the warm pool has nothing left on its way "
+            "(target: within L + 1 s). Lease row: a lease "
+            "INSERTed with SQL, time until the daemon has acted (its create attempt is recorded: "
+            "wake-up + pass) and until Ready. CLI: `leasectl claim` as a subprocess (Python start-up "
+            "and imports included)."
+        )
+        at = sorted(r["at"] for r in by["pools"])
+        out.append("")
+        out.append(
+            f"These pool records: {at[0][:16].replace('T', ' ')} to {at[-1][:16].replace('T', ' ')} UTC "
+            f"on `{by['pools'][-1]['machine']['hostname']}` ({by['pools'][-1]['machine']['platform']})."
         )
         out.append("")
         rows = []
         for r in sorted(by["pools"], key=lambda r: r["parameters"]["backend"]):
             p, f = r["parameters"], r["figures"]
             seen = f["ready_after_each_claim"]
+            sampled = f.get("ready_sampled")  # n/a in records older than the sampler
             rows.append(
                 [
                     p["backend"],
@@ -251,6 +318,10 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     f["warm"]["p99_ms"],
                     f["warm_misses"]["claims"],
                     f"{seen['min']} / {seen['mean']}",
+                    f"{sampled['min']} / {sampled['mean']}" if sampled else "n/a",
+                    f"{sampled['below_min_ready_s']} s ({sampled['below_min_ready_share']:.0%})"
+                    if sampled
+                    else "n/a",
                     f["cold"]["p50_ms"],
                     f["cold"]["max_ms"],
                     f["lease_row_first_action"]["p50_ms"],
@@ -267,6 +338,8 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                     "warm p99 ms",
                     "misses",
                     "ready after claim min / mean",
+                    "sampled min / mean",
+                    "below R",
                     "cold p50 ms",
                     "cold max ms",
                     "lease row acted p50 ms",
@@ -304,6 +377,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         "```sh",
         "make bench-quick                  # every benchmark at a small size, a few minutes",
         f".venv/bin/python -m bench --full --jsonl {source}   # what this section comes from (make bench)",
+        "make bench-huge HUGE_JSONL=bench/results-huge.jsonl   # scale at 1,000, 10,000 and 100,000 leases",
         *(
             [f"make soak SOAK_JSONL={soak_source}        # the soak records (make soak alone: no file)"]
             if soak_source
@@ -320,6 +394,29 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         "",
     ]
     return "\n".join(out)
+
+
+def _growth(scale: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per database, the pass CPU at each size and how it grew against the number of leases (1.0 is
+    linear), when a database has records at three sizes or more (``make bench-huge``)."""
+    rows: list[list[Any]] = []
+    for backend in sorted({r["parameters"]["backend"] for r in scale}):
+        mine = sorted(
+            (r for r in scale if r["parameters"]["backend"] == backend),
+            key=lambda r: r["parameters"]["leases"],
+        )
+        if len(mine) < 3:
+            continue
+        previous: dict[str, Any] | None = None
+        for r in mine:
+            n, cpu = r["parameters"]["leases"], r["figures"]["cpu_s"]
+            step = "-"
+            if previous is not None:
+                n0, cpu0 = previous["parameters"]["leases"], previous["figures"]["cpu_s"]
+                step = f"{round((cpu / cpu0) / (n / n0), 2)}"
+            rows.append([backend, n, cpu, round(1e6 * cpu / n, 1), step, r["figures"]["peak_rss_mib"]])
+            previous = r
+    return rows
 
 
 def _overlapping(soaks: list[dict[str, Any]]) -> bool:

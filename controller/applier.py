@@ -21,6 +21,9 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
 - Quota and capacity refusals (``CapacityError``) are retried with the lease's back-off, capped at
   ``blocked_backoff_max_seconds`` so that a lease converges soon after capacity returns; the lease
   shows phase ``Blocked`` with the reason.
+- A create answered ``started`` realizes the lease's workspace (``Action.workspace_dir``) in the same
+  action, so the lease is ``Ready`` after one pass; if that fails the create still succeeded and the
+  planner asks for ``realize_workspace`` next pass.
 - A create that failed in a way that may have left a sandbox (a late "failed to start", a name
   conflict, no answer) is followed at once by one ``get`` by the deterministic name: a sandbox of this
   lease found there is recorded (an errored one is then recovered or replaced by the planner), never
@@ -35,7 +38,11 @@ for its lifetime and calls ``shutdown`` on exit. It owns effects only: it decide
   consecutive failure, returned as ``Outcome.next_attempt_at``; success resets it. The failure count
   comes from the action (``Action.failures``, read from ``lease_status`` by the planner).
 - ``before_create(action)`` runs in the worker just before ``provider.create``; if it raises, the
-  create is not called. ``on_outcome(outcome)`` is called for every finished action.
+  create is not called. ``on_done(outcome)`` runs in the worker as soon as its action has finished,
+  while the lease is still marked in flight (the reconciler records the lease's status there, so a
+  quick action is not held back by a slow one of the same pass); an exception in it is logged and
+  the outcome is returned as usual. ``on_outcome(outcome)`` is called for every finished action once
+  the whole batch is done.
 - ``fence()`` runs in the worker at the moment each call that changes a sandbox (create, delete,
   start, stop, archive, recover) is sent, after every wait; if it raises ``NotLeaderError`` the call
   is not made (outcome ``fenced``, not a failure). The reconciler passes one that re-checks the
@@ -79,9 +86,11 @@ from controller.providers.base import (
     LABEL_LEASE,
     STATE_BUILD_FAILED,
     STATE_ERROR,
+    STATE_STARTED,
     ObservedSandbox,
     SandboxProvider,
 )
+from controller.secrets import SecretError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +139,7 @@ NO_SANDBOX: dict[str, Any] = {
     "spec_hash": None,
     "workspace_path": None,
     "ready_at": None,
+    "spec_fields": None,
 }
 
 
@@ -184,7 +194,17 @@ class Outcome:
             values.update(failures=0, next_attempt_at=None, last_error=None)
         kind = action.kind
         if kind == "create" and self.sandbox is not None:
-            values.update(_new_sandbox(self.sandbox, action.spec_hash), failed_spec_hash=None)
+            values.update(
+                _new_sandbox(self.sandbox, action.spec_hash),
+                failed_spec_hash=None,
+                spec_fields=dict(action.fields) if action.fields else None,
+            )
+            if self.workspace_path is not None:  # realized in the same action: Ready now
+                values.update(phase=READY, workspace_path=self.workspace_path, ready_at=self.finished_at)
+        elif kind == "update":
+            values.update(
+                spec_hash=action.spec_hash, spec_fields=dict(action.fields) if action.fields else None
+            )
         elif kind == "lookup":
             values.update(create_attempt_name=None, create_attempt_at=None)
             if self.sandbox is not None:
@@ -193,7 +213,7 @@ class Outcome:
                     sandbox_id=sb.id, sandbox_name=sb.name, observed_state=sb.state, spec_hash=sb.spec_hash
                 )
                 if sb.id != action.sandbox_id:
-                    values.update(workspace_path=None, ready_at=None)
+                    values.update(workspace_path=None, ready_at=None, spec_fields=None)
             else:
                 values.update(NO_SANDBOX)
         elif kind == "delete" and not action.duplicate:
@@ -250,6 +270,7 @@ def _new_sandbox(sb: ObservedSandbox, spec_hash: str | None) -> dict[str, Any]:
         "spec_hash": spec_hash,
         "workspace_path": None,
         "ready_at": None,
+        "spec_fields": None,
     }
 
 
@@ -352,6 +373,7 @@ class Applier:
         before_create: ActionHook | None = None,
         on_outcome: OutcomeHook | None = None,
         fence: Fence | None = None,
+        on_done: OutcomeHook | None = None,
     ) -> list[Outcome]:
         """Run ``actions`` (at most one per lease is run; others are ``busy``); outcomes in input order."""
         hook = before_create or self.before_create
@@ -368,7 +390,7 @@ class Applier:
                 continue
             # Run in a copy of the caller's context so log records keep the pass id.
             context = contextvars.copy_context()
-            futures.append(self._pool.submit(context.run, self._run, action, hook, fence))
+            futures.append(self._pool.submit(context.run, self._run, action, hook, fence, on_done))
         outcomes = [f if isinstance(f, Outcome) else f.result() for f in futures]
         if notify is not None:
             for outcome in outcomes:
@@ -404,7 +426,13 @@ class Applier:
         now = self.clock()
         return Outcome(action, False, now, now, kind, message, failures=action.failures)
 
-    def _run(self, action: Action, before_create: ActionHook | None, fence: Fence | None = None) -> Outcome:
+    def _run(
+        self,
+        action: Action,
+        before_create: ActionHook | None,
+        fence: Fence | None = None,
+        on_done: OutcomeHook | None = None,
+    ) -> Outcome:
         lease = action.lease_name
         with self._lock:
             if lease in self._in_flight:
@@ -418,7 +446,13 @@ class Applier:
             if self.stopping:
                 return self._not_run(action, SKIPPED, "the controller is shutting down")
             with logs.bound(lease=lease):
-                return self._execute(action, before_create, fence)
+                outcome = self._execute(action, before_create, fence)
+                if on_done is not None:
+                    try:
+                        on_done(outcome)
+                    except Exception:
+                        log.exception("lease %s: on_done hook failed", lease)
+                return outcome
         finally:
             with self._idle:
                 self._in_flight.discard(lease)
@@ -435,6 +469,12 @@ class Applier:
         try:
             if action.kind == "create":
                 assert action.create is not None, "a create action carries its CreateRequest"
+                request = action.create
+                if request.secret_refs:
+                    # Resolved here, by the process that creates, at create time: the values travel
+                    # in the request only (never in the action, the database or a message).
+                    resolved = resolve(request.secret_refs)
+                    request = replace(request, env={**request.env, **resolved}, secret_refs={})
                 self._gate(deadline, create=True)
                 if before_create is not None:
                     try:
@@ -448,13 +488,17 @@ class Applier:
                         return self._not_run(action, BEFORE_CREATE, f"create attempt not recorded: {exc}")
                 try:
                     sandbox = self._call(
-                        self.provider.create, action.create, deadline=deadline, gated=True, fence=fence
+                        self.provider.create, request, deadline=deadline, gated=True, fence=fence
                     )
                 except (StartFailedError, ConflictError, TransientError) as exc:
                     if isinstance(exc, RateLimitedError | CapacityError | StateConflictError):
                         raise
                     return self._after_failed_create(action, started, exc, deadline)
                 message = f"created sandbox {sandbox.name} ({sandbox.id}), {sandbox.state}"
+                if action.workspace_dir is not None and sandbox.state == STATE_STARTED:
+                    workspace = self._realize_after_create(action, sandbox, deadline)
+                    if workspace is not None:
+                        message = f"{message}; workspace {workspace} ready"
             elif action.kind == "lookup":
                 sandbox, message = self._lookup(action, deadline)
             elif action.kind == "realize_workspace":
@@ -479,6 +523,20 @@ class Applier:
                     message = f"deleted sandbox {action.sandbox_name} ({action.sandbox_id})"
                 except NotFoundError:
                     message = f"sandbox {action.sandbox_name} ({action.sandbox_id}) was already gone"
+            elif action.kind == "update":
+                assert action.update is not None, "an update action carries its SandboxUpdate"
+                self._call(
+                    self.provider.update,
+                    _sid(action),
+                    action.update,
+                    deadline=deadline,
+                    scope=SCOPE_LIFECYCLE,
+                    fence=fence,
+                )
+                message = (
+                    f"updated {', '.join(action.update.setters)} in place on sandbox "
+                    f"{action.sandbox_name} ({action.sandbox_id})"
+                )
             elif action.kind in ("start", "stop", "archive", "recover"):
                 self._call(
                     getattr(self.provider, action.kind),
@@ -608,6 +666,9 @@ class Applier:
         elif isinstance(exc, CapacityError):
             kind, retry_after = BLOCKED_KIND, exc.retry_after
             cap = self.config.blocked_backoff_max_seconds
+        elif isinstance(exc, SecretError):  # fixed by providing the secret, not by a spec change
+            kind = BLOCKED_KIND
+            cap = self.config.blocked_backoff_max_seconds
         elif isinstance(exc, StartFailedError):
             kind, retry_after = START_FAILED, exc.retry_after
         elif isinstance(exc, TransientError):
@@ -660,8 +721,22 @@ class Applier:
             return found, f"found sandbox {found.name} ({found.id}), {found.state}, by {key}"
         return None, f"no sandbox found by {' or '.join(keys)}; the record is cleared"
 
-    def _realize(self, action: Action, deadline: float) -> str:
-        sid = _sid(action)
+    def _realize_after_create(self, action: Action, sandbox: ObservedSandbox, deadline: float) -> str | None:
+        """The workspace of a sandbox the create answered ``started``, in the same action (the lease is
+        Ready after one pass). None when it fails: the create still succeeded, and the planner asks
+        for ``realize_workspace`` on the next pass."""
+        try:
+            return self._realize(action, deadline, sandbox.id)
+        except (ProviderError, _Deferred) as exc:
+            log.info(
+                "lease %s: workspace not realized after create (%s); realized on the next pass",
+                action.lease_name,
+                exc,
+            )
+            return None
+
+    def _realize(self, action: Action, deadline: float, sandbox_id: str | None = None) -> str:
+        sid = sandbox_id or _sid(action)
         wanted = action.workspace_dir or "workspace"
         if posixpath.isabs(wanted):
             path = posixpath.normpath(wanted)

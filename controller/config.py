@@ -63,6 +63,8 @@ class ControllerSettings(_Section):
     max_prune_share: float = Field(default=0.5, gt=0, le=1)
     pool_creates_per_pass: int = Field(default=20, ge=0)
     pool_busy_interval_seconds: float = Field(default=0.3, gt=0)
+    pool_headroom_factor: float = Field(default=2.0, ge=0)
+    pool_claim_window_seconds: float = Field(default=60.0, gt=0)
 
 
 class ExecSettings(_Section):

@@ -15,9 +15,11 @@ released, the process exits 0. On PostgreSQL a LISTEN on channel ``leasectl_leas
 reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``leases``, 0004 one on
 ``pools``); on SQLite a watcher thread polls ``PRAGMA data_version`` and a change counter every 250 ms
 for the same effect. A change that arrives during a pass makes that job run another pass at once;
-while pool members are on their way the next pass comes after ``pool_busy_interval_seconds``; when a
-schedule (controller.schedules) changes a desired state or a pool's ``min_ready`` before the next
-interval, the next pass comes at that moment. These are a bonus: the interval is the guarantee.
+while pool members are on their way, and after a pass whose actions left a lease half-way (a
+create not yet Ready, a start, a stop, a delete), the next pass comes after
+``pool_busy_interval_seconds``; when a schedule (controller.schedules) changes a desired state or
+a pool's ``min_ready`` before the next interval, the next pass comes at that moment. These are a
+bonus: the interval is the guarantee.
 
 The daemon refuses to start on a schema older or newer than it knows (``SchemaError`` names
 ``leasectl db upgrade`` or "upgrade leasectl"); when the schema changes under a running replica
@@ -106,6 +108,21 @@ def listen_address(settings: Settings) -> tuple[str, int]:
 
 
 SCHEDULE_SLACK_SECONDS = 0.05  # pass just after a schedule's change, never just before it
+
+
+def _follow_up(result: PassResult) -> bool:
+    """An action of this pass set a lease on its way without finishing it (a create answered before
+    the sandbox was started or its workspace realized, a start, a stop, a delete, a lookup, a state
+    the list had not shown yet): the next pass records or finishes it. A create that realized its
+    workspace (Ready) and a realize_workspace need none; a failure waits for its back-off."""
+    for outcome in result.outcomes:
+        if not outcome.ok:
+            continue
+        kind = outcome.action.kind
+        if kind == "realize_workspace" or (kind == "create" and outcome.workspace_path is not None):
+            continue
+        return True
+    return False
 
 
 def _pools_busy(result: PassResult) -> bool:
@@ -205,8 +222,8 @@ class Daemon:
                     break  # a change arrived during the pass: look again at once
         finally:
             self._reconciling.clear()
-        if _pools_busy(result):
-            # Pool members on their way: the next pass comes soon, not after a whole interval.
+        if _pools_busy(result) or _follow_up(result):
+            # Leases or pool members on their way: the next pass comes soon, not after an interval.
             self._reconcile_within(self.settings.controller.pool_busy_interval_seconds)
         if result.next_change is not None:
             # A schedule changes a desired state (or a pool's min_ready) then: pass at that moment.

@@ -27,13 +27,17 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from controller.schedules import Schedule, lease_schedule
+from controller.secrets import is_ref
 from controller.specs import SPEC_COLUMNS, LeaseSpec
 from models import Lease
 
 INVALID_PREFIX = "invalid lease row: "
 _JSON_COLUMNS = ("env", "labels")
 _OTHER_JSON_COLUMNS = ("schedule",)  # shape checked by LeaseSpec (controller.schedules)
-_TIME_COLUMNS = ("expires_at",)  # created_at/updated_at are not read by anyone who acts on a row
+_TIME_COLUMNS = (
+    "expires_at",
+    "rollout_requested_at",
+)  # created_at/updated_at are not read by anyone who acts on a row
 _MAX_MESSAGE = 500
 
 
@@ -47,6 +51,7 @@ class LeaseRow:
     expires_at: datetime | None
     spec: Mapping[str, Any]  # SPEC_COLUMNS -> value, as the ORM would load them
     lease: LeaseSpec  # the validated spec (export)
+    rollout_requested_at: datetime | None = None
     created_at: datetime | None = None  # queue order behind a quota (controller.quotas)
 
     @property
@@ -115,9 +120,11 @@ def _shape(column: str, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        isinstance(k, str) and (isinstance(v, str) or (column == "env" and is_ref(v)))
+        for k, v in value.items()
     ):
-        raise _Problem(f"{column} must be a JSON object of strings")
+        what = "strings or secret references" if column == "env" else "strings"
+        raise _Problem(f"{column} must be a JSON object of {what}")
 
 
 def _clip(text: str) -> str:
@@ -170,6 +177,7 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         expires_at=spec.expires_at,
         spec={col: values.get(col) for col in SPEC_COLUMNS},
         lease=spec,
+        rollout_requested_at=values.get("rollout_requested_at"),
         created_at=_created(values.get("created_at")),
     )
 
@@ -181,16 +189,27 @@ def _created(value: Any) -> datetime | None:
         return None
 
 
+def raw_rows_query(names: Sequence[str] = ()) -> sa.Select[Any]:
+    """The SELECT of every ``leases`` row (or those named) as stored, ordered by name; the columns
+    are :data:`RAW_KEYS`. Equal raw rows validate to equal results, so a caller that remembers
+    the raw tuple of a row may reuse what it made of it (the reconciler does, per pass)."""
+    query = sa.select(*_raw_columns()).order_by(Lease.name)
+    if names:
+        query = query.where(Lease.name.in_(list(names)))
+    return query
+
+
+RAW_KEYS: tuple[str, ...] = tuple(column.key for column in Lease.__table__.columns)
+RAW_NAME_INDEX = RAW_KEYS.index("name")
+
+
 def load_lease_rows(
     session: Session, names: Sequence[str] = ()
 ) -> tuple[list[LeaseRow], list[InvalidLeaseRow]]:
     """Every ``leases`` row (or those named), valid ones and invalid ones apart, ordered by name."""
-    query = sa.select(*_raw_columns()).order_by(Lease.name)
-    if names:
-        query = query.where(Lease.name.in_(list(names)))
     valid: list[LeaseRow] = []
     invalid: list[InvalidLeaseRow] = []
-    for row in session.execute(query):
+    for row in session.execute(raw_rows_query(names)):
         result = validate_row(dict(row._mapping))
         if isinstance(result, LeaseRow):
             valid.append(result)

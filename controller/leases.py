@@ -345,3 +345,23 @@ def _with_schedules(session: Session, rows: list[dict[str, Any]], now: datetime)
         row["next_state"] = result.next_value
         row["schedule_timezone"] = schedule.timezone
     return rows
+
+
+def request_rollout(db: Database, names: Sequence[str]) -> list[str]:
+    """Set ``rollout_requested_at`` to now on the named leases (one transaction; all or nothing).
+
+    The reconciler replaces each lease's sandbox created before that time, delete-then-create like a
+    spec change. Returns the names that do not exist (then nothing is written)."""
+    now = utcnow()
+    with db.session() as session:
+        found = set(session.scalars(sa.select(Lease.name).where(Lease.name.in_(list(names)))))
+        missing = sorted(set(names) - found)
+        if missing:
+            return missing
+        session.execute(
+            sa.update(Lease)
+            .where(Lease.name.in_(list(names)))
+            .values(rollout_requested_at=now, updated_at=now),
+            execution_options={"synchronize_session": False},
+        )
+    return []

@@ -58,6 +58,11 @@ transit.   wait (Provisioning wait (Stopping)             wait (Archiving)      
 unknown    wait, phase kept   wait, phase kept            wait, phase kept             delete
 =========  =================  ==========================  ===========================  ====================
 
+A create carries the lease's ``workspace_dir``: when Daytona answers the create with the sandbox
+``started`` (it waits for that), the applier realizes the workspace in the same action, so the lease
+is ``Ready`` after one pass; otherwise (still starting, or the realize failed) ``realize_workspace``
+follows on a later pass as in the table.
+
 Idle: on a lease with ``auto_stop_interval`` (> 0), a stopped or archived sandbox that the lease had
 Ready (or Idle) is one Daytona parked for inactivity: phase ``Idle``, no start (``leasectl exec`` and
 the queue start it on demand). Without ``auto_stop_interval`` the sandbox is created with auto-stop
@@ -89,6 +94,7 @@ from typing import Any, Final, Literal
 from controller.providers.base import (
     LABEL_INSTANCE,
     LABEL_LEASE,
+    LABEL_SETTINGS,
     LABEL_SPEC,
     RESERVED_LABEL_PREFIX,
     STATE_ARCHIVED,
@@ -102,15 +108,19 @@ from controller.providers.base import (
     TRANSITIONAL_STATES,
     CreateRequest,
     ObservedSandbox,
+    SandboxUpdate,
 )
 from controller.schedules import Schedule, in_force
 
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 DESIRED_STATES: Final = ("running", "stopped", "archived", "absent")
 
-ActionKind = Literal["create", "start", "stop", "archive", "recover", "delete", "lookup", "realize_workspace"]
+ActionKind = Literal[
+    "create", "start", "stop", "archive", "recover", "delete", "lookup", "realize_workspace", "update"
+]
 ACTION_KINDS: Final = (
     "create",
+    "update",
     "start",
     "stop",
     "archive",
@@ -178,9 +188,15 @@ def sandbox_name(instance: str, lease_name: str, spec_hash: str) -> str:
     return f"{inst}-{lease}-{spec8}-{ident}"[:_MAX_NAME]
 
 
-def ownership_labels(instance: str, lease_name: str, spec_hash: str) -> dict[str, str]:
-    """The labels that prove a sandbox is ours: instance, lease and spec hash."""
-    return {LABEL_INSTANCE: instance, LABEL_LEASE: lease_name, LABEL_SPEC: spec_hash}
+def ownership_labels(
+    instance: str, lease_name: str, spec_hash: str, settings_hash: str | None = None
+) -> dict[str, str]:
+    """The labels that prove a sandbox is ours: instance, lease and spec hash (and the hash of the
+    in-place settings it carries)."""
+    labels = {LABEL_INSTANCE: instance, LABEL_LEASE: lease_name, LABEL_SPEC: spec_hash}
+    if settings_hash is not None:
+        labels[LABEL_SETTINGS] = settings_hash
+    return labels
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -188,7 +204,11 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def build_create_request(
-    instance: str, lease_name: str, spec_hash: str, spec: Mapping[str, Any]
+    instance: str,
+    lease_name: str,
+    spec_hash: str,
+    spec: Mapping[str, Any],
+    settings_hash: str | None = None,
 ) -> CreateRequest:
     """The ``CreateRequest`` for a lease from its spec columns (``controller.specs.SPEC_COLUMNS``).
 
@@ -200,9 +220,14 @@ def build_create_request(
         for k, v in (spec.get("labels") or {}).items()
         if not str(k).startswith(RESERVED_LABEL_PREFIX)
     }
-    labels = {**user_labels, **ownership_labels(instance, lease_name, spec_hash)}
-    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    labels = {**user_labels, **ownership_labels(instance, lease_name, spec_hash, settings_hash)}
+    raw_env = spec.get("env") or {}
+    env = {str(k): str(v) for k, v in raw_env.items() if not isinstance(v, Mapping)}
+    refs = {
+        str(k): {str(a): str(b) for a, b in v.items()} for k, v in raw_env.items() if isinstance(v, Mapping)
+    }
     return CreateRequest(
+        secret_refs=refs,
         name=sandbox_name(instance, lease_name, spec_hash),
         labels=labels,
         env=env,
@@ -236,6 +261,15 @@ class LeaseView:
     paused: bool = False
     expires_at: datetime | None = None
     workspace_dir: str = "workspace"  # relative to the sandbox work dir, or absolute
+    # The in-place settings (labels, intervals): their hash is the sandbox's ``leasectl-settings``
+    # label; a sandbox whose label differs gets an ``update`` action, never a replacement.
+    settings_hash: str | None = None
+    # The hash leasectl put on sandboxes before in-place updates (all spec columns); a sandbox carrying
+    # it for the current spec is up to date and is only relabelled (upgrade without replacements).
+    legacy_spec_hash: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)  # spec column -> digest of its value
+    # `leasectl rollout`: a sandbox created before this time is replaced (desired running only).
+    rollout_requested_at: datetime | None = None
     schedule: Schedule | None = None  # the desired state follows it (controller.schedules)
     created_at: datetime | None = None  # queue order behind a quota (controller.quotas)
 
@@ -268,6 +302,7 @@ class StatusView:
     workspace_path: str | None = None
     create_attempt_name: str | None = None
     create_attempt_at: datetime | None = None
+    spec_fields: Mapping[str, str] | None = None  # field digests of the recorded sandbox's spec
 
 
 # -- outputs -----------------------------------------------------------------------------------------
@@ -298,6 +333,8 @@ class Action:
     duplicate: bool = False
     instance: str = ""
     from_state: str | None = None  # the observed state the action was planned from
+    update: SandboxUpdate | None = None  # what an ``update`` action changes in place
+    fields: Mapping[str, str] | None = None  # field digests the sandbox has after create/update
     policy: str | None = None  # a policy asked for it (e.g. "disk-guard"): the event keeps the reason
 
 
@@ -319,6 +356,8 @@ class Decision:
     failed_spec_hash: str | None = None
     clear_create_attempt: bool = False
     reset_failures: bool = False
+    spec_fields: Mapping[str, str] | None = None
+    keep_spec_fields: bool = True  # False: the recorded field digests no longer describe the sandbox
 
     def status_values(self) -> dict[str, Any]:
         """Column -> value for ``lease_status``; omitted columns are left as they are."""
@@ -333,6 +372,8 @@ class Decision:
             "ready_at": self.ready_at,
             "failed_spec_hash": self.failed_spec_hash,
         }
+        if not self.keep_spec_fields or self.spec_fields is not None:
+            values["spec_fields"] = dict(self.spec_fields) if self.spec_fields is not None else None
         if self.clear_create_attempt:
             values["create_attempt_name"] = None
             values["create_attempt_at"] = None
@@ -471,6 +512,7 @@ def _base(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **k
             "workspace_path": status.workspace_path if same else None,
             "ready_at": status.ready_at if same else None,
             "clear_create_attempt": True,
+            "keep_spec_fields": same,
         }
     else:
         values = {
@@ -563,7 +605,8 @@ def _natural(
 
     sb = keep
     state = sb.state
-    spec_differs = sb.spec_hash != lease.spec_hash
+    legacy = _legacy_match(lease, sb)
+    spec_differs = sb.spec_hash != lease.spec_hash and not legacy
 
     if desired == "absent":
         why = "lease expired" if is_expired(lease, ctx.now) and lease.desired_state != "absent" else "absent"
@@ -576,6 +619,15 @@ def _natural(
 
     if state in TRANSITIONAL_STATES:
         return _base(ctx, sb, _WAIT_PHASE[desired], f"{_describe(sb)} is {state}; waiting")
+
+    if (
+        not spec_differs
+        and state in _UPDATABLE
+        and lease.settings_hash is not None
+        and (legacy or sb.settings_hash != lease.settings_hash)
+        and not (desired == "running" and _rollout_due(lease, sb))
+    ):
+        return _update(ctx, sb, legacy)
 
     if desired == "running":
         return _running(ctx, sb, spec_differs)
@@ -631,6 +683,7 @@ def _nothing_live(
         "workspace_path": None,
         "ready_at": None,
         "clear_create_attempt": True,
+        "keep_spec_fields": False,
     }
     if desired == "absent":
         return _converged(ctx, None, DELETED, "no sandbox; lease absent", **gone)
@@ -649,10 +702,88 @@ def _nothing_live(
         )
     req = lease.create
     reason = f"creating sandbox {req.name} (spec {lease.spec_hash})"
-    action = _action(ctx, "create", reason, sandbox_name=req.name, create=req, spec_hash=lease.spec_hash)
+    action = _action(
+        ctx,
+        "create",
+        reason,
+        sandbox_name=req.name,
+        create=req,
+        spec_hash=lease.spec_hash,
+        fields=lease.fields or None,
+        workspace_dir=lease.workspace_dir,  # the applier realizes it at once when the create answers started
+    )
     # The create attempt is committed by the reconciler just before the call: never clear it here.
     gone.pop("clear_create_attempt")
     return _base(ctx, None, PROVISIONING, reason, action=action, **gone)
+
+
+# -- in-place updates --------------------------------------------------------------------------------
+
+# The spec fields Daytona changes on a live sandbox (controller.specs.IN_PLACE_COLUMNS; a unit test
+# keeps the two equal). Everything else replaces the sandbox.
+IN_PLACE_FIELDS: Final = ("labels", "auto_stop_interval", "auto_archive_interval", "auto_delete_interval")
+# Labels the platform puts on a sandbox itself; an update that replaces all labels keeps them.
+PLATFORM_LABELS: Final = ("code-toolbox-language",)
+DAYTONA_AUTO_ARCHIVE_DEFAULT: Final = 10080  # minutes (7 days): what an unset auto_archive_interval means
+_UPDATABLE = frozenset({STATE_STARTED, STATE_STOPPED, STATE_PAUSED, STATE_ARCHIVED})
+
+
+def _legacy_match(lease: LeaseView, sb: ObservedSandbox) -> bool:
+    """A sandbox labelled before in-place updates existed, with the full hash of the current spec."""
+    return (
+        lease.legacy_spec_hash is not None
+        and sb.settings_hash is None
+        and sb.spec_hash == lease.legacy_spec_hash
+        and sb.spec_hash != lease.spec_hash
+    )
+
+
+def changed_fields(status: StatusView, sb: ObservedSandbox, lease: LeaseView) -> list[str] | None:
+    """The spec fields whose value differs between the recorded sandbox and the lease, or None when
+    the record cannot tell (another sandbox, nothing recorded)."""
+    known = status.spec_fields
+    if not known or not lease.fields or status.sandbox_id != sb.id:
+        return None
+    return [f for f in lease.fields if known.get(f) != lease.fields[f]]
+
+
+def _update(ctx: _Ctx, sb: ObservedSandbox, legacy: bool) -> Decision:
+    lease, status = ctx.lease, ctx.status
+    desired_labels = {k: v for k, v in lease.create.labels.items() if not k.startswith(RESERVED_LABEL_PREFIX)}
+    kept = {k: sb.labels[k] for k in PLATFORM_LABELS if k in sb.labels and k not in desired_labels}
+    labels = {
+        **kept,
+        **desired_labels,
+        **ownership_labels(ctx.instance, lease.name, lease.spec_hash, lease.settings_hash),
+    }
+    req = lease.create
+    values: dict[str, Any] = {
+        "auto_stop_interval": req.auto_stop_interval or 0,
+        "auto_archive_interval": (
+            req.auto_archive_interval
+            if req.auto_archive_interval is not None
+            else DAYTONA_AUTO_ARCHIVE_DEFAULT
+        ),
+        "auto_delete_interval": req.auto_delete_interval if req.auto_delete_interval is not None else -1,
+    }
+    changed = changed_fields(status, sb, lease)
+    if legacy:
+        # Created by an older leasectl from this very spec: only the labels are new.
+        setters: list[str] = []
+        reason = (
+            f"update labels in place on {_describe(sb)}: labelled by an older leasectl, spec unchanged "
+            f"({sb.spec_hash} is {lease.spec_hash} now)"
+        )
+    else:
+        in_place = [f for f in (changed or IN_PLACE_FIELDS) if f in IN_PLACE_FIELDS]
+        setters = [f for f in in_place if f != "labels"]
+        what = ", ".join(in_place) if changed is not None and in_place else "labels and settings"
+        reason = f"update {what} in place on {_describe(sb)}"
+    update = SandboxUpdate(labels=labels, **{k: v for k, v in values.items() if k in setters})
+    action = _action(
+        ctx, "update", reason, sb, update=update, spec_hash=lease.spec_hash, fields=lease.fields or None
+    )
+    return _base(ctx, sb, status.phase or PENDING, reason, action=action)
 
 
 def _replace(ctx: _Ctx, sb: ObservedSandbox, why: str, *, penalize: bool = False) -> Decision:
@@ -664,7 +795,21 @@ def _replace(ctx: _Ctx, sb: ObservedSandbox, why: str, *, penalize: bool = False
 def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
     lease, status, state = ctx.lease, ctx.status, sb.state
     if spec_differs and state != STATE_BUILD_FAILED:
-        return _replace(ctx, sb, f"spec changed ({sb.spec_hash} -> {lease.spec_hash})")
+        changed = changed_fields(status, sb, lease)
+        replacing = [f for f in changed or () if f not in IN_PLACE_FIELDS]
+        what = f"{', '.join(replacing)} changed" if replacing else "spec changed"
+        reason = (
+            f"replace: {what} ({sb.spec_hash} -> {lease.spec_hash}); deleting {_describe(sb)} ({state}), "
+            "a new sandbox is created once it is gone"
+        )
+        return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "delete", reason, sb))
+    if _rollout_due(lease, sb):
+        assert lease.rollout_requested_at is not None
+        reason = (
+            f"replace: rollout requested at {lease.rollout_requested_at.isoformat()}; deleting "
+            f"{_describe(sb)} ({state}), a new sandbox is created once it is gone"
+        )
+        return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "delete", reason, sb))
     if spec_differs:  # build_failed under an old spec: replacing is the way out of Failed
         return _replace(ctx, sb, f"build failed under spec {sb.spec_hash}; spec is now {lease.spec_hash}")
     if state == STATE_STARTED:
@@ -702,6 +847,17 @@ def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
         FAILED,
         f"{_describe(sb)} build failed ({why}); change the spec to retry",
         failed_spec_hash=lease.spec_hash,
+    )
+
+
+def _rollout_due(lease: LeaseView, sb: ObservedSandbox) -> bool:
+    """A rollout was asked for after this sandbox was created. Level-triggered and crash safe: the
+    request stays in the row, and the sandbox created after it satisfies it; no flag to clear."""
+    return (
+        lease.rollout_requested_at is not None
+        and sb.created_at is not None
+        and sb.created_at < lease.rollout_requested_at
+        and sb.state != STATE_BUILD_FAILED
     )
 
 

@@ -2,9 +2,10 @@
 
 Called by ``controller.reconciler`` at the start of every pass, before leases are loaded, so members
 inserted here are created in the same pass. Without pools or members it is one read (an EXISTS);
-otherwise one write transaction: it locks the ``pools`` rows (a
-claimer reserving a member for a cold claim takes the same lock, see ``controller.claims``), counts
-members, inserts new member rows, retires members (desired ``absent``: the ordinary planner deletes
+otherwise one write transaction: it locks the ``pools`` rows (a claimer reserving a member for a
+cold claim takes the same lock, see ``controller.claims``), reads the claim events of the last
+``claim_window_seconds`` when the headroom is on (``controller.pools.Headroom``), counts members,
+inserts new member rows, retires members (desired ``absent``: the ordinary planner deletes
 their sandboxes) and removes the rows of members whose sandbox is gone, with one event each.
 
 Crash safety: member rows are inserted in the same transaction that counted them, under the pool
@@ -19,8 +20,8 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from controller.db import Database
 from controller.metrics import Metrics
-from controller.pools import MemberView, PoolPlan, PoolView, plan_pools
+from controller.pools import Headroom, MemberView, PoolPlan, PoolView, plan_pools
 from controller.schedules import earliest, in_force, pool_schedule
 from controller.specs import MEMBER_ID_LENGTH, SPEC_COLUMNS, PoolSpec, spec_hash
 from models import Event, Lease, LeaseStatus, Pool
@@ -107,7 +108,7 @@ def effective_min_ready(spec: PoolSpec, now: datetime | None) -> int:
     return int(in_force(schedule, now, spec.min_ready).value)
 
 
-def member_view(row: Lease, phase: str | None) -> MemberView:
+def member_view(row: Lease, phase: str | None, ready_at: datetime | None = None) -> MemberView:
     assert row.pool is not None
     return MemberView(
         name=row.name,
@@ -120,19 +121,36 @@ def member_view(row: Lease, phase: str | None) -> MemberView:
         claim_expires_at=row.claim_expires_at,
         released_at=row.released_at,
         created_at=row.created_at,
+        ready_at=ready_at,
     )
 
 
 def load_members(session: Session, pool: str | None = None) -> list[MemberView]:
     query = (
-        sa.select(Lease, LeaseStatus.phase)
+        sa.select(Lease, LeaseStatus.phase, LeaseStatus.ready_at)
         .outerjoin(LeaseStatus, LeaseStatus.lease_name == Lease.name)
         .where(Lease.pool.is_not(None))
         .order_by(Lease.name)
     )
     if pool is not None:
         query = query.where(Lease.pool == pool)
-    return [member_view(row, phase) for row, phase in session.execute(query)]
+    return [member_view(row, phase, ready_at) for row, phase, ready_at in session.execute(query)]
+
+
+def recent_claims(session: Session, since: datetime) -> dict[str, tuple[int, datetime]]:
+    """Claims (warm and cold) per pool since ``since`` and the time of the oldest, from the claim
+    events (indexed by time); a member's pool is its name without the ``-<id>`` suffix, so claims of
+    removed members count too."""
+    found: dict[str, tuple[int, datetime]] = {}
+    query = sa.select(Event.lease_name, Event.at).where(
+        Event.action == "claim", Event.outcome.in_(("warm", "cold")), Event.at >= since
+    )
+    for name, at in session.execute(query):
+        if name and "-" in name:
+            pool = name.rsplit("-", 1)[0]
+            n, oldest = found.get(pool, (0, at))
+            found[pool] = (n + 1, min(oldest, at))
+    return found
 
 
 def sync_pools(
@@ -144,6 +162,7 @@ def sync_pools(
     pass_id: str | None = None,
     fence: Callable[[Session], None] | None = None,
     metrics: Metrics | None = None,
+    headroom: Headroom | None = None,
 ) -> PoolSyncResult:
     result = PoolSyncResult()
     with db.session(readonly=True) as session:  # no pools: no write lock, one cheap statement
@@ -158,15 +177,21 @@ def sync_pools(
             return result
         views: list[PoolView] = []
         specs: dict[str, PoolSpec] = {}
+        claims: dict[str, tuple[int, datetime]] = {}
+        if headroom is not None and headroom.factor > 0 and rows:
+            claims = recent_claims(session, now - timedelta(seconds=headroom.claim_window_seconds))
         for row in rows:
             view, spec = pool_view(row, now)
+            if view.name in claims:
+                n, oldest = claims[view.name]
+                view = replace(view, recent_claims=n, oldest_claim_age_seconds=(now - oldest).total_seconds())
             views.append(view)
             if spec is not None:
                 specs[spec.name] = spec
                 result.next_change = earliest(result.next_change, next_min_ready_change(spec, now))
             elif view.problem:
                 log.warning("%s; fix the row (nothing is created for it meanwhile)", view.problem)
-        plans = plan_pools(views, members, now, create_budget=create_budget)
+        plans = plan_pools(views, members, now, create_budget=create_budget, how=headroom)
         result.plans = plans
         result.settling = any(m.phase not in SETTLED_PHASES for m in members)
         taken = set(session.scalars(sa.select(Lease.name)))

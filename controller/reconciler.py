@@ -3,27 +3,41 @@
 A pass starts with the pool step (``controller.pool_sync``: member rows to add, retire, remove).
 
 Reads every lease and status row (one read transaction), observes every sandbox of this instance
-(one paginated list call), asks the pure planner for at most one action per lease, runs the
-actions through the applier and writes ``lease_status`` and ``events`` in one transaction at the
-end. The one write that cannot wait for the end is the create attempt: the deterministic sandbox
-name and the time are committed *before* the create call (``before_create``), so a process killed
-at any instant leaves a record that the next pass uses to look the sandbox up instead of creating
-a second one.
+(one paginated list call), asks the pure planner for at most one action per lease and runs the
+actions through the applier. Each lease whose action ran gets its ``lease_status`` row and event
+written as soon as that action finishes, in a short transaction of its own (``_write_outcome``, from
+the applier's worker), so a workspace realized in a pass with slow creates shows ``Ready`` at once,
+not when the slowest create of the pass returns. The other leases (no action, or an action that was
+not run, or whose early write failed) are written in one transaction at the end. The one write that
+must come *before* an action is the create attempt: the deterministic sandbox name and the time are
+committed before the create call (``before_create``), so a process killed at any instant leaves a
+record that the next pass uses to look the sandbox up instead of creating a second one.
 
 Status rows are written only when something about them changed, plus one set-based UPDATE of
 ``last_reconciled_at``, so a pass over a converged fleet costs a handful of statements whatever its
-size. Every write is fenced by the leader elector when one is given.
+size. Every write is fenced by the leader elector when one is given; an early write refused by the
+fence (or failing) is left to the end-of-pass write, which is fenced the same way.
+
+Rows are read as plain Core rows of stored values. A ``Reconciler`` remembers, per lease, the stored
+``leases`` row and what it made of it (validation, spec hash, create request) and the stored
+``lease_status`` row and its ``StatusView``: a row stored exactly as last pass reuses them, any
+change to any column (apply or SQL) is seen on the next pass. See docs/architecture.md "What a pass
+costs" (issue 14).
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,16 +50,25 @@ from controller.db import Database
 from controller.disk_guard import guard
 from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
-from controller.lease_rows import InvalidLeaseRow, LeaseRow, load_lease_rows
+from controller.lease_rows import (
+    RAW_KEYS,
+    RAW_NAME_INDEX,
+    InvalidLeaseRow,
+    LeaseRow,
+    parse_timestamp,
+    raw_rows_query,
+    validate_row,
+)
 from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
+from controller.pools import Headroom
 from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, ObservedSandbox, SandboxProvider
 from controller.quota_rows import load_quotas
 from controller.quotas import QuotaView, gate
 from controller.schedules import earliest, in_force, lease_schedule
-from controller.specs import SPEC_COLUMNS, spec_hash
-from models import Event, Lease, LeaseStatus, utcnow
+from controller.specs import SPEC_COLUMNS, field_digests, legacy_spec_hash, settings_hash, spec_hash
+from models import Event, Lease, LeaseStatus, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +87,7 @@ STATUS_FIELDS = (
     "workspace_path",
     "create_attempt_name",
     "create_attempt_at",
+    "spec_fields",
 )
 
 
@@ -92,15 +116,20 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
     else:
         spec, paused, expires_at = row.spec, row.paused, row.expires_at
         schedule, created_at = row.schedule, row.created_at
-    digest = spec_hash(spec)
+    rollout = row.rollout_requested_at
+    digest, settings = spec_hash(spec), settings_hash(spec)
     return LeaseView(
         name=row.name,
         desired_state=row.desired_state,
         spec_hash=digest,
         paused=paused,
         expires_at=expires_at,
-        create=build_create_request(instance, row.name, digest, spec),
+        create=build_create_request(instance, row.name, digest, spec, settings),
         workspace_dir=workspace_dir,
+        settings_hash=settings,
+        legacy_spec_hash=legacy_spec_hash(spec),
+        fields=field_digests(spec),
+        rollout_requested_at=rollout,
         schedule=schedule,
         created_at=created_at,
     )
@@ -119,6 +148,108 @@ def next_schedule_change(leases: Sequence[LeaseView], now: datetime) -> datetime
 
 def status_view(row: LeaseStatus) -> StatusView:
     return StatusView(**{name: getattr(row, name) for name in STATUS_FIELDS})
+
+
+_STATUS: sa.Table = LeaseStatus.__table__  # type: ignore[assignment]
+# lease_status as stored (no per-value type processing), without the two columns every pass moves:
+# a row that reads the same as last pass is the same status. STATUS_FIELDS come first, in StatusView's
+# field order (a unit test checks it), then any other column, so that every column a decision may
+# write is compared.
+_STATUS_KEYS: tuple[str, ...] = (
+    "lease_name",
+    *STATUS_FIELDS,
+    *(
+        column.key
+        for column in _STATUS.columns
+        if column.key not in ("lease_name", "updated_at", "last_reconciled_at", *STATUS_FIELDS)
+    ),
+)
+
+
+def _raw(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    """A column as stored: JSON as its text on both backends, anything else without processing."""
+    if isinstance(column.type, sa.JSON):
+        return sa.cast(column, sa.Text).label(column.key)
+    return sa.type_coerce(column, sa.types.NullType()).label(column.key)
+
+
+_STATUS_SELECT = sa.select(*(_raw(_STATUS.c[key]) for key in _STATUS_KEYS))
+_STATUS_INDEX = {key: index for index, key in enumerate(_STATUS_KEYS)}
+_STATUS_TIMES = tuple(
+    index for index, key in enumerate(_STATUS_KEYS) if isinstance(_STATUS.c[key].type, UTCDateTime)
+)
+_STATUS_JSON = tuple(i for i, key in enumerate(_STATUS_KEYS) if isinstance(_STATUS.c[key].type, sa.JSON))
+_STATUS_VIEW = slice(1, 1 + len(STATUS_FIELDS))
+_STATUS_COLUMNS = frozenset(column.key for column in _STATUS.columns)
+StatusRow = tuple[Any, ...]
+
+
+def _fetch_plain(connection: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
+    """Every row of a query whose columns need no result processing (``_raw``, ``raw_rows_query``),
+    as the driver's own tuples: executed (and counted, and fenced) through SQLAlchemy like any
+    statement, fetched from its DBAPI cursor without making a ``Row`` per row."""
+    result = connection.execute(query)
+    try:
+        return [tuple(row) for row in result.cursor.fetchall()] if result.cursor is not None else []
+    finally:
+        result.close()
+
+
+def _status_row(raw: Sequence[Any]) -> StatusRow:
+    """A raw ``lease_status`` row (``_STATUS_SELECT``) with its timestamps as aware UTC datetimes,
+    as the model's ``UTCDateTime`` reads them, and its JSON decoded."""
+    row = list(raw)
+    for index in _STATUS_TIMES:
+        if row[index] is not None:
+            row[index] = parse_timestamp(row[index])
+    for index in _STATUS_JSON:
+        if row[index] is not None:
+            row[index] = json.loads(row[index])
+    return tuple(row)
+
+
+_Getter = Callable[[StatusRow], tuple[Any, ...]]
+_GETTERS: dict[tuple[str, ...], _Getter | None] = {}
+
+
+def _getter(keys: tuple[str, ...]) -> _Getter | None:
+    """``row -> the stored values of keys, in order`` as one C call, when every key is a compared
+    column; None otherwise (a key that is no column is ignored, ``updated_at`` always differs)."""
+    if not keys or any(key not in _STATUS_INDEX for key in keys):
+        return None
+    positions = [_STATUS_INDEX[key] for key in keys]
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda row: (row[only],)
+    return itemgetter(*positions)
+
+
+def _unchanged(row: StatusRow, values: Mapping[str, Any]) -> bool:
+    """Whether writing ``values`` would change nothing in ``row``: one tuple comparison."""
+    keys = tuple(values)
+    if keys not in _GETTERS:
+        _GETTERS[keys] = _getter(keys)
+    getter = _GETTERS[keys]
+    if getter is not None:
+        return getter(row) == tuple(values.values())
+    index = _STATUS_INDEX
+    return all(k in index and row[index[k]] == v for k, v in values.items() if k in _STATUS_COLUMNS)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection during a pass. A pass holds tens of thousands of objects at once
+    (one per lease for the list, the plan, the rows), and the collector, counting them, would scan
+    the whole heap (every module, every cached lease) about once per pass of 10,000 leases: 30-40 %
+    of a no-op pass's CPU. Nothing a pass makes needs the collector to be freed; the collection
+    that follows the pass finds the pass's objects already gone. Re-enabled only if it was enabled."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class Reconciler:
@@ -150,19 +281,70 @@ class Reconciler:
         self._since: dict[str, datetime] = {}  # sandbox id -> start of its open usage segment
         self._observed: list[ObservedSandbox] = []  # what the last observe_and_plan saw
         self.last_success: datetime | None = None
+        # name -> (raw leases row, what it made): see _views_of
+        self._views: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
+        # name -> (raw lease_status row, the row converted, its StatusView), as the last _load read it
+        self._statuses: dict[str, tuple[tuple[Any, ...], StatusRow, StatusView]] = {}
 
     # -- reading -------------------------------------------------------------------------------
 
     def _load(self) -> tuple[list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
-        workspace = self.settings.controller.workspace_dir
+        """Leases and statuses as plain rows (two SELECTs, no ORM objects); a lease row whose stored
+        values are those of the previous pass reuses its validation, spec hash and create request.
+        Policy adds a bounded number of reads, none per lease: the quotas (one SELECT of a small
+        table) and, with the disk guard on, the open ``stopped`` usage segments (one SELECT)."""
         with self.db.session(readonly=True) as session:
-            rows, invalid = load_lease_rows(session)
-            statuses = {row.lease_name: status_view(row) for row in session.scalars(sa.select(LeaseStatus))}
+            connection = session.connection()  # Core rows: no ORM result layer
+            raw_rows = _fetch_plain(connection, raw_rows_query())
+            status_rows = _fetch_plain(connection, _STATUS_SELECT)
             self._quotas = load_quotas(session)
             if self.settings.policy.disk_guard_gib is not None:
                 self._since = usage.open_since(session, "stopped")
-        leases = [lease_view(row, self.instance, workspace) for row in rows]
-        return leases, statuses, invalid
+        leases, invalid = self._views_of(raw_rows)
+        return leases, self._status_views(status_rows), invalid
+
+    def _status_views(self, raw_rows: Sequence[Any]) -> dict[str, StatusView]:
+        """StatusViews of raw ``lease_status`` rows; a row read exactly as last time keeps its view."""
+        cache = self._statuses
+        fresh: dict[str, tuple[tuple[Any, ...], StatusRow, StatusView]] = {}
+        views: dict[str, StatusView] = {}
+        for key in raw_rows:
+            name = key[0]
+            hit = cache.get(name)
+            if hit is None or hit[0] != key:
+                row = _status_row(key)
+                hit = (key, row, StatusView(*row[_STATUS_VIEW]))
+            fresh[name] = hit
+            views[name] = hit[2]
+        self._statuses = fresh
+        return views
+
+    def _views_of(self, raw_rows: Sequence[Any]) -> tuple[list[LeaseView], list[InvalidLeaseRow]]:
+        """The planner's view of every raw ``leases`` row. A row is validated (and hashed) again only
+        when one of its stored values changed, whoever changed it (apply, SQL): the cache is keyed by
+        the whole raw row, never by ``updated_at``. Rows gone from the table are forgotten."""
+        workspace = self.settings.controller.workspace_dir
+        cache = self._views
+        fresh: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
+        leases: list[LeaseView] = []
+        invalid: list[InvalidLeaseRow] = []
+        for key in raw_rows:
+            name = key[RAW_NAME_INDEX]
+            hit = cache.get(name)
+            if hit is None or hit[0] != key:
+                result = validate_row(dict(zip(RAW_KEYS, key, strict=True)))
+                made: LeaseView | InvalidLeaseRow = (
+                    lease_view(result, self.instance, workspace) if isinstance(result, LeaseRow) else result
+                )
+                hit = (key, made)
+            fresh[name] = hit
+            made = hit[1]
+            if isinstance(made, LeaseView):
+                leases.append(made)
+            else:
+                invalid.append(made)
+        self._views = fresh
+        return leases, invalid
 
     def plan_pass(self) -> tuple[Plan, list[LeaseView], dict[str, StatusView]]:
         """Observe and plan without acting (``leasectl plan``)."""
@@ -191,7 +373,7 @@ class Reconciler:
     def run_pass(self) -> PassResult:
         pass_id = uuid.uuid4().hex[:12]
         started = time.monotonic()
-        with self._lock, logs.bound(pass_id=pass_id):
+        with self._lock, logs.bound(pass_id=pass_id), _collector_paused():
             try:
                 result = self._run(pass_id)
             except Exception:
@@ -214,14 +396,16 @@ class Reconciler:
 
     def _run(self, pass_id: str) -> PassResult:
         self._check_leader()
+        c = self.settings.controller
         pools = sync_pools(
             self.db,
             now=self.clock(),
-            create_budget=self.settings.controller.pool_creates_per_pass,
+            create_budget=c.pool_creates_per_pass,
             controller_id=self.controller_id,
             pass_id=pass_id,
             fence=self._fence,
             metrics=self.metrics,
+            headroom=Headroom(c.pool_headroom_factor, c.pool_claim_window_seconds),
         )
         the_plan, leases, statuses, invalid = self.observe_and_plan()
         views = {lease.name: lease for lease in leases}
@@ -231,10 +415,20 @@ class Reconciler:
         def before_create(action: Action) -> None:
             self._record_create_attempt(action)
 
+        written: set[str] = set()  # leases whose status and event are committed already
+
+        def on_done(outcome: Outcome) -> None:
+            if self._write_outcome(pass_id, the_plan, outcome, views, statuses):
+                written.add(outcome.action.lease_name)  # set.add is atomic; read after apply returns
+
         # Plain leases first: filling a pool never delays them (the sort is stable).
         actions = sorted(the_plan.actions, key=lambda a: a.lease_name in pools.members)
-        outcomes = self.applier.apply(actions, before_create=before_create, fence=fence) if actions else []
-        self._write(pass_id, the_plan, outcomes, views, statuses)
+        outcomes = (
+            self.applier.apply(actions, before_create=before_create, fence=fence, on_done=on_done)
+            if actions
+            else []
+        )
+        self._write(pass_id, the_plan, outcomes, views, statuses, written)
         self._record_usage(views)
         if invalid:
             self._write_invalid(pass_id, invalid)
@@ -311,36 +505,54 @@ class Reconciler:
         outcomes: Sequence[Outcome],
         views: dict[str, LeaseView],
         before: dict[str, StatusView],
+        written: frozenset[str] | set[str] = frozenset(),
     ) -> None:
+        """The end-of-pass write; leases in ``written`` were recorded by ``_write_outcome`` already
+        (they only count in the phase gauge)."""
         now = self.clock()
         by_lease = {o.action.lease_name: o for o in outcomes}
+        columns = _STATUS_COLUMNS
+        updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         with self.db.session() as session:
             self._fence(session)
-            rows = {row.lease_name: row for row in session.scalars(sa.select(LeaseStatus).with_for_update())}
+            # Compared with the rows as they are now (locked), not as the pass read them: a status
+            # written meanwhile (a create attempt) is seen. Plain tuples, no ORM objects.
+            locked = _fetch_plain(session.connection(), _STATUS_SELECT.with_for_update())
+            current = {row[0]: row for row in locked}
+            loaded = self._statuses
             phases: dict[str, int] = {}
             for name, decision in the_plan.decisions.items():
-                values = decision.status_values()
                 outcome = by_lease.get(name)
-                if outcome is not None and outcome.reobserved and name in views:
-                    values = self._replan(views[name], before.get(name), outcome, now)
+                values = self._status_values(decision.status_values(), outcome, views, before, now)
+                phase = values.get("phase", "Pending")
+                phases[phase] = phases.get(phase, 0) + 1
+                if name in written:
+                    continue
+                if outcome is not None:
                     session.add(self._event(outcome, pass_id, now))
-                elif outcome is not None:
-                    values.update(outcome.status_values(views.get(name)))
-                    session.add(self._event(outcome, pass_id, now))
-                phases[values.get("phase", "Pending")] = phases.get(values.get("phase", "Pending"), 0) + 1
-                row = rows.get(name)
-                if row is None:
-                    row = LeaseStatus(lease_name=name, failures=0)
-                    session.add(row)
-                    changed = True
+                raw = current.get(name)
+                if raw is not None:
+                    hit = loaded.get(name)
+                    row = hit[1] if hit is not None and hit[0] == raw else _status_row(raw)
+                    if _unchanged(row, values):
+                        continue
+                changed = {k: v for k, v in values.items() if k in columns}
+                changed["updated_at"] = now
+                changed["last_reconciled_at"] = now
+                if raw is None:
+                    changed.setdefault("failures", 0)
+                    changed["lease_name"] = name
+                    inserts.setdefault(tuple(sorted(changed)), []).append(changed)
                 else:
-                    changed = any(getattr(row, k) != v for k, v in values.items() if hasattr(row, k))
-                if changed:
-                    for key, value in values.items():
-                        if hasattr(row, key):
-                            setattr(row, key, value)
-                    row.updated_at = now
-                    row.last_reconciled_at = now
+                    changed["key_lease_name"] = name
+                    updates.setdefault(tuple(sorted(changed)), []).append(changed)
+            # One executemany per set of columns written (normally one or two sets).
+            for params in inserts.values():
+                session.execute(sa.insert(_STATUS), params)
+            by_name = sa.update(_STATUS).where(_STATUS.c.lease_name == sa.bindparam("key_lease_name"))
+            for params in updates.values():
+                session.execute(by_name, params)  # SET: the columns named in the parameters
             session.execute(
                 sa.update(LeaseStatus)
                 .where(LeaseStatus.lease_name.in_(sa.select(Lease.name)))
@@ -359,6 +571,58 @@ class Reconciler:
         with self.db.session() as session:
             self._fence(session)
             usage.record(session, self._observed, views, self.clock(), gap)
+
+    def _status_values(
+        self,
+        values: dict[str, Any],
+        outcome: Outcome | None,
+        views: dict[str, LeaseView],
+        before: dict[str, StatusView],
+        now: datetime,
+    ) -> dict[str, Any]:
+        """A lease's new ``lease_status`` values: its decision's, with its action's outcome laid over."""
+        if outcome is None:
+            return values
+        name = outcome.action.lease_name
+        if outcome.reobserved and name in views:
+            return self._replan(views[name], before.get(name), outcome, now)
+        values.update(outcome.status_values(views.get(name)))
+        return values
+
+    def _write_outcome(
+        self,
+        pass_id: str,
+        the_plan: Plan,
+        outcome: Outcome,
+        views: dict[str, LeaseView],
+        before: dict[str, StatusView],
+    ) -> bool:
+        """Record one finished action (status row and event) in its own short, fenced transaction, from
+        the applier's worker. False (nothing written) for an action that never ran or when the write
+        fails: the end-of-pass ``_write`` records it then."""
+        name = outcome.action.lease_name
+        decision = the_plan.decisions.get(name)
+        if decision is None or not outcome.ran:
+            return False
+        now = self.clock()
+        values = self._status_values(decision.status_values(), outcome, views, before, now)
+        try:
+            with self.db.session() as session:
+                self._fence(session)
+                row = session.get(LeaseStatus, name, with_for_update=True)
+                if row is None:
+                    row = LeaseStatus(lease_name=name, failures=0)
+                    session.add(row)
+                for key, value in values.items():
+                    if hasattr(row, key):
+                        setattr(row, key, value)
+                row.updated_at = now
+                row.last_reconciled_at = now
+                session.add(self._event(outcome, pass_id, now))
+        except Exception as exc:  # NotLeaderError, a database error: the end of the pass tries again
+            log.warning("lease %s: status not recorded yet (%s); recorded at the end of the pass", name, exc)
+            return False
+        return True
 
     def _replan(
         self, lease: LeaseView, status: StatusView | None, outcome: Outcome, now: datetime

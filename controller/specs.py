@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from controller.errors import SpecError
 from controller.schedules import ScheduleError, lease_schedule, pool_schedule
+from controller.secrets import check_ref
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -33,8 +34,33 @@ MAX_ENV_BYTES = 65536
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 Language = Literal["python", "typescript", "javascript"]
 
-# Columns of `leases` that define the sandbox; a change to any of them replaces the sandbox.
-SPEC_COLUMNS = (
+# Columns of `leases` that define the sandbox, classified by what a change does to a live sandbox
+# (docs/architecture.md "In-place updates"). Daytona has no setter for these: a change replaces the
+# sandbox. They alone make the spec hash (the ``leasectl-spec`` label and the sandbox name).
+REPLACING_COLUMNS = (
+    "snapshot",
+    "image",
+    "target",
+    "language",
+    "cpu",
+    "memory",
+    "disk",
+    "gpu",
+    "env",  # the toolbox's update_env changes only the daemon's process, not what a restart sees
+)
+# Daytona changes these on a live sandbox with a setter (labels: PUT .../labels; the intervals:
+# POST .../autostop|autoarchive|autodelete/{n}): a change is an ``update`` action, never a
+# replacement. Their hash is the ``leasectl-settings`` label.
+IN_PLACE_COLUMNS = (
+    "labels",
+    "auto_stop_interval",
+    "auto_archive_interval",
+    "auto_delete_interval",
+)
+SPEC_COLUMNS = REPLACING_COLUMNS + IN_PLACE_COLUMNS
+# The columns the spec hash covered before in-place updates existed (every spec column): a sandbox
+# labelled with this hash of the current spec is up to date and only needs the new labels.
+LEGACY_SPEC_COLUMNS = (
     "snapshot",
     "image",
     "target",
@@ -83,7 +109,9 @@ class LeaseSpec(BaseModel):
     target: str | None = Field(default=None, min_length=1, max_length=64)
     language: Language | None = None
     resources: Resources | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    # A value is a literal or a secret reference ({from_env: NAME} / {from_file: /path}, see
+    # controller.secrets): only the reference is stored, the value is read at create time.
+    env: dict[str, str | dict[str, str]] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     auto_stop_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
     auto_archive_interval: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
@@ -113,12 +141,17 @@ class LeaseSpec(BaseModel):
 
     @field_validator("env")
     @classmethod
-    def _env_keys(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
+    def _env_keys(cls, value: dict[str, str | dict[str, str]]) -> dict[str, str | dict[str, str]]:
+        for key, item in value.items():
             if not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid variable name {key!r}: must match {ENV_KEY_RE.pattern}")
+            problem = None if isinstance(item, str) else check_ref(item)
+            if problem is not None:
+                raise ValueError(f"{key}: {problem}")
         size = sum(
-            len(k.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace")) for k, v in value.items()
+            len(k.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace"))
+            for k, v in value.items()
+            if isinstance(v, str)
         )
         if size > MAX_ENV_BYTES:
             raise ValueError(f"is {size} bytes; at most {MAX_ENV_BYTES} bytes of keys and values are allowed")
@@ -138,6 +171,7 @@ class LeaseSpec(BaseModel):
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
         texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        texts += [v for t in texts if isinstance(t, dict) for v in t.values()]
         if any(isinstance(t, str) and "\x00" in t for t in texts):
             raise ValueError("must not contain NUL characters")
         return value
@@ -243,12 +277,33 @@ class LeaseSpec(BaseModel):
         return ordered
 
 
-def spec_hash(row: Mapping[str, Any]) -> str:
-    """A stable short hash of the spec columns of a lease row (not state, paused or expiry)."""
-    canonical = json.dumps(
-        {col: row.get(col) for col in SPEC_COLUMNS}, sort_keys=True, separators=(",", ":"), default=str
-    )
+def _digest(values: Mapping[str, Any]) -> str:
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def spec_hash(row: Mapping[str, Any]) -> str:
+    """A stable short hash of the replacing spec columns of a lease row: a change replaces the sandbox."""
+    return _digest({col: row.get(col) for col in REPLACING_COLUMNS})
+
+
+def settings_hash(row: Mapping[str, Any]) -> str:
+    """A stable short hash of the in-place spec columns: a change is applied with Daytona's setters."""
+    return _digest({col: row.get(col) for col in IN_PLACE_COLUMNS})
+
+
+def legacy_spec_hash(row: Mapping[str, Any]) -> str | None:
+    """The hash leasectl before in-place updates put on sandboxes (all spec columns), or None when the
+    row uses a column that did not exist then (no sandbox of that time can match it)."""
+    if any(row.get(col) not in (None, False) for col in SPEC_COLUMNS if col not in LEGACY_SPEC_COLUMNS):
+        return None
+    return _digest({col: row.get(col) for col in LEGACY_SPEC_COLUMNS})
+
+
+def field_digests(row: Mapping[str, Any]) -> dict[str, str]:
+    """Per spec column a short digest of its value (never the value): ``lease_status.spec_fields``
+    keeps those of the sandbox, so ``plan`` can say which fields a change touches."""
+    return {col: _digest({"v": row.get(col)})[:8] for col in SPEC_COLUMNS}
 
 
 def _schedule_field(exc: ScheduleError) -> str:

@@ -107,6 +107,9 @@ class Lease(Base):
     auto_delete_interval: Mapped[int | None] = mapped_column(sa.Integer)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     paused: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    # `leasectl rollout` (or an UPDATE ... SET rollout_requested_at = now()): a sandbox created before
+    # this time is replaced, delete-then-create like a spec change. Not part of the spec hash.
+    rollout_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     # Pool members (``pool`` set) are rows the controller inserts for a pool; the claim columns say
@@ -186,6 +189,9 @@ class LeaseStatus(Base):
     workspace_path: Mapped[str | None] = mapped_column(sa.String(1024))
     create_attempt_name: Mapped[str | None] = mapped_column(sa.String(128))
     create_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Per spec field a short digest of the value the sandbox was created or updated with (never the
+    # value): what `plan` names when it says which fields a change touches.
+    spec_fields: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
     last_reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
 

@@ -17,7 +17,7 @@ import yaml
 from controller import exitcodes
 from controller.cli.base import app, context_of
 from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out
-from controller.leases import apply_specs, overview, read_pools, read_specs
+from controller.leases import apply_specs, overview, read_pools, read_specs, request_rollout
 from controller.quota_rows import read_quota_specs
 from controller.specs import dump_leases, load_manifest
 
@@ -259,6 +259,25 @@ def _event_data(r: Any) -> dict[str, str | None]:
 
 def _event_cells(d: dict[str, str | None]) -> tuple[str, ...]:
     return (str(d["at"])[:19], d["lease"] or "-", d["action"] or "", d["outcome"] or "", d["message"] or "")
+
+
+@app.command()
+def rollout(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(metavar="LEASE...", help="Leases whose sandbox to replace.")],
+) -> None:
+    """Replace the sandboxes of these leases on demand (e.g. after rotating a referenced secret).
+
+    Sets `rollout_requested_at` (operators may set it with SQL too); the controller then replaces
+    each sandbox created before that time, delete-then-create, with the crash safety of a spec
+    change. An unknown lease is an error (exit 2) and nothing is changed.
+    """
+    cli = context_of(ctx)
+    with handled():
+        missing = request_rollout(cli.database(), names)
+    if missing:
+        fail(f"no such lease: {', '.join(missing)} (nothing changed)", EXIT_INVALID)
+    out.print(f"rollout requested for {', '.join(names)}; the next pass replaces their sandboxes")
 
 
 @app.command()

@@ -22,7 +22,9 @@ import contextlib
 import hmac
 import json
 import logging
+from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -244,12 +246,46 @@ def _matcher(request: web.Request) -> Callable[[SandboxRecord], bool]:
     return match
 
 
+@dataclass
+class Listing:
+    """The matching rows of the last list query (cursor and limit aside), sorted ascending, as of one
+    store generation: the pages of one walk then cost a bisect each, not a filter and a sort of the
+    whole store, so listing N sandboxes stays linear in N. Never used for a lagging list."""
+
+    generation: int = -1
+    query: tuple[tuple[str, str], ...] = ()
+    rows: list[SandboxRecord] = field(default_factory=list)
+    keys: list[tuple[Any, str]] = field(default_factory=list)
+
+
+LISTING = web.AppKey("listing", Listing)
+
+
+def _listing(
+    request: web.Request,
+    match: Callable[[SandboxRecord], bool],
+    key: Callable[[SandboxRecord], Any],
+    lag: float,
+) -> tuple[list[SandboxRecord], list[tuple[Any, str]]]:
+    store = request.app[STORE]
+    query = tuple(sorted((k, v) for k, v in request.query.items() if k not in ("cursor", "limit")))
+    cached = request.app[LISTING]
+    if lag <= 0 and cached.generation == store.generation and cached.query == query:
+        return cached.rows, cached.keys
+    # The list is eventually consistent: with a lag it shows each sandbox as it was then.
+    visible = store.as_of(request.app[LIFECYCLE].clock() - lag) if lag > 0 else store.ordered()
+    rows = sorted((r for r in visible if match(r)), key=lambda r: (key(r), r.id))
+    keys = [(key(r), r.id) for r in rows]
+    if lag <= 0:
+        request.app[LISTING] = Listing(store.generation, query, rows, keys)
+    return rows, keys
+
+
 async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     limit = _int_query(request, "limit")
     limit = DEFAULT_LIMIT if limit is None else limit
     if not 1 <= limit <= MAX_LIMIT:
         raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}", source=SOURCE_API)
-    store = request.app[STORE]
     lag = request.app[FAULTS].settings.list_lag
     match = _matcher(request)
     sort = request.query.get("sort") or DEFAULT_SORT
@@ -259,30 +295,25 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be asc or desc", source=SOURCE_API)
     descending = order == "desc"
-    field = SORT_FIELDS[sort]
-    # The list is eventually consistent: with a lag it shows each sandbox as it was then.
-    visible = store.as_of(request.app[LIFECYCLE].clock() - lag) if lag > 0 else store.ordered()
-    rows = sorted((r for r in visible if match(r)), key=lambda r: (field(r), r.id), reverse=descending)
+    sort_key = SORT_FIELDS[sort]
+    rows, keys = _listing(request, match, sort_key, lag)
+    start = 0
     cursor = request.query.get("cursor")
     if cursor:
         after = decode_cursor(cursor)
         if after is None or len(after) != 2:
             raise ApiError(400, "invalid cursor", source=SOURCE_API)
         mark = tuple(after)
-
-        def beyond(r: SandboxRecord) -> bool:
-            key = (field(r), r.id)
-            return key < mark if descending else key > mark
-
-        try:
-            rows = [r for r in rows if beyond(r)]
+        try:  # the first row beyond the cursor, in the order asked for
+            start = len(keys) - bisect_left(keys, mark) if descending else bisect_right(keys, mark)
         except TypeError:
             raise ApiError(400, "cursor does not belong to this sort", source=SOURCE_API) from None
-    page = rows[:limit]
+    end = min(start + limit, len(rows))
+    page = [rows[-1 - i] for i in range(start, end)] if descending else rows[start:end]
     next_cursor = None
-    if len(rows) > limit:
+    if len(rows) > end:
         last = page[-1]
-        next_cursor = encode_cursor([field(last), last.id])
+        next_cursor = encode_cursor([sort_key(last), last.id])
     base = toolbox_url(request)
     return json_response({"items": [r.to_dto(base, list_item=True) for r in page], "nextCursor": next_cursor})
 
@@ -515,6 +546,7 @@ def build_app(store: Store, faults: Faults, api_key: str) -> web.Application:
     """The whole emulator as an aiohttp application (the caller owns running it)."""
     app = web.Application(middlewares=[daytona_middleware], client_max_size=1024**4)
     app[STORE] = store
+    app[LISTING] = Listing()
     app[FAULTS] = faults
     app[LIFECYCLE] = Lifecycle(store, faults)
     app[API_KEY] = api_key

@@ -170,6 +170,7 @@ class Store:
         # id -> [(time, copy)], oldest first; the last copy is the current record (or its deletion).
         self.versions: dict[str, list[Version]] = {}
         self._history: set[str] = set()  # ids with more than one version, or deleted
+        self.generation = 0  # moves on every change of a live sandbox (list results may be reused until then)
         records = [
             SandboxRecord(**json.loads(data))
             for (data,) in self._db.execute("SELECT data FROM sandboxes ORDER BY seq")
@@ -223,6 +224,7 @@ class Store:
     # -- changes ------------------------------------------------------------------------------
 
     def _index(self, record: SandboxRecord) -> None:
+        self.generation += 1
         self.by_id[record.id] = record
         self.by_name[record.name] = record
         if record.pending_until is not None:
@@ -267,6 +269,7 @@ class Store:
 
     def remove(self, record: SandboxRecord, now: float) -> None:
         """Forget a destroyed sandbox; its last version stays for lagging lists."""
+        self.generation += 1
         self.by_id.pop(record.id, None)
         if self.by_name.get(record.name) is record:
             del self.by_name[record.name]

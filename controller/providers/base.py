@@ -16,7 +16,8 @@ from typing import Protocol, runtime_checkable
 # Ownership labels put on every sandbox leasectl creates.
 LABEL_INSTANCE = "leasectl-instance"
 LABEL_LEASE = "leasectl-lease"
-LABEL_SPEC = "leasectl-spec"
+LABEL_SPEC = "leasectl-spec"  # hash of the replacing spec fields
+LABEL_SETTINGS = "leasectl-settings"  # hash of the in-place spec fields (labels, intervals)
 RESERVED_LABEL_PREFIX = "leasectl-"
 
 # Daytona sandbox states (SandboxState in the API contract), grouped by what the planner does.
@@ -88,6 +89,10 @@ class ObservedSandbox:
     def spec_hash(self) -> str | None:
         return self.labels.get(LABEL_SPEC)
 
+    @property
+    def settings_hash(self) -> str | None:
+        return self.labels.get(LABEL_SETTINGS)
+
 
 @dataclass(frozen=True)
 class CreateRequest:
@@ -107,6 +112,27 @@ class CreateRequest:
     auto_stop_interval: int | None = None
     auto_archive_interval: int | None = None
     auto_delete_interval: int | None = None
+    # env variable -> secret reference ({"from_env": NAME} / {"from_file": path}); the applier resolves
+    # them into ``env`` right before the create (controller.secrets), so providers never see one.
+    secret_refs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SandboxUpdate:
+    """An in-place change of a live sandbox; None = leave as is. ``labels`` replaces every label
+    (ownership labels included) and is applied last, so a label that says "updated" is only ever
+    written once every setter before it succeeded."""
+
+    labels: Mapping[str, str] | None = None
+    auto_stop_interval: int | None = None
+    auto_archive_interval: int | None = None
+    auto_delete_interval: int | None = None
+
+    @property
+    def setters(self) -> tuple[str, ...]:
+        """The settings this update changes, in the order they are applied."""
+        names = ("auto_stop_interval", "auto_archive_interval", "auto_delete_interval", "labels")
+        return tuple(n for n in names if getattr(self, n) is not None)
 
 
 @dataclass(frozen=True)
@@ -153,6 +179,10 @@ class SandboxProvider(Protocol):
 
     def delete(self, sandbox_id: str) -> None:
         """Delete; a sandbox that is already gone is not an error."""
+        ...
+
+    def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
+        """Apply ``update`` in place (each setter is idempotent; labels last)."""
         ...
 
     def exec(

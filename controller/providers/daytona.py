@@ -22,6 +22,7 @@ belongs to the applier, which sees every failure.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -30,8 +31,10 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
+import msgspec
 from daytona import Daytona, DaytonaConfig, DaytonaError, SessionExecuteRequest
 from daytona_api_client import (
     ApiClient,
@@ -39,10 +42,12 @@ from daytona_api_client import (
     CreateBuildInfo,
     CreateSandbox,
     SandboxApi,
+    SandboxLabels,
     SandboxListSortDirection,
     SandboxListSortField,
 )
 from daytona_api_client.exceptions import ApiException
+from daytona_api_client.rest import RESTResponse
 
 from controller.errors import (
     SCOPE_ALL,
@@ -59,7 +64,13 @@ from controller.errors import (
     StateConflictError,
     TransientError,
 )
-from controller.providers.base import CreateRequest, ExecResult, ObservedSandbox, SessionCommand
+from controller.providers.base import (
+    CreateRequest,
+    ExecResult,
+    ObservedSandbox,
+    SandboxUpdate,
+    SessionCommand,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +252,74 @@ def to_observed(item: Any) -> ObservedSandbox:
     )
 
 
+class ListItem(msgspec.Struct, rename="camel"):
+    """The fields of Daytona's ``SandboxListItem`` that an ``ObservedSandbox`` holds, typed as the
+    SDK's model types them (strict, as it is); the other twenty or so are skipped while decoding.
+    Looser than the model where it does not matter: any ``state`` text (kept as sent, where the SDK's
+    enum refuses a state it does not know), and fields the model requires may be missing."""
+
+    id: str
+    name: str
+    state: str | None = None
+    labels: dict[str, str] | None = None
+    created_at: str | None = None
+    error_reason: str | None = None
+    recoverable: bool | None = None
+    snapshot: str | None = None
+    target: str | None = None
+    cpu: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    gpu: int | None = None
+
+
+class ListPage(msgspec.Struct, rename="camel"):
+    items: list[ListItem] | None = None
+    next_cursor: str | None = None
+
+
+_LIST_PAGE = msgspec.json.Decoder(ListPage)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _created_at(text: str) -> datetime | None:
+    """``createdAt`` never changes for a sandbox: each text is parsed once per process (bounded)."""
+    return _parse_time(text)
+
+
+def observed_from_item(item: ListItem) -> ObservedSandbox:
+    """One list item as an ``ObservedSandbox``: what ``to_observed`` makes of the SDK's generated
+    model, without building it."""
+    return ObservedSandbox(
+        id=item.id,
+        name=item.name,
+        state=item.state or "unknown",
+        labels=item.labels or {},
+        created_at=_created_at(item.created_at) if item.created_at else None,
+        error_reason=item.error_reason,
+        recoverable=item.recoverable is True,
+        snapshot=item.snapshot,
+        target=item.target,
+        cpu=item.cpu,
+        memory=item.memory,
+        disk=item.disk,
+        gpu=item.gpu,
+    )
+
+
+def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
+    """A ``GET /api/sandbox`` answer as its items and the next cursor (None on the last page).
+
+    The JSON is decoded straight into :class:`ListItem` (no dict per item, no pydantic model per
+    item). An answer that is not such a page (an item without a text id or name, a field of another
+    type than the SDK's model accepts) raises ValueError: an unreadable answer, a transient error."""
+    try:
+        page = _LIST_PAGE.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ValueError(f"unreadable list answer: {exc}") from exc
+    return [observed_from_item(item) for item in page.items or ()], page.next_cursor or None
+
+
 class DaytonaProvider:
     """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
 
@@ -302,22 +381,32 @@ class DaytonaProvider:
         found: list[ObservedSandbox] = []
         cursor: str | None = None
         while True:
-            page = self._call(
-                "list",
-                "list sandboxes",
-                lambda c=cursor: self._api.list_sandboxes(  # type: ignore[misc]
-                    cursor=c,
-                    limit=PAGE_SIZE,
-                    labels=encoded,
-                    sort=SandboxListSortField.CREATEDAT,
-                    order=SandboxListSortDirection.ASC,
-                    _request_timeout=self._timeout,
-                ),
-            )
-            found.extend(to_observed(item) for item in page.items or [])
-            cursor = page.next_cursor or None
+            items, cursor = self._call("list", "list sandboxes", partial(self._list_page, encoded, cursor))
+            found.extend(items)
             if not cursor:
                 return found
+
+    def _list_page(self, labels: str, cursor: str | None) -> tuple[list[ObservedSandbox], str | None]:
+        """One page through the SDK's request (its transport, auth and error type), read as JSON:
+        a page of 200 items costs one ``json.loads``, not 200 generated pydantic models."""
+        response = self._api.list_sandboxes_without_preload_content(
+            cursor=cursor,
+            limit=PAGE_SIZE,
+            labels=labels,
+            sort=SandboxListSortField.CREATEDAT,
+            order=SandboxListSortDirection.ASC,
+            _request_timeout=self._timeout,
+        )
+        try:
+            status, body = response.status, response.data
+        finally:
+            response.release_conn()
+        if not 200 <= status <= 299:
+            answer = RESTResponse(response)
+            answer.data = body  # type: ignore[assignment]  # what its untyped read() would set
+            text = body.decode("utf-8", "replace") if body else None
+            raise ApiException.from_response(http_resp=answer, body=text, data=None)
+        return parse_list_page(body)
 
     def get(self, id_or_name: str) -> ObservedSandbox | None:
         try:
@@ -396,6 +485,22 @@ class DaytonaProvider:
             )
         except NotFoundError:
             return
+
+    def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
+        """One request per setter (``POST .../autostop|autoarchive|autodelete/{n}``), labels last
+        (``PUT .../labels``), so the settings label is written only after every setter succeeded."""
+        api, timeout = self._api, self._timeout
+        setters: dict[str, Callable[..., Any]] = {
+            "auto_stop_interval": api.set_autostop_interval,
+            "auto_archive_interval": api.set_auto_archive_interval,
+            "auto_delete_interval": api.set_auto_delete_interval,
+            "labels": api.replace_labels,
+        }
+        for name in update.setters:
+            value = getattr(update, name)
+            argument = SandboxLabels(labels=dict(value)) if name == "labels" else value
+            call = functools.partial(setters[name], sandbox_id, argument, _request_timeout=timeout)
+            self._call("update", f"set {name} of sandbox {sandbox_id}", call)
 
     # -- toolbox ---------------------------------------------------------------------------------
 

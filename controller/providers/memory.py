@@ -67,6 +67,7 @@ from controller.providers.base import (
     CreateRequest,
     ExecResult,
     ObservedSandbox,
+    SandboxUpdate,
     SessionCommand,
 )
 
@@ -484,6 +485,24 @@ class MemoryProvider:
 
     def recover(self, sandbox_id: str) -> None:
         self._lifecycle("recover", sandbox_id, frozenset({STATE_ERROR}), STATE_STARTED)
+
+    def update(self, sandbox_id: str, update: SandboxUpdate) -> None:
+        """Daytona's setters: the intervals go into the sandbox's request, labels replace all labels."""
+        fault = self._enter("update", sandbox_id)
+        with self._lock:
+            sb = self._live(sandbox_id)
+            if sb.state == STATE_DESTROYED or sb.pending_state == STATE_DESTROYED:
+                raise StateConflictError(f"Sandbox {sb.id} is being destroyed")
+            intervals = {
+                name: getattr(update, name)
+                for name in ("auto_stop_interval", "auto_archive_interval", "auto_delete_interval")
+                if getattr(update, name) is not None
+            }
+            if intervals and sb.request is not None:
+                sb.request = replace(sb.request, **intervals)
+            if update.labels is not None:
+                sb.labels = dict(update.labels)
+        _after(fault)
 
     def delete(self, sandbox_id: str) -> None:
         fault = self._enter("delete", sandbox_id)

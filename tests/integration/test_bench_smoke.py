@@ -125,3 +125,6 @@ def test_pool_bench_prints_json_lines(tmp_path: Path, capsys: pytest.CaptureFixt
     assert figures["warm"]["claims"] + figures["warm_misses"]["claims"] == 3
     assert figures["cold"]["claims"] == 1 and figures["refilled_after"] is True
     assert figures["cli_claim"]["p50_ms"] is not None
+    sampled = figures["ready_sampled"]  # the Ready count read through the warm phase
+    assert sampled["samples"] >= 2 and 0 <= sampled["min"] <= 2
+    assert 0 <= sampled["below_min_ready_s"] <= sampled["span_s"]

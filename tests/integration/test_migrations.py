@@ -108,6 +108,7 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "auto_delete_interval": -1,
         "expires_at": AT + timedelta(days=30),
         "paused": False,
+        "rollout_requested_at": AT + timedelta(hours=1),
         "schedule": {"timezone": "UTC", "entries": [{"cron": "0 18 * * *", "state": "stopped"}]},
         "created_at": AT,
         "updated_at": AT,
@@ -154,6 +155,7 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "create_attempt_at": AT,
         "last_reconciled_at": AT,
         "updated_at": AT,
+        "spec_fields": {"image": "0123abcd", "labels": "89abcdef"},
     },
     "executions": {
         "lease_name": "alpha",
@@ -200,7 +202,8 @@ SAMPLE_ROWS: dict[str, dict[str, Any]] = {
         "expires_at": AT + timedelta(seconds=15),
     },
 }
-# The SQLite triggers of 0005 count the sample inserts into leases and pools that follow the counter's.
+# change_counter.counter: from 0005 on, SQLite triggers bump it when the sample rows of leases and
+# pools are written after it, so its stored value is not the one inserted (nothing rewrites it).
 REWRITTEN: set[tuple[str, str]] = {("change_counter", "counter")}
 EARLIER_REVISIONS = dbmod.known_revisions()[:-1]
 

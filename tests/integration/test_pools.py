@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from controller import db as dbmod
 from controller import exitcodes
-from controller.claims import NoMemberReadyError, _reserve, claim
+from controller.claims import NoMemberReadyError, _reserve, claim, release
 from controller.cli import app
 from controller.pool_sync import sync_pools
 from models import Event, Lease, utcnow
@@ -28,8 +28,15 @@ INSTANCE = "pooltest"
 
 @pytest.fixture
 def env(emulator: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> EmulatorProcess:
+    # pool_headroom_factor 0: these tests count members against min_ready exactly (the headroom has
+    # its own test below).
     return point_leasectl_at(
-        emulator, monkeypatch, INSTANCE, backoff_base_seconds="0.01", backoff_max_seconds="0.05"
+        emulator,
+        monkeypatch,
+        INSTANCE,
+        backoff_base_seconds="0.01",
+        backoff_max_seconds="0.05",
+        pool_headroom_factor="0",
     )
 
 
@@ -98,7 +105,8 @@ def test_fill_claim_exec_release_refill(database_url: str, env: EmulatorProcess,
     assert code == 0 and out.strip() == "one", out + err
 
     # The pool refills to min_ready unclaimed while the claim holds, within max_size.
-    state = pass_until(database_url, lambda s: s["ready"] == 1 and s["claimed"] == 1, max_size=3)
+    state = pools(database_url)  # before any pass: one taken, one left
+    assert (state["ready"], state["claimed"]) == (1, 1), state
     state = pass_until(database_url, lambda s: s["ready"] + s["provisioning"] == 2, max_size=3)
     assert state["claimed"] == 1
 
@@ -314,3 +322,193 @@ def test_export_round_trips_pools_and_prune_guard_covers_them(database_url: str,
     assert code == exitcodes.INVALID and "pool" in err and "nothing was written" in err
     code, out, _ = cli(database_url, "apply", "-f", str(empty), "--prune", "--prune-all")
     assert code == 0 and "pool/agents pruned" in out
+
+
+def test_sql_release_expiry_events_and_claim_metrics(db: dbmod.Database) -> None:
+    """The rest of the claim life cycle through the Python API, on each backend (memory provider): a
+    new pool is Ready after ONE pass; warm, failed and cold claims are counted with their latency; a
+    SQL UPDATE of ``released_at`` gives a member back like ``release``; a claim past its TTL expires;
+    claim, release-by-SQL (retire) and expiry each leave their event, and the pool refills."""
+    from controller.config import load_settings
+    from controller.leases import apply_specs
+    from controller.metrics import Metrics
+    from controller.providers.memory import MemoryProvider
+    from controller.reconciler import build_reconciler
+    from controller.specs import PoolSpec
+
+    apply_specs(
+        db,
+        [],
+        pools=[
+            PoolSpec(name="agents", min_ready=2, max_size=3),
+            PoolSpec(name="lazy", min_ready=0, max_size=1),
+        ],
+    )
+    settings = load_settings(
+        None,  # no headroom: exactly min_ready (the headroom has its own test below)
+        {"controller": {"instance": INSTANCE, "backoff_base_seconds": 0.01, "pool_headroom_factor": 0}},
+    )
+    provider = MemoryProvider()
+    reconciler = build_reconciler(db, provider, settings)
+    metrics = Metrics()
+
+    def ready() -> int:
+        return int(pools_of(db)["ready"])
+
+    try:
+        reconciler.run_pass()
+        assert ready() == 2  # created and Ready in the same pass: nothing to wait for
+        by_sql = claim(db, "agents", owner="sql-user", metrics=metrics)
+        expiring = claim(db, "agents", owner="short", ttl_seconds=1, metrics=metrics)
+        assert not by_sql.cold and not expiring.cold and expiring.expires_at is not None
+        with pytest.raises(NoMemberReadyError):
+            claim(db, "agents", metrics=metrics)  # both taken, nothing Ready yet
+        # A cold claim on an empty pool waits while the daemon's pass creates its member.
+        cold: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: cold.append(claim(db, "lazy", wait_seconds=30, metrics=metrics))
+        )
+        waiter.start()
+        while waiter.is_alive():
+            reconciler.run_pass()
+            waiter.join(0.05)
+        assert cold and cold[0].cold
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE leases SET released_at = CURRENT_TIMESTAMP WHERE name = :n"),
+                {"n": by_sql.lease},
+            )
+        time.sleep(1.1)  # past the short claim's TTL
+        for _ in range(10):
+            reconciler.run_pass()
+            with db.session(readonly=True) as session:
+                left = set(session.scalars(sa.select(Lease.name).where(Lease.pool == "agents")))
+            if by_sql.lease not in left and expiring.lease not in left and ready() == 2:
+                break
+        assert by_sql.lease not in left and expiring.lease not in left, left
+        assert ready() == 2
+    finally:
+        reconciler.applier.shutdown(timeout=5)
+    sandbox_ids = {sb.id for sb in provider.sandboxes.values()}
+    assert by_sql.sandbox_id not in sandbox_ids and expiring.sandbox_id not in sandbox_ids
+    with db.session(readonly=True) as session:
+        trail = {
+            name: [
+                (e.action, e.outcome)
+                for e in session.scalars(sa.select(Event).where(Event.lease_name == name))
+            ]
+            for name in (by_sql.lease, expiring.lease)
+        }
+    assert ("claim", "warm") in trail[by_sql.lease] and ("retire", "released") in trail[by_sql.lease]
+    assert ("claim", "warm") in trail[expiring.lease] and ("expire", "ok") in trail[expiring.lease]
+    assert metrics.value("leasectl_claims_total", {"pool": "agents", "kind": "warm"}) == 2
+    assert metrics.value("leasectl_claims_total", {"pool": "agents", "kind": "failed"}) == 1
+    assert metrics.value("leasectl_claims_total", {"pool": "lazy", "kind": "cold"}) == 1
+    assert metrics.value("leasectl_claim_seconds_count", {"kind": "warm"}) == 2
+    assert metrics.value("leasectl_claim_seconds_count", {"kind": "cold"}) == 1
+    assert metrics.value("leasectl_claim_seconds_bucket", {"kind": "warm", "le": "0.1"}) == 2
+
+
+def pools_of(db: dbmod.Database) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from controller.pool_sync import load_members
+    from controller.pools import count
+
+    with db.session(readonly=True) as session:
+        found = load_members(session, "agents")
+    return asdict(count(found))
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.0])
+def test_claims_in_the_window_grow_the_pool_by_the_headroom(db: dbmod.Database, factor: float) -> None:
+    """Two warm claims (released at once) in the claim window: with the headroom on, the pool step
+    keeps one unclaimed member above min_ready (2 claims/min x a sub-second refill x 2, rounded up);
+    with it off, exactly min_ready. Counted as Ready members after the passes."""
+    from controller.config import load_settings
+    from controller.leases import apply_specs
+    from controller.providers.memory import MemoryProvider
+    from controller.reconciler import build_reconciler
+    from controller.specs import PoolSpec
+
+    apply_specs(db, [], pools=[PoolSpec(name="agents", min_ready=2, max_size=10)])
+    settings = load_settings(
+        None,
+        {"controller": {"instance": INSTANCE, "backoff_base_seconds": 0.01, "pool_headroom_factor": factor}},
+    )
+    reconciler = build_reconciler(db, MemoryProvider(), settings)
+    try:
+        reconciler.run_pass()
+        assert pools_of(db)["ready"] == 2
+        for _ in range(2):
+            release(db, claim(db, "agents", owner="burst").lease)
+        for _ in range(4):
+            reconciler.run_pass()
+        counts = pools_of(db)
+    finally:
+        reconciler.applier.shutdown(timeout=5)
+    assert counts["ready"] == (3 if factor else 2), counts
+    assert counts["retiring"] == 0 and counts["total"] == counts["ready"]
+
+
+def test_dry_run_treats_pools_like_leases(database_url: str, tmp_path: Path) -> None:
+    """`apply --dry-run` reports a pool created, changed or pruned and writes none of it."""
+    path = write_pool(tmp_path / "pool.yaml", min_ready=1, max_size=4)
+    code, out, _ = cli(database_url, "apply", "-f", str(path), "--dry-run")
+    assert code == 0 and "pool/agents created" in out and "dry run" in out, out
+    code, out, _ = cli(database_url, "pools", "-o", "json")
+    assert json.loads(out) == []
+    assert cli(database_url, "apply", "-f", str(path))[0] == 0
+    bigger = write_pool(tmp_path / "bigger.yaml", min_ready=3, max_size=4)
+    code, out, _ = cli(database_url, "apply", "-f", str(bigger), "--dry-run")
+    assert code == 0 and "pool/agents updated" in out, out
+    assert pools(database_url)["min_ready"] == 1
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("leases: []\n")
+    code, out, _ = cli(database_url, "apply", "-f", str(empty), "--prune", "--prune-all", "--dry-run")
+    assert code == 0 and "pool/agents pruned" in out, out
+    assert pools(database_url)["min_ready"] == 1  # still there
+
+
+def _claim_and_hang(url: str, locked: Any) -> None:
+    """A claimer killed inside its claim transaction: the member row is updated, not committed."""
+    from controller import claims
+
+    def hang(*_: Any) -> None:
+        locked.put("locked")
+        time.sleep(120)
+
+    claims._event = hang  # type: ignore[assignment]  # runs after the UPDATE, before the commit
+    claims.claim(dbmod.connect(url), "agents", owner="doomed")
+
+
+def test_a_claimer_killed_mid_claim_leaves_no_member_half_claimed(db: dbmod.Database) -> None:
+    from controller.config import load_settings
+    from controller.leases import apply_specs
+    from controller.providers.memory import MemoryProvider
+    from controller.reconciler import build_reconciler
+    from controller.specs import PoolSpec
+
+    apply_specs(db, [], pools=[PoolSpec(name="agents", min_ready=1, max_size=1)])
+    settings = load_settings(None, {"controller": {"instance": INSTANCE, "pool_headroom_factor": 0}})
+    reconciler = build_reconciler(db, MemoryProvider(), settings)
+    try:
+        reconciler.run_pass()
+    finally:
+        reconciler.applier.shutdown(timeout=5)
+    url = db.engine.url.render_as_string(hide_password=False)
+    ctx = multiprocessing.get_context("spawn")
+    locked = ctx.Queue()
+    child = ctx.Process(target=_claim_and_hang, args=(url, locked))
+    child.start()
+    try:
+        assert locked.get(timeout=60) == "locked"
+    finally:
+        child.kill()
+        child.join(timeout=30)
+    got = claim(db, "agents", owner="survivor", wait_seconds=10)  # the only member, whole again
+    with db.session(readonly=True) as session:
+        rows = list(session.scalars(sa.select(Lease).where(Lease.pool == "agents")))
+        owners = [e.message for e in session.scalars(sa.select(Event).where(Event.action == "claim"))]
+    assert [(r.name, r.claimed_by) for r in rows] == [(got.lease, "survivor")]
+    assert len(owners) == 1 and "survivor" in owners[0]

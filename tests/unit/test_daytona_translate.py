@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import urllib3
 from daytona import DaytonaError
+from daytona_api_client import SandboxListItem
 from daytona_api_client.exceptions import ApiException
 
 from controller.errors import (
@@ -22,7 +25,14 @@ from controller.errors import (
     StateConflictError,
     TransientError,
 )
-from controller.providers.daytona import classify, rate_limit_pauses, translate
+from controller.providers.base import ObservedSandbox
+from controller.providers.daytona import (
+    classify,
+    parse_list_page,
+    rate_limit_pauses,
+    to_observed,
+    translate,
+)
 
 
 def api_error(
@@ -149,3 +159,101 @@ def test_every_named_scope_is_kept() -> None:
     assert rate_limit_pauses(headers) == {SCOPE_CREATE: 20.0, SCOPE_ALL: 9.0}
     error = translate(api_error(429, headers), "create", "create")
     assert isinstance(error, RateLimitedError) and error.pauses == {SCOPE_CREATE: 20.0, SCOPE_ALL: 9.0}
+
+
+# -- list pages read as JSON (issue 14) --------------------------------------------------------------
+
+
+def _item(**overrides: object) -> dict[str, object]:
+    """A list item as the local API and Daytona send it (camelCase, extra fields included)."""
+    item: dict[str, object] = {
+        "id": "5f0c9d7e-1",
+        "organizationId": "org",
+        "name": "bench-fleet-00001-0123abcd-ab12cd",
+        "target": "local",
+        "runnerId": "local",
+        "sandboxClass": "container",
+        "state": "started",
+        "desiredState": "started",
+        "snapshot": "daytonaio/sandbox:local",
+        "user": "daytona",
+        "errorReason": None,
+        "recoverable": False,
+        "public": False,
+        "networkBlockAll": False,
+        "cpu": 2,
+        "gpu": 0,
+        "memory": 4,
+        "disk": 10,
+        "labels": {"leasectl-instance": "bench", "leasectl-lease": "fleet-00001", "leasectl-spec": "abc"},
+        "backupState": "None",
+        "autoStopInterval": 0,
+        "autoArchiveInterval": 10080,
+        "autoDeleteInterval": -1,
+        "createdAt": "2026-11-27T06:00:00.000Z",
+        "updatedAt": "2026-11-27T06:00:01.000Z",
+        "lastActivityAt": "2026-11-27T06:00:01.000Z",
+        "daemonVersion": "local-daytona",
+        "toolboxProxyUrl": "http://127.0.0.1:1/toolbox",
+        "somethingNew": {"nested": [1, 2]},
+    }
+    item.update(overrides)
+    return item
+
+
+def _page(*items: object, cursor: object = None) -> bytes:
+    return json.dumps({"items": list(items), "nextCursor": cursor}).encode()
+
+
+def _one(item: object) -> ObservedSandbox:
+    items, _ = parse_list_page(_page(item))
+    assert len(items) == 1
+    return items[0]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"state": "error", "errorReason": "disk full", "recoverable": True},
+        {"state": "build_failed", "errorReason": "bad image", "snapshot": None},
+        {"state": "stopping", "labels": {}, "createdAt": None},
+        {"state": "archived", "cpu": 1, "gpu": 1, "memory": 1, "disk": 1, "target": "eu"},
+    ],
+)
+def test_a_list_item_reads_as_the_sdk_model_does(overrides: dict[str, object]) -> None:
+    """parse_list_page makes of the JSON what to_observed makes of the SDK's generated model."""
+    item = _item(**overrides)
+    assert _one(item) == to_observed(SandboxListItem.from_dict(item))
+
+
+def test_a_page_reads_its_items_and_cursor() -> None:
+    items, cursor = parse_list_page(_page(_item(), _item(id="2", name="b"), cursor="abc"))
+    assert [sb.id for sb in items] == ["5f0c9d7e-1", "2"] and cursor == "abc"
+    assert parse_list_page(_page()) == ([], None)
+    assert parse_list_page(b'{"items": []}') == ([], None)
+    assert parse_list_page(_page(_item(), cursor=""))[1] is None
+
+
+def test_an_unknown_state_is_kept_as_sent() -> None:
+    assert _one(_item(state="hibernating")).state == "hibernating"
+    assert _one(_item(state=None)).state == "unknown"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b"not json",
+        b'{"items": "no"}',
+        _page(["not", "an", "object"]),
+        _page(_item(id=None)),
+        _page(_item(name=7)),
+        _page(_item(labels=["a"])),
+        _page(_item(labels={"a": 1})),
+    ],
+)
+def test_an_unreadable_page_is_a_transient_error(body: bytes) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_list_page(body)
+    assert isinstance(translate(caught.value, "list sandboxes", "list"), TransientError)

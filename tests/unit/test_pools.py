@@ -1,7 +1,8 @@
 """Pure pool planning (controller.pools): a table of cases, and properties over random pools.
 
-Properties: a plan never takes a pool over ``max_size``; driving the plans (creates become members
-that turn Ready, retired members go away) converges to ``min_ready`` unclaimed Ready members.
+Properties: a plan never takes a pool over ``max_size`` (with or without a headroom); driving the
+plans (creates become members that turn Ready, retired members go away) converges to ``min_ready``
+unclaimed Ready members. The headroom (claims during one refill, times a factor) has a table too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.pools import MemberView, PoolPlan, PoolView, plan_pools
+from controller.pools import Headroom, MemberView, PoolPlan, PoolView, headroom, plan_pools, refill_seconds
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 T = "t" * 16
@@ -275,3 +276,85 @@ def test_converges_to_min_ready(
     assert ready == target
     if max_size is not None:
         assert len(current) <= max(max_size, len(members))
+
+
+# -- headroom: extra unclaimed members while claims come in -------------------------------------------
+
+REFILL = timedelta(seconds=4)
+
+
+def ready_member(name: str, refill: timedelta = REFILL, **kw: Any) -> MemberView:
+    return member(name, created_at=NOW - refill, ready_at=NOW, **kw)
+
+
+def with_claims(p: PoolView, claims: int) -> PoolView:
+    return replace(p, recent_claims=claims)
+
+
+HOW = Headroom(factor=2.0, claim_window_seconds=60.0)
+
+
+def test_headroom_is_claims_during_a_refill_times_the_factor() -> None:
+    # 30 claims in 60 s = 0.5/s; a refill takes 4 s; factor 2 -> ceil(2 * 0.5 * 4) = 4 above min_ready.
+    stock = [ready_member("a"), ready_member("b")]
+    plan = plan_pools([with_claims(pool(2), 30)], stock, NOW, create_budget=100, how=HOW)["p"]
+    assert (plan.target, plan.creates, plan.retire) == (6, 4, ())
+    assert headroom(with_claims(pool(2), 30), stock, HOW) == 4
+    assert refill_seconds(stock) == 4.0
+
+
+@pytest.mark.parametrize(
+    ("what", "the_pool", "how", "creates"),
+    [
+        ("off with factor 0", with_claims(pool(2), 30), Headroom(factor=0.0), 0),
+        ("none without claims", pool(2), HOW, 0),
+        ("max_size caps it", with_claims(pool(2, max_size=3), 30), HOW, 1),
+        ("one claim alone is no rate", with_claims(pool(2), 1), HOW, 0),
+        ("min_ready 0 wants no idle sandboxes", with_claims(pool(0), 30), HOW, 0),
+        ("two claims in the window round up to one", with_claims(pool(2), 2), HOW, 1),
+    ],
+)
+def test_headroom_table(what: str, the_pool: PoolView, how: Headroom, creates: int) -> None:
+    plan = plan_pools([the_pool], [ready_member("a"), ready_member("b")], NOW, create_budget=100, how=how)
+    assert plan["p"].creates == creates, what
+
+
+def test_headroom_is_zero_until_a_member_has_been_ready() -> None:
+    assert headroom(with_claims(pool(2), 30), [member("a", phase="Provisioning")], HOW) == 0
+
+
+def test_the_headroom_goes_as_surplus_once_claims_stop() -> None:
+    stock = [ready_member(f"m{i}") for i in range(6)]
+    busy = plan_pools([with_claims(pool(2), 30)], stock, NOW, create_budget=100, how=HOW)["p"]
+    assert busy.retire == () and busy.creates == 0
+    quiet = plan_pools([pool(2)], stock, NOW, create_budget=100, how=HOW)["p"]
+    assert sorted(r.reason for r in quiet.retire) == ["surplus"] * 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    min_ready=st.integers(0, 8),
+    extra=st.one_of(st.none(), st.integers(0, 6)),
+    members=members_st(),
+    budget=st.integers(0, 20),
+    claims=st.integers(0, 500),
+    factor=st.sampled_from([0.0, 0.5, 2.0, 10.0]),
+    refill=st.integers(0, 120),
+)
+def test_headroom_never_over_max_size(
+    min_ready: int,
+    extra: int | None,
+    members: list[MemberView],
+    budget: int,
+    claims: int,
+    factor: float,
+    refill: int,
+) -> None:
+    max_size = None if extra is None else max(1, min_ready + extra)
+    timed = [replace(m, created_at=NOW - timedelta(seconds=refill), ready_at=NOW) for m in members]
+    the_pool = with_claims(pool(min_ready, max_size), claims)
+    plan = plan_pools([the_pool], timed, NOW, create_budget=budget, how=Headroom(factor, 60.0))["p"]
+    assert plan.creates <= budget
+    live = len(timed) - len(plan.remove)
+    if max_size is not None and live <= max_size:
+        assert live + plan.creates <= max_size

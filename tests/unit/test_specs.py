@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from controller.errors import SpecError
-from controller.specs import LeaseSpec, dump_leases, load_lease_files, parse_leases, spec_hash
+from controller.specs import LeaseSpec, dump_leases, load_lease_files, parse_leases, settings_hash, spec_hash
 
 
 def _one(**fields: object) -> LeaseSpec:
@@ -116,8 +116,13 @@ def test_spec_hash_tracks_spec_columns_only() -> None:
     assert spec_hash(dict(base)) == h
     for col, value in [("desired_state", "stopped"), ("paused", True), ("expires_at", "2030-01-01")]:
         assert spec_hash({**base, col: value}) == h, col
-    for col, value in [("snapshot", "t"), ("env", {"A": "2"}), ("labels", {"x": "y"}), ("target", "eu")]:
+    for col, value in [("snapshot", "t"), ("env", {"A": "2"}), ("target", "eu"), ("image", "py")]:
         assert spec_hash({**base, col: value}) != h, col
+    # In-place fields move the settings hash, never the spec hash (no replacement).
+    s = settings_hash(base)
+    for col, value in [("labels", {"x": "y"}), ("auto_stop_interval", 5), ("auto_delete_interval", -1)]:
+        assert spec_hash({**base, col: value}) == h, col
+        assert settings_hash({**base, col: value}) != s, col
     # key order of JSON columns does not matter
     assert spec_hash({**base, "env": {"B": "2", "A": "1"}}) == spec_hash(
         {**base, "env": {"A": "1", "B": "2"}}

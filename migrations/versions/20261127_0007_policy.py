@@ -1,7 +1,7 @@
 """Policy (issue 16): schedules on leases and pools, quotas, and the usage record.
 
-Revision ID: 0006_policy
-Revises: 0005_pools
+Revision ID: 0007_policy
+Revises: 0006_spec_fields
 Create Date: 2026-11-27 07:00:00
 
 * ``leases.schedule`` and ``pools.schedule``: JSON, NULL = no schedule. Added in place (no table
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_policy"
-down_revision: str | Sequence[str] | None = "0005_pools"
+revision: str = "0007_policy"
+down_revision: str | Sequence[str] | None = "0006_spec_fields"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

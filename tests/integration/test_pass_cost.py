@@ -1,0 +1,187 @@
+"""What a no-op pass costs, counted (never timed), and that what makes it cheap hides no change.
+
+Issue 14: a pass over a converged fleet makes ``ceil(n/200)`` list requests and no other API request,
+and sends the same number of SQL statements for 50 leases as for 500 (nothing per lease), on SQLite
+and PostgreSQL, through the real SDK against the local Daytona API. The reconciler reuses what it made
+of a lease row (validation, spec hash, create request) and of a status row while their stored values
+are unchanged; the second half checks that an edit made with plain SQL between two passes of the same
+reconciler is still seen at once: a spec change, a desired state, a row that turns bad and back, and
+a status row changed behind the controller's back (rewritten, and no other row written).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from bench import common, scale
+from controller import db as dbmod
+from controller.providers import build_provider
+from controller.providers.memory import MemoryProvider
+from controller.reconciler import Reconciler, build_reconciler
+from models import LeaseStatus
+from tests.conftest import truncate_all
+from tests.unit.test_bad_rows import insert_raw, make_settings
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _empty_database(database_url: str, tmp_path: Path, n: int) -> str:
+    """A migrated, empty database on the backend of ``database_url``."""
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / f'pass-{n}.db'}"
+        database = dbmod.connect(url)
+        dbmod.upgrade(database)
+    else:
+        url = database_url
+        database = dbmod.connect(url)
+        truncate_all(database)
+    database.dispose()
+    return url
+
+
+def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dict[str, int], int, int]:
+    """(SQL statements, API requests by operation, leases planned, most bound parameters of one
+    statement) of one pass over a converged fleet of ``n`` leases, after a warm-up pass that must plan
+    nothing."""
+    url = _empty_database(database_url, tmp_path, n)
+    ids = scale.seed_sandboxes(tmp_path / f"daytona-{n}", scale.lease_names(n))
+    scale.seed_database(url, ids)
+    emu = common.start_emulator(tmp_path / f"daytona-{n}")
+    db = dbmod.connect(url)
+    try:
+        settings = common.bench_settings(url, emu.api_url)
+        reconciler = common.make_reconciler(settings, db, build_provider(settings))
+        warm = reconciler.run_pass()
+        assert not warm.outcomes, [o.action for o in warm.outcomes[:3]]
+        counter = common.QueryCounter(db.engine)
+        widest = [0]
+
+        def parameters(_conn: Any, _cursor: Any, _sql: str, params: Any, *_rest: Any) -> None:
+            widest[0] = max(widest[0], len(params) if isinstance(params, Sequence | Mapping) else 0)
+
+        sa.event.listen(db.engine, "before_cursor_execute", parameters)
+        emu.reset_stats()
+        result = reconciler.run_pass()
+        statements = counter.take()
+        counter.close()
+        sa.event.remove(db.engine, "before_cursor_execute", parameters)
+        requests = {op: count for op, count in emu.stats().items() if count}
+        reconciler.applier.shutdown(timeout=5)
+        assert not result.outcomes
+        assert {d.phase for d in result.plan.decisions.values()} == {"Ready"}
+        return statements, requests, len(result.plan.decisions), widest[0]
+    finally:
+        db.dispose()
+        emu.kill()
+
+
+def test_a_noop_pass_costs_the_same_statements_and_a_list_request_per_page(
+    database_url: str, tmp_path: Path
+) -> None:
+    small = _noop_pass_cost(database_url, tmp_path, 50)
+    large = _noop_pass_cost(database_url, tmp_path, 500)
+    assert small[2] == 50 and large[2] == 500
+    assert small[1] == {"list": math.ceil(50 / 200)}
+    assert large[1] == {"list": math.ceil(500 / 200)}
+    assert small[0] == large[0], f"statements grew with the fleet: {small[0]} at 50, {large[0]} at 500"
+    # 8 for the pass itself (pool check, leases, statuses, the locked status read, last_reconciled_at,
+    # BEGINs on SQLite), then policy (issue 16), none per lease: the quotas (one SELECT) and the usage
+    # record in its own fenced transaction (BEGIN on SQLite, the open segments, one UPDATE extending
+    # them all). PostgreSQL sends no BEGIN through the cursor, so it counts fewer.
+    assert large[0] <= 12, f"{large[0]} statements for a no-op pass"
+    # No statement carries a value per lease either (an IN list of every usage segment would exceed
+    # SQLite's bound-variable limit at 100,000 leases).
+    assert small[3] == large[3], f"bound parameters grew with the fleet: {small[3]} at 50, {large[3]} at 500"
+
+
+# -- the caches never hide an edit -------------------------------------------------------------------
+
+NAMES = ("edit-a", "edit-b", "edit-c")
+TEAM_Y, OOPS, ENV_A, ENV_B = '{"team": "y"}', '"oops"', '{"A": "1"}', '{"A": "2"}'
+
+
+def _statuses(db: dbmod.Database) -> dict[str, dict[str, Any]]:
+    with db.engine.connect() as conn:
+        rows = conn.execute(sa.select(LeaseStatus.__table__)).mappings().all()
+    return {row["lease_name"]: dict(row) for row in rows}
+
+
+def _sql(db: dbmod.Database, statement: str) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(sa.text(statement))
+
+
+def _json(db: dbmod.Database, text: str) -> str:
+    return f"'{text}'" if db.is_sqlite else f"CAST('{text}' AS json)"
+
+
+def _converge(reconciler: Reconciler, passes: int = 4) -> None:
+    for _ in range(passes):
+        reconciler.run_pass()
+
+
+def test_sql_edits_reach_the_next_pass_of_the_same_reconciler(db: dbmod.Database) -> None:
+    for name in NAMES:
+        insert_raw(db, name=name, desired_state="running", env='{"A": "1"}', labels='{"team": "x"}')
+    provider = MemoryProvider()
+    reconciler = build_reconciler(db, provider, make_settings())
+    try:
+        _converge(reconciler)
+        assert {row["phase"] for row in _statuses(db).values()} == {"Ready"}
+        first = {name: row["sandbox_id"] for name, row in _statuses(db).items()}
+
+        # A status row changed behind the controller's back is rewritten; no other row is written.
+        _sql(db, "UPDATE lease_status SET message = 'edited', phase = 'Error' WHERE lease_name = 'edit-b'")
+        before = _statuses(db)
+        result = reconciler.run_pass()
+        assert not result.outcomes
+        after = _statuses(db)
+        assert after["edit-b"]["phase"] == "Ready" and after["edit-b"]["message"] != "edited"
+        assert after["edit-b"]["updated_at"] > before["edit-b"]["updated_at"]
+        for name in ("edit-a", "edit-c"):
+            assert after[name]["updated_at"] == before[name]["updated_at"], name
+            assert after[name]["last_reconciled_at"] > before[name]["last_reconciled_at"], name
+
+        # Spec changes by SQL (same updated_at) are acted on at the next pass: labels in place,
+        # env by replacing the sandbox.
+        _sql(db, f"UPDATE leases SET labels = {_json(db, TEAM_Y)} WHERE name = 'edit-a'")
+        result = reconciler.run_pass()
+        assert [(o.action.kind, o.action.lease_name) for o in result.outcomes] == [("update", "edit-a")]
+        _sql(db, f"UPDATE leases SET env = {_json(db, ENV_B)} WHERE name = 'edit-a'")
+        result = reconciler.run_pass()
+        assert [(o.action.kind, o.action.lease_name) for o in result.outcomes] == [("delete", "edit-a")]
+        _converge(reconciler)
+        rows = _statuses(db)
+        assert rows["edit-a"]["phase"] == "Ready" and rows["edit-a"]["sandbox_id"] != first["edit-a"]
+
+        # A desired state changed by SQL is acted on at once.
+        _sql(db, "UPDATE leases SET desired_state = 'stopped' WHERE name = 'edit-c'")
+        result = reconciler.run_pass()
+        assert [(o.action.kind, o.action.lease_name) for o in result.outcomes] == [("stop", "edit-c")]
+
+        # A row that turns bad is Failed on the next pass, and valid again once fixed.
+        _sql(db, f"UPDATE leases SET env = {_json(db, OOPS)} WHERE name = 'edit-b'")
+        result = reconciler.run_pass()
+        assert [bad.name for bad in result.invalid] == ["edit-b"]
+        assert _statuses(db)["edit-b"]["phase"] == "Failed"
+        _sql(db, f"UPDATE leases SET env = {_json(db, ENV_A)} WHERE name = 'edit-b'")
+        result = reconciler.run_pass()
+        assert not result.invalid
+        _converge(reconciler)
+        rows = _statuses(db)
+        assert rows["edit-b"]["phase"] == "Ready" and rows["edit-b"]["sandbox_id"] == first["edit-b"]
+
+        # A lease row deleted and inserted again under the same name is a new lease to the planner.
+        _sql(db, "DELETE FROM leases WHERE name = 'edit-b'")
+        reconciler.run_pass()
+        insert_raw(db, name="edit-b", desired_state="absent", env="{}", labels="{}")
+        _converge(reconciler)
+        assert _statuses(db)["edit-b"]["phase"] == "Deleted"
+    finally:
+        reconciler.applier.shutdown(timeout=5)
