@@ -51,10 +51,12 @@ bench-quick: venv
 	$(BIN)/python -m bench --quick
 
 # One no-op pass over 1,000, 10,000 and 100,000 leases on both databases (about half an hour; not
-# run by CI). `make bench-huge HUGE_JSONL=bench/results-huge.jsonl` keeps the records for bench.report.
+# run by CI). `make bench-huge HUGE_JSONL=bench/results-huge.jsonl` keeps the records for bench.report;
+# BASELINE=main also runs main's controller on the same fleets (up to 10,000 leases) for the ratio.
 HUGE_JSONL ?=
+BASELINE   ?=
 bench-huge: venv
-	$(BIN)/python -m bench --huge $(if $(HUGE_JSONL),--jsonl $(HUGE_JSONL))
+	$(BIN)/python -m bench --huge $(if $(HUGE_JSONL),--jsonl $(HUGE_JSONL)) $(if $(BASELINE),--baseline $(BASELINE))
 
 # Re-take the status page screenshots the README shows (docs/status-page*.png) with the browser test.
 screenshots: venv

@@ -102,6 +102,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             "under a millisecond (column ms per GET); against a remote API every GET adds a network "
             "round trip, so the wall ratios here are the least the imperative way costs."
         )
+        out.append("")
         out.append(
             "Before: the same pass by the revision named, run right after ours on the same fleet and "
             "database (`python -m bench --baseline REV`), else the first record of the same case in "
@@ -182,7 +183,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
                         "leases",
                         "pass CPU s",
                         "CPU us per lease",
-                        "x per 10x leases",
+                        "growth vs linear",
                         "peak RSS MiB",
                     ],
                     growth,
@@ -377,11 +378,11 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         "```sh",
         "make bench-quick                  # every benchmark at a small size, a few minutes",
         f".venv/bin/python -m bench --full --jsonl {source}   # what this section comes from (make bench)",
-        "make bench-huge HUGE_JSONL=bench/results-huge.jsonl   # scale at 1,000, 10,000 and 100,000 leases",
+        "make bench-huge HUGE_JSONL=bench/results-huge.jsonl BASELINE=main   # scale up to 100,000 leases",
         *(
-            [f"make soak SOAK_JSONL={soak_source}        # the soak records (make soak alone: no file)"]
-            if soak_source
-            else []
+            f"make soak SOAK_JSONL={soak_file}        # the soak records (make soak alone: no file)"
+            for soak_file in (soak_source or "").split()
+            if "soak" in soak_file
         ),
         f".venv/bin/python -m bench.report {source}{' ' + soak_source if soak_source else ''} "
         "-o bench/RESULTS.md",
