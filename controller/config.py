@@ -107,6 +107,26 @@ class LoggingSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class PriceSettings(_Section):
+    """Prices per hour for ``leasectl usage``'s estimated cost (all 0 unless set)."""
+
+    currency: str = "USD"
+    sandbox_hour: float = Field(default=0.0, ge=0)
+    cpu_hour: float = Field(default=0.0, ge=0)
+    memory_gib_hour: float = Field(default=0.0, ge=0)
+    disk_gib_hour: float = Field(default=0.0, ge=0)
+    gpu_hour: float = Field(default=0.0, ge=0)
+
+
+class PolicySettings(_Section):
+    # Keep the disk held by stopped sandboxes of the instance at or under this many GiB by archiving
+    # the longest-stopped ones first (controller.disk_guard); None: no guard.
+    disk_guard_gib: int | None = Field(default=None, ge=0)
+    # A pass this long after the previous one does not bill the time between (controller.usage).
+    usage_max_gap_seconds: float = Field(default=600.0, gt=0)
+    prices: PriceSettings | None = None
+
+
 class Settings(BaseSettings):
     """All settings. Build it with :func:`load_settings`, not directly."""
 
@@ -123,6 +143,7 @@ class Settings(BaseSettings):
     exec: ExecSettings = ExecSettings()
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
+    policy: PolicySettings = PolicySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -17,8 +17,9 @@ reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``le
 for the same effect. A change that arrives during a pass makes that job run another pass at once;
 while pool members are on their way, and after a pass whose actions left a lease half-way (a
 create not yet Ready, a start, a stop, a delete), the next pass comes after
-``pool_busy_interval_seconds``. These
-are a bonus: the interval is the guarantee.
+``pool_busy_interval_seconds``; when a schedule (controller.schedules) changes a desired state or
+a pool's ``min_ready`` before the next interval, the next pass comes at that moment. These are a
+bonus: the interval is the guarantee.
 
 The daemon refuses to start on a schema older or newer than it knows (``SchemaError`` names
 ``leasectl db upgrade`` or "upgrade leasectl"); when the schema changes under a running replica
@@ -104,6 +105,9 @@ def listen_address(settings: Settings) -> tuple[str, int]:
             settings.server.listen,
         )
     return host, int(port)
+
+
+SCHEDULE_SLACK_SECONDS = 0.05  # pass just after a schedule's change, never just before it
 
 
 def _follow_up(result: PassResult) -> bool:
@@ -221,6 +225,10 @@ class Daemon:
         if _pools_busy(result) or _follow_up(result):
             # Leases or pool members on their way: the next pass comes soon, not after an interval.
             self._reconcile_within(self.settings.controller.pool_busy_interval_seconds)
+        if result.next_change is not None:
+            # A schedule changes a desired state (or a pool's min_ready) then: pass at that moment.
+            wait = (result.next_change - utcnow()).total_seconds() + SCHEDULE_SLACK_SECONDS
+            self._reconcile_within(max(wait, 0.0))
 
     def job_gc(self) -> None:
         if not self.elector.is_leader():

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from controller.overview import parse_timestamp as parse_timestamp  # re-exported (the reconciler)
+from controller.schedules import Schedule, lease_schedule
 from controller.secrets import is_ref
 from controller.specs import JSON_COLUMNS, SPEC_COLUMNS, LeaseSpec
 from models import Lease
@@ -37,6 +38,7 @@ _LIST_COLUMNS = ("network_allow_list", "domain_allow_list")
 # Nullable booleans of the spec: SQLite hands them back raw as 0/1, the ORM as False/True (and the
 # spec hash must not tell the two apart).
 _BOOL_COLUMNS = ("public", "network_block_all", "spot", "ephemeral")
+_OTHER_JSON_COLUMNS = ("schedule",)  # shape checked by LeaseSpec (controller.schedules)
 _TIME_COLUMNS = (
     "expires_at",
     "rollout_requested_at",
@@ -55,6 +57,11 @@ class LeaseRow:
     spec: Mapping[str, Any]  # SPEC_COLUMNS -> value, as the ORM would load them
     lease: LeaseSpec  # the validated spec (export)
     rollout_requested_at: datetime | None = None
+    created_at: datetime | None = None  # queue order behind a quota (controller.quotas)
+
+    @property
+    def schedule(self) -> Schedule | None:
+        return lease_schedule(self.lease.schedule)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class InvalidLeaseRow:
 def _raw_columns() -> list[sa.ColumnElement[Any]]:
     columns: list[sa.ColumnElement[Any]] = []
     for column in Lease.__table__.columns:
-        if column.key in _JSON_COLUMNS:
+        if column.key in _JSON_COLUMNS or column.key in _OTHER_JSON_COLUMNS:
             # JSON as text on both backends, so '"oops"' is seen as the JSON string it is.
             columns.append(sa.cast(column, sa.Text).label(column.key))
         else:
@@ -136,6 +143,8 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         for column in _JSON_COLUMNS:
             values[column] = _json(values.get(column), column)
             _shape(column, values[column])
+        for column in _OTHER_JSON_COLUMNS:
+            values[column] = _json(values.get(column), column)
         for column in _TIME_COLUMNS:
             if values.get(column) is not None:
                 try:
@@ -170,7 +179,15 @@ def validate_row(raw: Mapping[str, Any]) -> LeaseRow | InvalidLeaseRow:
         spec={col: values.get(col) for col in SPEC_COLUMNS},
         lease=spec,
         rollout_requested_at=values.get("rollout_requested_at"),
+        created_at=_created(values.get("created_at")),
     )
+
+
+def _created(value: Any) -> datetime | None:
+    try:
+        return parse_timestamp(value) if value is not None else None
+    except (ValueError, TypeError):
+        return None
 
 
 def raw_rows_query(names: Sequence[str] = ()) -> sa.Select[Any]:

@@ -14,8 +14,10 @@ file must not be able to delete a fleet. The same guard applies to pools, counte
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +27,9 @@ from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows
 from controller.overview import overview_rows
-from controller.specs import LeaseSpec, PoolSpec, VolumeSpec
+from controller.quota_rows import QuotaApplyResult, apply_quotas
+from controller.schedules import in_force, lease_schedule
+from controller.specs import LeaseSpec, PoolSpec, QuotaSpec, VolumeSpec
 from models import Lease, Pool, Volume, utcnow
 
 OPERATOR_COLUMNS = tuple(LeaseSpec(name="x").to_row().keys())
@@ -66,6 +70,7 @@ class ApplyResult:
     volumes_created: list[str] = field(default_factory=list)
     volumes_updated: list[str] = field(default_factory=list)
     volumes_unchanged: list[str] = field(default_factory=list)
+    quotas: QuotaApplyResult = field(default_factory=QuotaApplyResult)
 
     @property
     def changed(self) -> bool:
@@ -87,6 +92,7 @@ def apply_specs(
     *,
     pools: Sequence[PoolSpec] | None = None,
     volumes: Sequence[VolumeSpec] = (),
+    quotas: Sequence[QuotaSpec] | None = None,
     prune: bool = False,
     dry_run: bool = False,
     prune_all: bool = False,
@@ -112,6 +118,7 @@ def apply_specs(
             dry_run=dry_run,
             max_prune_share=guard,
             volumes=volumes,
+            quotas=quotas,
         )
     return result
 
@@ -131,6 +138,7 @@ def _apply(
     dry_run: bool,
     max_prune_share: float | None,
     volumes: Sequence[VolumeSpec] = (),
+    quotas: Sequence[QuotaSpec] | None = None,
 ) -> None:
     with db.session() as session:
         # Lock and read the rows without loading them through the ORM: a row written by hand that
@@ -151,6 +159,8 @@ def _apply(
         _apply_volumes(session, specs, volumes, result, now=now)
         if pools is not None:
             _apply_pools(session, pools, result, prune=prune, max_prune_share=max_prune_share, now=now)
+        if quotas is not None:  # only when a file declares `quotas:` (prune never empties them silently)
+            apply_quotas(session, quotas, prune=prune, result=result.quotas)
         for spec in specs:
             values = spec.to_row()
             if spec.name not in states:
@@ -316,6 +326,7 @@ def _pool_values(row: Pool) -> dict[str, Any]:
         "min_ready": row.min_ready,
         "max_size": row.max_size,
         "claim_ttl_seconds": row.claim_ttl_seconds,
+        "schedule": row.schedule,
     }
 
 
@@ -339,9 +350,38 @@ def read_specs(
     return [row.lease for row in rows if row.name not in members]
 
 
-def overview(session: Session, names: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows of the ``lease_overview`` view, as dicts, ordered by name (see controller/overview.py)."""
-    return overview_rows(session.connection(), names)
+def overview(
+    session: Session, names: Sequence[str] = (), *, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Rows of the ``lease_overview`` view, as dicts, ordered by name (see controller/overview.py),
+    with what each lease's schedule says at ``now``."""
+    return _with_schedules(session, overview_rows(session.connection(), names), now or utcnow())
+
+
+def _with_schedules(session: Session, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Add what a lease's schedule says at ``now``: ``scheduled_state`` (the state in force),
+    ``next_change`` and ``next_state`` (None for leases without a schedule). A schedule written with
+    SQL that does not parse is left out here (the reconciler marks the row Failed)."""
+    query = sa.select(Lease.name, sa.cast(Lease.schedule, sa.Text)).where(Lease.schedule.is_not(None))
+    found: dict[str, Any] = {}
+    for name, text in session.execute(query):
+        try:
+            schedule = lease_schedule(json.loads(text)) if text not in (None, "null") else None
+        except (ValueError, TypeError):
+            continue
+        if schedule is not None:
+            found[name] = schedule
+    for row in rows:
+        schedule = found.get(row["name"])
+        row["scheduled_state"] = row["next_change"] = row["next_state"] = row["schedule_timezone"] = None
+        if schedule is None or row["desired_state"] == "absent":
+            continue
+        result = in_force(schedule, now, row["desired_state"])
+        row["scheduled_state"] = result.value
+        row["next_change"] = result.next_change
+        row["next_state"] = result.next_value
+        row["schedule_timezone"] = schedule.timezone
+    return rows
 
 
 def shown_specs(session: Session, names: Sequence[str] = ()) -> dict[str, dict[str, Any]]:

@@ -113,6 +113,7 @@ from controller.providers.base import (
     ObservedSandbox,
     SandboxUpdate,
 )
+from controller.schedules import Schedule, in_force
 
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 DESIRED_STATES: Final = ("running", "stopped", "archived", "absent")
@@ -316,6 +317,8 @@ class LeaseView:
     fields: Mapping[str, str] = field(default_factory=dict)  # spec column -> digest of its value
     # `leasectl rollout`: a sandbox created before this time is replaced (desired running only).
     rollout_requested_at: datetime | None = None
+    schedule: Schedule | None = None  # the desired state follows it (controller.schedules)
+    created_at: datetime | None = None  # queue order behind a quota (controller.quotas)
 
     @property
     def ephemeral(self) -> bool:
@@ -379,6 +382,7 @@ class Action:
     from_state: str | None = None  # the observed state the action was planned from
     update: SandboxUpdate | None = None  # what an ``update`` action changes in place
     fields: Mapping[str, str] | None = None  # field digests the sandbox has after create/update
+    policy: str | None = None  # a policy asked for it (e.g. "disk-guard"): the event keeps the reason
 
 
 @dataclass(frozen=True)
@@ -448,8 +452,14 @@ def is_expired(lease: LeaseView, now: datetime) -> bool:
 
 
 def effective_desired(lease: LeaseView, now: datetime) -> str:
-    """The desired state the planner works towards: ``absent`` once expired."""
-    return "absent" if is_expired(lease, now) else lease.desired_state
+    """The desired state the planner works towards: ``absent`` once expired or desired absent (a
+    pruned lease goes whatever its schedule says); else the state its schedule puts in force at
+    ``now`` (its own ``desired_state`` until an entry has fired)."""
+    if is_expired(lease, now):
+        return "absent"
+    if lease.schedule is None or lease.desired_state == "absent":
+        return lease.desired_state
+    return str(in_force(lease.schedule, now, lease.desired_state).value)
 
 
 def _keep_order(lease: LeaseView, status: StatusView) -> Callable[[ObservedSandbox], tuple[Any, ...]]:

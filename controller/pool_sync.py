@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from controller.db import Database
 from controller.metrics import Metrics
 from controller.pools import Headroom, MemberView, PoolPlan, PoolView, plan_pools
+from controller.schedules import earliest, in_force, pool_schedule
 from controller.specs import MEMBER_ID_LENGTH, SPEC_COLUMNS, PoolSpec, spec_hash
 from models import Event, Lease, LeaseStatus, Pool
 
@@ -50,6 +51,7 @@ class PoolSyncResult:
     retired: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     settling: bool = False  # a member, claimed or not, is on its way to Ready or to gone
+    next_change: datetime | None = None  # the next time a pool's schedule changes its min_ready
 
     @property
     def busy(self) -> bool:
@@ -71,9 +73,10 @@ def member_row(spec: PoolSpec, name: str, now: datetime, **claim: Any) -> Lease:
     return Lease(**values, pool=spec.name, created_at=now, updated_at=now, **claim)
 
 
-def pool_view(row: Pool) -> tuple[PoolView, PoolSpec | None]:
+def pool_view(row: Pool, now: datetime | None = None) -> tuple[PoolView, PoolSpec | None]:
     """The planner's view of a pool row; a template that is not a valid lease (written with SQL) gives
-    a view with ``template_hash`` None and the problem, so nothing is created from it."""
+    a view with ``template_hash`` None and the problem, so nothing is created from it. With ``now``,
+    ``min_ready`` is the one the pool's schedule puts in force then (controller.schedules)."""
     try:
         spec = PoolSpec.from_row(
             {
@@ -82,13 +85,27 @@ def pool_view(row: Pool) -> tuple[PoolView, PoolSpec | None]:
                 "min_ready": row.min_ready,
                 "max_size": row.max_size,
                 "claim_ttl_seconds": row.claim_ttl_seconds,
+                "schedule": row.schedule,
             }
         )
     except ValidationError as exc:
         first = exc.errors()[0]
         problem = f"pool {row.name!r} is unusable: {'.'.join(map(str, first['loc']))}: {first['msg']}"
         return PoolView(row.name, None, max(0, row.min_ready or 0), row.max_size, problem), None
-    return PoolView(spec.name, spec.template_hash(), spec.min_ready, spec.max_size), spec
+    return PoolView(spec.name, spec.template_hash(), effective_min_ready(spec, now), spec.max_size), spec
+
+
+def next_min_ready_change(spec: PoolSpec, now: datetime) -> datetime | None:
+    schedule = pool_schedule(spec.schedule)
+    return None if schedule is None else in_force(schedule, now, spec.min_ready).next_change
+
+
+def effective_min_ready(spec: PoolSpec, now: datetime | None) -> int:
+    """``min_ready`` in force at ``now``: the schedule's latest entry, else the pool's own value."""
+    schedule = pool_schedule(spec.schedule)
+    if schedule is None or now is None:
+        return spec.min_ready
+    return int(in_force(schedule, now, spec.min_ready).value)
 
 
 def member_view(row: Lease, phase: str | None, ready_at: datetime | None = None) -> MemberView:
@@ -164,13 +181,14 @@ def sync_pools(
         if headroom is not None and headroom.factor > 0 and rows:
             claims = recent_claims(session, now - timedelta(seconds=headroom.claim_window_seconds))
         for row in rows:
-            view, spec = pool_view(row)
+            view, spec = pool_view(row, now)
             if view.name in claims:
                 n, oldest = claims[view.name]
                 view = replace(view, recent_claims=n, oldest_claim_age_seconds=(now - oldest).total_seconds())
             views.append(view)
             if spec is not None:
                 specs[spec.name] = spec
+                result.next_change = earliest(result.next_change, next_min_ready_change(spec, now))
             elif view.problem:
                 log.warning("%s; fix the row (nothing is created for it meanwhile)", view.problem)
         plans = plan_pools(views, members, now, create_budget=create_budget, how=headroom)
@@ -245,7 +263,8 @@ def sync_pools(
                 taken.add(member_name)
                 session.add(member_row(spec, member_name, now))
                 result.created.append(member_name)
-                event(member_name, "pool-add", "ok", f"pool {name}: new member (min_ready {spec.min_ready})")
+                wanted = effective_min_ready(spec, now)
+                event(member_name, "pool-add", "ok", f"pool {name}: new member (min_ready {wanted})")
         session.flush()
         result.members = set(session.scalars(sa.select(Lease.name).where(Lease.pool.is_not(None))))
     if metrics is not None:

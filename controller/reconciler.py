@@ -38,17 +38,18 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from controller import logs
+from controller import logs, usage
 from controller.applier import Applier, ApplierConfig, Outcome
 from controller.config import Settings
 from controller.db import Database
+from controller.disk_guard import guard
 from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
 from controller.lease_rows import (
@@ -64,7 +65,10 @@ from controller.metrics import Metrics
 from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
 from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.pools import Headroom
-from controller.providers.base import LABEL_INSTANCE, SandboxProvider
+from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, ObservedSandbox, SandboxProvider
+from controller.quota_rows import load_quotas
+from controller.quotas import QuotaView, gate
+from controller.schedules import earliest, in_force, lease_schedule
 from controller.specs import SPEC_COLUMNS, field_digests, legacy_spec_hash, settings_hash, spec_hash
 from controller.volume_sync import sync_volumes
 from models import Event, Lease, LeaseStatus, UTCDateTime, utcnow
@@ -98,6 +102,7 @@ class PassResult:
     duration_seconds: float = 0.0
     invalid: list[InvalidLeaseRow] = field(default_factory=list)  # rows left alone, phase Failed
     pools: PoolSyncResult | None = None
+    next_change: datetime | None = None  # the next time a schedule (lease or pool) changes something
 
     @property
     def errors(self) -> list[Outcome]:
@@ -109,8 +114,11 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
     if isinstance(row, Lease):
         spec: Mapping[str, Any] = {col: getattr(row, col) for col in SPEC_COLUMNS}
         paused, expires_at = bool(row.paused), row.expires_at
+        schedule = lease_schedule(row.schedule)
+        created_at: datetime | None = row.created_at
     else:
         spec, paused, expires_at = row.spec, row.paused, row.expires_at
+        schedule, created_at = row.schedule, row.created_at
     rollout = row.rollout_requested_at
     digest, settings = spec_hash(spec), settings_hash(spec)
     return LeaseView(
@@ -125,6 +133,19 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
         legacy_spec_hash=legacy_spec_hash(spec),
         fields=field_digests(spec),
         rollout_requested_at=rollout,
+        schedule=schedule,
+        created_at=created_at,
+    )
+
+
+def next_schedule_change(leases: Sequence[LeaseView], now: datetime) -> datetime | None:
+    """The next time a lease's schedule changes its desired state (the daemon wakes then)."""
+    return earliest(
+        *(
+            in_force(lease.schedule, now, lease.desired_state).next_change
+            for lease in leases
+            if lease.schedule is not None and lease.desired_state != "absent"
+        )
     )
 
 
@@ -259,6 +280,9 @@ class Reconciler:
         self.instance = settings.controller.instance
         self.controller_id = controller_id or (elector.holder if elector else f"cli-{uuid.uuid4().hex[:8]}")
         self._lock = threading.Lock()
+        self._quotas: list[QuotaView] = []
+        self._since: dict[str, datetime] = {}  # sandbox id -> start of its open usage segment
+        self._observed: list[ObservedSandbox] = []  # what the last observe_and_plan saw
         self.last_success: datetime | None = None
         # name -> (raw leases row, what it made): see _views_of
         self._views: dict[Any, tuple[tuple[Any, ...], LeaseView | InvalidLeaseRow]] = {}
@@ -269,11 +293,16 @@ class Reconciler:
 
     def _load(self) -> tuple[list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
         """Leases and statuses as plain rows (two SELECTs, no ORM objects); a lease row whose stored
-        values are those of the previous pass reuses its validation, spec hash and create request."""
+        values are those of the previous pass reuses its validation, spec hash and create request.
+        Policy adds a bounded number of reads, none per lease: the quotas (one SELECT of a small
+        table) and, with the disk guard on, the open ``stopped`` usage segments (one SELECT)."""
         with self.db.session(readonly=True) as session:
             connection = session.connection()  # Core rows: no ORM result layer
             raw_rows = _fetch_plain(connection, raw_rows_query())
             status_rows = _fetch_plain(connection, _STATUS_SELECT)
+            self._quotas = load_quotas(session)
+            if self.settings.policy.disk_guard_gib is not None:
+                self._since = usage.open_since(session, "stopped")
         leases, invalid = self._views_of(raw_rows)
         return leases, self._status_views(status_rows), invalid
 
@@ -326,12 +355,20 @@ class Reconciler:
         return the_plan, leases, statuses
 
     def observe_and_plan(
-        self,
+        self, at: datetime | None = None
     ) -> tuple[Plan, list[LeaseView], dict[str, StatusView], list[InvalidLeaseRow]]:
-        """Observe and plan; also the rows left out because they break the lease rules."""
+        """Observe and plan (as of ``at``, default now: ``leasectl plan --at``); also the rows left
+        out because they break the lease rules."""
         leases, statuses, invalid = self._load()
         observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
-        the_plan = plan(leases, statuses, observed, self.clock(), instance=self.instance)
+        the_plan = plan(leases, statuses, observed, at or self.clock(), instance=self.instance)
+        the_plan = gate(the_plan, leases, statuses, observed, self._quotas, lease_label=LABEL_LEASE)
+        cap = self.settings.policy.disk_guard_gib
+        if cap is not None:
+            the_plan = guard(
+                the_plan, leases, observed, cap_gib=cap, since=self._since, instance=self.instance
+            )
+        self._observed = observed
         return the_plan, leases, statuses, invalid
 
     # -- one pass --------------------------------------------------------------------------------
@@ -405,6 +442,7 @@ class Reconciler:
             else []
         )
         self._write(pass_id, the_plan, outcomes, views, statuses, written)
+        self._record_usage(views)
         if invalid:
             self._write_invalid(pass_id, invalid)
             if self.metrics:
@@ -413,7 +451,14 @@ class Reconciler:
             for outcome in outcomes:
                 result = "reobserved" if outcome.reobserved else "ok" if outcome.ok else "error"
                 self.metrics.actions.labels(kind=outcome.action.kind, result=result).inc()
-        return PassResult(pass_id=pass_id, plan=the_plan, outcomes=outcomes, invalid=invalid, pools=pools)
+        return PassResult(
+            pass_id=pass_id,
+            plan=the_plan,
+            outcomes=outcomes,
+            invalid=invalid,
+            pools=pools,
+            next_change=earliest(pools.next_change, next_schedule_change(leases, self.clock())),
+        )
 
     def _check_leader(self) -> None:
         if self.elector is not None and not self.elector.is_leader():
@@ -533,6 +578,13 @@ class Reconciler:
             for phase, count in phases.items():
                 self.metrics.leases.labels(phase=phase).set(count)
 
+    def _record_usage(self, views: dict[str, LeaseView]) -> None:
+        """Append what this pass observed to ``usage`` (controller.usage), in its own transaction."""
+        gap = timedelta(seconds=self.settings.policy.usage_max_gap_seconds)
+        with self.db.session() as session:
+            self._fence(session)
+            usage.record(session, self._observed, views, self.clock(), gap)
+
     def _status_values(
         self,
         values: dict[str, Any],
@@ -647,7 +699,9 @@ class Reconciler:
             sandbox_id=outcome.sandbox_id or action.sandbox_id,
             action=action.kind,
             outcome=_outcome_word(outcome),
-            message=outcome.message or action.reason,
+            message=(f"{action.reason}: {outcome.message}" if action.policy and outcome.message else None)
+            or outcome.message
+            or action.reason,
             controller_id=self.controller_id,
             pass_id=pass_id,
         )

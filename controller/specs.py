@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controller.errors import SpecError
+from controller.schedules import ScheduleError, lease_schedule, pool_schedule
 from controller.secrets import check_ref
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -368,6 +369,17 @@ class LeaseSpec(BaseModel):
                 raise ValueError(f"{key}: the name of a Daytona secret must be 1-255 characters")
         return value
 
+    schedule: dict[str, Any] | None = None  # controller.schedules: {timezone, entries: [{cron, state}]}
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> dict[str, Any] | None:
+        try:
+            parsed = lease_schedule(value)
+        except ScheduleError as exc:
+            raise FieldRuleError(_schedule_field(exc), str(exc)) from None
+        return None if parsed is None else parsed.to_data()
+
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
@@ -457,6 +469,17 @@ class LeaseSpec(BaseModel):
                 f"an ephemeral sandbox is deleted when it stops and cannot be archived, so it cannot be "
                 f"kept {self.state}; use state running or absent",
             )
+        parked = [
+            index
+            for index, entry in enumerate((self.schedule or {}).get("entries", ()))
+            if entry.get("state") in ("stopped", "archived")
+        ]
+        if self.is_ephemeral and parked:
+            raise FieldRuleError(
+                f"schedule.entries.{parked[0]}.state",
+                "the lease is ephemeral: Daytona deletes it when it stops and "
+                "cannot archive it, so a schedule may only make it running or absent",
+            )
         gpu = bool(self.resources is not None and self.resources.gpu)
         if gpu and not self.is_ephemeral:
             raise FieldRuleError(
@@ -533,6 +556,7 @@ class LeaseSpec(BaseModel):
                 [m.model_dump(exclude_none=True) for m in self.volumes] if self.volumes is not None else None
             ),
             "build": self.build.model_dump(exclude_none=True) if self.build is not None else None,
+            "schedule": self.schedule,
         }
 
     @classmethod
@@ -553,6 +577,7 @@ class LeaseSpec(BaseModel):
             auto_delete_interval=row.get("auto_delete_interval"),
             paused=bool(row.get("paused")),
             **{col: row.get(col) for col in ADDED_COLUMNS if row.get(col) is not None},
+            schedule=row.get("schedule"),
         )
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -605,6 +630,10 @@ def field_digests(row: Mapping[str, Any]) -> dict[str, str]:
     return {col: _digest({"v": value})[:8] for col, value in _hashed(row, SPEC_COLUMNS).items()}
 
 
+def _schedule_field(exc: ScheduleError) -> str:
+    return f"schedule.{exc.field}" if exc.field else "schedule"
+
+
 def _field_path(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc) or "(lease)"
 
@@ -640,7 +669,7 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-TOP_LEVEL_KEYS = frozenset({"leases", "pools", "volumes"})
+TOP_LEVEL_KEYS = frozenset({"leases", "pools", "volumes", "quotas"})
 
 
 def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[LeaseSpec]:
@@ -651,7 +680,8 @@ def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[L
         extra = sorted(set(data) - TOP_LEVEL_KEYS) if isinstance(data, Mapping) else None
         hint = f" (unknown keys: {', '.join(map(str, extra))})" if extra else ""
         raise SpecError(
-            f"{source}: the top level must be a mapping with the keys 'leases', 'pools' and 'volumes'{hint}"
+            f"{source}: the top level must be a mapping with the keys 'leases', 'pools', 'volumes' "
+            f"and 'quotas'{hint}"
         )
     items = data.get("leases")
     if items is None:
@@ -676,7 +706,7 @@ def parse_leases(data: Any, source: str, lines: LineMap | None = None) -> list[L
                 rule = (err.get("ctx") or {}).get("error")
                 if isinstance(rule, FieldRuleError):
                     loc = (rule.field,)
-                line = key_lines.get(str(loc[0])) if loc else None
+                line = key_lines.get(str(loc[0]).split(".")[0]) if loc else None
                 line = line or item_line
                 where = f"{source}:{line}" if line else source
                 message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
@@ -702,6 +732,8 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
     seen: dict[str, str] = {}
     seen_pools: dict[str, str] = {}
     seen_volumes: dict[str, str] = {}
+    quotas: list[QuotaSpec] | None = None
+    seen_quotas: dict[str, str] = {}
     problems: list[str] = []
     for path in paths:
         source = str(path)
@@ -720,6 +752,7 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
             file_specs = parse_leases(data, source, yaml_lines(text))
             file_pools = parse_pools(data, source)
             file_volumes = parse_volumes(data, source)
+            file_quotas = parse_quotas(data, source)
         except SpecError as exc:
             problems.append(str(exc))
             continue
@@ -732,6 +765,17 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
             else:
                 seen_volumes[volume.name] = source
                 volumes.append(volume)
+        if file_quotas is not None:
+            quotas = quotas or []
+            for quota in file_quotas:
+                if quota.scope in seen_quotas:
+                    problems.append(
+                        f"{source}: quota {quota.scope}: duplicate "
+                        f"(also defined in {seen_quotas[quota.scope]})"
+                    )
+                else:
+                    seen_quotas[quota.scope] = source
+                    quotas.append(quota)
         for pool in file_pools:
             if pool.name in seen_pools:
                 problems.append(
@@ -776,7 +820,7 @@ def load_manifest(paths: Iterable[Path]) -> Manifest:
                 )
     if problems:
         raise SpecError("\n".join(problems))
-    return Manifest(leases=specs, pools=pools, volumes=volumes)
+    return Manifest(leases=specs, pools=pools, volumes=volumes, quotas=quotas)
 
 
 def _stdin() -> str:
@@ -786,10 +830,13 @@ def _stdin() -> str:
 
 
 def dump_leases(
-    specs: Iterable[LeaseSpec], pools: Iterable[PoolSpec] = (), volumes: Iterable[VolumeSpec] = ()
+    specs: Iterable[LeaseSpec],
+    pools: Iterable[PoolSpec] = (),
+    volumes: Iterable[VolumeSpec] = (),
+    quotas: Iterable[QuotaSpec] = (),
 ) -> str:
-    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:`` and ``volumes:`` only
-    when there are)."""
+    """YAML that :func:`load_manifest` accepts and that round-trips (``pools:``, ``volumes:`` and
+    ``quotas:`` only when there are)."""
     data: dict[str, Any] = {"leases": [s.to_yaml_dict() for s in specs]}
     pool_items = [p.to_yaml_dict() for p in pools]
     if pool_items:
@@ -797,6 +844,9 @@ def dump_leases(
     volume_items = [v.model_dump() for v in volumes]
     if volume_items:
         data["volumes"] = volume_items
+    quota_items = [q.to_yaml_dict() for q in quotas]
+    if quota_items:
+        data["quotas"] = quota_items
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -841,6 +891,16 @@ class PoolSpec(BaseModel):
     min_ready: int = Field(default=0, ge=0, strict=True)
     max_size: int | None = Field(default=None, ge=1, strict=True)
     claim_ttl: int | None = Field(default=None, description="seconds; YAML also takes 15m, 2h, ...")
+    schedule: dict[str, Any] | None = None  # {timezone, entries: [{cron, min_ready}]}
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> dict[str, Any] | None:
+        try:
+            parsed = pool_schedule(value)
+        except ScheduleError as exc:
+            raise FieldRuleError(_schedule_field(exc), str(exc)) from None
+        return None if parsed is None else parsed.to_data()
 
     @field_validator("name")
     @classmethod
@@ -863,6 +923,8 @@ class PoolSpec(BaseModel):
         for key in ("name", "state"):
             if key in value:
                 raise ValueError(f"a template has no {key!r}: members are named and run by the pool")
+        if "schedule" in value:
+            raise ValueError("a template has no 'schedule': give the pool a schedule of min_ready instead")
         try:
             LeaseSpec.model_validate({**value, "name": "member"})
         except ValidationError as exc:
@@ -876,6 +938,12 @@ class PoolSpec(BaseModel):
             raise FieldRuleError(
                 "min_ready", f"min_ready ({self.min_ready}) is larger than max_size ({self.max_size})"
             )
+        for index, entry in enumerate((self.schedule or {}).get("entries", ())):
+            if self.max_size is not None and entry["min_ready"] > self.max_size:
+                raise FieldRuleError(
+                    f"schedule.entries.{index}.min_ready",
+                    f"min_ready ({entry['min_ready']}) is larger than max_size ({self.max_size})",
+                )
         return self
 
     def owns_name(self, lease_name: str) -> bool:
@@ -898,6 +966,7 @@ class PoolSpec(BaseModel):
             "min_ready": self.min_ready,
             "max_size": self.max_size,
             "claim_ttl_seconds": self.claim_ttl,
+            "schedule": self.schedule,
         }
 
     @classmethod
@@ -908,6 +977,7 @@ class PoolSpec(BaseModel):
             min_ready=row.get("min_ready") or 0,
             max_size=row.get("max_size"),
             claim_ttl=row.get("claim_ttl_seconds"),
+            schedule=row.get("schedule"),
         )
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -920,6 +990,8 @@ class PoolSpec(BaseModel):
             data["max_size"] = self.max_size
         if self.claim_ttl is not None:
             data["claim_ttl"] = format_duration(self.claim_ttl)
+        if self.schedule is not None:
+            data["schedule"] = self.schedule
         return data
 
 
@@ -930,6 +1002,7 @@ class Manifest:
     leases: list[LeaseSpec]
     pools: list[PoolSpec]
     volumes: list[VolumeSpec] = field(default_factory=list)
+    quotas: list[QuotaSpec] | None = None  # None: no file has a ``quotas:`` key (apply leaves them)
 
 
 def parse_volumes(data: Any, source: str) -> list[VolumeSpec]:
@@ -988,3 +1061,96 @@ def parse_pools(data: Any, source: str) -> list[PoolSpec]:
     if problems:
         raise SpecError("\n".join(problems))
     return pools
+
+
+# -- quotas ------------------------------------------------------------------------------------------
+
+QUOTA_LIMITS = ("sandboxes", "cpu", "memory", "disk", "gpu")
+
+
+class QuotaSpec(BaseModel):
+    """One quota (controller.quotas): no ``label`` = the whole instance; ``label`` alone = every value
+    of it on its own (each team); ``label`` and ``value`` = that value only. Limits are whole numbers
+    >= 0 (memory and disk in GiB); a limit left out is no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str | None = Field(default=None, min_length=1, max_length=63)
+    value: str | None = Field(default=None, min_length=1, max_length=255)
+    sandboxes: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    cpu: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+    memory: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True, description="GiB")
+    disk: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True, description="GiB")
+    gpu: int | None = Field(default=None, ge=0, le=INT_MAX, strict=True)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(RESERVED_LABEL_PREFIX):
+            raise ValueError(f"label {value!r} uses the reserved prefix {RESERVED_LABEL_PREFIX!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> QuotaSpec:
+        if self.value is not None and self.label is None:
+            raise FieldRuleError("value", "a value needs a label (e.g. label: team, value: ml)")
+        if all(getattr(self, limit) is None for limit in QUOTA_LIMITS):
+            raise FieldRuleError("(quota)", f"give at least one limit: {', '.join(QUOTA_LIMITS)}")
+        return self
+
+    @property
+    def scope(self) -> str:
+        if self.label is None:
+            return "instance"
+        return f"{self.label}={self.value}" if self.value is not None else f"{self.label}=*"
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "label": self.label or "",
+            "value": self.value or "",
+            **{limit: getattr(self, limit) for limit in QUOTA_LIMITS},
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QuotaSpec:
+        return cls(
+            label=row.get("label") or None,
+            value=row.get("value") or None,
+            **{limit: row.get(limit) for limit in QUOTA_LIMITS},
+        )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def parse_quotas(data: Any, source: str) -> list[QuotaSpec] | None:
+    """Validate the ``quotas:`` list of one parsed file (None when the file has no ``quotas:`` key)."""
+    if not isinstance(data, Mapping) or "quotas" not in data:
+        return None
+    items = data["quotas"]
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise SpecError(f"{source}: 'quotas' must be a list")
+    quotas: list[QuotaSpec] = []
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        label = f"quotas[{index}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{source}: {label}: must be a mapping")
+            continue
+        try:
+            quotas.append(QuotaSpec.model_validate(dict(item)))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = err["loc"]
+                rule = (err.get("ctx") or {}).get("error")
+                if isinstance(rule, FieldRuleError):
+                    loc = (rule.field,)
+                message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
+                if err["type"] == "extra_forbidden" and len(loc) == 1:
+                    message = f"unknown field (a quota has label, value, {', '.join(QUOTA_LIMITS)})"
+                problems.append(f"{source}: {label}: {_field_path(loc)}: {message}")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return quotas

@@ -18,6 +18,8 @@ from models.tables import (
     LeaseStatus,
     OrphanSighting,
     Pool,
+    Quota,
+    Usage,
     Volume,
 )
 from models.views import LEASE_OVERVIEW_SQL, lease_overview
@@ -39,7 +41,9 @@ __all__ = [
     "LeaseStatus",
     "OrphanSighting",
     "Pool",
+    "Quota",
     "UTCDateTime",
+    "Usage",
     "Volume",
     "lease_overview",
     "metadata",

@@ -138,6 +138,8 @@ class Lease(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # controller.schedules: {"timezone": ..., "entries": [{"cron": ..., "state": ...}]}; NULL = none.
+    schedule: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
 
 
 class Pool(Base):
@@ -161,6 +163,8 @@ class Pool(Base):
     min_ready: Mapped[int] = mapped_column(sa.Integer, server_default="0")
     max_size: Mapped[int | None] = mapped_column(sa.Integer)
     claim_ttl_seconds: Mapped[int | None] = mapped_column(sa.Integer)
+    # controller.schedules: {"timezone": ..., "entries": [{"cron": ..., "min_ready": ...}]}; NULL = none.
+    schedule: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
 
@@ -311,3 +315,54 @@ class LeaderElection(Base):
     acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     renewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Quota(Base):
+    """A limit, owned by the operator (``quotas:`` of a lease file, or SQL). See controller.quotas.
+
+    ``label`` '' is the whole instance; ``label`` set and ``value`` '' applies to every value of the
+    label on its own (each team); both set applies to that value only. A NULL limit is no limit.
+    """
+
+    __tablename__ = "quotas"
+    __table_args__ = (
+        sa.UniqueConstraint("label", "value"),
+        sa.CheckConstraint("label <> '' OR value = ''", name="value_needs_label"),
+        *(
+            sa.CheckConstraint(f"{col} IS NULL OR {col} >= 0", name=f"{col}_non_negative")
+            for col in ("sandboxes", "cpu", "memory", "disk", "gpu")
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    label: Mapped[str] = mapped_column(sa.String(63), server_default="")
+    value: Mapped[str] = mapped_column(sa.String(255), server_default="")
+    sandboxes: Mapped[int | None] = mapped_column(sa.Integer)
+    cpu: Mapped[int | None] = mapped_column(sa.Integer)
+    memory: Mapped[int | None] = mapped_column(sa.Integer)  # GiB
+    disk: Mapped[int | None] = mapped_column(sa.Integer)  # GiB
+    gpu: Mapped[int | None] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=sa.func.now())
+
+
+class Usage(Base):
+    """What the reconciler observed, as segments: one lease's sandbox in one state with one set of
+    resources from ``started_at`` to ``ended_at`` (the last pass that saw it so). Owned by the
+    controller (controller.usage); ``closed`` segments are never written again."""
+
+    __tablename__ = "usage"
+    __table_args__ = (sa.Index("ix_usage_closed_lease_name", "closed", "lease_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    lease_name: Mapped[str] = mapped_column(sa.String(63))
+    sandbox_id: Mapped[str | None] = mapped_column(sa.String(128))
+    state: Mapped[str] = mapped_column(sa.String(32))
+    labels: Mapped[dict[str, str]] = mapped_column(sa.JSON, server_default=sa.text("'{}'"))
+    cpu: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    memory: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    disk: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    gpu: Mapped[int] = mapped_column(sa.Integer, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    closed: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())

@@ -5,8 +5,8 @@ One module per command group over one shared output helper:
 * :mod:`~controller.cli.base` - the typer app, global options, the settings context;
 * :mod:`~controller.cli.output` - consoles, output formats, errors and exit codes;
 * :mod:`~controller.cli.db`, :mod:`~controller.cli.leases`, :mod:`~controller.cli.control`,
-  :mod:`~controller.cli.executions`, :mod:`~controller.cli.gc`, :mod:`~controller.cli.pools` - the
-  commands.
+  :mod:`~controller.cli.executions`, :mod:`~controller.cli.gc`, :mod:`~controller.cli.pools`,
+  :mod:`~controller.cli.policy` - the commands.
 
 Exit codes: every command exits with a code of :mod:`controller.exitcodes` (the README's table);
 ``exec`` also passes the remote command's own status through.
@@ -20,7 +20,7 @@ from controller.cli.base import app
 from controller.cli.output import run_guarded
 
 # Importing a command module registers its commands on the app; `--help` lists them in this order.
-from controller.cli import db, leases, pools, control, executions, gc  # noqa: F401  # isort: skip
+from controller.cli import db, leases, pools, policy, control, executions, gc  # noqa: F401  # isort: skip
 
 __all__ = ["app", "main"]
 

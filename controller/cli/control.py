@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -92,12 +93,22 @@ def plan(
         bool,
         typer.Option("--detailed-exitcode", help="Exit 0: no changes, 2: changes, 1: any error."),
     ] = False,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            metavar="TIME",
+            help="Plan as of TIME (ISO 8601 with a zone, e.g. 2026-11-30T09:00+01:00): what schedules, "
+            "expiries and back-offs say then, against the fleet as observed now.",
+        ),
+    ] = None,
 ) -> None:
     """Show the actions a pass would take, taking none (works beside a running daemon)."""
     cli = context_of(ctx)
+    when = _parse_at(at) if at is not None else None
     try:
         with handled():
-            the_plan, _, _, invalid = _reconciler(cli).observe_and_plan()
+            the_plan, _, _, invalid = _reconciler(cli).observe_and_plan(when)
     except typer.Exit as exc:
         # With --detailed-exitcode, 2 means "changes": every error is 1, as with Terraform.
         if detailed_exitcode and exc.exit_code != exitcodes.OK:
@@ -113,15 +124,30 @@ def plan(
         table.add_row(
             action.kind, action.lease_name, action.sandbox_id or action.sandbox_name or "-", action.reason
         )
+    for name, decision in sorted(the_plan.decisions.items()):
+        if decision.phase == "Blocked" and decision.action is None:
+            table.add_row("wait", name, decision.sandbox_id or "-", decision.message)
     for bad in invalid:
         table.add_row("skip", bad.name, "-", bad.message)
-    if the_plan.actions or invalid:
+    if table.row_count:
         out.print(table)
+    as_of = f" as of {when.isoformat()}" if when is not None else ""
     out.print(
-        f"{len(the_plan.actions)} action(s) planned for {len(the_plan.decisions)} lease(s)", highlight=False
+        f"{len(the_plan.actions)} action(s) planned for {len(the_plan.decisions)} lease(s){as_of}",
+        highlight=False,
     )
     if detailed_exitcode and the_plan.actions:
         raise typer.Exit(exitcodes.PLAN_CHANGES)
+
+
+def _parse_at(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"--at: not an ISO 8601 time: {text!r} (e.g. 2026-11-30T09:00+01:00)", EXIT_INVALID)
+    if when.tzinfo is None:
+        fail(f"--at: {text!r} has no time zone (add Z or +01:00)", EXIT_INVALID)
+    return when.astimezone(UTC)
 
 
 @app.command()

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 
@@ -54,6 +55,7 @@ def apply(
             manifest.leases,
             pools=manifest.pools,
             volumes=manifest.volumes,
+            quotas=manifest.quotas,
             prune=prune,
             dry_run=dry_run,
             prune_all=prune_all,
@@ -83,6 +85,15 @@ def apply(
     ):
         for name in names:
             out.print(f"volume/{name} {label}", highlight=False)
+    q = result.quotas
+    for label, names in (
+        ("created", q.created),
+        ("updated", q.updated),
+        ("unchanged", q.unchanged),
+        ("pruned", q.pruned),
+    ):
+        for name in names:
+            out.print(f"quota/{name} {label}", highlight=False, markup=False)
     out.print(
         f"{len(result.created)} created, {len(result.updated)} updated, "
         f"{len(result.unchanged)} unchanged, {len(result.pruned)} pruned{suffix}",
@@ -95,8 +106,20 @@ GET_HEADERS = ("NAME", "DESIRED", "PHASE", "OBSERVED", "SANDBOX", "MESSAGE")
 EVENT_HEADERS = ("TIME", "LEASE", "ACTION", "OUTCOME", "MESSAGE")
 
 
+def _desired(r: dict[str, Any]) -> str:
+    """``running``, or with a schedule ``stopped (schedule; running at 2026-11-30 09:00 CET)``."""
+    state = r.get("scheduled_state")
+    if state is None:
+        return str(r["desired_state"])
+    change = r.get("next_change")
+    if change is None:
+        return f"{state} (schedule)"
+    local = change.astimezone(ZoneInfo(r["schedule_timezone"]))
+    return f"{state} (schedule; {r['next_state']} at {local:%Y-%m-%d %H:%M %Z})"
+
+
 def _lease_cells(r: dict[str, Any]) -> tuple[str, ...]:
-    desired = r["desired_state"] + (" (paused)" if r["paused"] else "")
+    desired = _desired(r) + (" (paused)" if r["paused"] else "")
     return (
         r["name"],
         desired,
@@ -220,6 +243,7 @@ def export(
 ) -> None:
     """Print the leases and pools as YAML that `apply` accepts (pool members belong to their pool)."""
     from controller.leases import read_pools, read_specs, read_volumes
+    from controller.quota_rows import read_quota_specs
     from controller.specs import dump_leases
 
     cli = context_of(ctx)
@@ -229,6 +253,7 @@ def export(
             read_specs(session, names or (), invalid=invalid),
             read_pools(session) if not names else (),
             read_volumes(session) if not names else (),
+            quotas=read_quota_specs(session) if not names else (),
         )
     for bad in invalid:
         err.print(f"skipped lease {bad.name!r}: {bad.message}", highlight=False, markup=False)

@@ -53,7 +53,7 @@ def pools_command(
     from controller.pool_sync import load_members, pool_view
     from controller.pools import count
     from controller.specs import format_duration
-    from models import Pool
+    from models import Pool, utcnow
 
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
@@ -62,12 +62,12 @@ def pools_command(
             query = query.where(Pool.name.in_(names))
         data: list[dict[str, Any]] = []
         for row in session.scalars(query):
-            view, _ = pool_view(row)
+            view, _ = pool_view(row, utcnow())
             c = count(load_members(session, row.name))
             data.append(
                 {
                     "name": row.name,
-                    "min_ready": row.min_ready,
+                    "min_ready": view.min_ready,  # in force now (a schedule may set it)
                     "ready": c.ready,
                     "claimed": c.claimed,
                     "provisioning": c.provisioning,

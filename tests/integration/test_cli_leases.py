@@ -187,3 +187,41 @@ def test_version_and_help() -> None:
         ["db", "upgrade", "--help"],
     ):
         assert CliRunner().invoke(app, cmd).exit_code == 0, cmd
+
+
+SCHEDULED = """\
+leases:
+  - name: office
+    snapshot: daytona-small
+    state: stopped
+    schedule:
+      timezone: Europe/Berlin
+      entries:
+        - {cron: "0 9 * * 1-5", state: running}
+        - {cron: "0 18 * * 1-5", state: stopped}
+"""
+
+
+def test_apply_refuses_a_bad_schedule_and_get_shows_the_state_in_force(
+    database_url: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SCHEDULED.replace("0 18 * * 1-5", "0 18 * *").replace("Europe/Berlin", "Europe/Nowhere"))
+    code, out, err = run(database_url, "apply", "-f", str(bad))
+    assert code == 2, out + err
+    assert f"{bad}:5: lease 'office': schedule.timezone: unknown time zone 'Europe/Nowhere'" in err
+    assert leases_table(database_url) == []  # nothing written
+
+    good = tmp_path / "good.yaml"
+    good.write_text(SCHEDULED)
+    code, out, err = run(database_url, "apply", "-f", str(good))
+    assert code == 0, out + err
+    code, out, _ = run(database_url, "get", "-o", "json")
+    (row,) = json.loads(out)
+    assert row["scheduled_state"] in ("running", "stopped")
+    assert row["next_state"] in ("running", "stopped") and row["next_state"] != row["scheduled_state"]
+    assert row["next_change"] is not None and row["schedule_timezone"] == "Europe/Berlin"
+    code, out, _ = run(database_url, "get")
+    assert f"{row['scheduled_state']} (schedule; {row['next_state']} at " in out
+    code, out, _ = run(database_url, "export")
+    assert "0 9 * * 1-5" in out and "Europe/Berlin" in out

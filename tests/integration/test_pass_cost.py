@@ -12,6 +12,7 @@ a status row changed behind the controller's back (rewritten, and no other row w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,10 @@ def _empty_database(database_url: str, tmp_path: Path, n: int) -> str:
     return url
 
 
-def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dict[str, int], int]:
-    """(SQL statements, API requests by operation, leases planned) of one pass over a converged
-    fleet of ``n`` leases, after a warm-up pass that must plan nothing."""
+def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dict[str, int], int, int]:
+    """(SQL statements, API requests by operation, leases planned, most bound parameters of one
+    statement) of one pass over a converged fleet of ``n`` leases, after a warm-up pass that must plan
+    nothing."""
     url = _empty_database(database_url, tmp_path, n)
     ids = scale.seed_sandboxes(tmp_path / f"daytona-{n}", scale.lease_names(n))
     scale.seed_database(url, ids)
@@ -58,15 +60,22 @@ def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dic
         warm = reconciler.run_pass()
         assert not warm.outcomes, [o.action for o in warm.outcomes[:3]]
         counter = common.QueryCounter(db.engine)
+        widest = [0]
+
+        def parameters(_conn: Any, _cursor: Any, _sql: str, params: Any, *_rest: Any) -> None:
+            widest[0] = max(widest[0], len(params) if isinstance(params, Sequence | Mapping) else 0)
+
+        sa.event.listen(db.engine, "before_cursor_execute", parameters)
         emu.reset_stats()
         result = reconciler.run_pass()
         statements = counter.take()
         counter.close()
+        sa.event.remove(db.engine, "before_cursor_execute", parameters)
         requests = {op: count for op, count in emu.stats().items() if count}
         reconciler.applier.shutdown(timeout=5)
         assert not result.outcomes
         assert {d.phase for d in result.plan.decisions.values()} == {"Ready"}
-        return statements, requests, len(result.plan.decisions)
+        return statements, requests, len(result.plan.decisions), widest[0]
     finally:
         db.dispose()
         emu.kill()
@@ -81,7 +90,14 @@ def test_a_noop_pass_costs_the_same_statements_and_a_list_request_per_page(
     assert small[1] == {"list": math.ceil(50 / 200)}
     assert large[1] == {"list": math.ceil(500 / 200)}
     assert small[0] == large[0], f"statements grew with the fleet: {small[0]} at 50, {large[0]} at 500"
+    # 8 for the pass itself (pool check, leases, statuses, the locked status read, last_reconciled_at,
+    # BEGINs on SQLite), then policy (issue 16), none per lease: the quotas (one SELECT) and the usage
+    # record in its own fenced transaction (BEGIN on SQLite, the open segments, one UPDATE extending
+    # them all). PostgreSQL sends no BEGIN through the cursor, so it counts fewer.
     assert large[0] <= 12, f"{large[0]} statements for a no-op pass"
+    # No statement carries a value per lease either (an IN list of every usage segment would exceed
+    # SQLite's bound-variable limit at 100,000 leases).
+    assert small[3] == large[3], f"bound parameters grew with the fleet: {small[3]} at 50, {large[3]} at 500"
 
 
 # -- the caches never hide an edit -------------------------------------------------------------------

@@ -22,6 +22,7 @@ from controller.providers.base import (
 )
 from controller.providers.memory import MemoryProvider
 from controller.reconciler import lease_view
+from controller.schedules import lease_schedule
 from controller.specs import (
     ADDED_COLUMNS,
     IN_PLACE_COLUMNS,
@@ -53,6 +54,8 @@ class _Row:
         self.expires_at = None
         self.rollout_requested_at = None
         self.spec = {col: values.get(col) for col in SPEC_COLUMNS}
+        self.schedule = lease_schedule(values.get("schedule"))
+        self.created_at = None
 
 
 def view(**fields: Any) -> planner.LeaseView:
@@ -110,6 +113,35 @@ def test_replacing_fields_move_the_spec_hash(col: str) -> None:
     if col in ("snapshot", "image", "target"):
         value = "other"
     assert spec_hash({**base, col: value}) != spec_hash(base)
+
+
+def test_a_schedule_change_neither_replaces_nor_updates_the_sandbox() -> None:
+    """A schedule (issue 16) drives the desired state, not the sandbox: it is no spec column, so it
+    moves neither hash nor any field digest, and a Ready sandbox whose lease only gained (or changed)
+    a schedule is left as it is while the schedule keeps it running."""
+    assert "schedule" not in SPEC_COLUMNS
+    daily = {
+        "timezone": "UTC",
+        "entries": [{"cron": "0 8 * * *", "state": "running"}, {"cron": "0 18 * * *", "state": "stopped"}],
+    }
+    base, scheduled = row(), row(schedule=daily)
+    assert scheduled["schedule"] is not None
+    assert spec_hash(scheduled) == spec_hash(base)
+    assert settings_hash(scheduled) == settings_hash(base)
+    assert field_digests(scheduled) == field_digests(base)
+    assert legacy_spec_hash(scheduled) == legacy_spec_hash(base)
+    before, after = view(), view(schedule=daily)
+    assert after.schedule is not None and before.schedule is None
+    assert (after.spec_hash, after.settings_hash, after.fields) == (
+        before.spec_hash,
+        before.settings_hash,
+        before.fields,
+    )
+    # Created under the old lease (no schedule), observed under the scheduled one: nothing to do at
+    # 12:00, when the schedule keeps it running (08:00 fired last).
+    decision = decide(after, observed(before), recorded(before))
+    assert decision.action is None, decision
+    assert decision.phase == "Ready"
 
 
 def test_legacy_hash_is_the_old_all_columns_hash() -> None:
