@@ -10,14 +10,9 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from controller.cli.base import app, context_of
-from controller.cli.output import EXIT_INVALID, OutputFormat, fail, handled, out
-from controller.quota_rows import quota_report
-from controller.quotas import DIMENSIONS
-
-QUOTA_HEADERS = ("QUOTA", "SCOPE", "LEASES", "BLOCKED", *(d.upper() for d in DIMENSIONS), "NOTE")
+from controller.cli.output import EXIT_INVALID, OutputFormat, fail, handled, out, yaml_dump
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -31,7 +26,7 @@ def _emit(data: Any, output: OutputFormat) -> None:
     if output is OutputFormat.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
-        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+        sys.stdout.write(yaml_dump(data))
 
 
 @app.command("quotas")
@@ -44,6 +39,9 @@ def quotas_command(
     """Show each quota's use against its limits (use/limit), per scope, from what the last pass saw.
 
     A quota on a label no lease carries is allowed and listed with the note 'matches no lease'."""
+    from controller.quota_rows import quota_report
+    from controller.quotas import DIMENSIONS
+
     cli = context_of(ctx)
     with handled(), cli.database().session(readonly=True) as session:
         lines = quota_report(session)
@@ -62,7 +60,8 @@ def quotas_command(
     if output is not OutputFormat.table:
         _emit(data, output)
         return
-    rows: list[tuple[str, ...]] = [QUOTA_HEADERS]
+    headers = ("QUOTA", "SCOPE", "LEASES", "BLOCKED", *(d.upper() for d in DIMENSIONS), "NOTE")
+    rows: list[tuple[str, ...]] = [headers]
     for d in data:
         cells = [
             f"{d['use'][dim]}/{'-' if d['limits'][dim] is None else d['limits'][dim]}" for dim in DIMENSIONS

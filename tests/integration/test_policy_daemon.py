@@ -122,10 +122,10 @@ def test_a_schedule_flips_a_lease_at_its_minute_without_waiting_for_the_interval
     wait_for(lambda: phases(url).get("office") == "Stopped", timeout=30, what="office Stopped (first pass)")
     assert datetime.now(UTC) < flip, "the first pass came after the flip; the test proves nothing"
     # The next pass comes at the flip (not after the 300 s interval): it creates the sandbox.
-    wait_for(lambda: phases(url)["office"] != "Stopped", timeout=75, what="office started by its schedule")
-    (created,) = query(
-        url, "SELECT at FROM events WHERE lease_name = 'office' AND action = 'create' AND outcome = 'ok'"
-    )
+    # Waits for the create's event, not a phase: the create attempt is recorded before the call.
+    created_sql = "SELECT at FROM events WHERE lease_name = 'office' AND action = 'create' AND outcome = 'ok'"
+    wait_for(lambda: len(query(url, created_sql)) == 1, timeout=75, what="office created by its schedule")
+    (created,) = query(url, created_sql)
     at = created.at if isinstance(created.at, datetime) else datetime.fromisoformat(str(created.at))
     at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
     assert flip <= at < flip + timedelta(seconds=10)
