@@ -14,7 +14,6 @@ file must not be able to delete a fleet. The same guard applies to pools, counte
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +27,6 @@ from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows
 from controller.overview import overview_rows
 from controller.quota_rows import QuotaApplyResult, apply_quotas
-from controller.schedules import in_force, lease_schedule
 from controller.specs import LeaseSpec, PoolSpec, QuotaSpec, VolumeSpec
 from models import Lease, Pool, Volume, utcnow
 
@@ -355,33 +353,7 @@ def overview(
 ) -> list[dict[str, Any]]:
     """Rows of the ``lease_overview`` view, as dicts, ordered by name (see controller/overview.py),
     with what each lease's schedule says at ``now``."""
-    return _with_schedules(session, overview_rows(session.connection(), names), now or utcnow())
-
-
-def _with_schedules(session: Session, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
-    """Add what a lease's schedule says at ``now``: ``scheduled_state`` (the state in force),
-    ``next_change`` and ``next_state`` (None for leases without a schedule). A schedule written with
-    SQL that does not parse is left out here (the reconciler marks the row Failed)."""
-    query = sa.select(Lease.name, sa.cast(Lease.schedule, sa.Text)).where(Lease.schedule.is_not(None))
-    found: dict[str, Any] = {}
-    for name, text in session.execute(query):
-        try:
-            schedule = lease_schedule(json.loads(text)) if text not in (None, "null") else None
-        except (ValueError, TypeError):
-            continue
-        if schedule is not None:
-            found[name] = schedule
-    for row in rows:
-        schedule = found.get(row["name"])
-        row["scheduled_state"] = row["next_change"] = row["next_state"] = row["schedule_timezone"] = None
-        if schedule is None or row["desired_state"] == "absent":
-            continue
-        result = in_force(schedule, now, row["desired_state"])
-        row["scheduled_state"] = result.value
-        row["next_change"] = result.next_change
-        row["next_state"] = result.next_value
-        row["schedule_timezone"] = schedule.timezone
-    return rows
+    return overview_rows(session.connection(), names, now=now)
 
 
 def shown_specs(session: Session, names: Sequence[str] = ()) -> dict[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ Called by ``controller.cli.leases`` and ``controller.leases.overview``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -66,8 +67,47 @@ def _value(key: str, value: Any) -> Any:
     return value
 
 
-def overview_rows(conn: sa.Connection, names: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows of ``lease_overview`` as dicts, ordered by name (only ``names`` when given)."""
+def overview_rows(
+    conn: sa.Connection, names: Sequence[str] = (), *, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Rows of ``lease_overview`` as dicts, ordered by name (only ``names`` when given), with what
+    each lease's schedule says at ``now`` (see :func:`_with_schedules`)."""
     result = conn.execute(_NAMED, {"names": list(names)}) if names else conn.execute(_ALL)
     # str(): the keys are SQLAlchemy quoted_name, which yaml.safe_dump cannot represent
-    return [{str(k): _value(k, v) for k, v in row._mapping.items()} for row in result]
+    rows = [{str(k): _value(k, v) for k, v in row._mapping.items()} for row in result]
+    return _with_schedules(conn, rows, now or datetime.now(UTC))
+
+
+_SCHEDULES = sa.text("SELECT name, CAST(schedule AS TEXT) FROM leases WHERE schedule IS NOT NULL")
+
+
+def _with_schedules(conn: sa.Connection, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Add what a lease's schedule says at ``now``: ``scheduled_state`` (the state in force),
+    ``next_change``, ``next_state`` and ``schedule_timezone`` (None for leases without a schedule).
+    A schedule written with SQL that does not parse is left out here (the reconciler marks the row
+    Failed). The cron arithmetic (APScheduler) is imported only when some lease has a schedule."""
+    for row in rows:
+        row["scheduled_state"] = row["next_change"] = row["next_state"] = row["schedule_timezone"] = None
+    stored = [(name, text) for name, text in conn.execute(_SCHEDULES) if text not in (None, "null")]
+    if not stored:
+        return rows
+    from controller.schedules import in_force, lease_schedule
+
+    found: dict[str, Any] = {}
+    for name, text in stored:
+        try:
+            schedule = lease_schedule(json.loads(text))
+        except (ValueError, TypeError):
+            continue
+        if schedule is not None:
+            found[name] = schedule
+    for row in rows:
+        schedule = found.get(row["name"])
+        if schedule is None or row["desired_state"] == "absent":
+            continue
+        result = in_force(schedule, now, row["desired_state"])
+        row["scheduled_state"] = result.value
+        row["next_change"] = result.next_change
+        row["next_state"] = result.next_value
+        row["schedule_timezone"] = schedule.timezone
+    return rows
