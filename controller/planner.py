@@ -539,7 +539,8 @@ def _base(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **k
             "ready_at": status.ready_at,
         }
     values["failed_spec_hash"] = failed
-    values.update(kw)
+    if kw:
+        values.update(kw)
     values["lease_name"] = ctx.lease.name
     values["phase"] = phase
     values["message"] = message
@@ -631,8 +632,9 @@ def _natural(
 
     sb = keep
     state = sb.state
-    legacy = _legacy_match(lease, sb)
-    spec_differs = sb.spec_hash != lease.spec_hash and not legacy
+    other_spec = sb.spec_hash != lease.spec_hash
+    legacy = other_spec and _legacy_match(lease, sb)  # (a legacy match has another spec hash)
+    spec_differs = other_spec and not legacy
 
     if desired == "absent":
         why = "lease expired" if is_expired(lease, ctx.now) and lease.desired_state != "absent" else "absent"
@@ -651,7 +653,7 @@ def _natural(
         and state in _UPDATABLE
         and lease.settings_hash is not None
         and (legacy or sb.settings_hash != lease.settings_hash)
-        and not (desired == "running" and _rollout_due(lease, sb))
+        and not (desired == "running" and lease.rollout_requested_at is not None and _rollout_due(lease, sb))
     ):
         return _update(ctx, sb, legacy)
 
@@ -829,7 +831,7 @@ def _running(ctx: _Ctx, sb: ObservedSandbox, spec_differs: bool) -> Decision:
             "a new sandbox is created once it is gone"
         )
         return _base(ctx, sb, PROVISIONING, reason, action=_action(ctx, "delete", reason, sb))
-    if _rollout_due(lease, sb):
+    if lease.rollout_requested_at is not None and _rollout_due(lease, sb):
         assert lease.rollout_requested_at is not None
         reason = (
             f"replace: rollout requested at {lease.rollout_requested_at.isoformat()}; deleting "
