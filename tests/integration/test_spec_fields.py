@@ -5,6 +5,7 @@ server), an image change replaces the sandbox, and `plan` says which it will be.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from tests.integration.test_reconcile_emulator import INSTANCE, cli, converge, env, ours, reconcile, sql
@@ -107,6 +108,9 @@ def test_rollout_replaces_once_by_command_and_by_sql(
     code, _, _ = cli(database_url, "plan", "--detailed-exitcode")
     assert code == 0
 
+    # SQLite's CURRENT_TIMESTAMP has whole seconds: a sandbox created earlier in the same second is
+    # not "created before" the request. The passes above can take less than a second in all.
+    time.sleep(1.1)
     sql(database_url, "UPDATE leases SET rollout_requested_at = CURRENT_TIMESTAMP WHERE name = 'b'")
     again = converge(database_url, {"b": "Ready"})
     assert again["b"]["sandbox_id"] != first["b"]["sandbox_id"]
