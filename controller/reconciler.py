@@ -215,6 +215,10 @@ _Getter = Callable[[StatusRow], tuple[Any, ...]]
 _GETTERS: dict[tuple[str, ...], _Getter | None] = {}
 
 
+def _unknown_getter(row: StatusRow) -> tuple[Any, ...]:  # a marker for keys not seen yet; never called
+    raise AssertionError("not a getter")
+
+
 def _getter(keys: tuple[str, ...]) -> _Getter | None:
     """``row -> the stored values of keys, in order`` as one C call, when every key is a compared
     column; None otherwise (a key that is no column is ignored, ``updated_at`` always differs)."""
@@ -230,9 +234,9 @@ def _getter(keys: tuple[str, ...]) -> _Getter | None:
 def _unchanged(row: StatusRow, values: Mapping[str, Any]) -> bool:
     """Whether writing ``values`` would change nothing in ``row``: one tuple comparison."""
     keys = tuple(values)
-    if keys not in _GETTERS:
-        _GETTERS[keys] = _getter(keys)
-    getter = _GETTERS[keys]
+    getter = _GETTERS.get(keys, _unknown_getter)
+    if getter is _unknown_getter:
+        getter = _GETTERS[keys] = _getter(keys)
     if getter is not None:
         return getter(row) == tuple(values.values())
     index = _STATUS_INDEX
@@ -536,8 +540,10 @@ class Reconciler:
             loaded = self._statuses
             phases: dict[str, int] = {}
             for name, decision in the_plan.decisions.items():
-                outcome = by_lease.get(name)
-                values = self._status_values(decision.status_values(), outcome, views, before, now)
+                outcome = by_lease.get(name) if by_lease else None
+                values = decision.status_values()
+                if outcome is not None:
+                    values = self._status_values(values, outcome, views, before, now)
                 phase = values.get("phase", "Pending")
                 phases[phase] = phases.get(phase, 0) + 1
                 if name in written:

@@ -92,6 +92,7 @@ from controller.providers.base import (
     ObservedVolume,
     SandboxUpdate,
     SessionCommand,
+    observed_sandbox,
 )
 
 log = logging.getLogger(__name__)
@@ -325,20 +326,22 @@ def _created_at(text: str) -> datetime | None:
 def observed_from_item(item: ListItem) -> ObservedSandbox:
     """One list item as an ``ObservedSandbox``: what ``to_observed`` makes of the SDK's generated
     model, without building it."""
-    return ObservedSandbox(
-        id=item.id,
-        name=item.name,
-        state=item.state or "unknown",
-        labels=item.labels or {},
-        created_at=_created_at(item.created_at) if item.created_at else None,
-        error_reason=item.error_reason,
-        recoverable=item.recoverable is True,
-        snapshot=item.snapshot,
-        target=item.target,
-        cpu=item.cpu,
-        memory=item.memory,
-        disk=item.disk,
-        gpu=item.gpu,
+    return observed_sandbox(
+        {
+            "id": item.id,
+            "name": item.name,
+            "state": item.state or "unknown",
+            "labels": item.labels or {},
+            "created_at": _created_at(item.created_at) if item.created_at else None,
+            "error_reason": item.error_reason,
+            "recoverable": item.recoverable is True,
+            "snapshot": item.snapshot,
+            "target": item.target,
+            "cpu": item.cpu,
+            "memory": item.memory,
+            "disk": item.disk,
+            "gpu": item.gpu,
+        }
     )
 
 

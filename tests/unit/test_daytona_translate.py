@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import FrozenInstanceError
 
 import pytest
 import urllib3
@@ -224,7 +225,13 @@ def _one(item: object) -> ObservedSandbox:
 def test_a_list_item_reads_as_the_sdk_model_does(overrides: dict[str, object]) -> None:
     """parse_list_page makes of the JSON what to_observed makes of the SDK's generated model."""
     item = _item(**overrides)
-    assert _one(item) == to_observed(SandboxListItem.from_dict(item))
+    ours, sdk = _one(item), to_observed(SandboxListItem.from_dict(item))
+    assert ours == sdk
+    # Made without ObservedSandbox.__init__ (providers.base.frozen_instance): the same attributes,
+    # none missing, none extra, and as frozen.
+    assert type(ours) is ObservedSandbox and vars(ours) == vars(sdk)
+    with pytest.raises(FrozenInstanceError):
+        ours.state = "started"  # type: ignore[misc]
 
 
 def test_a_page_reads_its_items_and_cursor() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import FrozenInstanceError, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from controller.planner import (
+    Decision,
     LeaseView,
     Plan,
     StatusView,
@@ -559,3 +561,24 @@ def test_actions_carry_the_state_they_were_planned_from() -> None:
     status = StatusView(sandbox_id="sb-1", phase="Ready", workspace_path="/w")
     _, _, result = one(lease_with("stopped"), [sandbox("started")], status)
     assert result.actions[0].from_state == "started"
+
+
+def test_decisions_are_the_frozen_dataclass_their_fields_make() -> None:
+    """The planner makes Decisions without the dataclass __init__ (speed, issue 14): each one must be
+    exactly what ``Decision(**fields)`` makes: equal, same hash, frozen, ``replace`` and
+    ``status_values`` alike, for every kind of decision the table produces."""
+    desires = ("running", "stopped", "archived", "absent")
+    leases = [lease(f"l{i}", desired) for i, desired in enumerate(desires)]
+    states = ("started", "stopped", "archived", "error", "build_failed", "starting", "destroying")
+    for state in states:
+        observed = [sandbox(state, id=f"sb-{lv.name}", lease_name=lv.name) for lv in leases]
+        the_plan = plan(leases, {}, observed, NOW, instance=INSTANCE)
+        for decision in the_plan.decisions.values():
+            made = Decision(**{f.name: getattr(decision, f.name) for f in fields(Decision)})
+            assert type(decision) is Decision
+            assert decision == made and hash(decision) == hash(made)
+            assert vars(decision) == vars(made)  # no attribute beyond the fields, none missing
+            assert decision.status_values() == made.status_values()
+            assert replace(decision, phase="X") == replace(made, phase="X")
+            with pytest.raises(FrozenInstanceError):
+                decision.phase = "X"  # type: ignore[misc]
