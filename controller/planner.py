@@ -544,7 +544,12 @@ def _plan_lease(
     instance: str,
 ) -> Decision:
     expires_at = lease.expires_at
-    desired = "absent" if expires_at is not None and expires_at <= now else lease.desired_state
+    if expires_at is not None and expires_at <= now:
+        desired = "absent"
+    elif lease.schedule is None:  # the common case, without a call
+        desired = lease.desired_state
+    else:
+        desired = effective_desired(lease, now)
     ctx = _Ctx(lease, status, desired, now, int(status.failures or 0), instance)
     keep: ObservedSandbox | None
     extras: Sequence[ObservedSandbox] = ()
