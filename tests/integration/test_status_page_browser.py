@@ -49,6 +49,8 @@ leases:
     labels: {{team: ci}}
   - name: scratch
     state: archived
+quotas:
+  - {{label: team, value: ci, sandboxes: 1}}
 """
 SETTLED = {"Ready", "Stopped", "Archived", "Blocked"}
 
@@ -107,7 +109,9 @@ def test_status_page_in_a_browser(
     dbmod.upgrade(database)
     database.dispose()
     apply(url, tmp_path, FLEET)
-    emulator.set_faults(quota=4)  # four started sandboxes at most: one running lease stays Blocked
+    # leasectl's quota of one running sandbox for team=ci: ci-runner-2 waits Blocked (the quota order
+    # is oldest lease first, then name, so which one waits is known; Daytona's own quota would refuse
+    # whichever create came last)
     env = {**daemon_env(emulator, url), "LEASECTL_SERVER__ACCESS_TOKEN": TOKEN}
     d = DaemonProcess(tmp_path / "daemon.log", env).start()
     daemons.append(d)
@@ -116,7 +120,7 @@ def test_status_page_in_a_browser(
             (p := phases(url))
             and len(p) == 7
             and set(p.values()) <= SETTLED
-            and "Blocked" in p.values()
+            and p.get("ci-runner-2") == "Blocked"
             and p
         ),
         timeout=90,
