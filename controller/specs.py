@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -1010,46 +1010,38 @@ def parse_volumes(data: Any, source: str) -> list[VolumeSpec]:
     and the field."""
     if not isinstance(data, Mapping) or data.get("volumes") is None:
         return []
-    items = data["volumes"]
-    if not isinstance(items, list):
-        raise SpecError(f"{source}: 'volumes' must be a list")
-    volumes: list[VolumeSpec] = []
-    problems: list[str] = []
-    for index, item in enumerate(items):
-        label = f"volumes[{index}]"
-        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            label = f"volume {item['name']!r}"
-        if not isinstance(item, Mapping):
-            problems.append(f"{source}: {label}: must be a mapping")
-            continue
-        try:
-            volumes.append(VolumeSpec.model_validate(dict(item)))
-        except ValidationError as exc:
-            for err in exc.errors():
-                problems.append(f"{source}: {label}: {_field_path(err['loc'])}: {err['msg']}")
-    if problems:
-        raise SpecError("\n".join(problems))
-    return volumes
+    return _parse_entries(data["volumes"], source, "volumes", "volume", VolumeSpec)
 
 
 def parse_pools(data: Any, source: str) -> list[PoolSpec]:
     """Validate the ``pools:`` list of one parsed file; errors name the source, the pool and the field."""
     if not isinstance(data, Mapping) or data.get("pools") is None:
         return []
-    items = data["pools"]
+    return _parse_entries(data["pools"], source, "pools", "pool", PoolSpec)
+
+
+_Entry = TypeVar("_Entry", bound=BaseModel)
+
+
+def _parse_entries(
+    items: Any, source: str, key: str, kind: str, model: type[_Entry], unknown_hint: str = ""
+) -> list[_Entry]:
+    """Validate the list under a top-level ``key`` (pools, volumes, quotas) as ``model`` entries; every
+    problem is collected and raised at once as one SpecError naming source, entry and field. An
+    entry is named by its ``name`` when it has one, else by its index."""
     if not isinstance(items, list):
-        raise SpecError(f"{source}: 'pools' must be a list")
-    pools: list[PoolSpec] = []
+        raise SpecError(f"{source}: {key!r} must be a list")
+    entries: list[_Entry] = []
     problems: list[str] = []
     for index, item in enumerate(items):
-        label = f"pools[{index}]"
+        label = f"{key}[{index}]"
         if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            label = f"pool {item['name']!r}"
+            label = f"{kind} {item['name']!r}"
         if not isinstance(item, Mapping):
             problems.append(f"{source}: {label}: must be a mapping")
             continue
         try:
-            pools.append(PoolSpec.model_validate(dict(item)))
+            entries.append(model.model_validate(dict(item)))
         except ValidationError as exc:
             for err in exc.errors():
                 loc = err["loc"]
@@ -1057,10 +1049,12 @@ def parse_pools(data: Any, source: str) -> list[PoolSpec]:
                 if isinstance(rule, FieldRuleError):
                     loc = (rule.field,)
                 message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
+                if unknown_hint and err["type"] == "extra_forbidden" and len(loc) == 1:
+                    message = unknown_hint
                 problems.append(f"{source}: {label}: {_field_path(loc)}: {message}")
     if problems:
         raise SpecError("\n".join(problems))
-    return pools
+    return entries
 
 
 # -- quotas ------------------------------------------------------------------------------------------
@@ -1127,30 +1121,7 @@ def parse_quotas(data: Any, source: str) -> list[QuotaSpec] | None:
     """Validate the ``quotas:`` list of one parsed file (None when the file has no ``quotas:`` key)."""
     if not isinstance(data, Mapping) or "quotas" not in data:
         return None
-    items = data["quotas"]
-    if items is None:
+    if data["quotas"] is None:
         return []
-    if not isinstance(items, list):
-        raise SpecError(f"{source}: 'quotas' must be a list")
-    quotas: list[QuotaSpec] = []
-    problems: list[str] = []
-    for index, item in enumerate(items):
-        label = f"quotas[{index}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{source}: {label}: must be a mapping")
-            continue
-        try:
-            quotas.append(QuotaSpec.model_validate(dict(item)))
-        except ValidationError as exc:
-            for err in exc.errors():
-                loc = err["loc"]
-                rule = (err.get("ctx") or {}).get("error")
-                if isinstance(rule, FieldRuleError):
-                    loc = (rule.field,)
-                message = str(rule) if isinstance(rule, FieldRuleError) else err["msg"]
-                if err["type"] == "extra_forbidden" and len(loc) == 1:
-                    message = f"unknown field (a quota has label, value, {', '.join(QUOTA_LIMITS)})"
-                problems.append(f"{source}: {label}: {_field_path(loc)}: {message}")
-    if problems:
-        raise SpecError("\n".join(problems))
-    return quotas
+    hint = f"unknown field (a quota has label, value, {', '.join(QUOTA_LIMITS)})"
+    return _parse_entries(data["quotas"], source, "quotas", "quota", QuotaSpec, hint)
