@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -40,27 +40,34 @@ NONE_GROUP: Final = "(none)"
 _ID_CHUNK: Final = 500  # ids per UPDATE when segments are closed
 
 
-@dataclass(frozen=True)
-class Observation:
-    """One sandbox as one pass saw it."""
+class Observation(NamedTuple):
+    """One sandbox as one pass saw it (a tuple: a pass builds one per sandbox)."""
 
     sandbox_id: str
     lease_name: str
     state: str
-    labels: Mapping[str, str]
     cpu: int
     memory: int
     disk: int
     gpu: int
+    sandbox_labels: Mapping[str, str]  # every label, reserved ones included: see :meth:`labels`
 
-    def same(self, seg: Segment) -> bool:
-        return (self.state, self.cpu, self.memory, self.disk, self.gpu) == (
-            seg.state,
-            seg.cpu,
-            seg.memory,
-            seg.disk,
-            seg.gpu,
-        )
+    def labels(self) -> dict[str, str]:
+        """The labels a segment keeps: the sandbox's own, without leasectl's."""
+        return {k: v for k, v in self.sandbox_labels.items() if not k.startswith(RESERVED_LABEL_PREFIX)}
+
+
+class OpenSegment(NamedTuple):
+    """An open segment as :func:`step` compares it; ``fresh``: it ended within the allowed gap."""
+
+    id: int
+    sandbox_id: str | None
+    state: str
+    cpu: int
+    memory: int
+    disk: int
+    gpu: int
+    fresh: bool
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,11 @@ def observe(observed: Sequence[ObservedSandbox], leases: Mapping[str, LeaseView]
         lease_name = sb.labels.get(LABEL_LEASE)
         if lease_name is None or sb.state == "destroyed":
             continue
-        held = resources_of(sb, leases.get(lease_name))
-        labels = {k: v for k, v in sb.labels.items() if not k.startswith(RESERVED_LABEL_PREFIX)}
-        found.append(
-            Observation(sb.id, lease_name, sb.state, labels, held.cpu, held.memory, held.disk, held.gpu)
-        )
+        cpu, memory, disk, gpu = sb.cpu, sb.memory, sb.disk, sb.gpu
+        if cpu is None or memory is None or disk is None or gpu is None:  # the lease's, else defaults
+            held = resources_of(sb, leases.get(lease_name))
+            cpu, memory, disk, gpu = held.cpu, held.memory, held.disk, held.gpu
+        found.append(Observation(sb.id, lease_name, sb.state, cpu, memory, disk, gpu, sb.labels))
     return found
 
 
@@ -106,26 +113,23 @@ class Changes:
     open: list[Segment] = field(default_factory=list)
 
 
-def step(
-    open_segments: Sequence[Segment], seen: Sequence[Observation], now: datetime, max_gap: timedelta
-) -> Changes:
+def step(open_segments: Sequence[OpenSegment], seen: Sequence[Observation], now: datetime) -> Changes:
     """What one pass changes in the usage table (pure)."""
     changes = Changes()
     by_sandbox = {seg.sandbox_id: seg for seg in open_segments}
     for obs in seen:
         seg = by_sandbox.pop(obs.sandbox_id, None)
-        fresh = seg is not None and now - seg.ended_at <= max_gap
-        if seg is not None and seg.id is not None:
-            if fresh and obs.same(seg):
+        if seg is not None:
+            if seg.fresh and obs[2:7] == seg[2:7]:  # state and resources unchanged
                 changes.extend.append(seg.id)
                 continue
-            (changes.close_now if fresh else changes.close_as_is).append(seg.id)
+            (changes.close_now if seg.fresh else changes.close_as_is).append(seg.id)
         changes.open.append(
             Segment(
                 obs.lease_name,
                 obs.sandbox_id,
                 obs.state,
-                dict(obs.labels),
+                obs.labels(),
                 obs.cpu,
                 obs.memory,
                 obs.disk,
@@ -135,8 +139,7 @@ def step(
             )
         )
     for seg in by_sandbox.values():  # not seen any more: gone
-        if seg.id is not None:
-            (changes.close_now if now - seg.ended_at <= max_gap else changes.close_as_is).append(seg.id)
+        (changes.close_now if seg.fresh else changes.close_as_is).append(seg.id)
     return changes
 
 
@@ -149,13 +152,17 @@ def record(
 ) -> Changes:
     """Append what one pass observed: one SELECT of the open segments and at most four writes, the
     same count for any fleet (tests/integration/test_pass_cost.py counts them). The open segments are
-    read as Core rows (no ORM object per sandbox on every pass)."""
+    read as plain tuples of the columns :func:`step` compares, and whether each is still within
+    ``max_gap`` is answered by the database: no labels decoded and no timestamp parsed per sandbox on
+    a pass that changes nothing."""
     from models import Usage
 
     table = Usage.__table__
-    rows = session.execute(sa.select(table).where(table.c.closed.is_(False))).all()
-    open_segments = [_segment(row) for row in rows]
-    changes = step(open_segments, observe(observed, leases), now, max_gap)
+    columns = [table.c[name] for name in OpenSegment._fields[:-1]]
+    query = sa.select(*columns, (table.c.ended_at >= now - max_gap).label("fresh"))
+    rows = session.execute(query.where(table.c.closed.is_(False))).all()
+    open_segments = [OpenSegment._make(row) for row in rows]
+    changes = step(open_segments, observe(observed, leases), now)
     # Every open segment read above is extended or closed: close first (ids in chunks, so a mass
     # change never exceeds SQLite's bound-variable limit), then extend what is still open with no id
     # list at all (a fleet of 100,000 would be 100,000 variables), then open the new segments.

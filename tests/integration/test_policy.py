@@ -178,3 +178,29 @@ def test_usage_of_a_scripted_fleet_history_matches_hand_computed_totals(
     assert code == 0 and "a1" in out and "b1" in out, err
     code, _, err = run(database_url, "usage", "--since", "yesterday")
     assert code == 2 and "--since: not an ISO 8601 time" in err
+
+
+def test_a_pass_reads_open_segments_without_their_labels_or_start(db: dbmod.Database) -> None:
+    """The usage step of every pass reads each open segment: only what it compares (issue 14: decoding
+    every segment's labels and parsing its timestamps cost a 10,000-lease pass 0.2 s), the gap check
+    answered by the database."""
+    seen = [a1("started"), b1("started")]
+    with db.session() as session:
+        usage.record(session, seen, {}, T0, timedelta(minutes=45))
+    selects: list[str] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "usage" in statement:
+            selects.append(statement)
+
+    sa.event.listen(db.engine, "before_cursor_execute", capture)
+    try:
+        with db.session() as session:
+            changes = usage.record(session, seen, {}, T0 + timedelta(minutes=1), timedelta(minutes=45))
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", capture)
+    assert len(changes.extend) == 2 and not changes.open and not changes.close_now
+    assert len(selects) == 1
+    columns = selects[0].split("FROM")[0]
+    assert "sandbox_id" in columns and "state" in columns and "ended_at >=" in columns
+    assert "labels" not in columns and "started_at" not in columns and "lease_name" not in columns
