@@ -3,29 +3,35 @@
 Precedence, lowest first: built-in defaults < YAML file (``--config PATH``, env ``LEASECTL_CONFIG``,
 else ``./leasectl.yaml`` if present) < the standard Daytona variables (``DAYTONA_API_KEY``,
 ``DAYTONA_API_URL``, ``DAYTONA_TARGET``) < ``LEASECTL_*`` environment variables (``__`` nests:
-``LEASECTL_CONTROLLER__INSTANCE``) < command-line flags. The CLI calls :func:`load_settings` once
-and passes the result down; nothing else reads the environment for settings.
+``LEASECTL_CONTROLLER__INSTANCE``) < command-line flags. :mod:`controller.config_sources` reads the
+layers; this module merges and validates them. The CLI calls :func:`load_settings` once and passes
+the result down (only ``get``, which needs the database URL alone, reads that one value through
+:func:`controller.config_sources.peek` instead and never imports pydantic).
 
 ``daytona.api_key`` is a ``SecretStr``: it prints as ``**********`` and is never written anywhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from controller.config_sources import (
+    DEFAULT_DATABASE_URL,
+    ENV_PREFIX,
+    _daytona_env,
+    _deep_merge,
+    _origin,
+    read_config_file,
+    resolve_config_path,
+)
 from controller.errors import ConfigError
 
-DEFAULT_CONFIG_FILE = "leasectl.yaml"
-CONFIG_ENV_VAR = "LEASECTL_CONFIG"
-ENV_PREFIX = "LEASECTL_"
 LOCAL_DAYTONA_URL = "http://127.0.0.1:3986/api"
 
 
@@ -127,17 +133,10 @@ class PolicySettings(_Section):
     prices: PriceSettings | None = None
 
 
-class Settings(BaseSettings):
+class Settings(_Section):
     """All settings. Build it with :func:`load_settings`, not directly."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
-
-    database_url: str = "sqlite:///leasectl.db"
+    database_url: str = DEFAULT_DATABASE_URL
     daytona: DaytonaSettings = DaytonaSettings()
     controller: ControllerSettings = ControllerSettings()
     exec: ExecSettings = ExecSettings()
@@ -145,112 +144,46 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     policy: PolicySettings = PolicySettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Highest priority first: CLI flags (init kwargs), LEASECTL_* env, then the lower layers
-        # (DAYTONA_* env over the YAML file) that load_settings put in _LOWER_LAYERS.
-        return (init_settings, env_settings, _LowerLayers(settings_cls))
 
-
-_LOWER_LAYERS: ContextVar[Mapping[str, Any] | None] = ContextVar("leasectl_lower_settings", default=None)
-
-
-class _LowerLayers(PydanticBaseSettingsSource):
-    """The YAML file merged with DAYTONA_* variables, below LEASECTL_* in precedence."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return (_LOWER_LAYERS.get() or {}).get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_LOWER_LAYERS.get() or {})
-
-
-def _deep_merge(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(low)
-    for key, value in high.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
+def _leasectl_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``LEASECTL_*`` variables that name a setting, nested at ``__`` (names are not case
+    sensitive); others (``LEASECTL_CONFIG``, ``LEASECTL_DEBUG``, ...) are not settings. A value for
+    a section, a mapping or a list is JSON (``LEASECTL_POLICY__PRICES='{"cpu_hour": 0.1}'``)."""
+    found: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Settings.model_fields or "" in path:
+            continue
+        node = found
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # a JSON value above a nested one: the JSON wins
+                break
+            node = child
         else:
-            merged[key] = value
-    return merged
+            node[path[-1]] = _json_if_structured(path, value)
+    return found
 
 
-def resolve_config_path(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
-    """The YAML file to read: --config, else $LEASECTL_CONFIG, else ./leasectl.yaml if present."""
-    if explicit is not None:
-        return explicit
-    if environ.get(CONFIG_ENV_VAR):
-        return Path(environ[CONFIG_ENV_VAR])
-    default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.is_file() else None
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
-    import yaml  # only with a settings file: a command without one starts without PyYAML
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    return data
-
-
-def _daytona_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    section: dict[str, Any] = {}
-    for var, key in (
-        ("DAYTONA_API_URL", "api_url"),
-        ("DAYTONA_API_KEY", "api_key"),
-        ("DAYTONA_TARGET", "target"),
-    ):
-        if environ.get(var):
-            section[key] = environ[var]
-    return {"daytona": section} if section else {}
-
-
-def _dotted_has(data: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
-    node: Any = data
-    for part in loc:
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _origin(
-    loc: tuple[str | int, ...],
-    path: Path | None,
-    file_data: Mapping[str, Any],
-    cli: Mapping[str, Any],
-    environ: Mapping[str, str],
-) -> str:
-    if _dotted_has(cli, loc):
-        return "command line"
-    env_name = ENV_PREFIX + "__".join(str(p) for p in loc).upper()
-    if env_name in environ:
-        return f"environment variable {env_name}"
-    if loc and loc[0] == "daytona" and len(loc) > 1:
-        std = {"api_url": "DAYTONA_API_URL", "api_key": "DAYTONA_API_KEY", "target": "DAYTONA_TARGET"}
-        var = std.get(str(loc[1]))
-        if var and var in environ:
-            return f"environment variable {var}"
-    if path is not None and _dotted_has(file_data, loc[:1]):
-        return str(path)
-    return "settings"
+def _json_if_structured(path: list[str], value: str) -> Any:
+    """``value`` decoded from JSON when the setting at ``path`` is a section, mapping or list."""
+    node: Any = Settings
+    options: tuple[Any, ...] = ()
+    for part in path:
+        fields = node.model_fields if isinstance(node, type) and issubclass(node, BaseModel) else {}
+        if part not in fields:
+            return value  # not a known setting: validation names it
+        annotation = fields[part].annotation
+        options = (annotation, *get_args(annotation))  # X | None: X
+        node = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if node is not None or any(a in (dict, list) or get_origin(a) in (dict, list) for a in options):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # validation says what is wrong with it
+    return value
 
 
 def load_settings(
@@ -261,10 +194,9 @@ def load_settings(
     cli = dict(cli_overrides or {})
     path = resolve_config_path(config_file, env)
     file_data = read_config_file(path) if path is not None else {}
-    lower = _deep_merge(file_data, _daytona_env(env))
-    token = _LOWER_LAYERS.set(lower)
+    merged = _deep_merge(_deep_merge(_deep_merge(file_data, _daytona_env(env)), _leasectl_env(env)), cli)
     try:
-        return Settings(**cli)
+        return Settings.model_validate(merged)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -272,29 +204,6 @@ def load_settings(
             key = ".".join(str(p) for p in loc)
             problems.append(f"{_origin(loc, path, file_data, cli, env)}: {key}: {err['msg']}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
-    finally:
-        _LOWER_LAYERS.reset(token)
-
-
-def describe_origin(
-    key: str, config_file: Path | None = None, cli_overrides: Mapping[str, Any] | None = None
-) -> str:
-    """Where the value of the dotted setting ``key`` came from, for messages: ``command line``,
-    ``environment variable NAME``, ``config file PATH`` or ``built-in default``."""
-    loc = tuple(key.split("."))
-    path = resolve_config_path(config_file, os.environ)
-    try:
-        file_data = read_config_file(path) if path is not None else {}
-    except ConfigError:
-        file_data = {}
-    if path is not None and not _dotted_has(file_data, loc):
-        path = None
-    origin = _origin(loc, path, file_data, dict(cli_overrides or {}), os.environ)
-    if origin == "settings":
-        return "built-in default"
-    if path is not None and origin == str(path):
-        return f"config file {path}"
-    return origin
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from controller.db import Database
 from controller.errors import SpecError
 from controller.lease_rows import InvalidLeaseRow, load_lease_rows
-from controller.overview import overview_rows
+from controller.overview import overview_rows, sqlalchemy_reader
 from controller.quota_rows import QuotaApplyResult, apply_quotas
 from controller.specs import LeaseSpec, PoolSpec, QuotaSpec, VolumeSpec
 from models import Lease, Pool, Volume, utcnow
@@ -353,7 +353,7 @@ def overview(
 ) -> list[dict[str, Any]]:
     """Rows of the ``lease_overview`` view, as dicts, ordered by name (see controller/overview.py),
     with what each lease's schedule says at ``now``."""
-    return overview_rows(session.connection(), names, now=now)
+    return overview_rows(sqlalchemy_reader(session.connection()), names, now=now)
 
 
 def shown_specs(session: Session, names: Sequence[str] = ()) -> dict[str, dict[str, Any]]:

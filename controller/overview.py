@@ -1,21 +1,26 @@
-"""The ``lease_overview`` view as an operator reads it (``leasectl get``, ``get -w``): one Core
+"""The ``lease_overview`` view as an operator reads it (``leasectl get``, ``get -w``): one plain
 ``SELECT``, values read raw and made displayable one by one.
 
-It imports only SQLAlchemy Core: neither the ORM models nor pydantic, so ``get`` starts quickly
-(tests/unit/test_cli_imports.py counts that). A timestamp written by hand that is not one shows as
-its text instead of failing the whole listing. :func:`parse_timestamp` and
-:func:`tolerant_timestamp` are also what :mod:`controller.lease_rows` reads operator rows with.
-Called by ``controller.cli.leases`` and ``controller.leases.overview``.
+It reads through a :class:`controller.dbapi.Reader`: the driver itself for ``get`` (no SQLAlchemy
+imported at all when the URL is a plain one, see controller/dbapi.py), or a SQLAlchemy connection
+wrapped by :func:`sqlalchemy_reader` (the status page, other URLs). Neither the ORM models nor
+pydantic are imported, so ``get`` starts quickly (tests/unit/test_cli_imports.py counts that). A
+timestamp written by hand that is not one shows as its text instead of failing the whole listing.
+:func:`parse_timestamp` and :func:`tolerant_timestamp` are also what :mod:`controller.lease_rows`
+reads operator rows with. Called by ``controller.cli.leases`` and ``controller.leases.overview``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
+from controller.dbapi import Reader, Rows, in_list
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 # The view's timestamp columns (UTCDateTime in models/views.py; a unit test keeps them equal).
 TIMESTAMP_COLUMNS = frozenset(
@@ -31,10 +36,8 @@ TIMESTAMP_COLUMNS = frozenset(
 )
 BOOLEAN_COLUMNS = frozenset({"paused"})
 
-_ALL = sa.text("SELECT * FROM lease_overview ORDER BY name")
-_NAMED = sa.text("SELECT * FROM lease_overview WHERE name IN :names ORDER BY name").bindparams(
-    sa.bindparam("names", expanding=True)
-)
+_ALL = "SELECT * FROM lease_overview ORDER BY name"
+_NAMED = "SELECT * FROM lease_overview WHERE name IN {names} ORDER BY name"
 
 
 def parse_timestamp(value: Any) -> datetime:
@@ -67,28 +70,44 @@ def _value(key: str, value: Any) -> Any:
     return value
 
 
+def sqlalchemy_reader(conn: sa.Connection) -> Reader:
+    """A :class:`~controller.dbapi.Reader` over a SQLAlchemy connection (the same raw values)."""
+    import sqlalchemy as sa
+
+    def read(sql: str, params: Mapping[str, Any] | None = None) -> Rows:
+        result = conn.execute(sa.text(sql), dict(params or {}))
+        # str(): the keys are SQLAlchemy quoted_name, which yaml.safe_dump cannot represent
+        columns = result.keys()
+        return [str(k) for k in columns], [tuple(row) for row in result]
+
+    return read
+
+
 def overview_rows(
-    conn: sa.Connection, names: Sequence[str] = (), *, now: datetime | None = None
+    read: Reader, names: Sequence[str] = (), *, now: datetime | None = None
 ) -> list[dict[str, Any]]:
     """Rows of ``lease_overview`` as dicts, ordered by name (only ``names`` when given), with what
     each lease's schedule says at ``now`` (see :func:`_with_schedules`)."""
-    result = conn.execute(_NAMED, {"names": list(names)}) if names else conn.execute(_ALL)
-    # str(): the keys are SQLAlchemy quoted_name, which yaml.safe_dump cannot represent
-    rows = [{str(k): _value(k, v) for k, v in row._mapping.items()} for row in result]
-    return _with_schedules(conn, rows, now or datetime.now(UTC))
+    if names:
+        placeholders, params = in_list("name", list(names))
+        columns, found = read(_NAMED.format(names=placeholders), params)
+    else:
+        columns, found = read(_ALL)
+    rows = [{k: _value(k, v) for k, v in zip(columns, row, strict=True)} for row in found]
+    return _with_schedules(read, rows, now or datetime.now(UTC))
 
 
-_SCHEDULES = sa.text("SELECT name, CAST(schedule AS TEXT) FROM leases WHERE schedule IS NOT NULL")
+_SCHEDULES = "SELECT name, CAST(schedule AS TEXT) FROM leases WHERE schedule IS NOT NULL"
 
 
-def _with_schedules(conn: sa.Connection, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+def _with_schedules(read: Reader, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
     """Add what a lease's schedule says at ``now``: ``scheduled_state`` (the state in force),
     ``next_change``, ``next_state`` and ``schedule_timezone`` (None for leases without a schedule).
     A schedule written with SQL that does not parse is left out here (the reconciler marks the row
     Failed). The cron arithmetic (APScheduler) is imported only when some lease has a schedule."""
     for row in rows:
         row["scheduled_state"] = row["next_change"] = row["next_state"] = row["schedule_timezone"] = None
-    stored = [(name, text) for name, text in conn.execute(_SCHEDULES) if text not in (None, "null")]
+    stored = [(name, text) for name, text in read(_SCHEDULES)[1] if text not in (None, "null")]
     if not stored:
         return rows
     from controller.schedules import in_force, lease_schedule

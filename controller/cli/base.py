@@ -11,6 +11,8 @@ Command modules (``db``, ``leases``, ``control``, ``executions``, ``gc``) regist
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,6 +26,7 @@ from controller.errors import ConfigError
 if TYPE_CHECKING:
     from controller import db as dbmod
     from controller.config import Settings
+    from controller.dbapi import Reader
 
 app = typer.Typer(
     name="leasectl",
@@ -64,6 +67,25 @@ class CliContext:
             logs.configure(self._log_level(self._settings), self._settings.logging.format)
         return self._settings
 
+    @property
+    def database_url(self) -> str:
+        """The database URL as the settings resolve it. Before the settings are loaded (``get``
+        needs nothing else) it is read through the same layers without validating the rest, so
+        pydantic is not imported; a value that is not a string loads the settings, whose error
+        names it."""
+        if self._settings is None:
+            from controller.config_sources import DEFAULT_DATABASE_URL, peek
+
+            try:
+                found = peek("database_url", self.config, self.overrides)
+            except ConfigError as exc:
+                fail(str(exc), EXIT_INVALID)
+            if found is None:
+                return DEFAULT_DATABASE_URL
+            if isinstance(found, str):
+                return found
+        return self.settings.database_url
+
     def _log_level(self, settings: Settings) -> str:
         """One-off commands print only their result: their logs show with -v (INFO), -vv (DEBUG) or
         an explicit --log-level; long-running ones log at the configured level."""
@@ -76,11 +98,40 @@ class CliContext:
     def describe_database(self) -> str:
         """``database URL (from ORIGIN)``, password masked, for messages."""
         from controller import db as dbmod
-        from controller.config import describe_origin
+        from controller.config_sources import describe_origin
 
         url = self.settings.database_url
         origin = describe_origin("database_url", self.config, self.overrides)
         return f"database {dbmod.redact_url(dbmod.normalize_url(url))} (from {origin})"
+
+    @contextmanager
+    def reader(self) -> Iterator[Reader]:
+        """A read-only view of the database for commands that only read raw rows (``get``): the
+        driver itself when the URL is a plain one (controller/dbapi.py: SQLAlchemy is not even
+        imported), else a SQLAlchemy connection. A missing SQLite file is refused as by
+        :meth:`database`, never created."""
+        from controller import dbapi
+
+        url = self.database_url
+        path = dbapi.sqlite_path(url)
+        if path is not None and not Path(path).exists():
+            self.database()  # raises the same UnusableDatabaseError as every other command
+        opened = dbapi.open_reader(url)
+        if opened is None:
+            from controller.overview import sqlalchemy_reader
+
+            database = self.database()
+            try:
+                with database.read() as conn:
+                    yield sqlalchemy_reader(conn)
+            finally:
+                database.dispose()
+            return
+        read, close = opened
+        try:
+            yield read
+        finally:
+            close()
 
     def database(self, *, create: bool = False) -> dbmod.Database:
         """The database of the settings. Only ``create=True`` (``db upgrade``) may create a SQLite
@@ -89,7 +140,7 @@ class CliContext:
         import sqlalchemy as sa
 
         from controller import db as dbmod
-        from controller.config import describe_origin
+        from controller.config_sources import describe_origin
 
         url = dbmod.normalize_url(self.settings.database_url)
         origin = describe_origin("database_url", self.config, self.overrides)

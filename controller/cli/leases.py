@@ -7,14 +7,17 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from zoneinfo import ZoneInfo
 
 import typer
 
 from controller import exitcodes
-from controller.cli.base import app, context_of
+from controller.cli.base import CliContext, app, context_of
 from controller.cli.output import EXIT_INVALID, OutputFormat, err, fail, handled, jsonable, out, yaml_dump
+
+if TYPE_CHECKING:
+    from controller.dbapi import Reader
 
 
 @app.command()
@@ -179,21 +182,28 @@ def get(
     ] = 1.0,
 ) -> None:
     """Show desired and observed state of leases (-w: keep watching; Ctrl-C ends it, exit 0)."""
+    cli = context_of(ctx)
+    with handled(), cli.reader() as read:  # one connection, kept while watching
+        _get(cli, read, names or (), output, watch, interval)
+
+
+def _get(
+    cli: CliContext, read: Reader, names: Sequence[str], output: OutputFormat, watch: bool, interval: float
+) -> None:
     from controller.overview import overview_rows
 
-    cli = context_of(ctx)
-    database = None
-    with handled():
-        database = cli.database()
-        with database.read() as conn:
-            rows = overview_rows(conn, names or ())
-        if output is not OutputFormat.table:  # json/yaml also show the spec (env values never)
-            from controller.leases import shown_specs
+    rows = overview_rows(read, names)
+    if output is not OutputFormat.table:  # json/yaml also show the spec (env values never)
+        from controller.leases import shown_specs
 
+        database = cli.database()
+        try:
             with database.session(readonly=True) as session:
-                specs = shown_specs(session, names or ())
-            rows = [{**r, "spec": specs.get(r["name"])} for r in rows]
-    missing = sorted(set(names or ()) - {r["name"] for r in rows})
+                specs = shown_specs(session, names)
+        finally:
+            database.dispose()
+        rows = [{**r, "spec": specs.get(r["name"])} for r in rows]
+    missing = sorted(set(names) - {r["name"] for r in rows})
     if missing and watch:
         fail(f"no such lease: {', '.join(missing)}", EXIT_INVALID)
     columns = _Columns(GET_HEADERS)
@@ -212,8 +222,7 @@ def get(
     try:
         while True:
             time.sleep(interval)
-            with handled(), database.read() as conn:
-                current = overview_rows(conn, names or ())
+            current = overview_rows(read, names)
             for r in current:
                 cells = _lease_cells(r)
                 if seen.get(r["name"]) == cells:

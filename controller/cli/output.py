@@ -138,24 +138,30 @@ def handled() -> Iterator[None]:
 
 
 def _database_error(exc: Exception) -> None:
-    """Fail with one line for a SQLAlchemy error; return for anything else. A command that never
-    imported SQLAlchemy cannot have raised one, so this never imports it either."""
+    """Fail with one line for a database error (SQLAlchemy's, or the driver's when ``get`` read
+    through it: controller/dbapi.py); return for anything else. Only modules already imported are
+    consulted: a command that never imported one cannot have raised its errors."""
     sa_exc = sys.modules.get("sqlalchemy.exc")
-    if sa_exc is None:
-        return
-    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError)):
-        fail(f"the database refused the change: {first_line(exc.orig)}", EXIT_INVALID)
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.ProgrammingError)):
-        detail = first_line(exc.orig)
-        lowered = detail.lower()
-        if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
-            fail(
-                f"{_database()} has no leasectl schema ({detail}): run `leasectl db upgrade`",
-                exitcodes.NO_DATABASE,
-            )
-        if "database" in lowered and "does not exist" in lowered:
-            fail(f"{_database()}: {detail}; create it, then run `leasectl db upgrade`", exitcodes.NO_DATABASE)
-        fail(f"cannot use {_database()}: {detail}")
+    if sa_exc is not None:
+        if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError)):
+            fail(f"the database refused the change: {first_line(exc.orig)}", EXIT_INVALID)
+        if isinstance(exc, (sa_exc.OperationalError, sa_exc.ProgrammingError)):
+            _database_failure(first_line(exc.orig))
+    drivers = [sys.modules.get("sqlite3"), sys.modules.get("psycopg")]
+    if any(driver is not None and isinstance(exc, driver.Error) for driver in drivers):
+        _database_failure(first_line(exc))
+
+
+def _database_failure(detail: str) -> NoReturn:
+    lowered = detail.lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        fail(
+            f"{_database()} has no leasectl schema ({detail}): run `leasectl db upgrade`",
+            exitcodes.NO_DATABASE,
+        )
+    if "database" in lowered and "does not exist" in lowered:
+        fail(f"{_database()}: {detail}; create it, then run `leasectl db upgrade`", exitcodes.NO_DATABASE)
+    fail(f"cannot use {_database()}: {detail}")
 
 
 def run_guarded(run: Callable[[], Any]) -> None:

@@ -18,8 +18,12 @@ import sqlalchemy as sa
 
 from controller import db as dbmod
 from controller import overview
+from tests.conftest import truncate_all
 
 HEAVY = ("sqlalchemy", "alembic", "daytona", "daytona_api_client", "aiohttp", "rich", "yaml", "pydantic")
+
+# What `get` (the table) must not import: it reads raw rows through the driver.
+HEAVY_FOR_GET = ("sqlalchemy", "alembic", "daytona", "daytona_api_client", "aiohttp", "rich", "models")
 
 PROBE = """
 import json, sys
@@ -73,11 +77,26 @@ def test_get_imports_neither_alembic_nor_the_sdk_nor_the_local_api(tmp_path: Pat
     found = _imported(["get"], env=env, cwd=tmp_path)
     assert "one" in str(found["stdout"]) and "stopped" in str(found["stdout"])
     top = set(found["top"])  # type: ignore[arg-type]
-    assert "sqlalchemy" in top  # it did read the database
-    assert {
-        n for n in ("alembic", "daytona", "daytona_api_client", "aiohttp", "rich", "models") if n in top
-    } == set()
-    assert found["orm"] is False
+    assert "sqlite3" in top  # it did read the database: through the driver (controller/dbapi.py)
+    assert {n for n in (*HEAVY_FOR_GET, "psycopg") if n in top} == set()
+
+
+def test_get_on_postgresql_reads_through_psycopg_without_sqlalchemy(pg_url: str, tmp_path: Path) -> None:
+    database = dbmod.connect(pg_url)
+    truncate_all(database)
+    with database.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO leases (name, desired_state, env, labels, paused, created_at, updated_at) "
+            "VALUES ('one', 'stopped', '{}', '{}', false, now(), now())"
+        )
+    database.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+    env["LEASECTL_DATABASE_URL"] = pg_url
+    found = _imported(["get"], env=env, cwd=tmp_path)
+    assert "one" in str(found["stdout"]) and "stopped" in str(found["stdout"])
+    top = set(found["top"])  # type: ignore[arg-type]
+    assert "psycopg" in top
+    assert {n for n in HEAVY_FOR_GET if n in top} == set()
 
 
 def test_the_schema_guard_reads_the_same_revisions_as_alembic() -> None:

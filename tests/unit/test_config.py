@@ -83,6 +83,34 @@ def test_bad_env_names_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
 
 
+def test_environment_names_json_sections_and_variables_that_are_not_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LEASECTL_* layer (read by controller/config.py itself, as pydantic-settings did)."""
+    monkeypatch.setenv("leasectl_controller__instance", "lower-case")  # names are not case sensitive
+    monkeypatch.setenv("LEASECTL_POLICY__PRICES", '{"cpu_hour": 0.25}')  # a section: JSON
+    monkeypatch.setenv("LEASECTL_SERVER__LISTEN", "[::1]:9464")  # a string that looks like JSON
+    monkeypatch.setenv("LEASECTL_DAYTONA", '{"target": "eu"}')
+    monkeypatch.setenv("LEASECTL_DAYTONA__API_URL", "http://nested/api")
+    for not_a_setting in ("LEASECTL_CONFIG", "LEASECTL_DEBUG", "LEASECTL_TEST_PG_URL", "LEASECTL_"):
+        monkeypatch.setenv(not_a_setting, "x")
+    empty = tmp_path / "empty.yaml"  # given explicitly: LEASECTL_CONFIG=x is not read
+    empty.write_text("")
+    s = load_settings(empty)
+    assert s.controller.instance == "lower-case"
+    assert s.policy.prices is not None and s.policy.prices.cpu_hour == 0.25
+    assert s.server.listen == "[::1]:9464"
+    assert (s.daytona.target, s.daytona.api_url) == ("eu", "http://nested/api")
+
+    monkeypatch.setenv("LEASECTL_CONTROLLER__BOGUS", "1")
+    monkeypatch.setenv("LEASECTL_POLICY__DISK_GUARD_GIB", "[1]")
+    with pytest.raises(ConfigError) as info:
+        load_settings(empty)
+    message = str(info.value)
+    assert "environment variable LEASECTL_CONTROLLER__BOGUS: controller.bogus: Extra inputs" in message
+    assert "environment variable LEASECTL_POLICY__DISK_GUARD_GIB: policy.disk_guard_gib" in message
+
+
 def test_api_key_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DAYTONA_API_KEY", "super-secret-key")
     s = load_settings()

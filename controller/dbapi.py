@@ -1,0 +1,114 @@
+"""The database without SQLAlchemy: read-only SQL straight through the driver, for the commands an
+operator runs most and expects at once (``leasectl get``, ``get -w``).
+
+Importing SQLAlchemy costs a CLI command more than everything else it does (issue 14: ``get`` took
+17x ``python -c pass``, SQLAlchemy alone about a third of it). :func:`open_reader` turns the plain
+forms of the two database URLs leasectl supports into a driver connection (``sqlite3`` from the
+standard library; ``psycopg``, the driver SQLAlchemy uses for PostgreSQL here) and answers
+:class:`Reader` calls with the same raw values a SQLAlchemy ``text()`` query returns. Anything it
+does not recognise as plain (a query string on a SQLite URL, an in-memory database, another driver,
+percent-escapes in a path) returns None and the caller goes through SQLAlchemy as every other
+command does: this module only shortens the common way, it never decides what a URL means.
+
+SQL given to a reader is written once for both databases, with ``:name`` parameters and no ``%``;
+the PostgreSQL reader rewrites the parameters to the driver's ``%(name)s``. Reads only: a reader
+never opens a write transaction, runs no migration and creates no file (a SQLite path that does not
+exist is the caller's error to report before it asks).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+_PLAIN_SQLITE = re.compile(r"^sqlite(?:\+pysqlite)?:///(?P<path>[^?%#]+)$")
+_PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+
+Rows = tuple[list[str], list[tuple[Any, ...]]]  # column names, rows
+
+
+class Reader(Protocol):
+    """Runs one read-only statement: its column names and rows."""
+
+    def __call__(self, sql: str, params: Mapping[str, Any] | None = None) -> Rows: ...
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a plain ``sqlite:///PATH`` URL (relative to the working directory, or absolute
+    with four slashes); None for any other form."""
+    found = _PLAIN_SQLITE.match(url)
+    if found is None or found["path"] == ":memory:":
+        return None
+    return found["path"]
+
+
+def postgres_params(url: str) -> dict[str, Any] | None:
+    """psycopg ``connect()`` keywords of a plain PostgreSQL URL, as SQLAlchemy's psycopg dialect
+    passes them (user and password unquoted, the database name as written, query keys as libpq
+    keywords; tests/unit/test_dbapi.py compares the two); None for any other form."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if scheme not in _PG_SCHEMES or parts.fragment or "," in parts.netloc:
+        return None
+    params: dict[str, Any] = {}
+    if parts.username:
+        params["user"] = unquote(parts.username)
+    if parts.password is not None:
+        params["password"] = unquote(parts.password)
+    if host:
+        params["host"] = host
+    if port is not None:
+        params["port"] = port
+    dbname = parts.path.lstrip("/")  # as SQLAlchemy reads it: not unquoted
+    if dbname:
+        params["dbname"] = dbname
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        params[key] = value
+    return params
+
+
+def open_reader(url: str) -> tuple[Reader, Callable[[], None]] | None:
+    """A reader of the database at ``url`` and the function that closes it, or None when ``url`` is
+    not one of the plain forms (then use :mod:`controller.db`). Connection errors propagate as the
+    driver raises them (``sqlite3.Error``, ``psycopg.Error``)."""
+    path = sqlite_path(url)
+    if path is not None:
+        import sqlite3
+
+        conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS, isolation_level=None)
+
+        def read_sqlite(sql: str, params: Mapping[str, Any] | None = None) -> Rows:
+            cursor = conn.execute(sql, dict(params or {}))
+            columns = [d[0] for d in cursor.description or ()]
+            return columns, cursor.fetchall()
+
+        return read_sqlite, conn.close
+    params = postgres_params(url)
+    if params is None:
+        return None
+    import psycopg
+
+    pg = psycopg.connect(**params, autocommit=True)
+
+    def read_postgres(sql: str, params: Mapping[str, Any] | None = None) -> Rows:
+        with pg.cursor() as cursor:
+            cursor.execute(_PARAM.sub(r"%(\1)s", sql), dict(params or {}))
+            columns = [d.name for d in cursor.description or ()]
+            return columns, cursor.fetchall()
+
+    return read_postgres, pg.close
+
+
+def in_list(name: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:
+    """``(:name0, :name1, ...)`` and its parameters, for ``column IN`` a list of values."""
+    keys = [f"{name}{i}" for i in range(len(values))]
+    return "(" + ", ".join(f":{k}" for k in keys) + ")", dict(zip(keys, values, strict=True))
