@@ -23,7 +23,16 @@ from tests.conftest import truncate_all
 HEAVY = ("sqlalchemy", "alembic", "daytona", "daytona_api_client", "aiohttp", "rich", "yaml", "pydantic")
 
 # What `get` (the table) must not import: it reads raw rows through the driver.
-HEAVY_FOR_GET = ("sqlalchemy", "alembic", "daytona", "daytona_api_client", "aiohttp", "rich", "models")
+HEAVY_FOR_GET = (
+    "sqlalchemy",
+    "pydantic",
+    "alembic",
+    "daytona",
+    "daytona_api_client",
+    "aiohttp",
+    "rich",
+    "models",
+)
 
 PROBE = """
 import json, sys
