@@ -44,8 +44,12 @@ unit: venv
 integration: venv
 	$(BIN)/pytest tests/integration
 
+# Every benchmark at full size (the soak too: about an hour), its records appended to
+# bench/results-full.jsonl, then bench/RESULTS.md regenerated from every records file.
+RESULTS := bench/results-full.jsonl bench/results-huge.jsonl bench/results-pools.jsonl bench/results-soak.jsonl
 bench: venv
-	$(BIN)/python -m bench --full
+	$(BIN)/python -m bench --full --jsonl bench/results-full.jsonl
+	$(BIN)/python -m bench.report $(RESULTS) -o bench/RESULTS.md
 
 bench-quick: venv
 	$(BIN)/python -m bench --quick
