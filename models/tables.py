@@ -364,5 +364,5 @@ class Usage(Base):
     disk: Mapped[int] = mapped_column(sa.Integer, server_default="0")
     gpu: Mapped[int] = mapped_column(sa.Integer, server_default="0")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    ended_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime)  # not indexed: moved by every pass (0008)
     closed: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
