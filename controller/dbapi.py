@@ -13,7 +13,9 @@ command does: this module only shortens the common way, it never decides what a 
 SQL given to a reader is written once for both databases, with ``:name`` parameters and no ``%``;
 the PostgreSQL reader rewrites the parameters to the driver's ``%(name)s``. Reads only: a reader
 never opens a write transaction, runs no migration and creates no file (a SQLite path that does not
-exist is the caller's error to report before it asks).
+exist is the caller's error to report before it asks). Each statement runs on its own (autocommit):
+``get -w`` keeps its connection for as long as it watches, and an open transaction would hold
+table locks that a migration waits for.
 """
 
 from __future__ import annotations

@@ -126,3 +126,26 @@ def test_example_config_lists_every_setting_with_its_default() -> None:
     data = yaml.safe_load(path.read_text())
     defaults = Settings.model_validate({}).model_dump(mode="json")
     assert data == defaults
+
+
+@pytest.mark.parametrize("flag", [None, "sqlite:///flag.db"])
+@pytest.mark.parametrize("env", [None, "sqlite:///env.db"])
+@pytest.mark.parametrize("in_file", [None, "sqlite:///file.db"])
+def test_peeked_database_url_is_the_validated_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str | None, env: str | None, in_file: str | None
+) -> None:
+    """``get`` reads database_url alone (config_sources.peek); it must resolve as load_settings does."""
+    from controller.config_sources import DEFAULT_DATABASE_URL, peek
+
+    config = tmp_path / "leasectl.yaml"
+    config.write_text(f"database_url: {in_file}\n" if in_file else "controller: {instance: x}\n")
+    if env:
+        monkeypatch.setenv("LEASECTL_DATABASE_URL", env)
+    monkeypatch.setenv("DAYTONA_API_URL", "http://not-the-database/api")
+    overrides = {"database_url": flag} if flag else {}
+    peeked = peek("database_url", config, overrides) or DEFAULT_DATABASE_URL
+    assert (
+        peeked
+        == load_settings(config, overrides).database_url
+        == (flag or env or in_file or DEFAULT_DATABASE_URL)
+    )
