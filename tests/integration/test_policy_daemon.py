@@ -42,6 +42,15 @@ def status(url: str, name: str) -> tuple[str, str, str]:
     return row.phase, row.observed_state, row.message or ""
 
 
+def running_seconds(url: str, name: str) -> float:
+    """How long the open usage segment of lease ``name`` has been seen ``started``."""
+    from controller.overview import parse_timestamp
+
+    sql = "SELECT started_at, ended_at FROM usage WHERE lease_name = :n AND state = 'started'"
+    rows = query(url, sql, n=name)
+    return sum((parse_timestamp(r.ended_at) - parse_timestamp(r.started_at)).total_seconds() for r in rows)
+
+
 def test_quota_disk_guard_and_usage_with_the_daemon(
     emulator: EmulatorProcess, database_url: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
@@ -59,6 +68,9 @@ def test_quota_disk_guard_and_usage_with_the_daemon(
         lambda: phases(database_url) == {"a1": "Ready", "a2": "Ready", "a3": "Blocked"} or None, what="quota"
     )
     assert "quota team=* (team=a) sandboxes: 2/2 in use, this lease needs 1" in status(database_url, "a3")[2]
+    # The report rounds to 0.0001 h (0.36 s) and the fleet converges within a second: let a1 and a2
+    # be seen running for a while, or what follows may stop a1 after a few milliseconds.
+    wait_for(lambda: running_seconds(database_url, "a1") >= 1.0 or None, timeout=30, what="a1 running 1 s")
     # ...and goes once the first is stopped.
     query(database_url, "UPDATE leases SET desired_state = 'stopped' WHERE name = 'a1'")
     wait_for(lambda: phases(database_url)["a3"] == "Ready", timeout=30, what="a3 released by the quota")
