@@ -377,7 +377,11 @@ def stop_in_sandbox(
 # -- session commands ----------------------------------------------------------------------------
 
 LOST_GRACE_SECONDS = 120.0  # after its deadline, how long a follower keeps trying to reach a command
-FIRST_POLL_SECONDS = 0.05  # the first poll of a session command; the pause doubles up to log_poll
+# The pause before the first poll of a session command; it doubles after each poll up to
+# log_poll_seconds. A short command (``true`` on the local API) has ended 10-20 ms after its execute
+# answered: polling at once would only find it running, and a first pause of 50 ms would be most
+# of such a command's wall time.
+FIRST_POLL_SECONDS = 0.01
 
 
 def _sandbox_gone(provider: SandboxProvider, sandbox_id: str) -> str | None:
@@ -481,16 +485,17 @@ def follow_session(
     The exit code is read before the logs, so the logs read after the command ended are complete.
     A command whose session is gone (the sandbox restarted) ends ``interrupted``: its result cannot be
     learned; one that cannot be reached until ``lost_grace_seconds`` after its deadline ends
-    ``unknown``; one whose sandbox stopped or went away ends ``interrupted`` too. Polls start at
-    ``FIRST_POLL_SECONDS`` apart and double up to ``poll_seconds``, so short commands pay little. The
-    session (and the stdin file) are removed when the command has ended.
+    ``unknown``; one whose sandbox stopped or went away ends ``interrupted`` too. The first poll
+    comes ``FIRST_POLL_SECONDS`` after the start and the pauses double up to ``poll_seconds``, so
+    short commands pay little. The session (and the stdin file) are removed when the command has ended.
     """
     marker = execution_marker_for_session(session_id)
     stdin_path = session_stdin_path(session_id) if has_stdin else None
     output = ""
     truncated = False
     # Short commands end within the first polls: start fast, then slow down to ``poll_seconds``.
-    pause = min(FIRST_POLL_SECONDS, poll_seconds) / 2
+    pause = min(FIRST_POLL_SECONDS, poll_seconds)
+    sleep(pause)  # a command started just now has not ended yet
 
     def publish(text: str) -> None:
         nonlocal output, truncated
