@@ -163,3 +163,61 @@ def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers
         or m.endswith(("volumes_api", "object_storage_api"))
     } == set()
     assert found["mapped"] is False
+
+
+# -- one command built per start -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["exec", "box", "--", "true"], "exec"),
+        (["--database-url", "sqlite:///x.db", "-vv", "exec", "box"], "exec"),
+        (["--database-url=sqlite:///x.db", "--debug", "get"], "get"),
+        (["-c", "leasectl.yaml", "db", "upgrade"], "db"),
+        (["-cleasectl.yaml", "get"], "get"),
+        ([], None),
+        (["--help"], None),
+        (["--help", "exec"], None),
+        (["-x", "get"], None),  # not plainly read: the whole app says what is wrong
+        (["--", "get"], None),
+    ],
+)
+def test_command_name_is_the_first_word_after_the_global_options(argv: list[str], name: str | None) -> None:
+    from controller.cli import command_name
+
+    assert command_name(argv) == name
+
+
+def test_the_global_options_that_take_a_value_are_known() -> None:
+    import typer.main
+
+    from controller.cli import VALUE_OPTIONS, app
+
+    group = typer.main.get_command(app)
+    taking = {
+        opt
+        for param in group.params
+        if not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+        for opt in param.opts
+    }
+    assert taking == VALUE_OPTIONS
+
+
+def test_each_command_alone_has_the_same_help_as_in_the_whole_app() -> None:
+    """``app_for`` registers only the command run; its help (options, arguments) is the same."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from controller.cli import app, app_for
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert "exec" in names and "get" in names and "db" in names
+    runner = CliRunner()
+    for name in names:
+        one = app_for([name])
+        assert one is not app and sorted(typer.main.get_command(one).commands) == [name]  # type: ignore[attr-defined]
+        whole = runner.invoke(app, [name, "--help"], prog_name="leasectl")
+        alone = runner.invoke(one, [name, "--help"], prog_name="leasectl")
+        assert alone.exit_code == whole.exit_code == 0 and alone.output == whole.output, name
+    assert app_for(["nosuch"]) is app and app_for(["--help"]) is app
