@@ -18,6 +18,7 @@ import copy
 import os
 import sys
 from collections.abc import Sequence
+from gc import freeze as freeze_objects  # `gc` is the command module below
 
 import typer
 
@@ -79,9 +80,19 @@ def app_for(argv: Sequence[str]) -> typer.Typer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The console script: the app, with unexpected errors turned into one line (see output.py)."""
+    """The console script: the app, with unexpected errors turned into one line (see output.py).
+
+    The process ends when this returns (or raises SystemExit): the objects that exist then are
+    frozen (``gc.freeze``), so the interpreter's collections at exit no longer walk them all to find
+    cycles whose memory the OS takes back anyway (about 100,000 objects after ``exec``'s imports:
+    0.1-0.2 s). Everything else about the exit stays: atexit handlers, flushing, objects freed by
+    reference counting as modules are cleared (connections closed).
+    """
     args = list(argv) if argv is not None else sys.argv[1:]
-    run_guarded(lambda: app_for(args)(args=args, prog_name="leasectl"))
+    try:
+        run_guarded(lambda: app_for(args)(args=args, prog_name="leasectl"))
+    finally:
+        freeze_objects()
 
 
 if __name__ == "__main__":

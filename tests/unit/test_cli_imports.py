@@ -38,7 +38,8 @@ top = sorted({name.split(".")[0] for name in sys.modules})
 models = sys.modules.get("models")
 mapped = models is not None and models.Execution.__mapper__.configured
 print(json.dumps({"top": top, "orm": "sqlalchemy.orm" in sys.modules, "modules": sorted(sys.modules),
-                  "mapped": mapped, "code": code}), file=sys.stderr)
+                  "mapped": mapped, "code": code, "frozen": __import__("gc").get_freeze_count()}),
+      file=sys.stderr)
 """
 
 
@@ -163,6 +164,7 @@ def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers
         or m.endswith(("volumes_api", "object_storage_api"))
     } == set()
     assert found["mapped"] is False
+    assert found["frozen"] > 10_000  # main() froze what the command made: the exit does not walk it
 
 
 # -- one command built per start -------------------------------------------------------------------
