@@ -34,7 +34,13 @@ def leasectl_argv() -> list[str]:
 
 
 def _env(url: str, api_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+    # PYTHONDONTWRITEBYTECODE (set in some shells) would make every run compile leasectl's modules
+    # from source; an installed leasectl has its .pyc files, which the warm-up run writes here.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LEASECTL_", "DAYTONA_")) and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env.update(
         {
             "LEASECTL_DATABASE_URL": url,

@@ -76,7 +76,6 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy import orm
 from sqlalchemy.orm import Session, aliased
 
 from controller import logs
@@ -201,7 +200,7 @@ def lease_secret_values(db: Database, lease_name: str) -> tuple[str, ...]:
     env column read as text, so a hand-written row that does not parse redacts nothing instead of
     failing the command; references that cannot be resolved here are skipped."""
     with db.session(readonly=True) as session:
-        raw = session.scalar(sa.select(sa.cast(Lease.env, sa.Text)).where(Lease.name == lease_name))
+        raw = session.connection().scalar(_LEASE_ENV, {"name": lease_name})
     return secret_values_of(raw)
 
 
@@ -377,7 +376,11 @@ def stop_in_sandbox(
 # -- session commands ----------------------------------------------------------------------------
 
 LOST_GRACE_SECONDS = 120.0  # after its deadline, how long a follower keeps trying to reach a command
-FIRST_POLL_SECONDS = 0.05  # the first poll of a session command; the pause doubles up to log_poll
+# The pause before the first poll of a session command; it doubles after each poll up to
+# log_poll_seconds. A short command (``true`` on the local API) has ended 10-20 ms after its execute
+# answered: polling at once would only find it running, and a first pause of 50 ms would be most
+# of such a command's wall time.
+FIRST_POLL_SECONDS = 0.01
 
 
 def _sandbox_gone(provider: SandboxProvider, sandbox_id: str) -> str | None:
@@ -481,16 +484,17 @@ def follow_session(
     The exit code is read before the logs, so the logs read after the command ended are complete.
     A command whose session is gone (the sandbox restarted) ends ``interrupted``: its result cannot be
     learned; one that cannot be reached until ``lost_grace_seconds`` after its deadline ends
-    ``unknown``; one whose sandbox stopped or went away ends ``interrupted`` too. Polls start at
-    ``FIRST_POLL_SECONDS`` apart and double up to ``poll_seconds``, so short commands pay little. The
-    session (and the stdin file) are removed when the command has ended.
+    ``unknown``; one whose sandbox stopped or went away ends ``interrupted`` too. The first poll
+    comes ``FIRST_POLL_SECONDS`` after the start and the pauses double up to ``poll_seconds``, so
+    short commands pay little. The session (and the stdin file) are removed when the command has ended.
     """
     marker = execution_marker_for_session(session_id)
     stdin_path = session_stdin_path(session_id) if has_stdin else None
     output = ""
     truncated = False
     # Short commands end within the first polls: start fast, then slow down to ``poll_seconds``.
-    pause = min(FIRST_POLL_SECONDS, poll_seconds) / 2
+    pause = min(FIRST_POLL_SECONDS, poll_seconds)
+    sleep(pause)  # a command started just now has not ended yet
 
     def publish(text: str) -> None:
         nonlocal output, truncated
@@ -587,15 +591,27 @@ class Target:
     idle: bool = False
 
 
-# Only the lease columns the queue needs: a hand-written spec column (JSON that does not parse on
-# SQLite, say) must not stop the queue; the reconciler reports such a row as Failed.
-_LEASE_COLUMNS = orm.load_only(Lease.id, Lease.name, Lease.desired_state, Lease.expires_at)
+# The direct path (``leasectl exec``: check, insert, record, finish) runs Core statements on the
+# tables, never an ORM query or unit of work: configuring the mappers alone takes longer than the
+# command `true` does. Only the lease columns the queue needs are read: a hand-written spec column
+# (JSON that does not parse on SQLite, say) must not stop the queue; the reconciler reports such a
+# row as Failed.
+_LEASES = cast(sa.Table, Lease.__table__)
+_STATUSES = cast(sa.Table, LeaseStatus.__table__)
+_LEASE_RUNNABLE = sa.select(_LEASES.c.desired_state, _LEASES.c.expires_at).where(
+    _LEASES.c.name == sa.bindparam("name")
+)
+_LEASE_ENV = sa.select(sa.cast(_LEASES.c.env, sa.Text)).where(_LEASES.c.name == sa.bindparam("name"))
+_STATUS_TARGET = sa.select(_STATUSES.c.phase, _STATUSES.c.sandbox_id, _STATUSES.c.workspace_path).where(
+    _STATUSES.c.lease_name == sa.bindparam("name")
+)
 
 
 def check_runnable(session: Session, lease_name: str, now: datetime | None = None) -> None:
     """LeaseNotReadyError if commands can never run on this lease as it is (missing, not desired
     running, expired); a lease that is merely still starting passes."""
-    lease = session.scalar(sa.select(Lease).options(_LEASE_COLUMNS).where(Lease.name == lease_name))
+    row = session.connection().execute(_LEASE_RUNNABLE, {"name": lease_name}).one_or_none()
+    lease = _LeaseView(row.desired_state, row.expires_at) if row is not None else None
     problem = _not_runnable(lease_name, lease, now or utcnow())
     if problem is not None:
         raise LeaseNotReadyError(problem)
@@ -604,7 +620,8 @@ def check_runnable(session: Session, lease_name: str, now: datetime | None = Non
 def ready_target(session: Session, lease_name: str, now: datetime | None = None) -> Target:
     """The sandbox of a Ready lease, or LeaseNotReadyError saying why not."""
     check_runnable(session, lease_name, now)
-    status = session.get(LeaseStatus, lease_name)
+    found = session.connection().execute(_STATUS_TARGET, {"name": lease_name}).one_or_none()
+    status = _StatusView(found.phase, found.sandbox_id, found.workspace_path) if found is not None else None
     if status is None or status.phase not in RUNNABLE_PHASES or not status.sandbox_id:
         phase = status.phase if status is not None else "Pending"
         raise LeaseNotReadyError(f"lease {lease_name!r} is not Ready (phase {phase})")
@@ -671,7 +688,7 @@ class _StatusView:
     workspace_path: str | None
 
 
-def _not_runnable(lease_name: str, lease: Lease | _LeaseView | None, now: datetime) -> str | None:
+def _not_runnable(lease_name: str, lease: _LeaseView | None, now: datetime) -> str | None:
     """Why commands can never run on this lease as it is, or None."""
     if lease is None:
         return f"no such lease: {lease_name!r}"
@@ -803,9 +820,13 @@ def finish(
     with db.session() as session:  # someone else ended it (interrupted, cancelled): still no secrets
         _update(
             session,
-            sa.update(Execution).where(Execution.id == execution_id).values(env=sa.null(), stdin=sa.null()),
+            sa.update(_EXECUTIONS)
+            .where(_EXECUTIONS.c.id == execution_id)
+            .values(env=sa.null(), stdin=sa.null()),
         )
-        state = session.scalar(sa.select(Execution.state).where(Execution.id == execution_id))
+        state = session.connection().scalar(
+            sa.select(_EXECUTIONS.c.state).where(_EXECUTIONS.c.id == execution_id)
+        )
     log.warning(
         "execution %d finished as %s but is now %s: result dropped", execution_id, outcome.state, state
     )
@@ -904,20 +925,22 @@ def execute_now(
         wake(provider, target.sandbox_id, timeout_seconds=settings.idle_start_timeout_seconds)
     secrets = lease_secret_values(db, lease_name)
     with db.session() as session:
-        row = Execution(
-            lease_name=lease_name,
-            command=command,
-            cwd=cwd,
-            timeout_seconds=timeout,
-            state="running",
-            claimed_by=worker,
-            sandbox_id=target.sandbox_id,
-            created_at=now,
-            started_at=now,
+        inserted = session.connection().execute(
+            sa.insert(_EXECUTIONS).values(
+                lease_name=lease_name,
+                command=command,
+                cwd=cwd,
+                timeout_seconds=timeout,
+                state="running",
+                claimed_by=worker,
+                sandbox_id=target.sandbox_id,
+                created_at=now,
+                started_at=now,
+            )
         )
-        session.add(row)
-        session.flush()
-        execution_id = row.id
+        key = inserted.inserted_primary_key
+        assert key is not None
+        execution_id = int(key[0])
     session_id = new_session_id(execution_id) if use_session else None
     marker = (
         execution_marker_for_session(session_id) if session_id else execution_marker(execution_id, worker)
@@ -932,9 +955,11 @@ def execute_now(
         with db.session() as session:
             _update(
                 session,
-                sa.update(Execution)
+                sa.update(_EXECUTIONS)
                 .where(
-                    Execution.id == execution_id, Execution.state == "running", Execution.claimed_by == worker
+                    _EXECUTIONS.c.id == execution_id,
+                    _EXECUTIONS.c.state == "running",
+                    _EXECUTIONS.c.claimed_by == worker,
                 )
                 .values(**values),
             )

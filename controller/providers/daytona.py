@@ -9,7 +9,9 @@ too (``ProcessApi``, aimed at the sandbox's toolbox proxy URL from one ``get_san
 requests the high-level client sends, without importing it. The file and work-dir calls use the
 high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable socket
 can neither slow nor break anything; it is made on first use, because importing it (OpenTelemetry,
-aiohttp, socketio, every generated model) takes seconds that ``plan``, ``gc`` and ``exec`` never need.
+aiohttp, socketio, every generated model) takes seconds that ``plan``, ``gc`` and ``exec`` never need;
+so are the volumes and object-storage APIs, which ``exec`` never needs either (``leasectl exec``
+starts in a fraction of a second: tests/unit/test_cli_imports.py lists what it imports).
 
 Every vendor exception is translated into ``controller.errors`` by ``classify`` and raised ``from``
 the original. Daytona's server decides much with 400 (quota, capacity, "failed to start", a state
@@ -39,21 +41,18 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 # Submodules, not the packages' lazy top levels: exactly what the provider uses gets imported.
 from daytona.internal.urllib3_retry import RemoteDisconnectedRetry
-from daytona_api_client.api.object_storage_api import ObjectStorageApi
 from daytona_api_client.api.sandbox_api import SandboxApi
-from daytona_api_client.api.volumes_api import VolumesApi
 from daytona_api_client.api_client import ApiClient
 from daytona_api_client.configuration import Configuration
 from daytona_api_client.exceptions import ApiException
 from daytona_api_client.models.create_build_info import CreateBuildInfo
 from daytona_api_client.models.create_sandbox import CreateSandbox
-from daytona_api_client.models.create_volume import CreateVolume
 from daytona_api_client.models.gpu_type import GpuType
 from daytona_api_client.models.sandbox_labels import SandboxLabels
 from daytona_api_client.models.sandbox_list_sort_direction import SandboxListSortDirection
@@ -94,6 +93,9 @@ from controller.providers.base import (
     SessionCommand,
     observed_sandbox,
 )
+
+if TYPE_CHECKING:
+    from daytona_api_client.api.volumes_api import VolumesApi
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +404,7 @@ class DaytonaProvider:
         self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
         self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
         self._api = SandboxApi(self._api_client)
-        self._volumes = VolumesApi(self._api_client)
+        self._volumes_api: VolumesApi | None = None
         self._api_url = api_url.rstrip("/")
         self._api_key = api_key
         self._high_level: Any = None
@@ -436,6 +438,15 @@ class DaytonaProvider:
                         )
                     )
             return self._high_level
+
+    @property
+    def _volumes(self) -> VolumesApi:
+        """The volumes API, made on first use: ``exec`` and the execution queue never need it."""
+        if self._volumes_api is None:
+            from daytona_api_client.api.volumes_api import VolumesApi
+
+            self._volumes_api = VolumesApi(self._api_client)
+        return self._volumes_api
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -547,6 +558,7 @@ class DaytonaProvider:
                 # The SDK's image context and upload step: imported here, its package is slow to load.
                 from daytona import Image
                 from daytona._sync.snapshot import SnapshotService
+                from daytona_api_client.api.object_storage_api import ObjectStorageApi
 
                 image = Image.base("scratch")
                 for path in request.build_context:
@@ -649,6 +661,8 @@ class DaytonaProvider:
         return _volume(item)
 
     def create_volume(self, name: str) -> ObservedVolume:
+        from daytona_api_client.models.create_volume import CreateVolume
+
         item = self._call(
             "create_volume",
             f"create volume {name}",

@@ -3,7 +3,8 @@ here is a slower ``leasectl`` for every operator (issue 14; the times are in ben
 
 Each case runs in a fresh interpreter, drives ``controller.cli.main`` as the console script does,
 and lists the heavy packages found in ``sys.modules`` afterwards. ``--help`` builds the whole
-command tree, so it catches a command module that imports a heavy dependency at its top.
+command tree, so it catches a command module that imports a heavy dependency at its top. ``exec``
+runs a real command on a Ready lease of the local Daytona API.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from controller import db as dbmod
@@ -37,12 +42,17 @@ HEAVY_FOR_GET = (
 PROBE = """
 import json, sys
 from controller.cli import main
+code = 0
 try:
     main(sys.argv[1:])
-except SystemExit:
-    pass
+except SystemExit as exc:
+    code = exc.code
 top = sorted({name.split(".")[0] for name in sys.modules})
-print(json.dumps({"top": top, "orm": "sqlalchemy.orm" in sys.modules}), file=sys.stderr)
+models = sys.modules.get("models")
+mapped = models is not None and models.Execution.__mapper__.configured
+print(json.dumps({"top": top, "orm": "sqlalchemy.orm" in sys.modules, "modules": sorted(sys.modules),
+                  "mapped": mapped, "code": code, "frozen": __import__("gc").get_freeze_count()}),
+      file=sys.stderr)
 """
 
 
@@ -120,3 +130,124 @@ def test_the_overview_reader_knows_every_timestamp_and_boolean_column_of_the_vie
 
     assert {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)} == overview.TIMESTAMP_COLUMNS
     assert {c.key for c in lease_overview.c if isinstance(c.type, sa.Boolean)} == overview.BOOLEAN_COLUMNS
+
+
+# -- exec ------------------------------------------------------------------------------------------
+
+API_KEY = "imports-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def ready_lease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment of a ``leasectl exec`` on lease ``box``, Ready on a started sandbox of the
+    local Daytona API (a subprocess), in a SQLite database."""
+    from controller.providers.base import CreateRequest
+    from controller.providers.daytona import DaytonaProvider
+    from models import Lease, LeaseStatus
+    from tests.support.emulator import EmulatorProcess
+
+    tmp = tmp_path_factory.mktemp("exec-imports")
+    with EmulatorProcess(tmp / "daytona", api_key=API_KEY) as emu:
+        provider = DaytonaProvider(emu.api_url, API_KEY, request_timeout=30)
+        created = provider.create(CreateRequest(name="imports-box", labels={"leasectl-instance": "test"}))
+        deadline = time.monotonic() + 30
+        while (seen := provider.get(created.id)) is None or seen.state != "started":
+            assert time.monotonic() < deadline, f"sandbox not started: {seen}"
+            time.sleep(0.1)
+        url = f"sqlite:///{tmp / 'leasectl.db'}"
+        database = dbmod.connect(url)
+        dbmod.upgrade(database)
+        with database.session() as session:
+            session.add(Lease(name="box", desired_state="running"))
+            session.add(LeaseStatus(lease_name="box", phase="Ready", sandbox_id=created.id))
+        database.dispose()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+        env |= {"LEASECTL_DATABASE_URL": url, "DAYTONA_API_URL": emu.api_url, "DAYTONA_API_KEY": API_KEY}
+        yield env
+
+
+@pytest.mark.parametrize("timeout", [[], ["--timeout", "30"]], ids=["session", "one-request"])
+def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers(
+    ready_lease: dict[str, str], tmp_path: Path, timeout: list[str]
+) -> None:
+    """``exec`` (both paths: the default time-out runs in a session, a short one in one request)
+    imports the generated clients it sends its requests with and the tables, and nothing else of
+    weight: no Alembic, no aiohttp, no high-level ``daytona`` client, no local API server, no API
+    module it sends nothing with; and it never configures the ORM mappers (Core statements only)."""
+    found = _imported(
+        ["exec", "box", *timeout, "--", "sh", "-c", "echo hello; exit 3"], env=ready_lease, cwd=tmp_path
+    )
+    assert found["code"] == 3 and found["stdout"] == "hello\n"
+    top = set(found["top"])  # type: ignore[arg-type]
+    assert {
+        n for n in ("alembic", "aiohttp", "rich", "yaml", "socketio", "opentelemetry") if n in top
+    } == set()
+    modules = set(found["modules"])  # type: ignore[arg-type]
+    sdk = {m for m in modules if m.startswith("daytona.")}
+    assert sdk <= {"daytona.internal", "daytona.internal.urllib3_retry"}  # only the retry policy
+    assert {
+        m
+        for m in modules
+        if m.startswith(("controller.emulator.server", "controller.emulator.app", "controller.reconciler"))
+        or m.endswith(("volumes_api", "object_storage_api"))
+    } == set()
+    assert found["mapped"] is False
+    assert found["frozen"] > 10_000  # main() froze what the command made: the exit does not walk it
+
+
+# -- one command built per start -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["exec", "box", "--", "true"], "exec"),
+        (["--database-url", "sqlite:///x.db", "-vv", "exec", "box"], "exec"),
+        (["--database-url=sqlite:///x.db", "--debug", "get"], "get"),
+        (["-c", "leasectl.yaml", "db", "upgrade"], "db"),
+        (["-cleasectl.yaml", "get"], "get"),
+        ([], None),
+        (["--help"], None),
+        (["--help", "exec"], None),
+        (["-x", "get"], None),  # not plainly read: the whole app says what is wrong
+        (["--", "get"], None),
+    ],
+)
+def test_command_name_is_the_first_word_after_the_global_options(argv: list[str], name: str | None) -> None:
+    from controller.cli import command_name
+
+    assert command_name(argv) == name
+
+
+def test_the_global_options_that_take_a_value_are_known() -> None:
+    import typer.main
+
+    from controller.cli import VALUE_OPTIONS, app
+
+    group = typer.main.get_command(app)
+    taking = {
+        opt
+        for param in group.params
+        if not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+        for opt in param.opts
+    }
+    assert taking == VALUE_OPTIONS
+
+
+def test_each_command_alone_has_the_same_help_as_in_the_whole_app() -> None:
+    """``app_for`` registers only the command run; its help (options, arguments) is the same."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from controller.cli import app, app_for
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert "exec" in names and "get" in names and "db" in names
+    runner = CliRunner()
+    for name in names:
+        one = app_for([name])
+        assert one is not app and sorted(typer.main.get_command(one).commands) == [name]  # type: ignore[attr-defined]
+        whole = runner.invoke(app, [name, "--help"], prog_name="leasectl")
+        alone = runner.invoke(one, [name, "--help"], prog_name="leasectl")
+        assert alone.exit_code == whole.exit_code == 0 and alone.output == whole.output, name
+    assert app_for(["nosuch"]) is app and app_for(["--help"]) is app
