@@ -47,7 +47,6 @@ import msgspec
 
 # Submodules, not the packages' lazy top levels: exactly what the provider uses gets imported.
 from daytona.internal.urllib3_retry import RemoteDisconnectedRetry
-from daytona_api_client.api.sandbox_api import SandboxApi
 from daytona_api_client.api_client import ApiClient
 from daytona_api_client.configuration import Configuration
 from daytona_api_client.exceptions import ApiException
@@ -95,6 +94,7 @@ from controller.providers.base import (
 )
 
 if TYPE_CHECKING:
+    from daytona_api_client.api.sandbox_api import SandboxApi
     from daytona_api_client.api.volumes_api import VolumesApi
 
 log = logging.getLogger(__name__)
@@ -319,6 +319,31 @@ class ListPage(msgspec.Struct, rename="camel"):
 _LIST_PAGE = msgspec.json.Decoder(ListPage)
 
 
+class ToolboxAddress(msgspec.Struct, rename="camel"):
+    """What ``exec`` needs of ``GET /api/sandbox/{id}``: where the sandbox's toolbox answers."""
+
+    id: str
+    toolbox_proxy_url: str | None = None
+
+
+_TOOLBOX_ADDRESS = msgspec.json.Decoder(ToolboxAddress)
+
+
+def _body_of(response: Any) -> bytes:
+    """The body of a raw urllib3 answer of the SDK's transport; any non-2xx status raises the SDK's
+    ``ApiException``, as the generated methods do (so :func:`translate` reads it the same way)."""
+    try:
+        status, body = response.status, response.data
+    finally:
+        response.release_conn()
+    if not 200 <= status <= 299:
+        answer = RESTResponse(response)
+        answer.data = body  # what its untyped read() would set
+        text = body.decode("utf-8", "replace") if body else None
+        raise ApiException.from_response(http_resp=answer, body=text, data=None)
+    return bytes(body or b"")
+
+
 @functools.lru_cache(maxsize=1 << 18)
 def _created_at(text: str) -> datetime | None:
     """``createdAt`` never changes for a sandbox: each text is parsed once per process (bounded)."""
@@ -403,7 +428,7 @@ class DaytonaProvider:
         self._api_client = ApiClient(configuration)
         self._api_client.default_headers["Authorization"] = f"Bearer {api_key}"
         self._api_client.default_headers["X-Daytona-Source"] = "leasectl"
-        self._api = SandboxApi(self._api_client)
+        self._sandbox_api: SandboxApi | None = None
         self._volumes_api: VolumesApi | None = None
         self._api_url = api_url.rstrip("/")
         self._api_key = api_key
@@ -438,6 +463,17 @@ class DaytonaProvider:
                         )
                     )
             return self._high_level
+
+    @property
+    def _api(self) -> SandboxApi:
+        """The sandbox API, made on first use: its module (138 methods, each wrapped by pydantic's
+        ``validate_call``) takes longer to import than ``exec NAME -- true`` takes to run, and exec
+        needs one GET of it (:meth:`_toolbox_address`, without the module)."""
+        if self._sandbox_api is None:
+            from daytona_api_client.api.sandbox_api import SandboxApi
+
+            self._sandbox_api = SandboxApi(self._api_client)
+        return self._sandbox_api
 
     @property
     def _volumes(self) -> VolumesApi:
@@ -489,15 +525,7 @@ class DaytonaProvider:
             order=SandboxListSortDirection.ASC,
             _request_timeout=self._timeout,
         )
-        try:
-            status, body = response.status, response.data
-        finally:
-            response.release_conn()
-        if not 200 <= status <= 299:
-            answer = RESTResponse(response)
-            answer.data = body  # type: ignore[assignment]  # what its untyped read() would set
-            text = body.decode("utf-8", "replace") if body else None
-            raise ApiException.from_response(http_resp=answer, body=text, data=None)
+        body = _body_of(response)
         return parse_list_page(body)
 
     def get(self, id_or_name: str) -> ObservedSandbox | None:
@@ -712,11 +740,7 @@ class DaytonaProvider:
             cached = self._processes.get(sandbox_id)
         if cached is not None:
             return cached
-        dto = self._call(
-            "get",
-            f"get sandbox {sandbox_id}",
-            lambda: self._api.get_sandbox(sandbox_id, _request_timeout=self._timeout),
-        )
+        dto = self._call("get", f"get sandbox {sandbox_id}", partial(self._toolbox_address, sandbox_id))
         base_url = str(dto.toolbox_proxy_url or "").rstrip("/")
         if not base_url:  # servers older than the field: ask for it (one more request, once)
             base_url = self._call(
@@ -734,6 +758,22 @@ class DaytonaProvider:
                 self._processes.pop(next(iter(self._processes)))
             self._processes[sandbox_id] = process
         return process
+
+    def _toolbox_address(self, sandbox_id: str) -> ToolboxAddress:
+        """``GET /sandbox/{id}`` through the SDK's client (transport, auth, errors), read into the two
+        fields exec needs, without importing the generated sandbox API (see :attr:`_api`)."""
+        request = self._api_client.param_serialize(
+            method="GET",
+            resource_path="/sandbox/{sandboxIdOrName}",
+            path_params={"sandboxIdOrName": sandbox_id},
+            header_params={"Accept": "application/json"},
+            auth_settings=["bearer", "oauth2"],
+        )
+        answer = self._api_client.call_api(*request, _request_timeout=self._timeout)
+        try:
+            return _TOOLBOX_ADDRESS.decode(_body_of(answer.response))
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"unreadable sandbox answer: {exc}") from exc
 
     def exec(
         self,

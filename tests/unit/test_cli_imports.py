@@ -173,7 +173,8 @@ def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers
     """``exec`` (both paths: the default time-out runs in a session, a short one in one request)
     imports the generated clients it sends its requests with and the tables, and nothing else of
     weight: no Alembic, no aiohttp, no high-level ``daytona`` client, no local API server, no API
-    module it sends nothing with; and it never configures the ORM mappers (Core statements only)."""
+    module it sends nothing with (the sandbox API's module neither: its one GET of the toolbox address
+    goes through the SDK's client without it); and it never configures the ORM mappers."""
     found = _imported(
         ["exec", "box", *timeout, "--", "sh", "-c", "echo hello; exit 3"], env=ready_lease, cwd=tmp_path
     )
@@ -189,7 +190,7 @@ def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers
         m
         for m in modules
         if m.startswith(("controller.emulator.server", "controller.emulator.app", "controller.reconciler"))
-        or m.endswith(("volumes_api", "object_storage_api"))
+        or m.endswith(("volumes_api", "object_storage_api", "sandbox_api"))  # the toolbox address: one GET
     } == set()
     assert found["mapped"] is False
     assert found["frozen"] > 10_000  # main() froze what the command made: the exit does not walk it
