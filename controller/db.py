@@ -136,6 +136,17 @@ class Database:
             yield session
 
     @contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A writing Core transaction (``BEGIN IMMEDIATE`` on SQLite) without an ORM session:
+        committed on success, rolled back on any exception. For hot paths whose statements never
+        hold rows as objects (the execution queue's claims and results)."""
+        if not self._schema_checked:
+            check_schema(self)
+            self._schema_checked = True
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
     def read(self) -> Iterator[sa.Connection]:
         """A read-only Core transaction (no ORM session): for reads that need no mapped objects."""
         with self.engine.connect() as conn, conn.begin():

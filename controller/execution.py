@@ -682,11 +682,29 @@ def _not_runnable(lease_name: str, lease: Lease | _LeaseView | None, now: dateti
     return None
 
 
-def _update(session: Session, statement: sa.Update, parameters: Mapping[str, Any] | None = None) -> int:
+def _update(
+    target: Session | sa.Connection, statement: sa.Update, parameters: Mapping[str, Any] | None = None
+) -> int:
     """Run an UPDATE on the session's connection (Core: no ORM bulk-update bookkeeping, the queue
     never holds the rows as objects); return how many rows it changed."""
-    result = session.connection().execute(statement, dict(parameters) if parameters is not None else None)
-    return result.rowcount
+    conn = target.connection() if isinstance(target, Session) else target
+    return conn.execute(statement, dict(parameters) if parameters is not None else None).rowcount
+
+
+class _Superseded(sa.exc.SQLAlchemyError):
+    """A fenced UPDATE run for several rows at once (executemany) matched fewer rows than it was
+    given: one of them is no longer what the batch assumed. The transaction is rolled back and its
+    rows are handled one by one."""
+
+
+def _update_all(conn: sa.Connection, statement: sa.Update, parameters: list[dict[str, Any]]) -> None:
+    """Run a fenced UPDATE once per parameter set in ONE executemany (one round trip, one statement
+    to build), or raise :class:`_Superseded` when any of them did not match exactly one row."""
+    if not parameters:
+        return
+    changed = conn.execute(statement, parameters[0] if len(parameters) == 1 else parameters).rowcount
+    if changed != len(parameters):
+        raise _Superseded(f"{changed} of {len(parameters)} rows matched")
 
 
 # The statements a command runs through, built once: rebuilding them per command cost more CPU
@@ -747,7 +765,7 @@ def _finish_values(
 
 
 def _event(
-    session: Session,
+    session: Session | sa.Connection,
     execution_id: int,
     lease_name: str,
     sandbox_id: str | None,
@@ -757,7 +775,8 @@ def _event(
 ) -> None:
     message = f"execution {execution_id}" + (f": {detail}" if detail else "")
     # A Core INSERT in the same transaction: no unit-of-work flush for an append-only row.
-    session.connection().execute(
+    conn = session.connection() if isinstance(session, Session) else session
+    conn.execute(
         _INSERT_EVENT,
         {
             "lease_name": lease_name,
@@ -826,25 +845,29 @@ def finish_many(
     db: Database, worker_id: str, results: list[Finished], *, max_output_bytes: int, clock: Clock = utcnow
 ) -> list[int]:
     """Record several outcomes of rows this worker claimed in ONE transaction (a group commit): one
-    fenced UPDATE per row, one INSERT of all their events. Rows no longer ours (someone else ended
-    them) are left to :func:`finish`, which drops their result and clears their secrets; returns
-    their ids. If the transaction fails, nothing of it is kept and the caller records one by one."""
-    with db.session() as session:
-        return _finish_in(session, worker_id, results, clock(), max_output_bytes)
+    fenced UPDATE for all rows (executemany), one INSERT of all their events. If a row is no longer
+    ours (someone else ended it) or the transaction fails, nothing of it is kept and every id is
+    returned: the caller records them one by one with :func:`finish`, which drops the result of a
+    row no longer ours and clears its secrets."""
+    try:
+        with db.write() as conn:
+            _finish_in(conn, worker_id, results, clock(), max_output_bytes)
+    except _Superseded:
+        return [item.execution_id for item in results]
+    return []
 
 
 def _finish_in(
-    session: Session, worker_id: str, results: list[Finished], now: datetime, max_output_bytes: int
-) -> list[int]:
-    """:func:`finish_many` inside the caller's transaction."""
+    conn: sa.Connection, worker_id: str, results: list[Finished], now: datetime, max_output_bytes: int
+) -> None:
+    """:func:`finish_many` inside the caller's transaction; :class:`_Superseded` when a row of the
+    batch is no longer running under this worker (the caller rolls back)."""
+    updates: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    lost: list[int] = []
     for item in results:
         values = _finish_values(item.outcome, now, max_output_bytes)
         del values["env"], values["stdin"]  # cleared by _FINISH itself
-        if _update(session, _FINISH, {"b_id": item.execution_id, "b_worker": worker_id, **values}) != 1:
-            lost.append(item.execution_id)
-            continue
+        updates.append({"b_id": item.execution_id, "b_worker": worker_id, **values})
         detail = _detail(item.outcome)
         events.append(
             {
@@ -856,9 +879,9 @@ def _finish_in(
                 "controller_id": worker_id,
             }
         )
+    _update_all(conn, _FINISH, updates)
     if events:
-        session.connection().execute(_INSERT_EVENT, events)
-    return lost
+        conn.execute(_INSERT_EVENT, events)
 
 
 def execute_now(
@@ -1290,7 +1313,13 @@ class Dispatcher:
         self._grace = interrupt_grace_seconds
         self._rng = rng or random.Random()
         self._host = socket.gethostname()
+        # Two locks. ``_lock`` guards the in-memory state only (slots, running jobs, flags) and is never
+        # held across I/O: a command that ends or starts never waits for a transaction. ``_claiming``
+        # is held by whoever claims (a poll, a freed slot, recovery): one claim at a time, so the
+        # free slots a claim counts can only grow while it runs, and shutdown waits for it.
         self._lock = threading.Lock()
+        self._claiming = threading.Lock()
+        self._processed = 0  # rows processed by claims and recovery (under ``_claiming``)
         self._inflight: set[Future[None]] = set()
         self._closed = False
         self._last_recover = float("-inf")
@@ -1318,47 +1347,63 @@ class Dispatcher:
     def run_once(self, *, wait: bool = True) -> int:
         """Claim what can run now (up to the free slots) and start it; return how many rows were
         processed (started, re-attached, or ended without running). With ``wait`` (the default),
-        return only once the commands started by this call have finished."""
+        return only once the commands started by this call have finished. Without it, the
+        dispatcher runs continuously: a slot that frees up claims its next row at once."""
         started: list[Future[None]] = []
-        processed = 0
-        with self._lock:
-            if self._closed:
-                return 0
-            self._refill = not wait
-            if time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS:
-                processed += self._recover(started)
-                self._sweep_cancelled()
-            if self._running:
-                self._stop_cancelled()
-            self._inflight = {f for f in self._inflight if not f.done()}
-            if self._anything_queued():
-                processed += self._fill(started)
+        processed = self._poll(started, refill=not wait)
         if wait and started:
             futures.wait(started)
         return processed
 
-    def _fill(self, started: list[Future[None]]) -> int:
-        """Claim rows for the free slots and start them (under ``_lock``); rows processed."""
+    def _poll(self, started: list[Future[None]], *, refill: bool) -> int:
+        """One round of :meth:`run_once`: recovery when due, cancelled commands, then a claim for
+        the free slots (none when every slot is busy: not even the read)."""
         processed = 0
-        free = self.settings.max_concurrent - self._taken
+        with self._claiming:
+            with self._lock:
+                if self._closed:
+                    return 0
+                self._refill = refill
+                self._inflight = {f for f in self._inflight if not f.done()}
+                recover = time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS
+                running = bool(self._running)
+            if recover:
+                processed += self._recover(started)
+                self._sweep_cancelled()
+            if running:
+                self._stop_cancelled()
+            if self._free() > 0 and self._anything_queued():
+                processed += self._fill(started)
+        return processed
+
+    def _free(self) -> int:
+        with self._lock:
+            return self.settings.max_concurrent - self._taken
+
+    def _fill(self, started: list[Future[None]]) -> int:
+        """Claim rows for the free slots and start them (under ``_claiming``); rows processed."""
+        processed = 0
         self._more = False
-        while free > 0:
+        while (free := self._free()) > 0:
             with self._writes:
                 jobs, ended = self._claim(free)
             processed += len(jobs) + ended
-            for job in jobs:
-                started.append(self._submit(job))
+            self._processed += len(jobs) + ended
+            with self._lock:
+                started.extend(self._submit(job) for job in jobs)
             if len(jobs) + ended < free:
                 return processed  # nothing more is runnable now
-            free -= len(jobs)  # rows that ended in error took no slot: claim again
         self._more = True
         return processed
 
     def _refill_slot(self) -> None:
         """A slot just freed up while the dispatcher runs continuously (``run_once(wait=False)``,
-        the daemon's way): claim the next runnable row now instead of at the next poll, unless the
-        last claim already found fewer runnable rows than slots (then the next poll looks)."""
-        with self._lock:
+        the daemon's way, or :meth:`drain`): claim the next runnable row now instead of at the next
+        poll, unless the last claim already found fewer runnable rows than slots (then the next
+        poll looks)."""
+        if self._closed or not self._refill or not self._more:
+            return
+        with self._claiming:
             if self._closed or not self._refill or not self._more:
                 return
             try:
@@ -1369,18 +1414,24 @@ class Dispatcher:
 
     def drain(self) -> int:
         """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
-        ones included), then return the number of rows processed."""
-        total = 0
+        ones included), then return the number of rows processed. Continuous like the daemon's
+        polling (a freed slot claims the next row at once), without the poll interval: it returns
+        once a claim found nothing while nothing ran."""
+        first = self._processed
         while True:
-            n = self.run_once(wait=True)
-            total += n
-            if n:
-                continue
-            with self._lock:
-                pending = {f for f in self._inflight if not f.done()}
-            if not pending:
-                return total
-            futures.wait(pending)
+            mark = self._processed
+            idle = not self._pending()
+            self._poll([], refill=True)
+            # Done when a claim found nothing while nothing ran: a command that ended during or
+            # after the claim may have made another row runnable (per-lease order), so look again.
+            if (idle and self._processed == mark) or self._closed:
+                return self._processed - first
+            while pending := self._pending():
+                futures.wait(pending)
+
+    def _pending(self) -> list[Future[None]]:
+        with self._lock:
+            return [f for f in self._inflight if not f.done()]
 
     def run_forever(self, stop: threading.Event) -> None:
         """Poll every ``exec.poll_interval_seconds`` until ``stop`` is set, then shut down."""
@@ -1401,7 +1452,7 @@ class Dispatcher:
         ``detached:<worker>``) and the next dispatcher re-attaches to them at once. Rows of one-request
         commands still running when the process exits become ``interrupted`` at the next start.
         """
-        with self._lock:
+        with self._claiming, self._lock:  # a claim in progress submits its rows first
             self._closed = True
             pending = {f for f in self._inflight if not f.done()}
         _, not_done = futures.wait(pending, timeout=timeout) if pending else (set(), set())
@@ -1414,7 +1465,7 @@ class Dispatcher:
         """Deal with ``running`` rows whose worker is gone (see the module docstring): re-attach to
         their session command, or mark them ``unknown`` / ``interrupted``. Returns how many."""
         started: list[Future[None]] = []
-        with self._lock:
+        with self._claiming:
             if self._closed:
                 return 0
             return self._recover(started)
@@ -1422,7 +1473,9 @@ class Dispatcher:
     # -- internals -------------------------------------------------------------------------------
 
     def _submit(self, job: Job) -> Future[None]:
+        """Start a claimed job on a slot (under ``_lock``)."""
         self._taken += 1
+        self._running[job.id] = job
         future = self._pool.submit(self._run, job)
         self._inflight.add(future)
         return future
@@ -1509,8 +1562,9 @@ class Dispatcher:
         for execution_id, lease_name, state, reason in marked:
             with logs.bound(lease=lease_name):
                 log.warning("execution %d: %s: %s", execution_id, state, reason)
-        for job in attach:
-            started.append(self._submit(job))
+        with self._lock:
+            started.extend(self._submit(job) for job in attach)
+        self._processed += len(marked)
         return len(marked)
 
     def _gone(
@@ -1532,7 +1586,8 @@ class Dispatcher:
     def _stop_cancelled(self) -> None:
         """Stop, in the sandbox, one-request commands of this dispatcher whose rows were cancelled
         meanwhile (session commands are stopped by their follower)."""
-        ids = [i for i, job in self._running.items() if i not in self._stopping and not job.session_id]
+        with self._lock:
+            ids = [i for i, job in self._running.items() if i not in self._stopping and not job.session_id]
         if not ids:
             return
         with self.db.session(readonly=True) as session:
@@ -1542,10 +1597,11 @@ class Dispatcher:
                 )
             ).all()
         for execution_id in cancelled:
-            job = self._running.get(execution_id)
-            if job is None:
-                continue
-            self._stopping.add(execution_id)
+            with self._lock:
+                job = self._running.get(execution_id)
+                if job is None:
+                    continue
+                self._stopping.add(execution_id)
             marker = execution_marker(job.id, self.worker_id)
             with logs.bound(lease=job.lease_name):
                 log.info("execution %d: cancelled while running; stopping it in the sandbox", job.id)
@@ -1661,8 +1717,12 @@ class Dispatcher:
         """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
         error (counted); rows for leases still starting, rows backing off and rows waiting for an
         earlier row of their lease stay queued. Core statements: the rows are never ORM objects."""
-        with self.db.session() as session:
-            jobs, ended = self._claim_in(session, limit)
+        try:
+            with self.db.write() as conn:
+                jobs, ended = self._claim_in(conn, limit)
+        except _Superseded:  # cannot happen while the claim holds its rows; row by row if it does
+            with self.db.write() as conn:
+                jobs, ended = self._claim_in(conn, limit, one_by_one=True)
         self._log_ended(ended)
         return jobs, len(ended)
 
@@ -1671,46 +1731,44 @@ class Dispatcher:
             with logs.bound(lease=lease_name):
                 log.warning("execution %d: %s", execution_id, problem)
 
-    def _claim_in(self, session: Session, limit: int) -> tuple[list[Job], list[tuple[int, str, str]]]:
-        """:meth:`_claim` inside the caller's transaction: the jobs and the rows ended in error."""
+    def _claim_in(
+        self, conn: sa.Connection, limit: int, *, one_by_one: bool = False
+    ) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """:meth:`_claim` inside the caller's transaction: the jobs and the rows ended in error. The
+        rows to run are claimed with one executemany of the conditional UPDATE; the SELECT locked
+        them (PostgreSQL ``FOR UPDATE``, SQLite's write lock), so each matches, or
+        :class:`_Superseded` rolls the transaction back (``one_by_one`` then claims row by row)."""
         now = self._clock()
         cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        conn = session.connection()
         rows = conn.execute(self._claim_query(), {"b_now": now, "b_cutoff": cutoff, "b_limit": limit}).all()
         for row in rows:
             lease = _LeaseView(row.desired_state, row.expires_at) if row.lease_id is not None else None
             status = _StatusView(row.phase, row.status_sandbox_id, row.workspace_path) if row.phase else None
             job, problem = self._decide(row, lease, status, now)
-            if job is None and problem is None:
-                continue  # still waiting for its lease
             if job is not None:
+                jobs.append(job)
+            elif problem is not None:
                 claimed = _update(
-                    session,
-                    _CLAIM,
-                    {
-                        "b_id": row.id,
-                        "claimed_by": self.worker_id,
-                        "started_at": now,
-                        "sandbox_id": job.sandbox_id,
-                    },
-                )
-            else:
-                claimed = _update(
-                    session,
+                    conn,
                     sa.update(Execution)
                     .where(Execution.id == row.id, Execution.state == "queued")
                     .values(env=sa.null(), stdin=sa.null(), state="error", error=problem, finished_at=now),
                 )
-            if claimed != 1:
-                continue
-            if job is not None:
-                jobs.append(job)
-            else:
-                assert problem is not None
-                _event(session, row.id, row.lease_name, None, "error", problem, self.worker_id)
-                ended.append((row.id, row.lease_name, problem))
+                if claimed == 1:
+                    _event(conn, row.id, row.lease_name, None, "error", problem, self.worker_id)
+                    ended.append((row.id, row.lease_name, problem))
+            # else: still waiting for its lease
+        claims = [
+            {"b_id": job.id, "claimed_by": self.worker_id, "started_at": now, "sandbox_id": job.sandbox_id}
+            for job in jobs
+        ]
+        if one_by_one:
+            pairs = zip(jobs, claims, strict=True)
+            jobs = [job for job, values in pairs if _update(conn, _CLAIM, values) == 1]
+        else:
+            _update_all(conn, _CLAIM, claims)
         return jobs, ended
 
     def _decide(
@@ -1763,8 +1821,6 @@ class Dispatcher:
         """Run one job on a pool thread. Its slot is free as soon as the command has ended: the next
         row is claimed (continuous mode) while this thread still records the result, so writing a
         result never holds a command back (the pool has room for both)."""
-        with self._lock:
-            self._running[job.id] = job
         try:
             outcome = self._outcome(job)
         finally:
@@ -1850,39 +1906,38 @@ class Dispatcher:
         command instead of two; the claim is still the conditional ``state = 'queued'`` UPDATE."""
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        with self._lock:
+        with self._claiming:
             claim = not self._closed and self._refill and self._more
             with self._writes, self._flushing:
                 with self._results_lock:
                     batch, self._results = self._results, []
-                free = self.settings.max_concurrent - self._taken if claim else 0
+                free = self._free() if claim else 0
                 if not batch and free <= 0:
                     return
                 results = [
                     Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch
                 ]
+                lost: set[int] = set()
                 try:
-                    with self.db.session() as session:
-                        lost = set(
-                            _finish_in(
-                                session,
-                                self.worker_id,
-                                results,
-                                self._clock(),
-                                self.settings.max_output_bytes,
-                            )
-                        )
+                    with self.db.write() as conn:
+                        now = self._clock()
+                        _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
                         if free > 0:
-                            jobs, ended = self._claim_in(session, free)
+                            jobs, ended = self._claim_in(conn, free)
                 except sa.exc.SQLAlchemyError as exc:
-                    log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+                    # Rolled back: its results are written one by one (a row no longer ours among them
+                    # is _Superseded, not a database error), and the next poll claims again.
+                    if not isinstance(exc, _Superseded):
+                        log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
                     jobs, ended, lost = [], [], {job.id for job, _ in batch}
-                    self._more = False  # the next poll claims again
+                    self._more = False
                 else:
                     if free > 0:
                         self._more = len(jobs) + len(ended) == free
-                for job in jobs:  # only after the commit: the claim holds from then on
-                    self._submit(job)
+                        self._processed += len(jobs) + len(ended)
+                with self._lock:  # only after the commit: the claim holds from then on
+                    for job in jobs:
+                        self._submit(job)
         self._log_ended(ended)
         self._after_flush(batch, lost)
 
