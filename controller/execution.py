@@ -68,7 +68,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -110,6 +110,7 @@ log = logging.getLogger(__name__)
 STDIN_DIR = "/tmp"
 INTERRUPT_GRACE_SECONDS = 300.0
 RECOVER_EVERY_SECONDS = 60.0
+WRITE_LANES = 2  # PostgreSQL: group commits in progress at once (see Dispatcher.__init__)
 ERROR_MAX_CHARS = 4000
 WAIT_POLL_SECONDS = 0.5
 EXIT_TIMED_OUT = 124  # what `leasectl exec` (like coreutils `timeout`) exits with on a time-out
@@ -697,7 +698,9 @@ class _Superseded(sa.exc.SQLAlchemyError):
     rows are handled one by one."""
 
 
-def _update_all(conn: sa.Connection, statement: sa.Update, parameters: list[dict[str, Any]]) -> None:
+def _update_all(
+    conn: sa.Connection, statement: sa.Update | sa.Insert, parameters: list[dict[str, Any]]
+) -> None:
     """Run a fenced UPDATE once per parameter set in ONE executemany (one round trip, one statement
     to build), or raise :class:`_Superseded` when any of them did not match exactly one row."""
     if not parameters:
@@ -729,7 +732,28 @@ _FINISH = (
         stdin=sa.null(),
     )
 )
-_INSERT_EVENT = sa.insert(cast(sa.Table, Event.__table__))
+_EVENTS = cast(sa.Table, Event.__table__)
+_INSERT_EVENT = sa.insert(_EVENTS)
+# PostgreSQL: the fenced result UPDATE and its event in one statement (a data-modifying CTE), so
+# the event exists exactly when the UPDATE matched: one statement and one round trip per group
+# commit fewer. Its row count is the number of rows updated.
+_FINISHED = _FINISH.returning(_EXECUTIONS.c.lease_name, _EXECUTIONS.c.sandbox_id).cte("finished")
+_FINISH_WITH_EVENT = (
+    sa.insert(_EVENTS)
+    .from_select(
+        ["lease_name", "sandbox_id", "action", "outcome", "message", "controller_id"],
+        sa.select(
+            _FINISHED.c.lease_name,
+            _FINISHED.c.sandbox_id,
+            sa.literal("exec", sa.String()),
+            sa.bindparam("e_outcome", type_=sa.String()),
+            sa.bindparam("e_message", type_=sa.Text()),
+            sa.bindparam("e_worker", type_=sa.String()),
+        ),
+    )
+    # an executemany INSERT's row count is kept only when asked for (psycopg sums it)
+    .execution_options(preserve_rowcount=True)
+)
 _CLAIM = (
     sa.update(_EXECUTIONS)
     .where(_EXECUTIONS.c.id == sa.bindparam("b_id"), _EXECUTIONS.c.state == "queued")
@@ -867,18 +891,29 @@ def _finish_in(
     for item in results:
         values = _finish_values(item.outcome, now, max_output_bytes)
         del values["env"], values["stdin"]  # cleared by _FINISH itself
-        updates.append({"b_id": item.execution_id, "b_worker": worker_id, **values})
         detail = _detail(item.outcome)
+        message = f"execution {item.execution_id}" + (f": {detail}" if detail else "")
+        updates.append({"b_id": item.execution_id, "b_worker": worker_id, **values})
         events.append(
             {
                 "lease_name": item.lease_name,
                 "sandbox_id": item.sandbox_id,
                 "action": "exec",
                 "outcome": item.outcome.state,
-                "message": f"execution {item.execution_id}" + (f": {detail}" if detail else ""),
+                "message": message,
                 "controller_id": worker_id,
             }
         )
+    if conn.dialect.name == "postgresql":
+        _update_all(
+            conn,
+            _FINISH_WITH_EVENT,
+            [
+                u | {"e_outcome": e["outcome"], "e_message": e["message"], "e_worker": worker_id}
+                for u, e in zip(updates, events, strict=True)
+            ],
+        )
+        return
     _update_all(conn, _FINISH, updates)
     if events:
         conn.execute(_INSERT_EVENT, events)
@@ -1313,13 +1348,16 @@ class Dispatcher:
         self._grace = interrupt_grace_seconds
         self._rng = rng or random.Random()
         self._host = socket.gethostname()
-        # Two locks. ``_lock`` guards the in-memory state only (slots, running jobs, flags) and is never
-        # held across I/O: a command that ends or starts never waits for a transaction. ``_claiming``
-        # is held by whoever claims (a poll, a freed slot, recovery): one claim at a time, so the
-        # free slots a claim counts can only grow while it runs, and shutdown waits for it.
+        # ``_lock`` guards the in-memory state only (slots, running jobs, counters) and is never held
+        # across I/O: a command that ends or starts never waits for a transaction. A claim reserves
+        # the free slots it asks for (``_taken``) before its transaction and gives back what it did
+        # not fill, so claims may overlap without ever running more than ``max_concurrent``;
+        # shutdown waits for the claims in progress (``_claims``) to start what they claimed.
         self._lock = threading.Lock()
-        self._claiming = threading.Lock()
-        self._processed = 0  # rows processed by claims and recovery (under ``_claiming``)
+        self._claims_done = threading.Condition(self._lock)
+        self._claims = 0
+        self._polling = threading.Lock()  # one poll (recovery, sweeps, claim) at a time
+        self._processed = 0  # rows processed by claims and recovery
         self._inflight: set[Future[None]] = set()
         self._closed = False
         self._last_recover = float("-inf")
@@ -1336,8 +1374,13 @@ class Dispatcher:
         self._writes: Any = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
         self._results: list[tuple[Job, CommandOutcome]] = []  # finished, not yet written
         self._results_lock = threading.Lock()
-        # One group commit at a time (on PostgreSQL too): results arriving meanwhile join the next.
-        self._flushing = threading.Lock()
+        # Group commits (results, and in continuous mode the claim for the slots freed meanwhile)
+        # run in up to WRITE_LANES transactions at once on PostgreSQL, whose commits wait on round
+        # trips and the WAL flush; results that arrive meanwhile join the next one. SQLite: one.
+        self._lanes = threading.BoundedSemaphore(1 if db.is_sqlite else WRITE_LANES)
+        # The claims' and results' transactions run on connections this dispatcher keeps checked
+        # out (one per transaction at once): a checkout costs a ping (a round trip) on PostgreSQL.
+        self._connections: list[sa.Connection] = []
         self._pool = ThreadPoolExecutor(
             max_workers=2 * settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
@@ -1359,7 +1402,7 @@ class Dispatcher:
         """One round of :meth:`run_once`: recovery when due, cancelled commands, then a claim for
         the free slots (none when every slot is busy: not even the read)."""
         processed = 0
-        with self._claiming:
+        with self._polling:
             with self._lock:
                 if self._closed:
                     return 0
@@ -1380,19 +1423,45 @@ class Dispatcher:
         with self._lock:
             return self.settings.max_concurrent - self._taken
 
+    def _reserve(self, limit: int | None = None) -> int:
+        """Reserve the free slots (at most ``limit``) for a claim about to run; how many (0: none,
+        no claim)."""
+        with self._lock:
+            free = 0 if self._closed else self.settings.max_concurrent - self._taken
+            if limit is not None:
+                free = min(free, limit)
+            if free > 0:
+                self._taken += free
+                self._claims += 1
+            return max(free, 0)
+
+    def _start(self, reserved: int, jobs: list[Job], processed: int) -> list[Future[None]]:
+        """After a claim's commit: start its jobs on the slots it reserved, give back the others."""
+        with self._lock:
+            started = [self._submit(job, reserved=True) for job in jobs]
+            self._taken -= reserved - len(jobs)
+            self._processed += processed
+            self._claims -= 1
+            self._claims_done.notify_all()
+        return started
+
     def _fill(self, started: list[Future[None]]) -> int:
-        """Claim rows for the free slots and start them (under ``_claiming``); rows processed."""
+        """Claim rows for the free slots and start them; rows processed."""
         processed = 0
         self._more = False
-        while (free := self._free()) > 0:
-            with self._writes:
-                jobs, ended = self._claim(free)
+        budget: int | None = None  # the slots free at the start: slots that free up meanwhile wait
+        while (free := self._reserve(budget)) > 0:
+            jobs: list[Job] = []
+            ended = 0
+            try:
+                with self._writes:
+                    jobs, ended = self._claim(free)
+            finally:
+                started.extend(self._start(free, jobs, len(jobs) + ended))
             processed += len(jobs) + ended
-            self._processed += len(jobs) + ended
-            with self._lock:
-                started.extend(self._submit(job) for job in jobs)
             if len(jobs) + ended < free:
                 return processed  # nothing more is runnable now
+            budget = free - len(jobs)  # rows that ended in error took no slot: claim again
         self._more = True
         return processed
 
@@ -1403,14 +1472,11 @@ class Dispatcher:
         poll looks)."""
         if self._closed or not self._refill or not self._more:
             return
-        with self._claiming:
-            if self._closed or not self._refill or not self._more:
-                return
-            try:
-                self._fill([])
-            except sa.exc.SQLAlchemyError as exc:
-                self._more = False  # the next poll tries again
-                log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+        try:
+            self._fill([])
+        except sa.exc.SQLAlchemyError as exc:
+            self._more = False  # the next poll tries again
+            log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
 
     def drain(self) -> int:
         """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
@@ -1452,11 +1518,17 @@ class Dispatcher:
         ``detached:<worker>``) and the next dispatcher re-attaches to them at once. Rows of one-request
         commands still running when the process exits become ``interrupted`` at the next start.
         """
-        with self._claiming, self._lock:  # a claim in progress submits its rows first
+        with self._lock:
             self._closed = True
+            while self._claims:  # a claim in progress starts what it claimed first
+                self._claims_done.wait()
             pending = {f for f in self._inflight if not f.done()}
         _, not_done = futures.wait(pending, timeout=timeout) if pending else (set(), set())
         self._pool.shutdown(wait=not not_done, cancel_futures=True)
+        with self._lock:
+            held, self._connections = self._connections, []
+        for conn in held:
+            conn.close()
         if not_done:
             log.warning("execution dispatcher: %d command(s) still running at shutdown", len(not_done))
         return not not_done
@@ -1465,16 +1537,38 @@ class Dispatcher:
         """Deal with ``running`` rows whose worker is gone (see the module docstring): re-attach to
         their session command, or mark them ``unknown`` / ``interrupted``. Returns how many."""
         started: list[Future[None]] = []
-        with self._claiming:
+        with self._polling:
             if self._closed:
                 return 0
             return self._recover(started)
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _submit(self, job: Job) -> Future[None]:
-        """Start a claimed job on a slot (under ``_lock``)."""
-        self._taken += 1
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """A writing Core transaction (as :meth:`Database.write`) on a connection this dispatcher
+        keeps between transactions; one that failed is given back to the pool instead (it may be
+        broken; the pool's checkout ping sorts that out)."""
+        with self._lock:
+            conn = self._connections.pop() if self._connections else None
+        if conn is None:
+            conn = self.db.writer()
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._connections.append(conn)
+
+    def _submit(self, job: Job, *, reserved: bool = False) -> Future[None]:
+        """Start a claimed job on a slot (under ``_lock``); ``reserved``: its claim took the slot."""
+        if not reserved:
+            self._taken += 1
         self._running[job.id] = job
         future = self._pool.submit(self._run, job)
         self._inflight.add(future)
@@ -1564,7 +1658,7 @@ class Dispatcher:
                 log.warning("execution %d: %s: %s", execution_id, state, reason)
         with self._lock:
             started.extend(self._submit(job) for job in attach)
-        self._processed += len(marked)
+            self._processed += len(marked)
         return len(marked)
 
     def _gone(
@@ -1718,10 +1812,10 @@ class Dispatcher:
         error (counted); rows for leases still starting, rows backing off and rows waiting for an
         earlier row of their lease stay queued. Core statements: the rows are never ORM objects."""
         try:
-            with self.db.write() as conn:
+            with self._write() as conn:
                 jobs, ended = self._claim_in(conn, limit)
         except _Superseded:  # cannot happen while the claim holds its rows; row by row if it does
-            with self.db.write() as conn:
+            with self._write() as conn:
                 jobs, ended = self._claim_in(conn, limit, one_by_one=True)
         self._log_ended(ended)
         return jobs, len(ended)
@@ -1880,64 +1974,55 @@ class Dispatcher:
     def _flush_results(self) -> None:
         """Write every pending result in one transaction. A thread that finds its result already
         written by another (which took it into its batch) has nothing left to do."""
-        with self._writes, self._flushing:
+        with self._lanes, self._writes:
             with self._results_lock:
                 batch, self._results = self._results, []
             if not batch:
                 return
             results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
+            lost: set[int] = set()
             try:
-                lost = set(
-                    finish_many(
-                        self.db,
-                        self.worker_id,
-                        results,
-                        max_output_bytes=self.settings.max_output_bytes,
-                        clock=self._clock,
-                    )
-                )
-            except sa.exc.SQLAlchemyError:
+                with self._write() as conn:
+                    _finish_in(conn, self.worker_id, results, self._clock(), self.settings.max_output_bytes)
+            except sa.exc.SQLAlchemyError:  # _Superseded included: one by one
                 lost = {job.id for job, _ in batch}
         self._after_flush(batch, lost)
 
     def _flush_and_claim(self) -> None:
         """Continuous mode, a command just ended: write the pending results (a group commit) and
-        claim rows for the free slots in the same transaction, then start them. One commit per
-        command instead of two; the claim is still the conditional ``state = 'queued'`` UPDATE."""
+        claim rows for the slots free at that moment in the same transaction, then start them. One
+        commit per command at most instead of two; the claim is still the conditional
+        ``state = 'queued'`` UPDATE."""
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        with self._claiming:
-            claim = not self._closed and self._refill and self._more
-            with self._writes, self._flushing:
-                with self._results_lock:
-                    batch, self._results = self._results, []
-                free = self._free() if claim else 0
-                if not batch and free <= 0:
-                    return
-                results = [
-                    Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch
-                ]
-                lost: set[int] = set()
-                try:
-                    with self.db.write() as conn:
-                        now = self._clock()
-                        _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
-                        if free > 0:
-                            jobs, ended = self._claim_in(conn, free)
-                except sa.exc.SQLAlchemyError as exc:
-                    # Rolled back: its results are written one by one (a row no longer ours among them
-                    # is _Superseded, not a database error), and the next poll claims again.
-                    if not isinstance(exc, _Superseded):
-                        log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
-                    jobs, ended, lost = [], [], {job.id for job, _ in batch}
-                    self._more = False
-                else:
+        with self._lanes, self._writes:
+            with self._results_lock:
+                batch, self._results = self._results, []
+            free = self._reserve() if self._refill and self._more else 0
+            if not batch and free <= 0:
+                return
+            results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
+            lost: set[int] = set()
+            try:
+                with self._write() as conn:
+                    now = self._clock()
+                    _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
                     if free > 0:
-                        self._more = len(jobs) + len(ended) == free
-                        self._processed += len(jobs) + len(ended)
-                with self._lock:  # only after the commit: the claim holds from then on
-                    for job in jobs:
-                        self._submit(job)
+                        jobs, ended = self._claim_in(conn, free)
+            except sa.exc.SQLAlchemyError as exc:
+                # Rolled back: its results are written one by one (a row no longer ours among them
+                # is _Superseded, not a database error), and the next poll claims again.
+                if not isinstance(exc, _Superseded):
+                    log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+                jobs, ended, lost = [], [], {job.id for job, _ in batch}
+                if free > 0:
+                    self._more = False
+            else:
+                if free > 0:
+                    self._more = len(jobs) + len(ended) == free
+            finally:
+                if free > 0:  # only after the commit: the claim holds from then on
+                    self._start(free, jobs, len(jobs) + len(ended))
         self._log_ended(ended)
         self._after_flush(batch, lost)
 
