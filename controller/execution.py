@@ -1368,6 +1368,7 @@ class Dispatcher:
         self._more = False  # the last claim filled every slot it asked for: more may be runnable
         # Twice the slots: a thread recording a result while the slot's next command already runs.
         self._claim_select: sa.Select[Any] | None = None
+        self._claim_runnable: sa.Update | None = None  # PostgreSQL: claim by one UPDATE ... RETURNING
         # SQLite has one writer: this process's claims and results take turns here instead of in
         # SQLite's busy handler, whose sleeps (up to tens of ms) would idle a slot. PostgreSQL
         # writes rows, not the database: no turn-taking there.
@@ -1481,8 +1482,10 @@ class Dispatcher:
     def drain(self) -> int:
         """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
         ones included), then return the number of rows processed. Continuous like the daemon's
-        polling (a freed slot claims the next row at once), without the poll interval: it returns
-        once a claim found nothing while nothing ran."""
+        polling: a freed slot claims the next row at once, and every ``exec.poll_interval_seconds``
+        while commands run (or as soon as they all ended) a poll stops cancelled commands, recovers
+        rows of gone workers when due and claims for free slots. It returns once a claim found
+        nothing while nothing ran."""
         first = self._processed
         while True:
             mark = self._processed
@@ -1492,8 +1495,9 @@ class Dispatcher:
             # after the claim may have made another row runnable (per-lease order), so look again.
             if (idle and self._processed == mark) or self._closed:
                 return self._processed - first
-            while pending := self._pending():
-                futures.wait(pending)
+            next_poll = time.monotonic() + self.settings.poll_interval_seconds
+            while (pending := self._pending()) and (left := next_poll - time.monotonic()) > 0:
+                futures.wait(pending, timeout=left)
 
     def _pending(self) -> list[Future[None]]:
         with self._lock:
@@ -1803,9 +1807,69 @@ class Dispatcher:
         if self.settings.per_lease_concurrency > 0:
             query = query.where(sa.not_(self._blocked_by_earlier()))
         if not self.db.is_sqlite:
+            runnable = query.where(
+                status.phase.in_(RUNNABLE_PHASES),
+                status.sandbox_id.is_not(None),
+                lease.desired_state == "running",
+                sa.or_(lease.expires_at.is_(None), lease.expires_at > now),
+            ).with_for_update(of=_EXECUTIONS, skip_locked=True)
+            picked = runnable.subquery("picked")
+            self._claim_runnable = (
+                sa.update(_EXECUTIONS)
+                .where(_EXECUTIONS.c.id == picked.c.id)
+                .values(
+                    state="running",
+                    claimed_by=sa.bindparam("claimed_by"),
+                    started_at=sa.bindparam("started_at", type_=UTCDateTime()),
+                    sandbox_id=picked.c.status_sandbox_id,
+                    next_attempt_at=None,
+                    env=sa.null(),
+                    stdin=sa.null(),
+                )
+                .returning(*picked.c)
+            )
             query = query.with_for_update(of=_EXECUTIONS, skip_locked=True)
         self._claim_select = query
         return query
+
+    def _claim_runnable_in(
+        self, conn: sa.Connection, limit: int
+    ) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """PostgreSQL, continuous mode: claim up to ``limit`` rows that can run now in ONE statement
+        (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`` the row as it was, env
+        and stdin included) and return them as jobs. Rows that must end in error are left to the
+        next poll's claim. A claimed row ``_decide`` refuses (an invalid env) ends in error here."""
+        self._claim_query()
+        assert self._claim_runnable is not None
+        now = self._clock()
+        cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
+        rows = conn.execute(
+            self._claim_runnable,
+            {
+                "b_now": now,
+                "b_cutoff": cutoff,
+                "b_limit": limit,
+                "claimed_by": self.worker_id,
+                "started_at": now,
+            },
+        ).all()
+        jobs: list[Job] = []
+        ended: list[tuple[int, str, str]] = []
+        for row in sorted(rows, key=lambda r: (r.created_at, r.id)):
+            lease = _LeaseView(row.desired_state, row.expires_at)
+            status = _StatusView(row.phase, row.status_sandbox_id, row.workspace_path)
+            job, problem = self._decide(row, lease, status, now)
+            if job is not None:
+                jobs.append(job)
+                continue
+            problem = problem or "not runnable when claimed"
+            guard = sa.update(Execution).where(
+                Execution.id == row.id, Execution.state == "running", Execution.claimed_by == self.worker_id
+            )
+            if _update(conn, guard.values(state="error", error=problem, finished_at=now)) == 1:
+                _event(conn, row.id, row.lease_name, None, "error", problem, self.worker_id)
+                ended.append((row.id, row.lease_name, problem))
+        return jobs, ended
 
     def _claim(self, limit: int) -> tuple[list[Job], int]:
         """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
@@ -2003,12 +2067,16 @@ class Dispatcher:
                 return
             results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
             lost: set[int] = set()
+            committed = False
             try:
                 with self._write() as conn:
                     now = self._clock()
                     _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
-                    if free > 0:
+                    if free > 0 and not self.db.is_sqlite:
+                        jobs, ended = self._claim_runnable_in(conn, free)
+                    elif free > 0:
                         jobs, ended = self._claim_in(conn, free)
+                committed = True
             except sa.exc.SQLAlchemyError as exc:
                 # Rolled back: its results are written one by one (a row no longer ours among them
                 # is _Superseded, not a database error), and the next poll claims again.
@@ -2021,6 +2089,8 @@ class Dispatcher:
                 if free > 0:
                     self._more = len(jobs) + len(ended) == free
             finally:
+                if not committed:
+                    jobs, ended = [], []
                 if free > 0:  # only after the commit: the claim holds from then on
                     self._start(free, jobs, len(jobs) + len(ended))
         self._log_ended(ended)

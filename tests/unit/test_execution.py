@@ -439,6 +439,69 @@ def test_invalid_env_in_a_queued_row_ends_it_before_anything_runs(
     assert provider.calls == []
 
 
+def test_continuous_claims_end_an_invalid_row_and_leave_rows_that_cannot_run_to_the_poll(
+    db: Database, provider: ExecFakeProvider, clock: Clock
+) -> None:
+    """A freed slot's claim (on PostgreSQL one UPDATE ... RETURNING of runnable rows) ends a row
+    with an invalid env in error without running it; a row whose lease is gone is ended by a poll's
+    claim; the rows after them still run, each once."""
+    add_lease(db)
+    with db.session() as session:
+        session.add(Execution(lease_name="box", command="echo c0", ordered=False, created_at=T0))
+        session.add(
+            Execution(
+                lease_name="box", command="true", env={"NOT VALID": SECRET}, ordered=False, created_at=T0
+            )
+        )
+        session.add(Execution(lease_name="gone", command="echo gone", ordered=False, created_at=T0))
+        session.add(Execution(lease_name="box", command="echo c3", ordered=False, created_at=T0))
+    d = dispatcher(db, provider, clock, max_concurrent=1)
+    try:
+        assert d.drain() == 4
+    finally:
+        d.shutdown(timeout=10)
+    with db.session() as session:
+        rows = session.execute(
+            sa.select(Execution.command, Execution.state, Execution.error, Execution.env)
+        ).all()
+    by_command = {r.command: r for r in rows}
+    assert by_command["echo c0"].state == by_command["echo c3"].state == "succeeded"
+    invalid = by_command["true"]
+    assert invalid.state == "error" and "env" in (invalid.error or "") and SECRET not in (invalid.error or "")
+    assert invalid.env is None
+    assert by_command["echo gone"].state == "error"
+    assert len(provider.exec_calls) == 2  # c0 and c3, each once; the invalid row never ran
+
+
+def test_drain_stops_a_command_cancelled_while_it_runs(
+    db: Database, provider: ExecFakeProvider, clock: Clock
+) -> None:
+    """drain() polls while its commands run (every exec.poll_interval_seconds): a row cancelled
+    meanwhile is stopped in the sandbox, as the daemon's polling does."""
+    add_lease(db)
+    stopped = threading.Event()
+    execution_id = enqueue(db, lease_name="box", command="echo long-running")
+
+    def hook(sandbox_id: str, command: str) -> ExecResult:
+        if "long-running" not in command:  # the stop command
+            stopped.set()
+            return ExecResult(exit_code=0, output="")
+        with db.session() as session:  # an operator cancels the row while it runs
+            session.execute(sa.update(Execution).values(state="cancelled"))
+        stopped.wait(10)
+        return ExecResult(exit_code=143, output="")
+
+    provider.on_exec = hook
+    d = dispatcher(db, provider, clock, poll_interval_seconds=0.01)
+    try:
+        d.drain()
+    finally:
+        d.shutdown(timeout=10)
+    assert stopped.is_set()
+    assert len(provider.exec_calls) == 2  # the command, then the stop
+    assert row(db, execution_id).state == "cancelled"
+
+
 def test_queued_outcomes_timed_out_failed_and_error(
     db: Database, provider: ExecFakeProvider, disp: Dispatcher
 ) -> None:
