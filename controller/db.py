@@ -136,6 +136,22 @@ class Database:
             yield session
 
     @contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A writing Core transaction (``BEGIN IMMEDIATE`` on SQLite) without an ORM session:
+        committed on success, rolled back on any exception. For hot paths whose statements never
+        hold rows as objects (the execution queue's claims and results)."""
+        with self.writer() as conn, conn.begin():
+            yield conn
+
+    def writer(self) -> sa.Connection:
+        """A connection whose transactions write (``BEGIN IMMEDIATE`` on SQLite), for a caller that
+        keeps it across transactions (the execution dispatcher) and closes it."""
+        if not self._schema_checked:
+            check_schema(self)
+            self._schema_checked = True
+        return self._writer.connect()
+
+    @contextmanager
     def read(self) -> Iterator[sa.Connection]:
         """A read-only Core transaction (no ORM session): for reads that need no mapped objects."""
         with self.engine.connect() as conn, conn.begin():

@@ -68,7 +68,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -109,6 +109,7 @@ log = logging.getLogger(__name__)
 STDIN_DIR = "/tmp"
 INTERRUPT_GRACE_SECONDS = 300.0
 RECOVER_EVERY_SECONDS = 60.0
+WRITE_LANES = 2  # PostgreSQL: group commits in progress at once (see Dispatcher.__init__)
 ERROR_MAX_CHARS = 4000
 WAIT_POLL_SECONDS = 0.5
 EXIT_TIMED_OUT = 124  # what `leasectl exec` (like coreutils `timeout`) exits with on a time-out
@@ -699,11 +700,31 @@ def _not_runnable(lease_name: str, lease: _LeaseView | None, now: datetime) -> s
     return None
 
 
-def _update(session: Session, statement: sa.Update, parameters: Mapping[str, Any] | None = None) -> int:
+def _update(
+    target: Session | sa.Connection, statement: sa.Update, parameters: Mapping[str, Any] | None = None
+) -> int:
     """Run an UPDATE on the session's connection (Core: no ORM bulk-update bookkeeping, the queue
     never holds the rows as objects); return how many rows it changed."""
-    result = session.connection().execute(statement, dict(parameters) if parameters is not None else None)
-    return result.rowcount
+    conn = target.connection() if isinstance(target, Session) else target
+    return conn.execute(statement, dict(parameters) if parameters is not None else None).rowcount
+
+
+class _Superseded(sa.exc.SQLAlchemyError):
+    """A fenced UPDATE run for several rows at once (executemany) matched fewer rows than it was
+    given: one of them is no longer what the batch assumed. The transaction is rolled back and its
+    rows are handled one by one."""
+
+
+def _update_all(
+    conn: sa.Connection, statement: sa.Update | sa.Insert, parameters: list[dict[str, Any]]
+) -> None:
+    """Run a fenced UPDATE once per parameter set in ONE executemany (one round trip, one statement
+    to build), or raise :class:`_Superseded` when any of them did not match exactly one row."""
+    if not parameters:
+        return
+    changed = conn.execute(statement, parameters[0] if len(parameters) == 1 else parameters).rowcount
+    if changed != len(parameters):
+        raise _Superseded(f"{changed} of {len(parameters)} rows matched")
 
 
 # The statements a command runs through, built once: rebuilding them per command cost more CPU
@@ -728,7 +749,28 @@ _FINISH = (
         stdin=sa.null(),
     )
 )
-_INSERT_EVENT = sa.insert(cast(sa.Table, Event.__table__))
+_EVENTS = cast(sa.Table, Event.__table__)
+_INSERT_EVENT = sa.insert(_EVENTS)
+# PostgreSQL: the fenced result UPDATE and its event in one statement (a data-modifying CTE), so
+# the event exists exactly when the UPDATE matched: one statement and one round trip per group
+# commit fewer. Its row count is the number of rows updated.
+_FINISHED = _FINISH.returning(_EXECUTIONS.c.lease_name, _EXECUTIONS.c.sandbox_id).cte("finished")
+_FINISH_WITH_EVENT = (
+    sa.insert(_EVENTS)
+    .from_select(
+        ["lease_name", "sandbox_id", "action", "outcome", "message", "controller_id"],
+        sa.select(
+            _FINISHED.c.lease_name,
+            _FINISHED.c.sandbox_id,
+            sa.literal("exec", sa.String()),
+            sa.bindparam("e_outcome", type_=sa.String()),
+            sa.bindparam("e_message", type_=sa.Text()),
+            sa.bindparam("e_worker", type_=sa.String()),
+        ),
+    )
+    # an executemany INSERT's row count is kept only when asked for (psycopg sums it)
+    .execution_options(preserve_rowcount=True)
+)
 _CLAIM = (
     sa.update(_EXECUTIONS)
     .where(_EXECUTIONS.c.id == sa.bindparam("b_id"), _EXECUTIONS.c.state == "queued")
@@ -764,7 +806,7 @@ def _finish_values(
 
 
 def _event(
-    session: Session,
+    session: Session | sa.Connection,
     execution_id: int,
     lease_name: str,
     sandbox_id: str | None,
@@ -774,7 +816,8 @@ def _event(
 ) -> None:
     message = f"execution {execution_id}" + (f": {detail}" if detail else "")
     # A Core INSERT in the same transaction: no unit-of-work flush for an append-only row.
-    session.connection().execute(
+    conn = session.connection() if isinstance(session, Session) else session
+    conn.execute(
         _INSERT_EVENT,
         {
             "lease_name": lease_name,
@@ -847,39 +890,54 @@ def finish_many(
     db: Database, worker_id: str, results: list[Finished], *, max_output_bytes: int, clock: Clock = utcnow
 ) -> list[int]:
     """Record several outcomes of rows this worker claimed in ONE transaction (a group commit): one
-    fenced UPDATE per row, one INSERT of all their events. Rows no longer ours (someone else ended
-    them) are left to :func:`finish`, which drops their result and clears their secrets; returns
-    their ids. If the transaction fails, nothing of it is kept and the caller records one by one."""
-    with db.session() as session:
-        return _finish_in(session, worker_id, results, clock(), max_output_bytes)
+    fenced UPDATE for all rows (executemany), one INSERT of all their events. If a row is no longer
+    ours (someone else ended it) or the transaction fails, nothing of it is kept and every id is
+    returned: the caller records them one by one with :func:`finish`, which drops the result of a
+    row no longer ours and clears its secrets."""
+    try:
+        with db.write() as conn:
+            _finish_in(conn, worker_id, results, clock(), max_output_bytes)
+    except _Superseded:
+        return [item.execution_id for item in results]
+    return []
 
 
 def _finish_in(
-    session: Session, worker_id: str, results: list[Finished], now: datetime, max_output_bytes: int
-) -> list[int]:
-    """:func:`finish_many` inside the caller's transaction."""
+    conn: sa.Connection, worker_id: str, results: list[Finished], now: datetime, max_output_bytes: int
+) -> None:
+    """:func:`finish_many` inside the caller's transaction; :class:`_Superseded` when a row of the
+    batch is no longer running under this worker (the caller rolls back)."""
+    updates: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    lost: list[int] = []
     for item in results:
         values = _finish_values(item.outcome, now, max_output_bytes)
         del values["env"], values["stdin"]  # cleared by _FINISH itself
-        if _update(session, _FINISH, {"b_id": item.execution_id, "b_worker": worker_id, **values}) != 1:
-            lost.append(item.execution_id)
-            continue
         detail = _detail(item.outcome)
+        message = f"execution {item.execution_id}" + (f": {detail}" if detail else "")
+        updates.append({"b_id": item.execution_id, "b_worker": worker_id, **values})
         events.append(
             {
                 "lease_name": item.lease_name,
                 "sandbox_id": item.sandbox_id,
                 "action": "exec",
                 "outcome": item.outcome.state,
-                "message": f"execution {item.execution_id}" + (f": {detail}" if detail else ""),
+                "message": message,
                 "controller_id": worker_id,
             }
         )
+    if conn.dialect.name == "postgresql":
+        _update_all(
+            conn,
+            _FINISH_WITH_EVENT,
+            [
+                u | {"e_outcome": e["outcome"], "e_message": e["message"], "e_worker": worker_id}
+                for u, e in zip(updates, events, strict=True)
+            ],
+        )
+        return
+    _update_all(conn, _FINISH, updates)
     if events:
-        session.connection().execute(_INSERT_EVENT, events)
-    return lost
+        conn.execute(_INSERT_EVENT, events)
 
 
 def execute_now(
@@ -1315,7 +1373,16 @@ class Dispatcher:
         self._grace = interrupt_grace_seconds
         self._rng = rng or random.Random()
         self._host = socket.gethostname()
+        # ``_lock`` guards the in-memory state only (slots, running jobs, counters) and is never held
+        # across I/O: a command that ends or starts never waits for a transaction. A claim reserves
+        # the free slots it asks for (``_taken``) before its transaction and gives back what it did
+        # not fill, so claims may overlap without ever running more than ``max_concurrent``;
+        # shutdown waits for the claims in progress (``_claims``) to start what they claimed.
         self._lock = threading.Lock()
+        self._claims_done = threading.Condition(self._lock)
+        self._claims = 0
+        self._polling = threading.Lock()  # one poll (recovery, sweeps, claim) at a time
+        self._processed = 0  # rows processed by claims and recovery
         self._inflight: set[Future[None]] = set()
         self._closed = False
         self._last_recover = float("-inf")
@@ -1326,14 +1393,20 @@ class Dispatcher:
         self._more = False  # the last claim filled every slot it asked for: more may be runnable
         # Twice the slots: a thread recording a result while the slot's next command already runs.
         self._claim_select: sa.Select[Any] | None = None
+        self._claim_runnable: sa.Update | None = None  # PostgreSQL: claim by one UPDATE ... RETURNING
         # SQLite has one writer: this process's claims and results take turns here instead of in
         # SQLite's busy handler, whose sleeps (up to tens of ms) would idle a slot. PostgreSQL
         # writes rows, not the database: no turn-taking there.
         self._writes: Any = threading.Lock() if db.is_sqlite else contextlib.nullcontext()
         self._results: list[tuple[Job, CommandOutcome]] = []  # finished, not yet written
         self._results_lock = threading.Lock()
-        # One group commit at a time (on PostgreSQL too): results arriving meanwhile join the next.
-        self._flushing = threading.Lock()
+        # Group commits (results, and in continuous mode the claim for the slots freed meanwhile)
+        # run in up to WRITE_LANES transactions at once on PostgreSQL, whose commits wait on round
+        # trips and the WAL flush; results that arrive meanwhile join the next one. SQLite: one.
+        self._lanes = threading.BoundedSemaphore(1 if db.is_sqlite else WRITE_LANES)
+        # The claims' and results' transactions run on connections this dispatcher keeps checked
+        # out (one per transaction at once): a checkout costs a ping (a round trip) on PostgreSQL.
+        self._connections: list[sa.Connection] = []
         self._pool = ThreadPoolExecutor(
             max_workers=2 * settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
@@ -1343,69 +1416,117 @@ class Dispatcher:
     def run_once(self, *, wait: bool = True) -> int:
         """Claim what can run now (up to the free slots) and start it; return how many rows were
         processed (started, re-attached, or ended without running). With ``wait`` (the default),
-        return only once the commands started by this call have finished."""
+        return only once the commands started by this call have finished. Without it, the
+        dispatcher runs continuously: a slot that frees up claims its next row at once."""
         started: list[Future[None]] = []
-        processed = 0
-        with self._lock:
-            if self._closed:
-                return 0
-            self._refill = not wait
-            if time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS:
-                processed += self._recover(started)
-                self._sweep_cancelled()
-            if self._running:
-                self._stop_cancelled()
-            self._inflight = {f for f in self._inflight if not f.done()}
-            if self._anything_queued():
-                processed += self._fill(started)
+        processed = self._poll(started, refill=not wait)
         if wait and started:
             futures.wait(started)
         return processed
 
-    def _fill(self, started: list[Future[None]]) -> int:
-        """Claim rows for the free slots and start them (under ``_lock``); rows processed."""
+    def _poll(self, started: list[Future[None]], *, refill: bool) -> int:
+        """One round of :meth:`run_once`: recovery when due, cancelled commands, then a claim for
+        the free slots (none when every slot is busy: not even the read)."""
         processed = 0
-        free = self.settings.max_concurrent - self._taken
+        with self._polling:
+            with self._lock:
+                if self._closed:
+                    return 0
+                self._refill = refill
+                self._inflight = {f for f in self._inflight if not f.done()}
+                recover = time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS
+                running = bool(self._running)
+            if recover:
+                processed += self._recover(started)
+                self._sweep_cancelled()
+            if running:
+                self._stop_cancelled()
+            if self._free() > 0 and self._anything_queued():
+                processed += self._fill(started)
+        return processed
+
+    def _free(self) -> int:
+        with self._lock:
+            return self.settings.max_concurrent - self._taken
+
+    def _reserve(self, limit: int | None = None) -> int:
+        """Reserve the free slots (at most ``limit``) for a claim about to run; how many (0: none,
+        no claim)."""
+        with self._lock:
+            free = 0 if self._closed else self.settings.max_concurrent - self._taken
+            if limit is not None:
+                free = min(free, limit)
+            if free > 0:
+                self._taken += free
+                self._claims += 1
+            return max(free, 0)
+
+    def _start(self, reserved: int, jobs: list[Job], processed: int) -> list[Future[None]]:
+        """After a claim's commit: start its jobs on the slots it reserved, give back the others."""
+        with self._lock:
+            started = [self._submit(job, reserved=True) for job in jobs]
+            self._taken -= reserved - len(jobs)
+            self._processed += processed
+            self._claims -= 1
+            self._claims_done.notify_all()
+        return started
+
+    def _fill(self, started: list[Future[None]]) -> int:
+        """Claim rows for the free slots and start them; rows processed."""
+        processed = 0
         self._more = False
-        while free > 0:
-            with self._writes:
-                jobs, ended = self._claim(free)
+        budget: int | None = None  # the slots free at the start: slots that free up meanwhile wait
+        while (free := self._reserve(budget)) > 0:
+            jobs: list[Job] = []
+            ended = 0
+            try:
+                with self._writes:
+                    jobs, ended = self._claim(free)
+            finally:
+                started.extend(self._start(free, jobs, len(jobs) + ended))
             processed += len(jobs) + ended
-            for job in jobs:
-                started.append(self._submit(job))
             if len(jobs) + ended < free:
                 return processed  # nothing more is runnable now
-            free -= len(jobs)  # rows that ended in error took no slot: claim again
+            budget = free - len(jobs)  # rows that ended in error took no slot: claim again
         self._more = True
         return processed
 
     def _refill_slot(self) -> None:
         """A slot just freed up while the dispatcher runs continuously (``run_once(wait=False)``,
-        the daemon's way): claim the next runnable row now instead of at the next poll, unless the
-        last claim already found fewer runnable rows than slots (then the next poll looks)."""
-        with self._lock:
-            if self._closed or not self._refill or not self._more:
-                return
-            try:
-                self._fill([])
-            except sa.exc.SQLAlchemyError as exc:
-                self._more = False  # the next poll tries again
-                log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+        the daemon's way, or :meth:`drain`): claim the next runnable row now instead of at the next
+        poll, unless the last claim already found fewer runnable rows than slots (then the next
+        poll looks)."""
+        if self._closed or not self._refill or not self._more:
+            return
+        try:
+            self._fill([])
+        except sa.exc.SQLAlchemyError as exc:
+            self._more = False  # the next poll tries again
+            log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
 
     def drain(self) -> int:
         """Run everything runnable now (and wait for the commands this dispatcher runs, re-attached
-        ones included), then return the number of rows processed."""
-        total = 0
+        ones included), then return the number of rows processed. Continuous like the daemon's
+        polling: a freed slot claims the next row at once, and every ``exec.poll_interval_seconds``
+        while commands run (or as soon as they all ended) a poll stops cancelled commands, recovers
+        rows of gone workers when due and claims for free slots. It returns once a claim found
+        nothing while nothing ran."""
+        first = self._processed
         while True:
-            n = self.run_once(wait=True)
-            total += n
-            if n:
-                continue
-            with self._lock:
-                pending = {f for f in self._inflight if not f.done()}
-            if not pending:
-                return total
-            futures.wait(pending)
+            mark = self._processed
+            idle = not self._pending()
+            self._poll([], refill=True)
+            # Done when a claim found nothing while nothing ran: a command that ended during or
+            # after the claim may have made another row runnable (per-lease order), so look again.
+            if (idle and self._processed == mark) or self._closed:
+                return self._processed - first
+            next_poll = time.monotonic() + self.settings.poll_interval_seconds
+            while (pending := self._pending()) and (left := next_poll - time.monotonic()) > 0:
+                futures.wait(pending, timeout=left)
+
+    def _pending(self) -> list[Future[None]]:
+        with self._lock:
+            return [f for f in self._inflight if not f.done()]
 
     def run_forever(self, stop: threading.Event) -> None:
         """Poll every ``exec.poll_interval_seconds`` until ``stop`` is set, then shut down."""
@@ -1428,9 +1549,15 @@ class Dispatcher:
         """
         with self._lock:
             self._closed = True
+            while self._claims:  # a claim in progress starts what it claimed first
+                self._claims_done.wait()
             pending = {f for f in self._inflight if not f.done()}
         _, not_done = futures.wait(pending, timeout=timeout) if pending else (set(), set())
         self._pool.shutdown(wait=not not_done, cancel_futures=True)
+        with self._lock:
+            held, self._connections = self._connections, []
+        for conn in held:
+            conn.close()
         if not_done:
             log.warning("execution dispatcher: %d command(s) still running at shutdown", len(not_done))
         return not not_done
@@ -1439,15 +1566,39 @@ class Dispatcher:
         """Deal with ``running`` rows whose worker is gone (see the module docstring): re-attach to
         their session command, or mark them ``unknown`` / ``interrupted``. Returns how many."""
         started: list[Future[None]] = []
-        with self._lock:
+        with self._polling:
             if self._closed:
                 return 0
             return self._recover(started)
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _submit(self, job: Job) -> Future[None]:
-        self._taken += 1
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """A writing Core transaction (as :meth:`Database.write`) on a connection this dispatcher
+        keeps between transactions; one that failed is given back to the pool instead (it may be
+        broken; the pool's checkout ping sorts that out)."""
+        with self._lock:
+            conn = self._connections.pop() if self._connections else None
+        if conn is None:
+            conn = self.db.writer()
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._connections.append(conn)
+
+    def _submit(self, job: Job, *, reserved: bool = False) -> Future[None]:
+        """Start a claimed job on a slot (under ``_lock``); ``reserved``: its claim took the slot."""
+        if not reserved:
+            self._taken += 1
+        self._running[job.id] = job
         future = self._pool.submit(self._run, job)
         self._inflight.add(future)
         return future
@@ -1534,8 +1685,9 @@ class Dispatcher:
         for execution_id, lease_name, state, reason in marked:
             with logs.bound(lease=lease_name):
                 log.warning("execution %d: %s: %s", execution_id, state, reason)
-        for job in attach:
-            started.append(self._submit(job))
+        with self._lock:
+            started.extend(self._submit(job) for job in attach)
+            self._processed += len(marked)
         return len(marked)
 
     def _gone(
@@ -1557,7 +1709,8 @@ class Dispatcher:
     def _stop_cancelled(self) -> None:
         """Stop, in the sandbox, one-request commands of this dispatcher whose rows were cancelled
         meanwhile (session commands are stopped by their follower)."""
-        ids = [i for i, job in self._running.items() if i not in self._stopping and not job.session_id]
+        with self._lock:
+            ids = [i for i, job in self._running.items() if i not in self._stopping and not job.session_id]
         if not ids:
             return
         with self.db.session(readonly=True) as session:
@@ -1567,10 +1720,11 @@ class Dispatcher:
                 )
             ).all()
         for execution_id in cancelled:
-            job = self._running.get(execution_id)
-            if job is None:
-                continue
-            self._stopping.add(execution_id)
+            with self._lock:
+                job = self._running.get(execution_id)
+                if job is None:
+                    continue
+                self._stopping.add(execution_id)
             marker = execution_marker(job.id, self.worker_id)
             with logs.bound(lease=job.lease_name):
                 log.info("execution %d: cancelled while running; stopping it in the sandbox", job.id)
@@ -1678,16 +1832,80 @@ class Dispatcher:
         if self.settings.per_lease_concurrency > 0:
             query = query.where(sa.not_(self._blocked_by_earlier()))
         if not self.db.is_sqlite:
+            runnable = query.where(
+                status.phase.in_(RUNNABLE_PHASES),
+                status.sandbox_id.is_not(None),
+                lease.desired_state == "running",
+                sa.or_(lease.expires_at.is_(None), lease.expires_at > now),
+            ).with_for_update(of=_EXECUTIONS, skip_locked=True)
+            picked = runnable.subquery("picked")
+            self._claim_runnable = (
+                sa.update(_EXECUTIONS)
+                .where(_EXECUTIONS.c.id == picked.c.id)
+                .values(
+                    state="running",
+                    claimed_by=sa.bindparam("claimed_by"),
+                    started_at=sa.bindparam("started_at", type_=UTCDateTime()),
+                    sandbox_id=picked.c.status_sandbox_id,
+                    next_attempt_at=None,
+                    env=sa.null(),
+                    stdin=sa.null(),
+                )
+                .returning(*picked.c)
+            )
             query = query.with_for_update(of=_EXECUTIONS, skip_locked=True)
         self._claim_select = query
         return query
+
+    def _claim_runnable_in(
+        self, conn: sa.Connection, limit: int
+    ) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """PostgreSQL, continuous mode: claim up to ``limit`` rows that can run now in ONE statement
+        (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`` the row as it was, env
+        and stdin included) and return them as jobs. Rows that must end in error are left to the
+        next poll's claim. A claimed row ``_decide`` refuses (an invalid env) ends in error here."""
+        self._claim_query()
+        assert self._claim_runnable is not None
+        now = self._clock()
+        cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
+        rows = conn.execute(
+            self._claim_runnable,
+            {
+                "b_now": now,
+                "b_cutoff": cutoff,
+                "b_limit": limit,
+                "claimed_by": self.worker_id,
+                "started_at": now,
+            },
+        ).all()
+        jobs: list[Job] = []
+        ended: list[tuple[int, str, str]] = []
+        for row in sorted(rows, key=lambda r: (r.created_at, r.id)):
+            lease = _LeaseView(row.desired_state, row.expires_at)
+            status = _StatusView(row.phase, row.status_sandbox_id, row.workspace_path)
+            job, problem = self._decide(row, lease, status, now)
+            if job is not None:
+                jobs.append(job)
+                continue
+            problem = problem or "not runnable when claimed"
+            guard = sa.update(Execution).where(
+                Execution.id == row.id, Execution.state == "running", Execution.claimed_by == self.worker_id
+            )
+            if _update(conn, guard.values(state="error", error=problem, finished_at=now)) == 1:
+                _event(conn, row.id, row.lease_name, None, "error", problem, self.worker_id)
+                ended.append((row.id, row.lease_name, problem))
+        return jobs, ended
 
     def _claim(self, limit: int) -> tuple[list[Job], int]:
         """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
         error (counted); rows for leases still starting, rows backing off and rows waiting for an
         earlier row of their lease stay queued. Core statements: the rows are never ORM objects."""
-        with self.db.session() as session:
-            jobs, ended = self._claim_in(session, limit)
+        try:
+            with self._write() as conn:
+                jobs, ended = self._claim_in(conn, limit)
+        except _Superseded:  # cannot happen while the claim holds its rows; row by row if it does
+            with self._write() as conn:
+                jobs, ended = self._claim_in(conn, limit, one_by_one=True)
         self._log_ended(ended)
         return jobs, len(ended)
 
@@ -1696,46 +1914,44 @@ class Dispatcher:
             with logs.bound(lease=lease_name):
                 log.warning("execution %d: %s", execution_id, problem)
 
-    def _claim_in(self, session: Session, limit: int) -> tuple[list[Job], list[tuple[int, str, str]]]:
-        """:meth:`_claim` inside the caller's transaction: the jobs and the rows ended in error."""
+    def _claim_in(
+        self, conn: sa.Connection, limit: int, *, one_by_one: bool = False
+    ) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """:meth:`_claim` inside the caller's transaction: the jobs and the rows ended in error. The
+        rows to run are claimed with one executemany of the conditional UPDATE; the SELECT locked
+        them (PostgreSQL ``FOR UPDATE``, SQLite's write lock), so each matches, or
+        :class:`_Superseded` rolls the transaction back (``one_by_one`` then claims row by row)."""
         now = self._clock()
         cutoff = now - timedelta(seconds=self.settings.queue_wait_seconds)
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        conn = session.connection()
         rows = conn.execute(self._claim_query(), {"b_now": now, "b_cutoff": cutoff, "b_limit": limit}).all()
         for row in rows:
             lease = _LeaseView(row.desired_state, row.expires_at) if row.lease_id is not None else None
             status = _StatusView(row.phase, row.status_sandbox_id, row.workspace_path) if row.phase else None
             job, problem = self._decide(row, lease, status, now)
-            if job is None and problem is None:
-                continue  # still waiting for its lease
             if job is not None:
+                jobs.append(job)
+            elif problem is not None:
                 claimed = _update(
-                    session,
-                    _CLAIM,
-                    {
-                        "b_id": row.id,
-                        "claimed_by": self.worker_id,
-                        "started_at": now,
-                        "sandbox_id": job.sandbox_id,
-                    },
-                )
-            else:
-                claimed = _update(
-                    session,
+                    conn,
                     sa.update(Execution)
                     .where(Execution.id == row.id, Execution.state == "queued")
                     .values(env=sa.null(), stdin=sa.null(), state="error", error=problem, finished_at=now),
                 )
-            if claimed != 1:
-                continue
-            if job is not None:
-                jobs.append(job)
-            else:
-                assert problem is not None
-                _event(session, row.id, row.lease_name, None, "error", problem, self.worker_id)
-                ended.append((row.id, row.lease_name, problem))
+                if claimed == 1:
+                    _event(conn, row.id, row.lease_name, None, "error", problem, self.worker_id)
+                    ended.append((row.id, row.lease_name, problem))
+            # else: still waiting for its lease
+        claims = [
+            {"b_id": job.id, "claimed_by": self.worker_id, "started_at": now, "sandbox_id": job.sandbox_id}
+            for job in jobs
+        ]
+        if one_by_one:
+            pairs = zip(jobs, claims, strict=True)
+            jobs = [job for job, values in pairs if _update(conn, _CLAIM, values) == 1]
+        else:
+            _update_all(conn, _CLAIM, claims)
         return jobs, ended
 
     def _decide(
@@ -1788,8 +2004,6 @@ class Dispatcher:
         """Run one job on a pool thread. Its slot is free as soon as the command has ended: the next
         row is claimed (continuous mode) while this thread still records the result, so writing a
         result never holds a command back (the pool has room for both)."""
-        with self._lock:
-            self._running[job.id] = job
         try:
             outcome = self._outcome(job)
         finally:
@@ -1849,65 +2063,61 @@ class Dispatcher:
     def _flush_results(self) -> None:
         """Write every pending result in one transaction. A thread that finds its result already
         written by another (which took it into its batch) has nothing left to do."""
-        with self._writes, self._flushing:
+        with self._lanes, self._writes:
             with self._results_lock:
                 batch, self._results = self._results, []
             if not batch:
                 return
             results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
+            lost: set[int] = set()
             try:
-                lost = set(
-                    finish_many(
-                        self.db,
-                        self.worker_id,
-                        results,
-                        max_output_bytes=self.settings.max_output_bytes,
-                        clock=self._clock,
-                    )
-                )
-            except sa.exc.SQLAlchemyError:
+                with self._write() as conn:
+                    _finish_in(conn, self.worker_id, results, self._clock(), self.settings.max_output_bytes)
+            except sa.exc.SQLAlchemyError:  # _Superseded included: one by one
                 lost = {job.id for job, _ in batch}
         self._after_flush(batch, lost)
 
     def _flush_and_claim(self) -> None:
         """Continuous mode, a command just ended: write the pending results (a group commit) and
-        claim rows for the free slots in the same transaction, then start them. One commit per
-        command instead of two; the claim is still the conditional ``state = 'queued'`` UPDATE."""
+        claim rows for the slots free at that moment in the same transaction, then start them. One
+        commit per command at most instead of two; the claim is still the conditional
+        ``state = 'queued'`` UPDATE."""
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
-        with self._lock:
-            claim = not self._closed and self._refill and self._more
-            with self._writes, self._flushing:
-                with self._results_lock:
-                    batch, self._results = self._results, []
-                free = self.settings.max_concurrent - self._taken if claim else 0
-                if not batch and free <= 0:
-                    return
-                results = [
-                    Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch
-                ]
-                try:
-                    with self.db.session() as session:
-                        lost = set(
-                            _finish_in(
-                                session,
-                                self.worker_id,
-                                results,
-                                self._clock(),
-                                self.settings.max_output_bytes,
-                            )
-                        )
-                        if free > 0:
-                            jobs, ended = self._claim_in(session, free)
-                except sa.exc.SQLAlchemyError as exc:
+        with self._lanes, self._writes:
+            with self._results_lock:
+                batch, self._results = self._results, []
+            free = self._reserve() if self._refill and self._more else 0
+            if not batch and free <= 0:
+                return
+            results = [Finished(job.id, outcome, job.lease_name, job.sandbox_id) for job, outcome in batch]
+            lost: set[int] = set()
+            committed = False
+            try:
+                with self._write() as conn:
+                    now = self._clock()
+                    _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
+                    if free > 0 and not self.db.is_sqlite:
+                        jobs, ended = self._claim_runnable_in(conn, free)
+                    elif free > 0:
+                        jobs, ended = self._claim_in(conn, free)
+                committed = True
+            except sa.exc.SQLAlchemyError as exc:
+                # Rolled back: its results are written one by one (a row no longer ours among them
+                # is _Superseded, not a database error), and the next poll claims again.
+                if not isinstance(exc, _Superseded):
                     log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
-                    jobs, ended, lost = [], [], {job.id for job, _ in batch}
-                    self._more = False  # the next poll claims again
-                else:
-                    if free > 0:
-                        self._more = len(jobs) + len(ended) == free
-                for job in jobs:  # only after the commit: the claim holds from then on
-                    self._submit(job)
+                jobs, ended, lost = [], [], {job.id for job, _ in batch}
+                if free > 0:
+                    self._more = False
+            else:
+                if free > 0:
+                    self._more = len(jobs) + len(ended) == free
+            finally:
+                if not committed:
+                    jobs, ended = [], []
+                if free > 0:  # only after the commit: the claim holds from then on
+                    self._start(free, jobs, len(jobs) + len(ended))
         self._log_ended(ended)
         self._after_flush(batch, lost)
 

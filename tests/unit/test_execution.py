@@ -23,11 +23,14 @@ from controller.execution import (
     EXIT_TIMED_OUT,
     CommandOutcome,
     Dispatcher,
+    Finished,
     InvalidCommandError,
     LeaseNotReadyError,
     cap_output,
     enqueue,
     execute_now,
+    finish,
+    finish_many,
     run_command,
 )
 from controller.providers.base import ExecResult
@@ -436,6 +439,69 @@ def test_invalid_env_in_a_queued_row_ends_it_before_anything_runs(
     assert provider.calls == []
 
 
+def test_continuous_claims_end_an_invalid_row_and_leave_rows_that_cannot_run_to_the_poll(
+    db: Database, provider: ExecFakeProvider, clock: Clock
+) -> None:
+    """A freed slot's claim (on PostgreSQL one UPDATE ... RETURNING of runnable rows) ends a row
+    with an invalid env in error without running it; a row whose lease is gone is ended by a poll's
+    claim; the rows after them still run, each once."""
+    add_lease(db)
+    with db.session() as session:
+        session.add(Execution(lease_name="box", command="echo c0", ordered=False, created_at=T0))
+        session.add(
+            Execution(
+                lease_name="box", command="true", env={"NOT VALID": SECRET}, ordered=False, created_at=T0
+            )
+        )
+        session.add(Execution(lease_name="gone", command="echo gone", ordered=False, created_at=T0))
+        session.add(Execution(lease_name="box", command="echo c3", ordered=False, created_at=T0))
+    d = dispatcher(db, provider, clock, max_concurrent=1)
+    try:
+        assert d.drain() == 4
+    finally:
+        d.shutdown(timeout=10)
+    with db.session() as session:
+        rows = session.execute(
+            sa.select(Execution.command, Execution.state, Execution.error, Execution.env)
+        ).all()
+    by_command = {r.command: r for r in rows}
+    assert by_command["echo c0"].state == by_command["echo c3"].state == "succeeded"
+    invalid = by_command["true"]
+    assert invalid.state == "error" and "env" in (invalid.error or "") and SECRET not in (invalid.error or "")
+    assert invalid.env is None
+    assert by_command["echo gone"].state == "error"
+    assert len(provider.exec_calls) == 2  # c0 and c3, each once; the invalid row never ran
+
+
+def test_drain_stops_a_command_cancelled_while_it_runs(
+    db: Database, provider: ExecFakeProvider, clock: Clock
+) -> None:
+    """drain() polls while its commands run (every exec.poll_interval_seconds): a row cancelled
+    meanwhile is stopped in the sandbox, as the daemon's polling does."""
+    add_lease(db)
+    stopped = threading.Event()
+    execution_id = enqueue(db, lease_name="box", command="echo long-running")
+
+    def hook(sandbox_id: str, command: str) -> ExecResult:
+        if "long-running" not in command:  # the stop command
+            stopped.set()
+            return ExecResult(exit_code=0, output="")
+        with db.session() as session:  # an operator cancels the row while it runs
+            session.execute(sa.update(Execution).values(state="cancelled"))
+        stopped.wait(10)
+        return ExecResult(exit_code=143, output="")
+
+    provider.on_exec = hook
+    d = dispatcher(db, provider, clock, poll_interval_seconds=0.01)
+    try:
+        d.drain()
+    finally:
+        d.shutdown(timeout=10)
+    assert stopped.is_set()
+    assert len(provider.exec_calls) == 2  # the command, then the stop
+    assert row(db, execution_id).state == "cancelled"
+
+
 def test_queued_outcomes_timed_out_failed_and_error(
     db: Database, provider: ExecFakeProvider, disp: Dispatcher
 ) -> None:
@@ -626,6 +692,105 @@ def test_run_once_without_waiting_then_shutdown_waits(
     assert d.shutdown(timeout=10)
     assert row(db, execution_id).state == "succeeded"
     assert d.run_once() == 0  # closed
+
+
+def _exec_events(db: Database) -> list[tuple[str | None, str | None, str | None, str]]:
+    with db.session(readonly=True) as session:
+        rows = session.execute(
+            sa.select(Event.lease_name, Event.sandbox_id, Event.message, Event.outcome)
+            .where(Event.action == "exec")
+            .order_by(Event.id)
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+def test_a_group_commit_keeps_nothing_when_a_row_is_no_longer_ours(db: Database) -> None:
+    """Results are written with one executemany of the fenced UPDATE: when one row was ended by
+    someone else meanwhile, the whole group rolls back (no row, no event) and each row is then
+    recorded alone, where only the row no longer ours is dropped."""
+    add_lease(db)
+    ids = [enqueue(db, lease_name="box", command=f"c{i}") for i in range(3)]
+    with db.session() as session:
+        session.execute(
+            sa.update(Execution).values(state="running", claimed_by="w", sandbox_id="sb-1", started_at=T0)
+        )
+        session.execute(sa.update(Execution).where(Execution.id == ids[1]).values(state="cancelled"))
+    ok = CommandOutcome(state="succeeded", exit_code=0, output="out")
+    results = [Finished(i, ok, "box", "sb-1") for i in ids]
+    assert finish_many(db, "w", results, max_output_bytes=1024) == ids
+    assert [row(db, i).state for i in ids] == ["running", "cancelled", "running"]
+    assert _exec_events(db) == []
+    recorded = [
+        finish(db, i, "w", ok, lease_name="box", sandbox_id="sb-1", max_output_bytes=1024) for i in ids
+    ]
+    assert recorded == [True, False, True]
+    assert [row(db, i).state for i in ids] == ["succeeded", "cancelled", "succeeded"]
+    assert [e[2] for e in _exec_events(db)] == [f"execution {ids[0]}: exit 0", f"execution {ids[2]}: exit 0"]
+
+
+def test_a_group_commit_writes_every_row_and_one_event_each(db: Database) -> None:
+    add_lease(db)
+    ids = [enqueue(db, lease_name="box", command=f"c{i}") for i in range(3)]
+    with db.session() as session:
+        session.execute(
+            sa.update(Execution).values(state="running", claimed_by="w", sandbox_id="sb-1", started_at=T0)
+        )
+    outcomes = [
+        CommandOutcome(state="succeeded", exit_code=0, output="a"),
+        CommandOutcome(state="failed", exit_code=3, output="b\x00"),
+        CommandOutcome(state="timed_out", output="c", error="timed out after 5 s"),
+    ]
+    results = [Finished(i, o, "box", "sb-1") for i, o in zip(ids, outcomes, strict=True)]
+    assert finish_many(db, "w", results, max_output_bytes=1024) == []
+    rows = [row(db, i) for i in ids]
+    assert [(r.state, r.exit_code, r.output, r.claimed_by) for r in rows] == [
+        ("succeeded", 0, "a", "w"),
+        ("failed", 3, "b\ufffd", "w"),
+        ("timed_out", None, "c", "w"),
+    ]
+    assert all(r.finished_at is not None and r.env is None and r.stdin is None for r in rows)
+    assert _exec_events(db) == [
+        ("box", "sb-1", f"execution {ids[0]}: exit 0", "succeeded"),
+        ("box", "sb-1", f"execution {ids[1]}: exit 3", "failed"),
+        ("box", "sb-1", f"execution {ids[2]}: timed out after 5 s", "timed_out"),
+    ]
+    # written again (a retry of the same group): nothing matches, nothing is written twice
+    assert finish_many(db, "w", results, max_output_bytes=1024) == ids
+    assert len(_exec_events(db)) == 3
+
+
+def test_commands_ending_together_while_one_is_cancelled_in_continuous_mode(
+    db: Database, provider: ExecFakeProvider, clock: Clock
+) -> None:
+    """Slots that free up at once share group commits and claims; a row cancelled meanwhile keeps
+    its state and gets no result, the others get theirs and one event each, and nothing runs twice."""
+    add_lease(db)
+    together = threading.Barrier(3, timeout=10)
+    ids = [enqueue(db, lease_name="box", command=f"echo c{i}", ordered=False) for i in range(6)]
+
+    def hook(sandbox_id: str, command: str) -> ExecResult:
+        for i in ids[:3]:
+            if f"echo c{ids.index(i)}" in command:
+                together.wait()
+                if i == ids[1]:
+                    with db.session() as session:
+                        session.execute(
+                            sa.update(Execution).where(Execution.id == i).values(state="cancelled")
+                        )
+        return ExecResult(exit_code=0, output="ok")
+
+    provider.on_exec = hook
+    d = dispatcher(db, provider, clock, max_concurrent=3)
+    try:
+        assert d.drain() == 6
+    finally:
+        d.shutdown(timeout=10)
+    states = [row(db, i).state for i in ids]
+    assert states == ["succeeded", "cancelled", "succeeded", "succeeded", "succeeded", "succeeded"]
+    ran = [c for c in provider.exec_calls if "echo c" in c[1]]
+    assert len(ran) == 6
+    messages = [e[2] for e in _exec_events(db)]
+    assert sorted(messages) == sorted(f"execution {i}: exit 0" for i in ids if i != ids[1])
 
 
 # -- the CLI -------------------------------------------------------------------------------------
