@@ -411,7 +411,9 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         "",
         "```sh",
         "make bench-quick                  # every benchmark at a small size, a few minutes",
-        f".venv/bin/python -m bench --full --jsonl {source}   # what this section comes from (make bench)",
+        "make bench                        # every benchmark at full size (the soak too, about an hour):",
+        f"                                  # records appended to {source}, bench/RESULTS.md regenerated",
+        f".venv/bin/python -m bench --full --only execution --only cli --jsonl {source}  # some",
         "make bench-huge HUGE_JSONL=bench/results-huge.jsonl BASELINE=main   # scale up to 100,000 leases",
         *(
             f"make soak SOAK_JSONL={soak_file}        # the soak records (make soak alone: no file)"
@@ -419,7 +421,7 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             if "soak" in soak_file
         ),
         f".venv/bin/python -m bench.report {source}{' ' + soak_source if soak_source else ''} "
-        "-o bench/RESULTS.md",
+        "-o bench/RESULTS.md  # after a partial run",
         "make soak                         # the soak alone, 20 min per backend; exit 1 on any loss",
         "```",
         "",

@@ -23,7 +23,7 @@ Rules (issue 16): usage is recorded from what is observed, never estimated from 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, NamedTuple
@@ -38,6 +38,7 @@ from controller.quotas import resources_of, runs
 NO_DISK: Final = frozenset({"archived", "destroyed"})
 NONE_GROUP: Final = "(none)"
 _ID_CHUNK: Final = 500  # ids per UPDATE when segments are closed
+_INSERT_CHUNK: Final = 1000  # new segments per INSERT (a first pass over 100,000 sandboxes opens all)
 
 
 class Observation(NamedTuple):
@@ -110,10 +111,10 @@ class Changes:
     extend: list[int] = field(default_factory=list)  # open segment ids whose ended_at becomes now
     close_now: list[int] = field(default_factory=list)  # ended_at = now, closed
     close_as_is: list[int] = field(default_factory=list)  # closed where they were last seen (a gap)
-    open: list[Segment] = field(default_factory=list)
+    open: list[Observation] = field(default_factory=list)  # a new segment each, from now
 
 
-def step(open_segments: Sequence[OpenSegment], seen: Sequence[Observation], now: datetime) -> Changes:
+def step(open_segments: Iterable[OpenSegment], seen: Iterable[Observation]) -> Changes:
     """What one pass changes in the usage table (pure)."""
     changes = Changes()
     by_sandbox = {seg.sandbox_id: seg for seg in open_segments}
@@ -124,20 +125,7 @@ def step(open_segments: Sequence[OpenSegment], seen: Sequence[Observation], now:
                 changes.extend.append(seg.id)
                 continue
             (changes.close_now if seg.fresh else changes.close_as_is).append(seg.id)
-        changes.open.append(
-            Segment(
-                obs.lease_name,
-                obs.sandbox_id,
-                obs.state,
-                obs.labels(),
-                obs.cpu,
-                obs.memory,
-                obs.disk,
-                obs.gpu,
-                started_at=now,
-                ended_at=now,
-            )
-        )
+        changes.open.append(obs)
     for seg in by_sandbox.values():  # not seen any more: gone
         (changes.close_now if seg.fresh else changes.close_as_is).append(seg.id)
     return changes
@@ -150,8 +138,9 @@ def record(
     now: datetime,
     max_gap: timedelta,
 ) -> Changes:
-    """Append what one pass observed: one SELECT of the open segments and at most four writes, the
-    same count for any fleet (tests/integration/test_pass_cost.py counts them). The open segments are
+    """Append what one pass observed: one SELECT of the open segments and, when nothing changes,
+    one UPDATE, the same count for any fleet (tests/integration/test_pass_cost.py counts them);
+    changes add chunked writes (so a first pass over a large fleet never holds every new row). The open segments are
     read as plain tuples of the columns :func:`step` compares, and whether each is still within
     ``max_gap`` is answered by the database: no labels decoded and no timestamp parsed per sandbox on
     a pass that changes nothing."""
@@ -160,9 +149,15 @@ def record(
     table = Usage.__table__
     columns = [table.c[name] for name in OpenSegment._fields[:-1]]
     query = sa.select(*columns, (table.c.ended_at >= now - max_gap).label("fresh"))
-    rows = session.execute(query.where(table.c.closed.is_(False))).all()
-    open_segments = [OpenSegment._make(row) for row in rows]
-    changes = step(open_segments, observe(observed, leases), now)
+    read = 0
+
+    def open_segments() -> Iterator[OpenSegment]:  # streamed: no list of every row at once
+        nonlocal read
+        for row in session.execute(query.where(table.c.closed.is_(False))):
+            read += 1
+            yield OpenSegment._make(row)
+
+    changes = step(open_segments(), observe(observed, leases))
     # Every open segment read above is extended or closed: close first (ids in chunks, so a mass
     # change never exceeds SQLite's bound-variable limit), then extend what is still open with no id
     # list at all (a fleet of 100,000 would be 100,000 variables), then open the new segments.
@@ -172,32 +167,30 @@ def record(
     for start in range(0, len(changes.close_as_is), _ID_CHUNK):
         ids = changes.close_as_is[start : start + _ID_CHUNK]
         session.execute(sa.update(Usage).where(Usage.id.in_(ids)).values(closed=True))
-    if changes.extend and len(changes.extend) + len(changes.close_now) + len(changes.close_as_is) == len(
-        open_segments
-    ):
+    if changes.extend and len(changes.extend) + len(changes.close_now) + len(changes.close_as_is) == read:
         session.execute(sa.update(Usage).where(Usage.closed.is_(False)).values(ended_at=now))
     else:  # an open segment left alone (two open for one sandbox, written by hand): by id
         for start in range(0, len(changes.extend), _ID_CHUNK):
             ids = changes.extend[start : start + _ID_CHUNK]
             session.execute(sa.update(Usage).where(Usage.id.in_(ids)).values(ended_at=now))
-    if changes.open:
+    for start in range(0, len(changes.open), _INSERT_CHUNK):  # rows built a chunk at a time
         session.execute(
             sa.insert(Usage),
             [
                 {
-                    "lease_name": s.lease_name,
-                    "sandbox_id": s.sandbox_id,
-                    "state": s.state,
-                    "labels": dict(s.labels),
-                    "cpu": s.cpu,
-                    "memory": s.memory,
-                    "disk": s.disk,
-                    "gpu": s.gpu,
-                    "started_at": s.started_at,
-                    "ended_at": s.ended_at,
+                    "lease_name": obs.lease_name,
+                    "sandbox_id": obs.sandbox_id,
+                    "state": obs.state,
+                    "labels": obs.labels(),
+                    "cpu": obs.cpu,
+                    "memory": obs.memory,
+                    "disk": obs.disk,
+                    "gpu": obs.gpu,
+                    "started_at": now,
+                    "ended_at": now,
                     "closed": False,
                 }
-                for s in changes.open
+                for obs in changes.open[start : start + _INSERT_CHUNK]
             ],
         )
     return changes

@@ -204,3 +204,19 @@ def test_a_pass_reads_open_segments_without_their_labels_or_start(db: dbmod.Data
     columns = selects[0].split("FROM")[0]
     assert "sandbox_id" in columns and "state" in columns and "ended_at >=" in columns
     assert "labels" not in columns and "started_at" not in columns and "lease_name" not in columns
+
+
+def test_a_first_pass_over_many_sandboxes_opens_every_segment_in_chunks(db: dbmod.Database) -> None:
+    """More new segments than one INSERT takes (usage._INSERT_CHUNK): all of them, once."""
+    seen = [_sb(f"sb-{i}", f"lease-{i}", "a", "started", 1, 1, 3) for i in range(2 * usage._INSERT_CHUNK + 3)]
+    with db.session() as session:
+        changes = usage.record(session, seen, {}, T0, timedelta(minutes=45))
+    assert len(changes.open) == len(seen)
+    with db.session() as session:
+        again = usage.record(session, seen, {}, T0 + timedelta(minutes=1), timedelta(minutes=45))
+    assert len(again.extend) == len(seen) and not again.open
+    with db.engine.connect() as conn:
+        count, sandboxes = conn.execute(
+            sa.text("SELECT COUNT(*), COUNT(DISTINCT sandbox_id) FROM usage")
+        ).one()
+    assert count == sandboxes == len(seen)
