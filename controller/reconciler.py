@@ -29,6 +29,7 @@ costs" (issue 14).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -131,11 +132,19 @@ def lease_view(row: LeaseRow | Lease, instance: str, workspace_dir: str) -> Leas
         workspace_dir=workspace_dir,
         settings_hash=settings,
         legacy_spec_hash=legacy_spec_hash(spec),
-        fields=field_digests(spec),
+        fields=_shared_fields(tuple(field_digests(spec).items())),
         rollout_requested_at=rollout,
         schedule=schedule,
         created_at=created_at,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_fields(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """One dict per distinct set of field digests, shared by every lease view that has it (read
+    only): a fleet of leases made from a few specs would otherwise keep a dict of ~15 digests per
+    lease (about 115 MiB at 100,000 leases)."""
+    return dict(items)
 
 
 def next_schedule_change(leases: Sequence[LeaseView], now: datetime) -> datetime | None:

@@ -140,10 +140,10 @@ def record(
 ) -> Changes:
     """Append what one pass observed: one SELECT of the open segments and, when nothing changes,
     one UPDATE, the same count for any fleet (tests/integration/test_pass_cost.py counts them);
-    changes add chunked writes (so a first pass over a large fleet never holds every new row). The open segments are
-    read as plain tuples of the columns :func:`step` compares, and whether each is still within
-    ``max_gap`` is answered by the database: no labels decoded and no timestamp parsed per sandbox on
-    a pass that changes nothing."""
+    changes add chunked writes (so a first pass over a large fleet never holds every new row). The
+    open segments are read as plain tuples of the columns :func:`step` compares, and whether each is
+    still within ``max_gap`` is answered by the database: no labels decoded and no timestamp parsed
+    per sandbox on a pass that changes nothing."""
     from models import Usage
 
     table = Usage.__table__
