@@ -1,4 +1,5 @@
-"""Integration fixtures: ``emulator``, a local Daytona API server subprocess per test.
+"""Integration fixtures: ``emulator``, a local Daytona API server subprocess per test, and
+``daemons``, the list a test appends its ``leasectl run`` processes to (all killed at the end).
 
 See tests/support/emulator.py for its API (api_url, api_key, state_dir, client(), stats(),
 reset_stats(), set_faults(), restart(), stop(), kill()).
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.daemon import DaemonProcess
 from tests.support.emulator import EmulatorProcess
 
 
@@ -22,3 +24,12 @@ def emulator(tmp_path: Path) -> Iterator[EmulatorProcess]:
         yield emu
     finally:
         emu.kill()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemons a test started; each is killed when the test ends, whatever happened."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from daytona import ListSandboxesQuery
 from typer.testing import CliRunner
@@ -73,14 +72,6 @@ def ours(emulator: EmulatorProcess) -> list[Any]:
     return list(
         emulator.client().list(ListSandboxesQuery(labels={"leasectl-instance": "default"}, limit=200))
     )
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def test_daemon_end_to_end(

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from controller import db as dbmod
@@ -27,14 +25,6 @@ leases:
 quotas:
   - {label: team, sandboxes: 2}
 """
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def status(url: str, name: str) -> tuple[str, str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,6 @@ from tests.support.daemon import DaemonProcess
 from tests.support.emulator import EmulatorProcess
 
 SLOW_INTERVAL = {"LEASECTL_CONTROLLER__RECONCILE_INTERVAL_SECONDS": "3600"}
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def cli(url: str, *args: str) -> tuple[int, str, str]:

@@ -81,6 +81,16 @@ def test_help_imports_none_of_the_heavy_packages() -> None:
     assert {name for name in HEAVY if name in top} == set()
 
 
+def _get_reads_one_lease(url: str, cwd: Path) -> set[str]:
+    """Run ``get`` on ``url`` (a database holding the stopped lease 'one'); the top-level packages
+    it imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+    env["LEASECTL_DATABASE_URL"] = url
+    found = _imported(["get"], env=env, cwd=cwd)
+    assert "one" in str(found["stdout"]) and "stopped" in str(found["stdout"])
+    return set(found["top"])  # type: ignore[arg-type]
+
+
 def test_get_imports_neither_alembic_nor_the_sdk_nor_the_local_api(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'leasectl.db'}"
     database = dbmod.connect(url)
@@ -91,11 +101,7 @@ def test_get_imports_neither_alembic_nor_the_sdk_nor_the_local_api(tmp_path: Pat
             "VALUES ('one', 'stopped', '{}', '{}', 0, '2026-11-27 00:00:00', '2026-11-27 00:00:00')"
         )
     database.dispose()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
-    env["LEASECTL_DATABASE_URL"] = url
-    found = _imported(["get"], env=env, cwd=tmp_path)
-    assert "one" in str(found["stdout"]) and "stopped" in str(found["stdout"])
-    top = set(found["top"])  # type: ignore[arg-type]
+    top = _get_reads_one_lease(url, tmp_path)
     assert "sqlite3" in top  # it did read the database: through the driver (controller/dbapi.py)
     assert {n for n in (*HEAVY_FOR_GET, "psycopg") if n in top} == set()
 
@@ -109,11 +115,7 @@ def test_get_on_postgresql_reads_through_psycopg_without_sqlalchemy(pg_url: str,
             "VALUES ('one', 'stopped', '{}', '{}', false, now(), now())"
         )
     database.dispose()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
-    env["LEASECTL_DATABASE_URL"] = pg_url
-    found = _imported(["get"], env=env, cwd=tmp_path)
-    assert "one" in str(found["stdout"]) and "stopped" in str(found["stdout"])
-    top = set(found["top"])  # type: ignore[arg-type]
+    top = _get_reads_one_lease(pg_url, tmp_path)
     assert "psycopg" in top
     assert {n for n in HEAVY_FOR_GET if n in top} == set()
 
