@@ -434,7 +434,11 @@ def start_in_session(
             _remove_stdin(provider, sandbox_id, stdin_path)
         return None, not_started("session not created", exc, env)
     if on_session is not None:
-        on_session()
+        try:
+            on_session()
+        except Exception as exc:  # not recorded (the database, typically): the command is not sent
+            _drop_session(provider, sandbox_id, session_id, stdin_path)
+            return None, not_started("session not recorded", exc, env)
     try:
         return provider.session_execute(sandbox_id, session_id, line), None
     except ProviderError as exc:
@@ -1329,6 +1333,18 @@ class Job:
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
+@dataclass(frozen=True)
+class _Owed:
+    """A write a failed transaction left undone, retried at every poll (see ``Dispatcher._owed``):
+    ``finish`` a result, ``requeue`` an attempt that did not start (:meth:`Dispatcher._retry_or_fail`),
+    ``detach`` a session command at shutdown, or ``unclaim`` a row whose claim's commit failed."""
+
+    kind: str
+    job: Job
+    outcome: CommandOutcome | None = None
+    at: datetime | None = None  # when the result arrived (its finished_at)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -1407,6 +1423,12 @@ class Dispatcher:
         # The claims' and results' transactions run on connections this dispatcher keeps checked
         # out (one per transaction at once): a checkout costs a ping (a round trip) on PostgreSQL.
         self._connections: list[sa.Connection] = []
+        # Writes this dispatcher owes the database (guarded by ``_lock``), by row id: results (and
+        # retries, hand-overs) a failed transaction did not record, and claims whose commit failed
+        # (in doubt: the row may be ``running`` under this worker though nothing was started). Such
+        # a row is ``running`` under a live worker, which other workers leave alone until its
+        # time-out plus INTERRUPT_GRACE_SECONDS: so this worker retries them at every poll.
+        self._owed: dict[int, _Owed] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=2 * settings.max_concurrent, thread_name_prefix="leasectl-exec"
         )
@@ -1425,8 +1447,9 @@ class Dispatcher:
         return processed
 
     def _poll(self, started: list[Future[None]], *, refill: bool) -> int:
-        """One round of :meth:`run_once`: recovery when due, cancelled commands, then a claim for
-        the free slots (none when every slot is busy: not even the read)."""
+        """One round of :meth:`run_once`: the writes owed since a failed transaction, recovery when
+        due, cancelled commands, then a claim for the free slots (none when every slot is busy: not
+        even the read)."""
         processed = 0
         with self._polling:
             with self._lock:
@@ -1436,6 +1459,9 @@ class Dispatcher:
                 self._inflight = {f for f in self._inflight if not f.done()}
                 recover = time.monotonic() - self._last_recover >= RECOVER_EVERY_SECONDS
                 running = bool(self._running)
+                owed = bool(self._owed)
+            if owed and not self._pay_owed():
+                return 0  # the database still refuses writes: nothing else would succeed either
             if recover:
                 processed += self._recover(started)
                 self._sweep_cancelled()
@@ -1554,6 +1580,8 @@ class Dispatcher:
             pending = {f for f in self._inflight if not f.done()}
         _, not_done = futures.wait(pending, timeout=timeout) if pending else (set(), set())
         self._pool.shutdown(wait=not not_done, cancel_futures=True)
+        if self._owed:  # a last try; what is still owed is recovered by the next dispatcher
+            self._pay_owed()
         with self._lock:
             held, self._connections = self._connections, []
         for conn in held:
@@ -1900,12 +1928,19 @@ class Dispatcher:
         """One claim transaction: up to ``limit`` rows become running (returned as jobs) or end in
         error (counted); rows for leases still starting, rows backing off and rows waiting for an
         earlier row of their lease stay queued. Core statements: the rows are never ORM objects."""
+        in_doubt: list[Job] = []  # set once the claim ran: a failure after that is at the commit
         try:
-            with self._write() as conn:
-                jobs, ended = self._claim_in(conn, limit)
-        except _Superseded:  # cannot happen while the claim holds its rows; row by row if it does
-            with self._write() as conn:
-                jobs, ended = self._claim_in(conn, limit, one_by_one=True)
+            try:
+                with self._write() as conn:
+                    jobs, ended = self._claim_in(conn, limit)
+                    in_doubt = jobs
+            except _Superseded:  # cannot happen while the claim holds its rows; row by row if it does
+                with self._write() as conn:
+                    jobs, ended = self._claim_in(conn, limit, one_by_one=True)
+                    in_doubt = jobs
+        except sa.exc.SQLAlchemyError:
+            self._owe_unclaims(in_doubt)
+            raise
         self._log_ended(ended)
         return jobs, len(ended)
 
@@ -2058,7 +2093,7 @@ class Dispatcher:
                     else:
                         self._detach(job)
                 except sa.exc.SQLAlchemyError as exc:
-                    _unrecorded(job.id, outcome, exc)
+                    self._owe("requeue" if outcome.state == NOT_STARTED else "detach", job, outcome, exc)
 
     def _flush_results(self) -> None:
         """Write every pending result in one transaction. A thread that finds its result already
@@ -2107,6 +2142,7 @@ class Dispatcher:
                 # is _Superseded, not a database error), and the next poll claims again.
                 if not isinstance(exc, _Superseded):
                     log.warning("execution dispatcher: database error: %s", str(exc).splitlines()[0])
+                self._owe_unclaims(jobs)  # claimed before the commit failed: it may have held
                 jobs, ended, lost = [], [], {job.id for job, _ in batch}
                 if free > 0:
                     self._more = False
@@ -2140,9 +2176,98 @@ class Dispatcher:
                                 clock=self._clock,
                             )
                     except sa.exc.SQLAlchemyError as exc:
-                        _unrecorded(job.id, outcome, exc)
+                        self._owe("finish", job, outcome, exc)
                         continue
                 log.info("execution %d: %s", job.id, _detail(outcome) or outcome.state)
+
+    def _owe(self, kind: str, job: Job, outcome: CommandOutcome | None, exc: Exception) -> None:
+        """Keep a write the database refused (an outage, typically) for the next polls: one line,
+        no traceback. Until it is written the row stays ``running`` under this worker; if the
+        process ends first, the next dispatcher recovers the row like any of a gone worker."""
+        with self._lock:
+            self._owed[job.id] = _Owed(kind, job, outcome, self._clock())
+        what = {"requeue": "its return to the queue", "detach": "its hand-over"}.get(
+            kind, f"its result ({outcome.state if outcome is not None else '?'})"
+        )
+        with logs.bound(lease=job.lease_name):
+            log.error(
+                "execution %d: could not record %s: %s; retrying at the next poll",
+                job.id,
+                what,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+
+    def _owe_unclaims(self, jobs: Iterable[Job]) -> None:
+        """Claims whose commit failed: nothing of them was started, but the commit may have
+        reached the database, leaving the rows ``running`` under this worker. The next poll puts
+        such rows back in the queue (a no-op for rows the claim never took)."""
+        with self._lock:
+            for job in jobs:
+                self._owed[job.id] = _Owed("unclaim", job, None, self._clock())
+
+    def _pay_owed(self) -> bool:
+        """Write what failed transactions left owing, oldest first; False (and the rest kept) at the
+        first database error: it is still unreachable."""
+        with self._lock:
+            owed = list(self._owed.values())
+        for item in owed:
+            job = item.job
+            try:
+                with self._writes, logs.bound(lease=job.lease_name):
+                    if item.kind == "finish" and item.outcome is not None:
+                        finish(
+                            self.db,
+                            job.id,
+                            self.worker_id,
+                            item.outcome,
+                            lease_name=job.lease_name,
+                            sandbox_id=job.sandbox_id,
+                            max_output_bytes=self.settings.max_output_bytes,
+                            clock=_at(item.at or self._clock()),
+                        )
+                        log.info("execution %d: %s (recorded late)", job.id, _detail(item.outcome) or "")
+                    elif item.kind == "requeue" and item.outcome is not None:
+                        self._retry_or_fail(job, item.outcome)
+                    elif item.kind == "detach":
+                        self._detach(job)
+                    else:
+                        self._unclaim(job)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning(
+                    "execution dispatcher: %d write(s) still owed: %s",
+                    len(owed),
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                return False
+            with self._lock:
+                if self._owed.get(job.id) is item:
+                    del self._owed[job.id]
+        return True
+
+    def _unclaim(self, job: Job) -> None:
+        """Put back in the queue a row whose claim's commit failed, if that commit held after all
+        (its command was never sent: no attempt is counted)."""
+        with self.db.session() as session:
+            done = _update(
+                session,
+                sa.update(Execution)
+                .where(
+                    Execution.id == job.id,
+                    Execution.state == "running",
+                    Execution.claimed_by == self.worker_id,
+                    Execution.command_id.is_(None),
+                )
+                .values(
+                    state="queued",
+                    claimed_by=None,
+                    started_at=None,
+                    session_id=None,
+                    env=dict(job.env) if job.env else None,
+                    stdin=job.stdin,
+                ),
+            )
+        if done:
+            log.info("execution %d: its claim held though its commit failed; queued again", job.id)
 
     def _attempt(self, job: Job) -> CommandOutcome:
         """One attempt at starting the command: one request, or a session followed to its end."""
@@ -2185,7 +2310,7 @@ class Dispatcher:
         if early is not None:
             return early
         assert command_id is not None
-        self._record(job.id, command_id=command_id)
+        self._progress(job.id, command_id=command_id)
         return self._follow(job, session_id, command_id, job.claimed_at, has_stdin=job.stdin is not None)
 
     def _follow(
@@ -2207,7 +2332,7 @@ class Dispatcher:
             timeout_seconds=job.timeout_seconds,
             poll_seconds=self.settings.log_poll_seconds,
             max_output_bytes=self.settings.max_output_bytes,
-            on_output=lambda text: self._record(job.id, output=text),
+            on_output=lambda text: self._progress(job.id, output=text),
             should_stop=lambda: self._should_stop(job.id),
             has_stdin=job.has_stdin if has_stdin is None else has_stdin,
             clock=self._clock,
@@ -2216,10 +2341,14 @@ class Dispatcher:
     def _should_stop(self, execution_id: int) -> tuple[str, str] | None:
         if self._closed:
             return DETACH, "the dispatcher is shutting down"
-        with self.db.session(readonly=True) as session:
-            row = session.execute(
-                sa.select(Execution.state, Execution.claimed_by).where(Execution.id == execution_id)
-            ).one_or_none()
+        try:
+            with self.db.session(readonly=True) as session:
+                row = session.execute(
+                    sa.select(Execution.state, Execution.claimed_by).where(Execution.id == execution_id)
+                ).one_or_none()
+        except sa.exc.SQLAlchemyError as exc:  # the command runs on: ask again at the next poll
+            log.warning("execution %d: could not read its row: %s", execution_id, str(exc).splitlines()[0])
+            return None
         if row is None:
             return DETACH, "the row is gone"
         if row.state == "cancelled":
@@ -2247,6 +2376,15 @@ class Dispatcher:
                 )
                 .values(**values),
             )
+
+    def _progress(self, execution_id: int, **values: Any) -> None:
+        """:meth:`_record`, best effort: a command id or output the database refused is not worth
+        abandoning a running command for (the result is written at the end; should this worker die
+        meanwhile, a row without its command id is recovered as ``unknown``)."""
+        try:
+            self._record(execution_id, **values)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("execution %d: could not record progress: %s", execution_id, str(exc).splitlines()[0])
 
     def _detach(self, job: Job) -> None:
         with self.db.session() as session:
@@ -2321,15 +2459,9 @@ class Dispatcher:
 DETACHED_PREFIX = "detached:"
 
 
-def _unrecorded(execution_id: int, outcome: CommandOutcome, exc: Exception) -> None:
-    """A result the database refused (an outage, typically): one line, no traceback. The row stays
-    ``running`` and is recovered like any row whose worker stopped (``interrupted``)."""
-    log.error(
-        "execution %d: could not record its result (%s): %s",
-        execution_id,
-        outcome.state,
-        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-    )
+def _at(moment: datetime) -> Clock:
+    """A clock stopped at ``moment`` (a result written late keeps the time it arrived)."""
+    return lambda: moment
 
 
 def retry_delay(

@@ -11,13 +11,15 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from controller import db as dbmod
+from controller import execution
 from controller.config import ExecSettings
 from controller.execution import Dispatcher
 from controller.providers.base import ExecResult
-from models import Execution, Lease, LeaseStatus
+from models import Event, Execution, Lease, LeaseStatus
 
 ROWS = 200
 
@@ -102,3 +104,120 @@ def test_two_dispatchers_run_each_row_exactly_once(database_url: str) -> None:
     finally:
         for database in [setup, *databases]:
             database.dispose()
+
+
+# -- writes the database refused -------------------------------------------------------------------
+
+
+def _one_lease_with_rows(
+    database: dbmod.Database, *commands: str, env: dict[str, str] | None = None
+) -> list[int]:
+    with database.session() as session:
+        session.add(Lease(name="box", desired_state="running"))
+        session.add(LeaseStatus(lease_name="box", phase="Ready", sandbox_id="sb-1", workspace_path="/w"))
+    with database.session() as session:
+        session.execute(
+            sa.insert(Execution), [{"lease_name": "box", "command": c, "env": env} for c in commands]
+        )
+        return list(session.scalars(sa.select(Execution.id).order_by(Execution.id)))
+
+
+def _row(database: dbmod.Database, execution_id: int) -> Any:
+    with database.session(readonly=True) as session:
+        return session.execute(sa.select(Execution).where(Execution.id == execution_id)).scalar_one()
+
+
+ONE_REQUEST = ExecSettings(max_concurrent=2, per_lease_concurrency=0, session_min_timeout_seconds=100_000)
+
+
+def test_a_result_the_database_refused_is_written_at_the_next_poll(database_url: str) -> None:
+    """An outage while a command ran: its result stays owed in memory (the row ``running`` under a
+    live worker, which other workers leave alone for its time-out plus 300 s) and is written by the
+    next poll once the database answers, with its event; the command is not run again."""
+    database = dbmod.connect(database_url)
+    (execution_id,) = _one_lease_with_rows(database, "echo hello")
+    outage = threading.Event()
+    provider = CountingProvider()
+    runs: list[str] = []
+
+    def on_exec(_sandbox: str, command: str) -> ExecResult:
+        runs.append(command)
+        outage.set()  # the database goes away while the command runs
+        return ExecResult(exit_code=0, output="hello")
+
+    def refuse(*_: Any) -> None:
+        if outage.is_set():
+            raise sa.exc.OperationalError("injected", {}, Exception("the database is unreachable"))
+
+    provider.exec_hook = on_exec
+    sa.event.listen(database.engine, "before_cursor_execute", refuse)
+    dispatcher = Dispatcher(database, provider, ONE_REQUEST, worker_id="replica-0:0:w")
+    try:
+        assert dispatcher.run_once() == 1
+        outage.clear()
+        row = _row(database, execution_id)
+        assert (row.state, row.claimed_by) == ("running", "replica-0:0:w")
+        outage.set()
+        dispatcher.run_once()  # still down: still owed
+        outage.clear()
+        assert _row(database, execution_id).state == "running"
+        dispatcher.run_once()
+        row = _row(database, execution_id)
+        assert (row.state, row.exit_code, row.output) == ("succeeded", 0, "hello")
+        assert len(runs) == 1
+        with database.session(readonly=True) as session:
+            events = session.scalars(sa.select(Event.outcome).where(Event.action == "exec")).all()
+        assert events == ["succeeded"]
+    finally:
+        dispatcher.shutdown(timeout=10)
+        database.dispose()
+
+
+def test_a_claim_whose_commit_failed_is_queued_again_and_runs_once(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's COMMIT reached the database but its answer was lost: the rows are ``running``
+    under this worker though nothing was started. The next poll puts them back in the queue, env
+    and all, and runs each exactly once."""
+    database = dbmod.connect(database_url)
+    ids = _one_lease_with_rows(database, "echo a", "echo b", env={"GREETING": "hi"})
+    provider = CountingProvider()
+    runs: list[str] = []
+
+    def on_exec(_sandbox: str, command: str) -> ExecResult:
+        runs.append(command)
+        return ExecResult(exit_code=0, output="ok")
+
+    provider.exec_hook = on_exec
+    claimed: set[int] = set()
+    failed: list[int] = []
+
+    def note_claim(conn: sa.Connection, _c: Any, _s: str, _p: Any, context: Any, _m: bool) -> None:
+        if context.compiled is not None and context.compiled.statement is execution._CLAIM:
+            claimed.add(id(conn.connection))  # what do_commit is given
+
+    real_commit = database.engine.dialect.do_commit
+
+    def commit_then_fail(dbapi_connection: Any) -> None:
+        real_commit(dbapi_connection)
+        if id(dbapi_connection) in claimed and not failed:
+            failed.append(1)
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("connection lost after COMMIT"))
+
+    sa.event.listen(database.engine, "after_cursor_execute", note_claim)
+    monkeypatch.setattr(database.engine.dialect, "do_commit", commit_then_fail)
+    dispatcher = Dispatcher(database, provider, ONE_REQUEST, worker_id="replica-0:0:w")
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            dispatcher.run_once()
+        assert failed and not runs
+        assert {_row(database, i).state for i in ids} == {"running"}  # the commit held
+        dispatcher.run_once()
+        rows = [_row(database, i) for i in ids]
+        assert [r.state for r in rows] == ["succeeded", "succeeded"]
+        assert len(runs) == 2 and len(set(runs)) == 2
+        assert all("GREETING" in command and "hi" in command for command in runs)
+        assert all(r.env is None for r in rows)  # cleared again at the end
+    finally:
+        dispatcher.shutdown(timeout=10)
+        database.dispose()

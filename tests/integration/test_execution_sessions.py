@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from controller.config import ExecSettings
-from controller.db import Database
+from controller.db import Database, connect
 from controller.execution import Dispatcher, enqueue
 from controller.providers.base import CreateRequest
 from controller.providers.daytona import DaytonaProvider
@@ -357,3 +357,41 @@ def test_worker_killed_during_a_session_command_is_completed_by_the_next_worker(
     r = row(db, execution_id)
     assert (r.state, r.exit_code, r.output) == ("failed", 7, "start\ndone\n")
     assert r.claimed_by == dispatcher.worker_id
+
+
+def test_a_database_outage_while_a_session_command_runs_does_not_end_it(
+    db: Database, database_url: str, box: Box
+) -> None:
+    """The database refuses everything for a while as the session command runs: the follower keeps
+    following (a stop check or an output write the database refused is no reason to give the
+    command up) and the row ends with the command's real exit code and output."""
+    script = "echo start; sleep 3; echo done; exit 4"
+    execution_id = enqueue(db, lease_name=box.lease, command=script, timeout_seconds=LONG)
+    worker_db = connect(database_url)
+    outage = threading.Event()
+
+    def refuse(*_: Any) -> None:
+        if outage.is_set():
+            raise sa.exc.OperationalError("injected", {}, Exception("the database is unreachable"))
+
+    sa.event.listen(worker_db.engine, "before_cursor_execute", refuse)
+    dispatcher = Dispatcher(worker_db, box.provider, exec_settings(), worker_id=f"test:{os.getpid()}:w")
+    runner = threading.Thread(target=dispatcher.run_once)
+    try:
+        runner.start()
+        deadline = time.monotonic() + 30
+        while not row(db, execution_id).command_id:
+            assert time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.05)
+        outage.set()
+        time.sleep(1.5)  # several stop checks and output polls fail meanwhile
+        outage.clear()
+        runner.join(30)
+        assert not runner.is_alive()
+        dispatcher.run_once()  # writes the result if it arrived while the database was away
+    finally:
+        outage.clear()
+        dispatcher.shutdown()
+        worker_db.dispose()
+    r = row(db, execution_id)
+    assert (r.state, r.exit_code, r.output) == ("failed", 4, "start\ndone\n")
