@@ -1,8 +1,9 @@
 """What a no-op pass costs, counted (never timed), and that what makes it cheap hides no change.
 
 Issue 14: a pass over a converged fleet makes ``ceil(n/200)`` list requests and no other API request,
-and sends the same number of SQL statements for 50 leases as for 500 (nothing per lease), on SQLite
-and PostgreSQL, through the real SDK against the local Daytona API. The reconciler reuses what it made
+and sends the same number of SQL statements for 100 leases as for 900 (nothing per lease), on SQLite
+and PostgreSQL, through the real SDK against the local Daytona API; the function calls it makes grow
+linearly with the fleet. The reconciler reuses what it made
 of a lease row (validation, spec hash, create request) and of a status row while their stored values
 are unchanged; the second half checks that an edit made with plain SQL between two passes of the same
 reconciler is still seen at once: a spec change, a desired state, a row that turns bad and back, and
@@ -11,10 +12,13 @@ a status row changed behind the controller's back (rewritten, and no other row w
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import sqlalchemy as sa
@@ -45,9 +49,39 @@ def _empty_database(database_url: str, tmp_path: Path, n: int) -> str:
     return url
 
 
-def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dict[str, int], int, int]:
-    """(SQL statements, API requests by operation, leases planned, most bound parameters of one
-    statement) of one pass over a converged fleet of ``n`` leases, after a warm-up pass that must plan
+class _CallCounter:
+    """Counts the Python and C function calls made while it is entered, in every thread (the
+    profile hook of ``sys`` and of threads started meanwhile): work, not time."""
+
+    def __init__(self) -> None:
+        self._events = itertools.count()
+        self.calls = 0
+
+    def _hook(self, _frame: Any, event: str, _arg: Any) -> None:
+        if event in ("call", "c_call"):
+            next(self._events)
+
+    def __enter__(self) -> _CallCounter:
+        threading.setprofile(self._hook)
+        sys.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
+        self.calls = next(self._events)
+
+
+class PassCost(NamedTuple):
+    statements: int
+    requests: dict[str, int]
+    leases: int
+    widest: int  # most bound parameters of one statement
+    calls: int  # Python and C function calls
+
+
+def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> PassCost:
+    """What one pass over a converged fleet of ``n`` leases costs, after a warm-up pass that must plan
     nothing."""
     url = _empty_database(database_url, tmp_path, n)
     ids = scale.seed_sandboxes(tmp_path / f"daytona-{n}", scale.lease_names(n))
@@ -67,7 +101,9 @@ def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dic
 
         sa.event.listen(db.engine, "before_cursor_execute", parameters)
         emu.reset_stats()
-        result = reconciler.run_pass()
+        calls = _CallCounter()
+        with calls:
+            result = reconciler.run_pass()
         statements = counter.take()
         counter.close()
         sa.event.remove(db.engine, "before_cursor_execute", parameters)
@@ -75,7 +111,7 @@ def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dic
         reconciler.applier.shutdown(timeout=5)
         assert not result.outcomes
         assert {d.phase for d in result.plan.decisions.values()} == {"Ready"}
-        return statements, requests, len(result.plan.decisions), widest[0]
+        return PassCost(statements, requests, len(result.plan.decisions), widest[0], calls.calls)
     finally:
         db.dispose()
         emu.kill()
@@ -84,21 +120,32 @@ def _noop_pass_cost(database_url: str, tmp_path: Path, n: int) -> tuple[int, dic
 def test_a_noop_pass_costs_the_same_statements_and_a_list_request_per_page(
     database_url: str, tmp_path: Path
 ) -> None:
-    small = _noop_pass_cost(database_url, tmp_path, 50)
-    large = _noop_pass_cost(database_url, tmp_path, 500)
-    assert small[2] == 50 and large[2] == 500
-    assert small[1] == {"list": math.ceil(50 / 200)}
-    assert large[1] == {"list": math.ceil(500 / 200)}
-    assert small[0] == large[0], f"statements grew with the fleet: {small[0]} at 50, {large[0]} at 500"
+    small, middle, large = (_noop_pass_cost(database_url, tmp_path, n) for n in (100, 500, 900))
+    assert (small.leases, middle.leases, large.leases) == (100, 500, 900)
+    assert small.requests == {"list": math.ceil(100 / 200)}
+    assert large.requests == {"list": math.ceil(900 / 200)}
+    assert small.statements == large.statements, (
+        f"statements grew with the fleet: {small.statements} at 100, {large.statements} at 900"
+    )
     # 8 for the pass itself (pool check, leases, statuses, the locked status read, last_reconciled_at,
     # BEGINs on SQLite), then policy (issue 16), none per lease: the quotas (one SELECT) and the usage
     # record in its own fenced transaction (BEGIN on SQLite, the open segments, one UPDATE extending
     # them all), and the volume step (issue 15: one SELECT of the volumes table in its own read, a
     # BEGIN on SQLite). PostgreSQL sends no BEGIN through the cursor, so it counts fewer.
-    assert large[0] <= 14, f"{large[0]} statements for a no-op pass"
+    assert large.statements <= 14, f"{large.statements} statements for a no-op pass"
     # No statement carries a value per lease either (an IN list of every usage segment would exceed
     # SQLite's bound-variable limit at 100,000 leases).
-    assert small[3] == large[3], f"bound parameters grew with the fleet: {small[3]} at 50, {large[3]} at 500"
+    assert small.widest == large.widest, (
+        f"bound parameters grew with the fleet: {small.widest} at 100, {large.widest} at 900"
+    )
+    # The work is linear in the fleet: the function calls the next 400 leases add (two list pages
+    # each) are those the previous 400 added. Anything worse than linear (a sort, a lookup in a list,
+    # a per-lease query) makes the second step dearer. Issue 14: past the CPU caches the time per
+    # lease still grows (README, Performance), the work does not.
+    first, second = middle.calls - small.calls, large.calls - middle.calls
+    assert abs(second - first) <= 0.03 * first, (
+        f"calls per lease {first / 400:.1f} from 100 to 500 leases, {second / 400:.1f} from 500 to 900"
+    )
 
 
 # -- the caches never hide an edit -------------------------------------------------------------------
