@@ -39,6 +39,7 @@ readiness and metrics have no authentication (the status page needs ``server.acc
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import signal
@@ -457,6 +458,9 @@ class Daemon:
         dbmod.check_schema(self.db)  # SchemaError names the command to run
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        # `kill -USR1 <pid>`: every thread's stack on stderr, the daemon going on (a stuck job shows
+        # where it waits).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self._start_http()  # first: refuses a network-wide listener before anything else starts
         self.job_housekeeping()
         self.dispatcher.recover_interrupted()

@@ -91,6 +91,14 @@ class DaemonProcess:
         except OSError:
             return ""
 
+    def dump_stacks(self) -> bool:
+        """Ask a live daemon to write every thread's stack to its log (SIGUSR1); False if it is gone."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        self.process.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        return True
+
     def terminate(self, timeout: float = 30) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
