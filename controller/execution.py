@@ -7,8 +7,11 @@ cap, the state the row ends in, its event, and keeping env values out of logs, e
 
 Callers:
 
-* ``leasectl exec`` calls :func:`execute_now` (direct run, recorded as a row that is inserted
-  ``running``) or :func:`enqueue` + :func:`wait_for` (``--queue``);
+* ``leasectl exec`` calls :func:`~controller.execution_run.execute_now` (direct run, recorded as a
+  row that is inserted ``running``; it lives in :mod:`controller.execution_run` with the other
+  functions of one command, which import no SQLAlchemy, and is re-exported here; its rows go
+  through :class:`DatabaseRows` or, on a plain URL, :mod:`controller.exec_rows`) or
+  :func:`enqueue` + :func:`wait_for` (``--queue``);
 * the daemon (every replica, not only the leader) and ``leasectl exec-worker`` run a
   :class:`Dispatcher`, which claims ``queued`` rows atomically (PostgreSQL ``FOR UPDATE SKIP LOCKED``,
   SQLite one ``BEGIN IMMEDIATE`` transaction) and runs them with bounded concurrency.
