@@ -204,6 +204,42 @@ def test_exec_imports_neither_sqlalchemy_nor_alembic_nor_the_high_level_sdk(
     assert found["frozen"] > 10_000  # main() froze what the command made: the exit does not walk it
 
 
+def test_exec_on_postgresql_writes_through_psycopg_without_sqlalchemy(
+    ready_lease: dict[str, str], pg_url: str, tmp_path: Path
+) -> None:
+    """The same on PostgreSQL: the row and its event are written through psycopg."""
+    import sqlite3
+
+    sqlite_file = ready_lease["LEASECTL_DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(sqlite_file) as conn:
+        [(sandbox_id,)] = conn.execute("SELECT sandbox_id FROM lease_status WHERE lease_name = 'box'")
+    database = dbmod.connect(pg_url)
+    truncate_all(database)
+    with database.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO leases (name, desired_state) VALUES ('box', 'running')")
+        conn.exec_driver_sql(
+            "INSERT INTO lease_status (lease_name, phase, sandbox_id) VALUES ('box', 'Ready', %(s)s)",
+            {"s": sandbox_id},
+        )
+    try:
+        found = _imported(
+            ["exec", "box", "--", "sh", "-c", "echo pg; exit 5"],
+            env=ready_lease | {"LEASECTL_DATABASE_URL": pg_url},
+            cwd=tmp_path,
+        )
+        assert found["code"] == 5 and found["stdout"] == "pg\n"
+        top = set(found["top"])  # type: ignore[arg-type]
+        assert "psycopg" in top and not {"sqlalchemy", "models"} & top
+        with database.engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT state, exit_code, output FROM executions").one()
+            event = conn.exec_driver_sql("SELECT outcome, message FROM events WHERE action = 'exec'").one()
+        assert tuple(row) == ("failed", 5, "pg\n")
+        assert event.outcome == "failed" and event.message.endswith(": exit 5")
+    finally:
+        truncate_all(database)
+        database.dispose()
+
+
 def test_exec_on_a_url_the_driver_does_not_open_goes_through_sqlalchemy_without_the_mappers(
     ready_lease: dict[str, str], tmp_path: Path
 ) -> None:

@@ -77,3 +77,35 @@ def test_in_list_and_a_sqlite_read(tmp_path: Path) -> None:
     finally:
         close()
     assert dbapi.open_reader("sqlite://") is None
+
+
+def test_the_writer_sets_up_a_sqlite_connection_as_the_engine_does(tmp_path: Path) -> None:
+    """``exec`` writes through :func:`dbapi.open_writer`: the same pragmas as the engine's
+    connections (WAL, busy timeout, synchronous, foreign keys) and transactions that take the write
+    lock at their start."""
+    from controller import db as dbmod
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    pragmas = ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")
+    engine = dbmod.create_db_engine(url)
+    with engine.connect() as conn:
+        expected = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas}
+    engine.dispose()
+    writer = dbapi.open_writer(url)
+    assert writer is not None and writer.dialect == "sqlite"
+    try:
+        assert {p: writer.execute(f"PRAGMA {p}").fetchone()[0] for p in pragmas} == expected
+        writer.execute("CREATE TABLE t (x INTEGER)")
+        with writer.transaction():
+            other = sqlite3.connect(tmp_path / "w.db", timeout=0)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):  # held from BEGIN IMMEDIATE
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+            writer.execute("INSERT INTO t VALUES (:x)", {"x": 1})
+        with pytest.raises(RuntimeError), writer.transaction():
+            writer.execute("INSERT INTO t VALUES (:x)", {"x": 2})
+            raise RuntimeError("rolled back")
+        assert writer.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        writer.close()
+    assert dbapi.open_writer("sqlite:///w.db?mode=ro") is None  # not plain: SQLAlchemy's to open
