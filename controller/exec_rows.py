@@ -241,6 +241,7 @@ class DriverRows(ExecRows):
 
 def open_exec_rows(url: str) -> DriverRows | None:
     """The direct path's rows through the driver for a plain ``url``, else None (use SQLAlchemy).
-    Connection errors propagate as the driver raises them."""
+    Nothing connects before the first read (the schema guard), as with an engine; connection
+    errors propagate from there as the driver raises them."""
     writer = open_writer(url)
     return DriverRows(writer) if writer is not None else None

@@ -109,3 +109,18 @@ def test_the_writer_sets_up_a_sqlite_connection_as_the_engine_does(tmp_path: Pat
     finally:
         writer.close()
     assert dbapi.open_writer("sqlite:///w.db?mode=ro") is None  # not plain: SQLAlchemy's to open
+
+
+def test_the_writer_connects_at_its_first_statement(tmp_path: Path) -> None:
+    """As an engine: opening reaches nothing (exec reports a missing API key before an unreachable
+    database, as before), the first statement does."""
+    writer = dbapi.open_writer("postgresql://nobody@127.0.0.1:1/nowhere")
+    assert writer is not None
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError):
+        writer.execute("SELECT 1")
+    writer.close()
+    sqlite_writer = dbapi.open_writer(f"sqlite:///{tmp_path / 'later.db'}")
+    assert sqlite_writer is not None and not (tmp_path / "later.db").exists()
+    sqlite_writer.close()
