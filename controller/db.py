@@ -16,9 +16,7 @@ Alembic's own reading for anything but a plain chain), so a command starts witho
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,12 +25,18 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from controller import resources
 from controller.errors import SchemaError
+from controller.schema_guard import (  # the guard's revisions, read here as before
+    SchemaState as SchemaState,
+)
+from controller.schema_guard import alembic_chain as _alembic_chain  # noqa: F401
+from controller.schema_guard import alembic_config as alembic_config
+from controller.schema_guard import alembic_script as _script  # noqa: F401
+from controller.schema_guard import head_revision as head_revision
+from controller.schema_guard import known_revisions as known_revisions
+from controller.schema_guard import revision_chain as _revision_chain  # noqa: F401
 
 if TYPE_CHECKING:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
     from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
@@ -165,16 +169,6 @@ def connect(url: str, *, check_schema: bool = True) -> Database:
     return Database(create_db_engine(url), check_schema=check_schema)
 
 
-def alembic_config(url: str | None = None) -> Config:
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(resources.migrations_dir()))
-    if url is not None:
-        cfg.attributes["database_url"] = url
-    return cfg
-
-
 def upgrade(db: Database, revision: str = "head") -> None:
     """Migrate the schema to ``revision`` (idempotent); refuses a schema newer than it knows."""
     state = schema_state(db)
@@ -197,61 +191,6 @@ def downgrade(db: Database, revision: str = "base") -> None:
         command.downgrade(cfg, revision)
 
 
-@functools.cache
-def _script() -> ScriptDirectory:
-    """The migrations this leasectl ships, as Alembic reads them (read once per process)."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config())
-
-
-_REVISION_LINE = re.compile(
-    r"^(?P<key>revision|down_revision)\s*(?::[^=]*)?=\s*(?:(?P<none>None)|[\"'](?P<id>[^\"']+)[\"'])\s*$",
-    re.M,
-)
-
-
-@functools.cache
-def _revision_chain() -> tuple[str, ...]:
-    """Every revision of migrations/versions, oldest first, read from the files' ``revision`` and
-    ``down_revision`` lines without importing Alembic. A layout this does not understand (a file
-    without both lines, a merge, a branch) is read by Alembic instead."""
-    down_of: dict[str, str | None] = {}
-    for path in sorted((resources.migrations_dir() / "versions").glob("*.py")):
-        found = {m["key"]: m["id"] for m in _REVISION_LINE.finditer(path.read_text(encoding="utf-8"))}
-        if "revision" not in found or "down_revision" not in found or found["revision"] is None:
-            return _alembic_chain()
-        down_of[found["revision"]] = found["down_revision"]
-    children = {down for down in down_of.values() if down is not None}
-    heads = [rev for rev in down_of if rev not in children]
-    if len(heads) != 1 or len(children) != len(down_of) - 1:
-        return _alembic_chain()
-    chain: list[str] = []
-    current: str | None = heads[0]
-    while current is not None:
-        if current not in down_of or current in chain:
-            return _alembic_chain()
-        chain.append(current)
-        current = down_of[current]
-    if len(chain) != len(down_of):
-        return _alembic_chain()
-    return tuple(reversed(chain))
-
-
-def _alembic_chain() -> tuple[str, ...]:
-    return tuple(rev.revision for rev in reversed(list(_script().walk_revisions())))
-
-
-def head_revision() -> str | None:
-    chain = _revision_chain()
-    return chain[-1] if chain else None
-
-
-def known_revisions() -> list[str]:
-    """Every revision this leasectl's migrations hold, oldest first."""
-    return list(_revision_chain())
-
-
 def current_revision(db: Database) -> str | None:
     """The database's revision: one ``SELECT`` of ``alembic_version`` (None without that table).
     Several rows (a branched history, which leasectl never makes) are left to Alembic to report."""
@@ -270,46 +209,8 @@ def schema_is_current(db: Database) -> bool:
     return current_revision(db) == head_revision()
 
 
-@dataclass(frozen=True)
-class SchemaState:
-    """The database's schema revision against the ones this leasectl knows."""
-
-    current: str | None
-    head: str | None
-    known: bool
-
-    @property
-    def ok(self) -> bool:
-        return self.current == self.head
-
-    @property
-    def newer(self) -> bool:
-        """The database was migrated by a newer leasectl (a revision this one does not have)."""
-        return self.current is not None and not self.known
-
-    def problem(self) -> str | None:
-        """What is wrong and the command that fixes it; None when the schema is current."""
-        if self.ok:
-            return None
-        if self.current is None:
-            return "the database has no leasectl schema yet: run `leasectl db upgrade`"
-        if self.newer:
-            from controller import __version__
-
-            return (
-                f"the database schema (revision {self.current}) is newer than leasectl {__version__} "
-                f"knows (newest: {self.head}): upgrade leasectl"
-            )
-        return (
-            f"the database schema (revision {self.current}) is older than this leasectl's "
-            f"({self.head}): run `leasectl db upgrade`"
-        )
-
-
 def schema_state(db: Database) -> SchemaState:
-    current = current_revision(db)
-    known = known_revisions()
-    return SchemaState(current=current, head=head_revision(), known=current in known)
+    return SchemaState.of(current_revision(db))
 
 
 def check_schema(db: Database) -> None:

@@ -16,12 +16,20 @@ never opens a write transaction, runs no migration and creates no file (a SQLite
 exist is the caller's error to report before it asks). Each statement runs on its own (autocommit):
 ``get -w`` keeps its connection for as long as it watches, and an open transaction would hold
 table locks that a migration waits for.
+
+:func:`open_writer` is the one way this module writes: ``leasectl exec`` records its row (insert,
+fenced updates, result and event) through it (:mod:`controller.exec_rows`), on a connection set up
+as :mod:`controller.db` sets up the engine's (SQLite: WAL, busy timeout, ``synchronous=NORMAL``,
+foreign keys, and a writing transaction takes the write lock at its first statement with ``BEGIN
+IMMEDIATE``). Outside :meth:`Writer.transaction` each statement commits on its own.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -108,6 +116,98 @@ def open_reader(url: str) -> tuple[Reader, Callable[[], None]] | None:
             return columns, cursor.fetchall()
 
     return read_postgres, pg.close
+
+
+class Writer:
+    """A connection that reads and writes through the driver (:func:`open_writer`). SQL is written
+    as for a :class:`Reader` (``:name`` parameters, no ``%``); :meth:`execute` returns the driver's
+    cursor (``rowcount``, ``fetchone()``; ``lastrowid`` on SQLite).
+
+    It connects at its first statement, as an engine does: a database that cannot be reached
+    fails the first read, not the opening. One statement or transaction runs at a time, whichever
+    thread asks: ``exec`` writes from the thread that runs the command while its main thread may
+    close the connection (Ctrl-C)."""
+
+    def __init__(self, connect: Callable[[], Any], dialect: str) -> None:
+        self._connect = connect
+        self._conn: Any = None
+        self._lock = threading.RLock()
+        self.dialect = dialect  # "sqlite" or "postgresql", as SQLAlchemy names them
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        if self.dialect == "postgresql":
+            sql = _PARAM.sub(r"%(\1)s", sql)
+        with self._lock:
+            return self._connection().execute(sql, dict(params or {}))
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A writing transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            conn = self._connection()
+            if self.dialect == "postgresql":
+                with conn.transaction():
+                    yield
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._connect = _closed
+
+
+def _closed() -> Any:
+    raise RuntimeError("the writer is closed")
+
+
+def _connect_sqlite(path: str) -> Any:
+    import sqlite3
+
+    conn = sqlite3.connect(
+        path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+    )
+    try:  # controller.db's _install_sqlite_hooks, for the same reasons
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_postgres(params: dict[str, Any]) -> Any:
+    import psycopg
+
+    return psycopg.connect(**params, autocommit=True)
+
+
+def open_writer(url: str) -> Writer | None:
+    """A read-write connection to the database at ``url`` (made at its first statement), or None
+    when ``url`` is not one of the plain forms (then use :mod:`controller.db`). The SQLite
+    connection may be used by another thread than the one that opened it (one at a time), as the
+    engine's are. Connection errors propagate as the driver raises them."""
+    path = sqlite_path(url)
+    if path is not None:
+        return Writer(lambda: _connect_sqlite(path), "sqlite")
+    params = postgres_params(url)
+    if params is None:
+        return None
+    return Writer(lambda: _connect_postgres(params), "postgresql")
 
 
 def in_list(name: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from controller import db as dbmod
     from controller.config import Settings
     from controller.dbapi import Reader
+    from controller.execution_run import ExecRows
 
 app = typer.Typer(
     name="leasectl",
@@ -132,6 +133,33 @@ class CliContext:
             yield read
         finally:
             close()
+
+    @contextmanager
+    def exec_rows(self) -> Iterator[ExecRows]:
+        """The rows of ``exec``'s direct path: through the driver when the URL is a plain one
+        (controller/exec_rows.py: SQLAlchemy is not even imported), else through SQLAlchemy. A
+        missing SQLite file is refused as by :meth:`database`, never created."""
+        from controller import dbapi
+        from controller.exec_rows import open_exec_rows
+
+        url = self.database_url
+        path = dbapi.sqlite_path(url)
+        if path is not None and not Path(path).exists():
+            self.database()  # raises the same UnusableDatabaseError as every other command
+        rows = open_exec_rows(url)
+        if rows is None:
+            from controller.execution import DatabaseRows
+
+            database = self.database()
+            try:
+                yield DatabaseRows(database)
+            finally:
+                database.dispose()
+            return
+        try:
+            yield rows
+        finally:
+            rows.close()
 
     def database(self, *, create: bool = False) -> dbmod.Database:
         """The database of the settings. Only ``create=True`` (``db upgrade``) may create a SQLite

@@ -41,7 +41,7 @@ def _parse_env_options(items: list[str] | None) -> dict[str, str]:
 
 
 def _report_outcome(execution_id: int, outcome: Any, already_written: str = "") -> NoReturn:
-    from controller.execution import EXIT_TIMED_OUT
+    from controller.execution_run import EXIT_TIMED_OUT
 
     output = outcome.output
     write_raw(output[len(already_written) :] if output.startswith(already_written) else output)
@@ -108,7 +108,7 @@ def exec_command(
 
     Usage: leasectl exec NAME [OPTIONS] -- PROG [ARGS...]   or   leasectl exec NAME --shell 'LINE'
     """
-    from controller import execution
+    from controller import execution_run
     from controller.execution_script import quote_argv
 
     cli = context_of(ctx)
@@ -116,9 +116,9 @@ def exec_command(
         fail("give exactly one of `-- PROG [ARGS...]` and `--shell 'LINE'`", EXIT_INVALID)
     env = _parse_env_options(env_items)
     try:
-        env = execution.check_env(env)
+        env = execution_run.check_env(env)
         command = shell if shell is not None else quote_argv(list(argv or ()))
-    except (execution.InvalidCommandError, ValueError) as exc:
+    except (execution_run.InvalidCommandError, ValueError) as exc:
         fail(str(exc), EXIT_INVALID)
     stdin: bytes | None = None
     if stdin_file == "-":
@@ -130,62 +130,89 @@ def exec_command(
             fail(f"--stdin {stdin_file}: {exc.strerror or exc}", EXIT_INVALID)
     settings = cli.settings
     with handled():
-        database = cli.database()
         if queue:
-            try:
-                with database.session() as session:
-                    execution.check_runnable(session, name)  # still starting is fine: it waits
-                execution_id = execution.enqueue(
-                    database,
-                    lease_name=name,
-                    command=command,
-                    cwd=cwd,
-                    env=env,
-                    stdin=stdin,
-                    timeout_seconds=timeout,
-                    ordered=not unordered,
-                )
-            except execution.ExecutionError as exc:
-                fail(str(exc), EXIT_INVALID)
-            err.print(f"execution {execution_id} queued; waiting for a dispatcher", highlight=False)
-            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # the same as Ctrl-C
-            streamer = _Streamer()
-            try:
-                record = execution.wait_for(
-                    database,
-                    execution_id,
-                    poll_seconds=min(0.5, settings.exec.poll_interval_seconds),
-                    on_output=streamer.feed,  # a session command's output, as its worker records it
-                )
-            except KeyboardInterrupt:
-                _cancel_queued_or_running(cli, database, execution_id)
-            _report_outcome(execution_id, record.outcome, already_written=streamer.written)
+            _exec_queued(
+                cli,
+                name,
+                command=command,
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                timeout=timeout,
+                ordered=not unordered,
+            )
         from controller.providers import build_provider
 
-        provider = build_provider(settings)
-        streamer = _Streamer()
-        try:
-            execution_id, outcome = _execute_interruptibly(
-                lambda on_start, interrupted: execution.execute_now(
-                    database,
+        with cli.exec_rows() as rows:  # the driver on a plain URL: no SQLAlchemy (controller/exec_rows.py)
+            provider = build_provider(settings)
+            streamer = _Streamer()
+            try:
+                execution_id, outcome = _execute_interruptibly(
+                    lambda on_start, interrupted: execution_run.execute_now(
+                        rows,
+                        provider,
+                        settings.exec,
+                        lease_name=name,
+                        command=command,
+                        cwd=cwd,
+                        env=env,
+                        stdin=stdin,
+                        timeout_seconds=timeout,
+                        on_start=on_start,
+                        interrupted=interrupted,
+                        on_output=streamer.feed,
+                    ),
                     provider,
-                    settings.exec,
-                    lease_name=name,
-                    command=command,
-                    cwd=cwd,
-                    env=env,
-                    stdin=stdin,
-                    timeout_seconds=timeout,
-                    on_start=on_start,
-                    interrupted=interrupted,
-                    on_output=streamer.feed,
-                ),
-                provider,
-                streamer,
-            )
-        except execution.ExecutionError as exc:
-            fail(str(exc), EXIT_INVALID)
+                    streamer,
+                )
+            except execution_run.ExecutionError as exc:
+                fail(str(exc), EXIT_INVALID)
     _report_outcome(execution_id, outcome, already_written=streamer.written)
+
+
+def _exec_queued(
+    cli: Any,
+    name: str,
+    command: str,
+    *,
+    cwd: str | None,
+    env: dict[str, str],
+    stdin: bytes | None,
+    timeout: int | None,
+    ordered: bool,
+) -> NoReturn:
+    """``exec --queue``: enqueue the row, wait for a dispatcher to run it, exit as ``exec`` does."""
+    from controller import execution, execution_run
+
+    database = cli.database()
+    try:
+        with database.session() as session:
+            execution.check_runnable(session, name)  # still starting is fine: it waits
+        execution_id = execution.enqueue(
+            database,
+            lease_name=name,
+            command=command,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout_seconds=timeout,
+            ordered=ordered,
+        )
+    except execution_run.ExecutionError as exc:
+        fail(str(exc), EXIT_INVALID)
+    err.print(f"execution {execution_id} queued; waiting for a dispatcher", highlight=False)
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))  # the same as Ctrl-C
+    streamer = _Streamer()
+    try:
+        record = execution.wait_for(
+            database,
+            execution_id,
+            poll_seconds=min(0.5, cli.settings.exec.poll_interval_seconds),
+            on_output=streamer.feed,  # a session command's output, as its worker records it
+        )
+    except KeyboardInterrupt:
+        _cancel_queued_or_running(cli, database, execution_id)
+    _report_outcome(execution_id, record.outcome, already_written=streamer.written)
 
 
 class _Streamer:
@@ -215,7 +242,7 @@ def _execute_interruptibly(
 
     A second signal while stopping gives up at once (exit 130) and says the command may still run.
     """
-    from controller import execution
+    from controller import execution_run
 
     started: dict[str, Any] = {}
     reason: list[str] = []
@@ -261,7 +288,7 @@ def _execute_interruptibly(
             if started and not done.is_set():
                 reason.append(f"interrupted by {name}: the command was stopped in the sandbox")
                 err.print(f"{name}: stopping execution {started['id']} in the sandbox...", highlight=False)
-                problem = execution.stop_in_sandbox(provider, started["sandbox"], started["marker"])
+                problem = execution_run.stop_in_sandbox(provider, started["sandbox"], started["marker"])
                 done.wait(STOP_WAIT_SECONDS)
                 if result:
                     output, shown = result[0][1].output, streamer.written if streamer else ""
@@ -288,11 +315,11 @@ def _execute_interruptibly(
 
 def _cancel_queued_or_running(cli: Any, database: Any, execution_id: int) -> NoReturn:
     """Ctrl-C while waiting for a queued execution: cancel it; if it runs, stop it in the sandbox."""
-    from controller import execution
+    from controller import execution, execution_run
 
     try:
-        cancelled = execution.cancel(database, execution_id, by=execution.make_worker_id("cli"))
-    except execution.ExecutionError:
+        cancelled = execution.cancel(database, execution_id, by=execution_run.make_worker_id("cli"))
+    except execution_run.ExecutionError:
         fail(f"execution {execution_id} had already ended; see `leasectl executions`", exitcodes.INTERRUPTED)
     if cancelled.marker is None or cancelled.sandbox_id is None:
         fail(f"execution {execution_id} cancelled before it started", exitcodes.INTERRUPTED)
@@ -300,10 +327,10 @@ def _cancel_queued_or_running(cli: Any, database: Any, execution_id: int) -> NoR
 
 
 def _stop_message(cli: Any, cancelled: Any) -> str:
-    from controller import execution
+    from controller import execution_run
     from controller.providers import build_provider
 
-    problem = execution.stop_in_sandbox(
+    problem = execution_run.stop_in_sandbox(
         build_provider(cli.settings), cancelled.sandbox_id, cancelled.marker, cancelled.session_id
     )
     if problem is None:
@@ -324,15 +351,15 @@ def cancel(
     A queued one never runs. A running one is stopped at once from here (SIGTERM, then SIGKILL after
     2 s, to every process carrying its marker); its dispatcher would also stop it within one poll.
     """
-    from controller import execution
+    from controller import execution, execution_run
 
     cli = context_of(ctx)
     with handled():
         database = cli.database()
         for execution_id in ids:
             try:
-                cancelled = execution.cancel(database, execution_id, by=execution.make_worker_id("cli"))
-            except execution.ExecutionError as exc:
+                cancelled = execution.cancel(database, execution_id, by=execution_run.make_worker_id("cli"))
+            except execution_run.ExecutionError as exc:
                 fail(str(exc), EXIT_INVALID)
             if cancelled.marker is None or cancelled.sandbox_id is None:
                 out.print(f"execution {execution_id} cancelled (it had not started)", highlight=False)

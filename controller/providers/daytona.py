@@ -5,13 +5,14 @@ generated REST client (``daytona_api_client``) so that each is exactly one bound
 returns as soon as Daytona accepted it: the reconciler observes progress on its next pass instead of
 blocking a worker in the high-level client's wait loops. ``exec``, the hot path of ``leasectl
 exec`` and the execution queue, and the session calls go through the generated toolbox client
-too (``ProcessApi``, aimed at the sandbox's toolbox proxy URL from one ``get_sandbox``): the same
-requests the high-level client sends, without importing it. The file and work-dir calls use the
-high-level ``daytona.Daytona`` client with event-socket polling disabled, so an unreachable socket
-can neither slow nor break anything; it is made on first use, because importing it (OpenTelemetry,
-aiohttp, socketio, every generated model) takes seconds that ``plan``, ``gc`` and ``exec`` never need;
-so are the volumes and object-storage APIs, which ``exec`` never needs either (``leasectl exec``
-starts in a fraction of a second: tests/unit/test_cli_imports.py lists what it imports).
+too (the calls of its ``ProcessApi``, sent by :class:`ToolboxProcess` and aimed at the sandbox's
+toolbox proxy URL from one ``get_sandbox``): the same requests the high-level client sends, without
+importing it. The file and work-dir calls use the high-level ``daytona.Daytona`` client with
+event-socket polling disabled, so an unreachable socket can neither slow nor break anything; it is
+made on first use, because importing it (OpenTelemetry, aiohttp, socketio, every generated model)
+takes seconds that ``plan``, ``gc`` and ``exec`` never need; so are the volumes and object-storage
+APIs, which ``exec`` never needs either (``leasectl exec`` starts in a fraction of a second:
+tests/unit/test_cli_imports.py lists what it imports).
 
 Every vendor exception is translated into ``controller.errors`` by ``classify`` and raised ``from``
 the original. Daytona's server decides much with 400 (quota, capacity, "failed to start", a state
@@ -50,16 +51,7 @@ from daytona.internal.urllib3_retry import RemoteDisconnectedRetry
 from daytona_api_client.api_client import ApiClient
 from daytona_api_client.configuration import Configuration
 from daytona_api_client.exceptions import ApiException
-from daytona_api_client.models.create_build_info import CreateBuildInfo
-from daytona_api_client.models.create_sandbox import CreateSandbox
-from daytona_api_client.models.gpu_type import GpuType
-from daytona_api_client.models.sandbox_labels import SandboxLabels
-from daytona_api_client.models.sandbox_list_sort_direction import SandboxListSortDirection
-from daytona_api_client.models.sandbox_list_sort_field import SandboxListSortField
-from daytona_api_client.models.sandbox_volume import SandboxVolume
-from daytona_api_client.models.update_sandbox_network_settings import UpdateSandboxNetworkSettings
 from daytona_api_client.rest import RESTResponse
-from daytona_toolbox_api_client.api.process_api import ProcessApi
 from daytona_toolbox_api_client.api_client import ApiClient as ToolboxApiClient
 from daytona_toolbox_api_client.configuration import Configuration as ToolboxConfiguration
 from daytona_toolbox_api_client.exceptions import ApiException as ToolboxApiException
@@ -96,6 +88,7 @@ from controller.providers.base import (
 if TYPE_CHECKING:
     from daytona_api_client.api.sandbox_api import SandboxApi
     from daytona_api_client.api.volumes_api import VolumesApi
+    from daytona_api_client.models.create_build_info import CreateBuildInfo
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +399,90 @@ def _network_fields(network: NetworkSettings | None, *, update: bool = False) ->
     return fields if update else {k: v for k, v in fields.items() if v != ""}
 
 
+class ToolboxProcess:
+    """The six calls of the SDK's generated toolbox ``ProcessApi`` that leasectl makes (one-request
+    exec and the session calls), sent as its methods send them: the same request (path, method,
+    headers, body model), the same answer types read by the same ``response_deserialize``, the
+    same ``ApiException`` on an error status. Importing ``ProcessApi`` (about 40 methods, each
+    wrapped by pydantic's ``validate_call``, and the models of all of them) took ``leasectl exec``
+    longer than the rest of the provider; the argument checks it skips are on values this module
+    makes."""
+
+    def __init__(self, client: ToolboxApiClient) -> None:
+        self.api_client = client
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        types: Mapping[str, str | None],
+        timeout: float | None,
+        *,
+        path_params: dict[str, str] | None = None,
+        body: Any = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            path_params=path_params or {},
+            query_params=[],
+            header_params=headers,
+            body=body,
+            post_params=[],
+            files={},
+            auth_settings=[],
+            collection_formats={},
+            _host=None,
+            _request_auth=None,
+        )
+        answer = self.api_client.call_api(*request, _request_timeout=timeout)
+        answer.read()  # type: ignore[no-untyped-call]
+        return self.api_client.response_deserialize(response_data=answer, response_types_map=dict(types)).data
+
+    def execute_command(self, request: ExecuteRequest, _request_timeout: float | None = None) -> Any:
+        types = {"200": "ExecuteResponse", "400": "ErrorResponse", "408": "ErrorResponse"}
+        return self._call("POST", "/process/execute", types, _request_timeout, body=request)
+
+    def create_session(self, request: CreateSessionRequest, _request_timeout: float | None = None) -> None:
+        types = {"201": None, "400": "ErrorResponse", "409": "ErrorResponse", "500": "ErrorResponse"}
+        self._call("POST", "/process/session", types, _request_timeout, body=request)
+
+    def session_execute_command(
+        self, session_id: str, request: SessionExecuteRequest, _request_timeout: float | None = None
+    ) -> Any:
+        types: dict[str, str | None] = {"200": "SessionExecuteResponse", "202": "SessionExecuteResponse"}
+        types |= {status: "ErrorResponse" for status in ("400", "404", "409", "410", "500")}
+        path = "/process/session/{sessionId}/exec"
+        return self._call(
+            "POST", path, types, _request_timeout, path_params={"sessionId": session_id}, body=request
+        )
+
+    def get_session_command(
+        self, session_id: str, command_id: str, _request_timeout: float | None = None
+    ) -> Any:
+        types = {"200": "Command", "404": "ErrorResponse", "500": "ErrorResponse"}
+        path = "/process/session/{sessionId}/command/{commandId}"
+        params = {"sessionId": session_id, "commandId": command_id}
+        return self._call("GET", path, types, _request_timeout, path_params=params)
+
+    def get_session_command_logs(
+        self, session_id: str, command_id: str, _request_timeout: float | None = None
+    ) -> Any:
+        types: dict[str, str | None] = {"200": "SessionCommandLogsResponse"}
+        types |= {status: "ErrorResponse" for status in ("400", "403", "404", "500")}
+        path = "/process/session/{sessionId}/command/{commandId}/logs"
+        params = {"sessionId": session_id, "commandId": command_id}
+        return self._call("GET", path, types, _request_timeout, path_params=params)
+
+    def delete_session(self, session_id: str, _request_timeout: float | None = None) -> None:
+        types = {"204": None, "400": "ErrorResponse", "404": "ErrorResponse", "500": "ErrorResponse"}
+        path = "/process/session/{sessionId}"
+        self._call("DELETE", path, types, _request_timeout, path_params={"sessionId": session_id})
+
+
 class DaytonaProvider:
     """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
 
@@ -441,7 +518,7 @@ class DaytonaProvider:
         toolbox_configuration.connection_pool_maxsize = 32
         self._toolbox_client = ToolboxApiClient(toolbox_configuration)
         self._toolbox_client.default_headers.update(self._api_client.default_headers)
-        self._processes: dict[str, ProcessApi] = {}
+        self._processes: dict[str, ToolboxProcess] = {}
 
     @property
     def _sdk(self) -> Any:
@@ -517,6 +594,9 @@ class DaytonaProvider:
     def _list_page(self, labels: str, cursor: str | None) -> tuple[list[ObservedSandbox], str | None]:
         """One page through the SDK's request (its transport, auth and error type), read as JSON:
         a page of 200 items costs one ``json.loads``, not 200 generated pydantic models."""
+        from daytona_api_client.models.sandbox_list_sort_direction import SandboxListSortDirection
+        from daytona_api_client.models.sandbox_list_sort_field import SandboxListSortField
+
         response = self._api.list_sandboxes_without_preload_content(
             cursor=cursor,
             limit=PAGE_SIZE,
@@ -540,6 +620,11 @@ class DaytonaProvider:
         return to_observed(item)
 
     def create(self, request: CreateRequest) -> ObservedSandbox:
+        # The request models are imported by the calls that send them (exec sends none of them).
+        from daytona_api_client.models.create_sandbox import CreateSandbox
+        from daytona_api_client.models.gpu_type import GpuType
+        from daytona_api_client.models.sandbox_volume import SandboxVolume
+
         labels = dict(request.labels)
         labels.setdefault(LANGUAGE_LABEL, request.language or "python")
         body = CreateSandbox(
@@ -580,6 +665,8 @@ class DaytonaProvider:
         """Daytona's build info: ``FROM <image>`` for an image name, or the lease's Dockerfile with
         its context uploaded to Daytona's object storage first (the SDK's own upload, which skips an
         archive whose hash is already stored)."""
+        from daytona_api_client.models.create_build_info import CreateBuildInfo
+
         if request.dockerfile is not None:
             hashes: list[str] | None = None
             if request.build_context:
@@ -659,6 +746,9 @@ class DaytonaProvider:
             "ttl_minutes": api.set_ttl,
             "labels": api.replace_labels,
         }
+        from daytona_api_client.models.sandbox_labels import SandboxLabels
+        from daytona_api_client.models.update_sandbox_network_settings import UpdateSandboxNetworkSettings
+
         for name in update.setters:
             value = getattr(update, name)
             argument = value
@@ -733,7 +823,7 @@ class DaytonaProvider:
             self._sandboxes.pop(sandbox_id, None)
             self._processes.pop(sandbox_id, None)
 
-    def _process(self, sandbox_id: str) -> ProcessApi:
+    def _process(self, sandbox_id: str) -> ToolboxProcess:
         """The toolbox process API of one sandbox: its proxy URL comes from one ``get_sandbox``,
         cached like the SDK's Sandbox objects (dropped on delete and after any toolbox error)."""
         with self._cache_lock:
@@ -752,7 +842,7 @@ class DaytonaProvider:
         client.rest_client = self._toolbox_client.rest_client  # the shared connection pool
         client.default_headers = self._toolbox_client.default_headers
         client.configuration = _aimed(self._toolbox_client.configuration, f"{base_url}/{dto.id}")
-        process = ProcessApi(client)
+        process = ToolboxProcess(client)
         with self._cache_lock:
             if len(self._processes) >= SANDBOX_CACHE_SIZE:
                 self._processes.pop(next(iter(self._processes)))
@@ -856,7 +946,9 @@ class DaytonaProvider:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def _process_call(self, sandbox_id: str, operation: str, what: str, fn: Callable[[ProcessApi], T]) -> T:
+    def _process_call(
+        self, sandbox_id: str, operation: str, what: str, fn: Callable[[ToolboxProcess], T]
+    ) -> T:
         """A call of the sandbox's toolbox process API; any failure drops it from the cache."""
         process = self._process(sandbox_id)
         try:

@@ -219,13 +219,13 @@ def test_long_command_shows_its_first_lines_before_it_ends_and_logs_follow_ends_
 def test_cli_exec_streams_a_session_command_while_it_runs(
     db: Database, database_url: str, box: Box, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from controller import execution
+    from controller import execution_run  # exec's direct path (execute_now) lives there
 
     monkeypatch.setenv("DAYTONA_API_URL", box.emulator.api_url)
     monkeypatch.setenv("DAYTONA_API_KEY", API_KEY)
     monkeypatch.setenv("LEASECTL_EXEC__LOG_POLL_SECONDS", "0.1")
     seen: list[tuple[str, str]] = []
-    real = execution.follow_session
+    real = execution_run.follow_session
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         forward = kwargs["on_output"]
@@ -239,7 +239,7 @@ def test_cli_exec_streams_a_session_command_while_it_runs(
         kwargs["on_output"] = on_output
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(execution, "follow_session", spy)
+    monkeypatch.setattr(execution_run, "follow_session", spy)
     code, out, _ = cli(
         database_url, "exec", "box", "--shell", "echo first; sleep 2; echo second", "--timeout", "600"
     )

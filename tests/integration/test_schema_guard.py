@@ -62,7 +62,7 @@ def _cli(url: str, *args: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("state", ["empty", "older", "newer"])
 def test_daemon_and_writing_commands_refuse_an_unknown_schema(
-    empty_url: str, state: str, tmp_path: Path
+    empty_url: str, state: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = _migrate(empty_url, state)
     fix = NEWER if state == "newer" else "run `leasectl db upgrade`"
@@ -79,7 +79,10 @@ def test_daemon_and_writing_commands_refuse_an_unknown_schema(
 
     leases = tmp_path / "leases.yaml"
     leases.write_text("leases:\n  - name: alpha\n")
-    for command in (["run"], ["apply", "-f", str(leases)], ["exec-worker", "--once"]):
+    monkeypatch.setenv("DAYTONA_API_KEY", "unused")  # exec makes its provider before it writes
+    monkeypatch.setenv("DAYTONA_API_URL", "http://127.0.0.1:9/api")  # and is refused before a request
+    exec_true = ["exec", "alpha", "--", "true"]  # its row goes through the driver (controller/exec_rows.py)
+    for command in (["run"], ["apply", "-f", str(leases)], ["exec-worker", "--once"], exec_true):
         code, output = _cli(empty_url, *command)
         assert code == exitcodes.NO_DATABASE, (command, output)
         assert fix in output, (command, output)

@@ -169,21 +169,26 @@ def ready_lease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 
 @pytest.mark.parametrize("timeout", [[], ["--timeout", "30"]], ids=["session", "one-request"])
-def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers(
+def test_exec_imports_neither_sqlalchemy_nor_alembic_nor_the_high_level_sdk(
     ready_lease: dict[str, str], tmp_path: Path, timeout: list[str]
 ) -> None:
     """``exec`` (both paths: the default time-out runs in a session, a short one in one request)
-    imports the generated clients it sends its requests with and the tables, and nothing else of
-    weight: no Alembic, no aiohttp, no high-level ``daytona`` client, no local API server, no API
-    module it sends nothing with (the sandbox API's module neither: its one GET of the toolbox address
-    goes through the SDK's client without it); and it never configures the ORM mappers."""
+    imports the generated clients it sends its requests with, and nothing else of weight: on a
+    plain URL it writes its row through the driver (controller/exec_rows.py), so no SQLAlchemy, no
+    models and not the queue's module; no Alembic, no aiohttp, no high-level ``daytona`` client, no
+    local API server, no generated API module (the toolbox address GET and the process calls go
+    through the SDK's clients without them: each module wraps every method in pydantic's
+    ``validate_call``, the process API's about 40)."""
     found = _imported(
         ["exec", "box", *timeout, "--", "sh", "-c", "echo hello; exit 3"], env=ready_lease, cwd=tmp_path
     )
     assert found["code"] == 3 and found["stdout"] == "hello\n"
     top = set(found["top"])  # type: ignore[arg-type]
+    assert "sqlite3" in top  # it did write its row: through the driver
     assert {
-        n for n in ("alembic", "aiohttp", "rich", "yaml", "socketio", "opentelemetry") if n in top
+        n
+        for n in ("sqlalchemy", "models", "alembic", "aiohttp", "rich", "yaml", "socketio", "opentelemetry")
+        if n in top
     } == set()
     modules = set(found["modules"])  # type: ignore[arg-type]
     sdk = {m for m in modules if m.startswith("daytona.")}
@@ -192,10 +197,60 @@ def test_exec_imports_neither_alembic_nor_the_high_level_sdk_nor_the_orm_mappers
         m
         for m in modules
         if m.startswith(("controller.emulator.server", "controller.emulator.app", "controller.reconciler"))
+        or m in ("controller.execution", "controller.db")  # the queue and the engine: SQLAlchemy
         or m.endswith(("volumes_api", "object_storage_api", "sandbox_api"))  # the toolbox address: one GET
+        or m.endswith("process_api")  # its calls are sent by providers.daytona.ToolboxProcess
     } == set()
-    assert found["mapped"] is False
     assert found["frozen"] > 10_000  # main() froze what the command made: the exit does not walk it
+
+
+def test_exec_on_postgresql_writes_through_psycopg_without_sqlalchemy(
+    ready_lease: dict[str, str], pg_url: str, tmp_path: Path
+) -> None:
+    """The same on PostgreSQL: the row and its event are written through psycopg."""
+    import sqlite3
+
+    sqlite_file = ready_lease["LEASECTL_DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(sqlite_file) as conn:
+        [(sandbox_id,)] = conn.execute("SELECT sandbox_id FROM lease_status WHERE lease_name = 'box'")
+    database = dbmod.connect(pg_url)
+    truncate_all(database)
+    with database.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO leases (name, desired_state) VALUES ('box', 'running')")
+        conn.exec_driver_sql(
+            "INSERT INTO lease_status (lease_name, phase, sandbox_id) VALUES ('box', 'Ready', %(s)s)",
+            {"s": sandbox_id},
+        )
+    try:
+        found = _imported(
+            ["exec", "box", "--", "sh", "-c", "echo pg; exit 5"],
+            env=ready_lease | {"LEASECTL_DATABASE_URL": pg_url},
+            cwd=tmp_path,
+        )
+        assert found["code"] == 5 and found["stdout"] == "pg\n"
+        top = set(found["top"])  # type: ignore[arg-type]
+        assert "psycopg" in top and not {"sqlalchemy", "models"} & top
+        with database.engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT state, exit_code, output FROM executions").one()
+            event = conn.exec_driver_sql("SELECT outcome, message FROM events WHERE action = 'exec'").one()
+        assert tuple(row) == ("failed", 5, "pg\n")
+        assert event.outcome == "failed" and event.message.endswith(": exit 5")
+    finally:
+        truncate_all(database)
+        database.dispose()
+
+
+def test_exec_on_a_url_the_driver_does_not_open_goes_through_sqlalchemy_without_the_mappers(
+    ready_lease: dict[str, str], tmp_path: Path
+) -> None:
+    """A URL that is not a plain one (here a query string) is SQLAlchemy's to read: exec then writes
+    its row with Core statements (controller.execution.DatabaseRows), still never configuring the
+    ORM mappers (30-40 ms, longer than ``exec NAME -- true`` runs)."""
+    env = ready_lease | {"LEASECTL_DATABASE_URL": ready_lease["LEASECTL_DATABASE_URL"] + "?timeout=30"}
+    found = _imported(["exec", "box", "--", "sh", "-c", "echo again; exit 4"], env=env, cwd=tmp_path)
+    assert found["code"] == 4 and found["stdout"] == "again\n"
+    assert "controller.execution" in set(found["modules"])  # type: ignore[arg-type]
+    assert found["mapped"] is False
 
 
 # -- one command built per start -------------------------------------------------------------------

@@ -77,3 +77,50 @@ def test_in_list_and_a_sqlite_read(tmp_path: Path) -> None:
     finally:
         close()
     assert dbapi.open_reader("sqlite://") is None
+
+
+def test_the_writer_sets_up_a_sqlite_connection_as_the_engine_does(tmp_path: Path) -> None:
+    """``exec`` writes through :func:`dbapi.open_writer`: the same pragmas as the engine's
+    connections (WAL, busy timeout, synchronous, foreign keys) and transactions that take the write
+    lock at their start."""
+    from controller import db as dbmod
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    pragmas = ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")
+    engine = dbmod.create_db_engine(url)
+    with engine.connect() as conn:
+        expected = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas}
+    engine.dispose()
+    writer = dbapi.open_writer(url)
+    assert writer is not None and writer.dialect == "sqlite"
+    try:
+        assert {p: writer.execute(f"PRAGMA {p}").fetchone()[0] for p in pragmas} == expected
+        writer.execute("CREATE TABLE t (x INTEGER)")
+        with writer.transaction():
+            other = sqlite3.connect(tmp_path / "w.db", timeout=0)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):  # held from BEGIN IMMEDIATE
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+            writer.execute("INSERT INTO t VALUES (:x)", {"x": 1})
+        with pytest.raises(RuntimeError), writer.transaction():
+            writer.execute("INSERT INTO t VALUES (:x)", {"x": 2})
+            raise RuntimeError("rolled back")
+        assert writer.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        writer.close()
+    assert dbapi.open_writer("sqlite:///w.db?mode=ro") is None  # not plain: SQLAlchemy's to open
+
+
+def test_the_writer_connects_at_its_first_statement(tmp_path: Path) -> None:
+    """As an engine: opening reaches nothing (exec reports a missing API key before an unreachable
+    database, as before), the first statement does."""
+    writer = dbapi.open_writer("postgresql://nobody@127.0.0.1:1/nowhere")
+    assert writer is not None
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError):
+        writer.execute("SELECT 1")
+    writer.close()
+    sqlite_writer = dbapi.open_writer(f"sqlite:///{tmp_path / 'later.db'}")
+    assert sqlite_writer is not None and not (tmp_path / "later.db").exists()
+    sqlite_writer.close()
