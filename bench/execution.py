@@ -20,7 +20,7 @@ Each dispatcher command goes through the whole path: claim, login-shell script (
 env, subshell), provider call (the toolbox execute; the sandbox's toolbox URL is fetched once per
 sandbox), result row and event. In drain and poll mode a slot whose command ended writes its result
 and claims its next row in one transaction (group-committed with the results and free slots of
-other threads): about 3 statements per command on SQLite, 1.3 on PostgreSQL (docs/execution.md,
+other threads): about 3 statements per command on SQLite, 0.7 on PostgreSQL (docs/execution.md,
 Throughput, has the statements). The figure to watch is
 ``ratio_throughput_login_shell_over_dispatcher`` (direct with the same script / dispatcher); what
 is left is mostly that transaction on the slot's path (its commit waits for the WAL flush on

@@ -62,6 +62,7 @@ me``) that then matches nothing: its result is logged and dropped.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -141,7 +142,7 @@ log = logging.getLogger(__name__)
 
 INTERRUPT_GRACE_SECONDS = 300.0
 RECOVER_EVERY_SECONDS = 60.0
-WRITE_LANES = 2  # PostgreSQL: group commits in progress at once (see Dispatcher.__init__)
+WRITE_LANES = 1  # PostgreSQL: group commits in progress at once (see Dispatcher.__init__)
 WAIT_POLL_SECONDS = 0.5
 
 
@@ -272,6 +273,124 @@ _CLAIM = (
         env=sa.null(),
         stdin=sa.null(),
     )
+)
+
+
+def _constant(value: str) -> sa.ColumnElement[str]:
+    """A string constant written into the SQL text instead of bound: PostgreSQL's generic plan of a
+    prepared statement can then use an index whose predicate names it (``state = 'queued'``), and
+    no parameter is expanded per execution. Only for the module's own constants (quoted as is)."""
+    assert "'" not in value
+    return sa.literal_column(f"'{value}'", sa.String())
+
+
+_QUEUED = _constant("queued")
+_RUNNABLE = [_constant(phase) for phase in RUNNABLE_PHASES]
+
+
+# PostgreSQL, continuous mode: a slot's results and its next claim in ONE statement. The results
+# arrive as one JSON array of records (any number of rows, one parameter: cheaper to send than an
+# array per column); the fenced UPDATE of the rows still running under this worker, the INSERT of
+# their events and the claim are data-modifying CTEs of one SELECT, which returns the ids recorded
+# on every row (``array_agg``) beside the claimed rows (none: one row of NULLs). A result whose
+# row is no longer ours is left out, not an error: the caller records it alone (dropped, its
+# secrets cleared), as before.
+_RESULTS = (
+    sa.func.json_to_recordset(sa.cast(sa.bindparam("b_results", type_=sa.Text()), sa.JSON()))
+    .table_valued(
+        sa.column("id", sa.BigInteger()),
+        sa.column("state", sa.String()),
+        sa.column("exit_code", sa.Integer()),
+        sa.column("output", sa.Text()),
+        sa.column("output_truncated", sa.Boolean()),
+        sa.column("error", sa.Text()),
+        sa.column("message", sa.Text()),
+        name="results",
+    )
+    .render_derived(with_types=True)
+)
+_RECORDED = (
+    sa.update(_EXECUTIONS)
+    .where(
+        _EXECUTIONS.c.id == _RESULTS.c.id,
+        _EXECUTIONS.c.state == _constant("running"),
+        _EXECUTIONS.c.claimed_by == sa.bindparam("b_worker"),
+    )
+    .values(
+        state=_RESULTS.c.state,
+        exit_code=_RESULTS.c.exit_code,
+        output=_RESULTS.c.output,
+        output_truncated=_RESULTS.c.output_truncated,
+        error=_RESULTS.c.error,
+        finished_at=sa.bindparam("b_finished_at", type_=UTCDateTime()),
+        env=sa.null(),
+        stdin=sa.null(),
+    )
+    .returning(
+        _EXECUTIONS.c.id,
+        _EXECUTIONS.c.lease_name,
+        _EXECUTIONS.c.sandbox_id,
+        _RESULTS.c.state.label("outcome"),
+        _RESULTS.c.message,
+    )
+    .cte("recorded")
+)
+_RECORDED_EVENTS = (
+    sa.insert(_EVENTS)
+    .from_select(
+        ["lease_name", "sandbox_id", "action", "outcome", "message", "controller_id"],
+        sa.select(
+            _RECORDED.c.lease_name,
+            _RECORDED.c.sandbox_id,
+            _constant("exec"),
+            _RECORDED.c.outcome,
+            _RECORDED.c.message,
+            sa.bindparam("b_worker", type_=sa.String()),
+        ),
+    )
+    .cte("recorded_events")
+)
+
+
+def _finish_and_claim_statement(claim: sa.Update) -> sa.Select[Any]:
+    """The results + claim statement around a dispatcher's claim (``UPDATE ... RETURNING``)."""
+    claimed = claim.cte("claimed")
+    recorded = sa.select(sa.func.array_agg(_RECORDED.c.id).label("finished_ids")).subquery("done")
+    return (
+        sa.select(recorded.c.finished_ids, *claimed.c)
+        .select_from(recorded.outerjoin(claimed, sa.true()))
+        .add_cte(_RECORDED_EVENTS)
+    )
+
+
+def _results_json(results: list[Finished], max_output_bytes: int) -> str:
+    """``results`` as the JSON records :data:`_RESULTS` reads (capped, made storable: no NUL, no
+    lone surrogate)."""
+    records = []
+    for item in results:
+        outcome = item.outcome
+        output, truncated = cap_output(storable(outcome.output), max_output_bytes)
+        detail = _detail(outcome)
+        records.append(
+            {
+                "id": item.execution_id,
+                "state": outcome.state,
+                "exit_code": outcome.exit_code,
+                "output": output,
+                "output_truncated": truncated or outcome.output_truncated,
+                "error": storable(outcome.error) if outcome.error is not None else None,
+                "message": f"execution {item.execution_id}" + (f": {detail}" if detail else ""),
+            }
+        )
+    return json.dumps(records, ensure_ascii=False)
+
+
+# The polls' reads, built once: a poll runs them every exec.poll_interval_seconds.
+_ANY_QUEUED = sa.select(_EXECUTIONS.c.id).where(_EXECUTIONS.c.state == _QUEUED).limit(1)
+_CANCELLED_AMONG = sa.select(_EXECUTIONS.c.id).where(
+    _EXECUTIONS.c.id.in_(sa.bindparam("ids", expanding=True)),
+    _EXECUTIONS.c.state == "cancelled",
+    _EXECUTIONS.c.session_id.is_(None),
 )
 
 
@@ -752,6 +871,7 @@ class Dispatcher:
         # Twice the slots: a thread recording a result while the slot's next command already runs.
         self._claim_select: sa.Select[Any] | None = None
         self._claim_runnable: sa.Update | None = None  # PostgreSQL: claim by one UPDATE ... RETURNING
+        self._finish_and_claim: sa.Select[Any] | None = None  # PostgreSQL: results + claim, one statement
         # SQLite has one writer: this process's claims and results take turns here instead of in
         # SQLite's busy handler, whose sleeps (up to tens of ms) would idle a slot. PostgreSQL
         # writes rows, not the database: no turn-taking there.
@@ -759,8 +879,11 @@ class Dispatcher:
         self._results: list[tuple[Job, CommandOutcome]] = []  # finished, not yet written
         self._results_lock = threading.Lock()
         # Group commits (results, and in continuous mode the claim for the slots freed meanwhile)
-        # run in up to WRITE_LANES transactions at once on PostgreSQL, whose commits wait on round
-        # trips and the WAL flush; results that arrive meanwhile join the next one. SQLite: one.
+        # run in up to WRITE_LANES transactions at once on PostgreSQL; results that arrive
+        # meanwhile join the next one. One lane since a slot's results and claim are one statement:
+        # a second lane halved the batches (1.3 -> 0.8 statements per command in the bench), and
+        # on a host whose CPUs the commands saturate, each transaction's CPU (client and server)
+        # cost more than waiting one short transaction. SQLite: one (one writer).
         self._lanes = threading.BoundedSemaphore(1 if db.is_sqlite else WRITE_LANES)
         # The claims' and results' transactions run on connections this dispatcher keeps checked
         # out (one per transaction at once): a checkout costs a ping (a round trip) on PostgreSQL.
@@ -964,6 +1087,18 @@ class Dispatcher:
             else:
                 self._connections.append(conn)
 
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        """A reading transaction for the polls' small reads: on PostgreSQL on a connection this
+        dispatcher keeps (a pool checkout costs a ping, a round trip, at every poll); on SQLite a
+        plain one (a kept connection begins ``BEGIN IMMEDIATE``: a read must not take the lock)."""
+        if self.db.is_sqlite:
+            with self.db.read() as conn:
+                yield conn
+            return
+        with self._write() as conn:
+            yield conn
+
     def _submit(self, job: Job, *, reserved: bool = False) -> Future[None]:
         """Start a claimed job on a slot (under ``_lock``); ``reserved``: its claim took the slot."""
         if not reserved:
@@ -1083,12 +1218,8 @@ class Dispatcher:
             ids = [i for i, job in self._running.items() if i not in self._stopping and not job.session_id]
         if not ids:
             return
-        with self.db.session(readonly=True) as session:
-            cancelled = session.scalars(
-                sa.select(Execution.id).where(
-                    Execution.id.in_(ids), Execution.state == "cancelled", Execution.session_id.is_(None)
-                )
-            ).all()
+        with self._read() as conn:
+            cancelled = conn.scalars(_CANCELLED_AMONG, {"ids": ids}).all()
         for execution_id in cancelled:
             with self._lock:
                 job = self._running.get(execution_id)
@@ -1107,9 +1238,8 @@ class Dispatcher:
 
     def _anything_queued(self) -> bool:
         """A cheap read first, so an idle queue never takes SQLite's write lock."""
-        with self.db.session(readonly=True) as session:
-            found = session.scalar(sa.select(Execution.id).where(Execution.state == "queued").limit(1))
-            return found is not None
+        with self._read() as conn:
+            return conn.scalar(_ANY_QUEUED) is not None
 
     def _sweep_cancelled(self) -> None:
         """Rows cancelled with SQL keep env/stdin until this clears them."""
@@ -1124,22 +1254,27 @@ class Dispatcher:
                 .values(env=sa.null(), stdin=sa.null()),
             )
 
-    def _blocked_by_earlier(self) -> sa.ColumnElement[bool]:
+    def _blocked_by_earlier(self, *, recording: bool = False) -> sa.ColumnElement[bool]:
         """True for an ordered row that must wait: ``exec.per_lease_concurrency`` earlier ordered
-        rows of its lease are still queued or running (created_at order, id breaks ties)."""
+        rows of its lease are still queued or running (created_at order, id breaks ties).
+        ``recording``: in the statement that also records results, whose snapshot still sees the
+        rows it records (its ``recorded`` CTE) running although they end in it, those do not count."""
         earlier = aliased(Execution)
+        conditions = [
+            earlier.lease_name == Execution.lease_name,
+            earlier.ordered.is_(True),
+            earlier.state.in_(("queued", "running")),
+            sa.or_(
+                earlier.created_at < Execution.created_at,
+                sa.and_(earlier.created_at == Execution.created_at, earlier.id < Execution.id),
+            ),
+        ]
+        if recording:
+            conditions.append(earlier.id.not_in(sa.select(_RECORDED.c.id)))
         count = (
             sa.select(sa.func.count())
             .select_from(earlier)
-            .where(
-                earlier.lease_name == Execution.lease_name,
-                earlier.ordered.is_(True),
-                earlier.state.in_(("queued", "running")),
-                sa.or_(
-                    earlier.created_at < Execution.created_at,
-                    sa.and_(earlier.created_at == Execution.created_at, earlier.id < Execution.id),
-                ),
-            )
+            .where(*conditions)
             .correlate(Execution)
             .scalar_subquery()
         )
@@ -1185,11 +1320,11 @@ class Dispatcher:
                     LeaseStatus.__table__, status.lease_name == e.lease_name
                 )
             )
-            .where(e.state == "queued")
+            .where(e.state == _QUEUED)
             .where(sa.or_(e.next_attempt_at.is_(None), e.next_attempt_at <= now))
             .where(
                 sa.or_(
-                    status.phase.in_(RUNNABLE_PHASES),
+                    status.phase.in_(_RUNNABLE),
                     lease.id.is_(None),
                     lease.desired_state != "running",
                     lease.expires_at <= now,
@@ -1199,30 +1334,43 @@ class Dispatcher:
             .order_by(e.created_at, e.id)
             .limit(sa.bindparam("b_limit", type_=sa.Integer()))
         )
+        unordered = query
         if self.settings.per_lease_concurrency > 0:
             query = query.where(sa.not_(self._blocked_by_earlier()))
         if not self.db.is_sqlite:
-            runnable = query.where(
-                status.phase.in_(RUNNABLE_PHASES),
-                status.sandbox_id.is_not(None),
-                lease.desired_state == "running",
-                sa.or_(lease.expires_at.is_(None), lease.expires_at > now),
-            ).with_for_update(of=_EXECUTIONS, skip_locked=True)
-            picked = runnable.subquery("picked")
-            self._claim_runnable = (
-                sa.update(_EXECUTIONS)
-                .where(_EXECUTIONS.c.id == picked.c.id)
-                .values(
-                    state="running",
-                    claimed_by=sa.bindparam("claimed_by"),
-                    started_at=sa.bindparam("started_at", type_=UTCDateTime()),
-                    sandbox_id=picked.c.status_sandbox_id,
-                    next_attempt_at=None,
-                    env=sa.null(),
-                    stdin=sa.null(),
+
+            def claim_runnable(candidates: sa.Select[Any]) -> sa.Update:
+                picked = (
+                    candidates.where(
+                        status.phase.in_(_RUNNABLE),
+                        status.sandbox_id.is_not(None),
+                        lease.desired_state == "running",
+                        sa.or_(lease.expires_at.is_(None), lease.expires_at > now),
+                    )
+                    .with_for_update(of=_EXECUTIONS, skip_locked=True)
+                    .subquery("picked")
                 )
-                .returning(*picked.c)
-            )
+                return (
+                    sa.update(_EXECUTIONS)
+                    .where(_EXECUTIONS.c.id == picked.c.id)
+                    .values(
+                        state="running",
+                        # parameters named unlike any column: a DML statement (or CTE) would SET
+                        # a column of a parameter's name (see _finish_and_claim_statement)
+                        claimed_by=sa.bindparam("b_claimed_by"),
+                        started_at=sa.bindparam("b_started_at", type_=UTCDateTime()),
+                        sandbox_id=picked.c.status_sandbox_id,
+                        next_attempt_at=None,
+                        env=sa.null(),
+                        stdin=sa.null(),
+                    )
+                    .returning(*picked.c)
+                )
+
+            self._claim_runnable = claim_runnable(query)
+            if self.settings.per_lease_concurrency > 0:
+                unordered = unordered.where(sa.not_(self._blocked_by_earlier(recording=True)))
+            self._finish_and_claim = _finish_and_claim_statement(claim_runnable(unordered))
             query = query.with_for_update(of=_EXECUTIONS, skip_locked=True)
         self._claim_select = query
         return query
@@ -1244,10 +1392,44 @@ class Dispatcher:
                 "b_now": now,
                 "b_cutoff": cutoff,
                 "b_limit": limit,
-                "claimed_by": self.worker_id,
-                "started_at": now,
+                "b_claimed_by": self.worker_id,
+                "b_started_at": now,
             },
         ).all()
+        return self._claimed_jobs(conn, rows, now)
+
+    def _finish_and_claim_in(
+        self, conn: sa.Connection, results: list[Finished], now: datetime, limit: int
+    ) -> tuple[set[int], list[Job], list[tuple[int, str, str]]]:
+        """PostgreSQL, continuous mode: record ``results`` (fenced, each with its event) and claim up
+        to ``limit`` runnable rows in ONE statement (:func:`_finish_and_claim_statement`): one round
+        trip instead of two. Returns the ids of the results recorded (a row no longer ours is left
+        out: the caller records it with :func:`finish`, which drops it), the jobs and the rows
+        ended in error, as :meth:`_claim_runnable_in`."""
+        self._claim_query()
+        assert self._finish_and_claim is not None
+        rows = conn.execute(
+            self._finish_and_claim,
+            {
+                "b_results": _results_json(results, self.settings.max_output_bytes),
+                "b_worker": self.worker_id,
+                "b_finished_at": now,
+                "b_now": now,
+                "b_cutoff": now - timedelta(seconds=self.settings.queue_wait_seconds),
+                "b_limit": limit,
+                "b_claimed_by": self.worker_id,
+                "b_started_at": now,
+            },
+        ).all()
+        finished = set(rows[0].finished_ids or ()) if rows else set()
+        jobs, ended = self._claimed_jobs(conn, [row for row in rows if row.id is not None], now)
+        return finished, jobs, ended
+
+    def _claimed_jobs(
+        self, conn: sa.Connection, rows: Sequence[Any], now: datetime
+    ) -> tuple[list[Job], list[tuple[int, str, str]]]:
+        """Rows a claim made ``running`` under this worker, as jobs (oldest first); one
+        ``_decide`` refuses (an invalid env) ends in error here."""
         jobs: list[Job] = []
         ended: list[tuple[int, str, str]] = []
         for row in sorted(rows, key=lambda r: (r.created_at, r.id)):
@@ -1473,11 +1655,15 @@ class Dispatcher:
             try:
                 with self._write() as conn:
                     now = self._clock()
-                    _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
-                    if free > 0 and not self.db.is_sqlite:
-                        jobs, ended = self._claim_runnable_in(conn, free)
-                    elif free > 0:
-                        jobs, ended = self._claim_in(conn, free)
+                    if free > 0 and results and not self.db.is_sqlite:
+                        recorded, jobs, ended = self._finish_and_claim_in(conn, results, now, free)
+                        lost = {item.execution_id for item in results} - recorded
+                    else:
+                        _finish_in(conn, self.worker_id, results, now, self.settings.max_output_bytes)
+                        if free > 0 and not self.db.is_sqlite:
+                            jobs, ended = self._claim_runnable_in(conn, free)
+                        elif free > 0:
+                            jobs, ended = self._claim_in(conn, free)
                 committed = True
             except sa.exc.SQLAlchemyError as exc:
                 # Rolled back: its results are written one by one (a row no longer ours among them

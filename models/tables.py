@@ -245,6 +245,14 @@ class Execution(Base):
         sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="timeout_positive"),
         sa.Index("ix_executions_state_id", "state", "id"),
         sa.Index("ix_executions_lease_name_state", "lease_name", "state"),
+        # the claim's order over queued rows only: a claim reads n rows, not the whole queue
+        sa.Index(
+            "ix_executions_queued",
+            "created_at",
+            "id",
+            postgresql_where=sa.text("state = 'queued'"),
+            sqlite_where=sa.text("state = 'queued'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

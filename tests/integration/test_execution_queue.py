@@ -19,7 +19,7 @@ from controller import execution
 from controller.config import ExecSettings
 from controller.execution import Dispatcher
 from controller.providers.base import ExecResult
-from models import Event, Execution, Lease, LeaseStatus
+from models import Event, Execution, Lease, LeaseStatus, utcnow
 
 ROWS = 200
 
@@ -218,6 +218,85 @@ def test_a_claim_whose_commit_failed_is_queued_again_and_runs_once(
         assert len(runs) == 2 and len(set(runs)) == 2
         assert all("GREETING" in command and "hi" in command for command in runs)
         assert all(r.env is None for r in rows)  # cleared again at the end
+    finally:
+        dispatcher.shutdown(timeout=10)
+        database.dispose()
+
+
+# -- PostgreSQL: results and the next claim in one statement -----------------------------------------
+
+
+def test_one_statement_records_the_results_still_ours_and_claims(database_url: str) -> None:
+    """PostgreSQL's continuous mode records a slot's results and claims its next row in one
+    statement. A result whose row is no longer this worker's (cancelled meanwhile) is left out of
+    it (reported as not recorded: the caller drops it alone), the others are recorded with their
+    event, and the claim holds: no row is written twice, none is lost."""
+    database = dbmod.connect(database_url)
+    if database.is_sqlite:
+        database.dispose()
+        pytest.skip("PostgreSQL's path (SQLite claims with SELECT, then UPDATE)")
+    mine, taken, queued = _one_lease_with_rows(database, "echo mine", "echo taken", "echo queued")
+    worker = "replica-0:0:w"
+    with database.session() as session:
+        session.execute(
+            sa.update(Execution)
+            .where(Execution.id.in_((mine, taken)))
+            .values(state="running", claimed_by=worker, sandbox_id="sb-1")
+        )
+        session.execute(sa.update(Execution).where(Execution.id == taken).values(state="cancelled"))
+    dispatcher = Dispatcher(database, CountingProvider(), ONE_REQUEST, worker_id=worker)
+    ok = execution.CommandOutcome(state="succeeded", exit_code=0, output="done")
+    results = [execution.Finished(i, ok, "box", "sb-1") for i in (mine, taken)]
+    try:
+        with dispatcher._write() as conn:
+            recorded, jobs, ended = dispatcher._finish_and_claim_in(conn, results, utcnow(), 2)
+        assert recorded == {mine}
+        assert [job.id for job in jobs] == [queued] and not ended
+        rows = {i: _row(database, i) for i in (mine, taken, queued)}
+        assert (rows[mine].state, rows[mine].output, rows[mine].exit_code) == ("succeeded", "done", 0)
+        assert rows[taken].state == "cancelled" and rows[taken].output is None
+        assert (rows[queued].state, rows[queued].claimed_by, rows[queued].sandbox_id) == (
+            "running",
+            worker,
+            "sb-1",
+        )
+        with database.session(readonly=True) as session:
+            events = session.execute(
+                sa.select(Event.outcome, Event.message).where(Event.action == "exec")
+            ).all()
+        assert [tuple(e) for e in events] == [("succeeded", f"execution {mine}: exit 0")]
+    finally:
+        dispatcher.shutdown(timeout=10)
+        database.dispose()
+
+
+def test_one_statement_claims_the_next_row_of_the_lease_whose_row_it_records(database_url: str) -> None:
+    """Per-lease order (one at a time): the statement that records a lease's running row also
+    claims that lease's next row, although its snapshot still sees the recorded row running, so a
+    freed slot goes on with the lease at once instead of at the next poll."""
+    database = dbmod.connect(database_url)
+    if database.is_sqlite:
+        database.dispose()
+        pytest.skip("PostgreSQL's path (SQLite claims with SELECT, then UPDATE)")
+    first, second, third = _one_lease_with_rows(database, "echo 1", "echo 2", "echo 3")
+    worker = "replica-0:0:w"
+    with database.session() as session:
+        session.execute(
+            sa.update(Execution)
+            .where(Execution.id == first)
+            .values(state="running", claimed_by=worker, sandbox_id="sb-1")
+        )
+    ordered = ExecSettings(max_concurrent=2, per_lease_concurrency=1, session_min_timeout_seconds=100_000)
+    dispatcher = Dispatcher(database, CountingProvider(), ordered, worker_id=worker)
+    ok = execution.CommandOutcome(state="succeeded", exit_code=0, output="1")
+    try:
+        with dispatcher._write() as conn:
+            recorded, jobs, _ = dispatcher._finish_and_claim_in(
+                conn, [execution.Finished(first, ok, "box", "sb-1")], utcnow(), 2
+            )
+        assert recorded == {first}
+        assert [job.id for job in jobs] == [second]  # the third waits for the second
+        assert [_row(database, i).state for i in (first, second, third)] == ["succeeded", "running", "queued"]
     finally:
         dispatcher.shutdown(timeout=10)
         database.dispose()
