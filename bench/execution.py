@@ -5,7 +5,9 @@ same run and at the same concurrency C:
 
 * direct: the official SDK, ``sandbox.process.exec(command)`` from C threads, with the ``Sandbox``
   objects fetched once beforehand (the cheapest a caller can do); once with the bare command and
-  once with the dispatcher's login-shell script around it (the script's own cost, without the queue);
+  once with exactly what the dispatcher sends: its login-shell script around the command (the
+  lease's workspace as the directory, a process marker) and its time-out (the script's own cost,
+  without the queue);
 * dispatcher, drain: M rows INSERTed with SQL, then ``controller.execution.Dispatcher.drain()``
   (claims up to C rows, runs them, claims again);
 * dispatcher, poll: the same, driven the way the daemon drives it: ``run_once(wait=False)`` every
@@ -14,7 +16,11 @@ same run and at the same concurrency C:
   (create, execute with runAsync, read command + logs every ``log_poll_seconds`` = 0.2 s here,
   delete): what long commands cost, and why short ones keep the one-request path.
 
-Per-lease ordering is off in all three (``exec.per_lease_concurrency: 0``).
+Per-lease ordering is off in all three (``exec.per_lease_concurrency: 0``). With ``--full`` the
+direct login-shell run, drain and poll take turns three times (one round with ``--quick``) and each
+mode reports its median round, its ratio against the direct run of the same round, and every
+round's ratio (``ratio_login_shell_rounds``): single runs on this shared 2-core host swing by
+more than the margin the target leaves.
 
 Each dispatcher command goes through the whole path: claim, login-shell script (profiles, cwd,
 env, subshell), provider call (the toolbox execute; the sandbox's toolbox URL is fetched once per
@@ -56,8 +62,8 @@ from bench.common import (
 LEASES = 4
 
 
-def _ready_fleet(url: str, api_url: str) -> dict[str, str]:
-    """LEASES leases made Ready by real passes; lease name -> sandbox id."""
+def _ready_fleet(url: str, api_url: str) -> dict[str, tuple[str, str | None]]:
+    """LEASES leases made Ready by real passes; lease name -> (sandbox id, workspace)."""
     from controller import db as dbmod
     from controller.providers import build_provider
     from models import Lease, LeaseStatus, utcnow
@@ -87,12 +93,14 @@ def _ready_fleet(url: str, api_url: str) -> dict[str, str]:
         reconciler.run_pass()
         with db.session(readonly=True) as session:
             rows = session.execute(
-                sa.select(LeaseStatus.lease_name, LeaseStatus.sandbox_id).where(LeaseStatus.phase == "Ready")
+                sa.select(LeaseStatus.lease_name, LeaseStatus.sandbox_id, LeaseStatus.workspace_path).where(
+                    LeaseStatus.phase == "Ready"
+                )
             ).all()
-        found.update({r.lease_name: r.sandbox_id for r in rows})
+        found.update({r.lease_name: (r.sandbox_id, r.workspace_path) for r in rows})
         return len(found) == LEASES
 
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str | None]] = {}
     if not wait_until(all_ready, timeout=60, interval=0.1):
         raise RuntimeError("execution bench: leases did not become Ready")
     reconciler.applier.shutdown()
@@ -101,11 +109,17 @@ def _ready_fleet(url: str, api_url: str) -> dict[str, str]:
 
 
 def _direct(
-    api_url: str, sandbox_ids: list[str], m: int, concurrency: int, *, login_shell: bool = False
+    api_url: str,
+    sandboxes_and_workspaces: list[tuple[str, str | None]],
+    m: int,
+    concurrency: int,
+    *,
+    login_shell: bool = False,
 ) -> tuple[float, list[float]]:
     from daytona import Daytona, DaytonaConfig
 
-    from controller.execution import command_line
+    from controller.config import ExecSettings
+    from controller.execution import command_line, execution_marker
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -118,15 +132,24 @@ def _direct(
                 connection_pool_maxsize=32,
             )
         )
-    sandboxes = [client.get(sid) for sid in sandbox_ids]
+    sandboxes = [client.get(sid) for sid, _ in sandboxes_and_workspaces]
+    workspaces = [workspace for _, workspace in sandboxes_and_workspaces]
+    timeout = ExecSettings().default_timeout_seconds
     latencies: list[float] = []
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
         command = f"echo direct-{i}"
-        if login_shell:  # the same script the dispatcher runs: isolates the cost of the queue
-            command = command_line(command, env={})
-        response = sandboxes[i % len(sandboxes)].process.exec(command)
+        if not login_shell:
+            response = sandboxes[i % len(sandboxes)].process.exec(command)
+        else:  # the very script and time-out the dispatcher sends: isolates the cost of the queue
+            line = command_line(
+                command,
+                workspace=workspaces[i % len(workspaces)],
+                env={},
+                marker=execution_marker(i, "bench:0:direct"),
+            )
+            response = sandboxes[i % len(sandboxes)].process.exec(line, timeout=timeout)
         latencies.append(time.perf_counter() - t0)
         assert response.exit_code == 0, response
 
@@ -152,14 +175,21 @@ def _queue(db: Any, leases: list[str], m: int, tag: str) -> None:
 SESSION_POLL_SECONDS = 0.2
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose ratio to its own round's direct login-shell run is the median one."""
+    ordered = sorted(runs, key=lambda r: r["seconds"] / r["wrapped_seconds"])
+    return ordered[len(ordered) // 2]
+
+
 def _dispatch(
-    db: Any, provider: Any, m: int, concurrency: int, mode: str, leases: list[str]
+    db: Any, provider: Any, m: int, concurrency: int, mode: str, leases: list[str], tag: str
 ) -> dict[str, Any]:
+    """One dispatcher run of ``m`` rows whose commands are ``echo <tag>-<i>`` (a tag per run)."""
     from controller.config import ExecSettings
     from controller.execution import Dispatcher
     from models import Execution
 
-    _queue(db, leases, m, mode)
+    _queue(db, leases, m, tag)
     # Per-lease ordering off: the figure is the dispatcher's throughput, not one lease's queue.
     path = {"session_min_timeout_seconds": 0} if mode == "session" else {"session_min_timeout_seconds": 10**6}
     dispatcher = Dispatcher(
@@ -185,7 +215,7 @@ def _dispatch(
             with watch.connect() as session:
                 left = session.scalar(
                     sa.select(sa.func.count()).where(
-                        Execution.state.in_(("queued", "running")), Execution.command.like(f"echo {mode}-%")
+                        Execution.state.in_(("queued", "running")), Execution.command.like(f"echo {tag}-%")
                     )
                 )
             if not left:
@@ -199,7 +229,7 @@ def _dispatch(
     with db.session(readonly=True) as session:
         rows = session.execute(
             sa.select(Execution.state, Execution.started_at, Execution.finished_at).where(
-                Execution.command.like(f"echo {mode}-%")
+                Execution.command.like(f"echo {tag}-%")
             )
         ).all()
     states: dict[str, int] = {}
@@ -222,11 +252,13 @@ def run(
     backend: str = "sqlite",
     m: int | None = None,
     concurrency: int = 8,
+    rounds: int | None = None,
 ) -> list[dict[str, Any]]:
     from controller import db as dbmod
     from controller.providers import build_provider
 
     m = m or (200 if quick else 1000)
+    rounds = rounds or (1 if quick else 3)
     records = []
     with workdir("execution") as tmp:
         emu = start_emulator(tmp / "daytona")
@@ -236,26 +268,35 @@ def run(
                 fleet = _ready_fleet(url, emu.api_url)
                 leases = sorted(fleet)
                 log(f"execution: {m} commands on {len(leases)} leases, concurrency {concurrency}")
+                targets = [fleet[n] for n in leases]
                 admin.reset_stats()
-                direct_s, latencies = _direct(emu.api_url, [fleet[n] for n in leases], m, concurrency)
+                direct_s, latencies = _direct(emu.api_url, targets, m, concurrency)
                 direct_api = admin.stats()
-                wrapped_s, _ = _direct(
-                    emu.api_url, [fleet[n] for n in leases], m, concurrency, login_shell=True
-                )
                 settings = bench_settings(url, emu.api_url)
                 db = dbmod.connect(url)
                 provider = build_provider(settings)
-                results = {}
-                for mode in ("drain", "poll", "session"):
-                    admin.reset_stats()
-                    results[mode] = _dispatch(db, provider, m, concurrency, mode, leases)
-                    results[mode]["api"] = admin.stats()
+                # The ratio the target is about compares runs made seconds apart on a shared, noisy
+                # host: the direct login-shell run and the drain and poll runs take turns, ``rounds``
+                # times, and each mode's figures are those of its median round (the session path,
+                # slow and not a target, runs once).
+                wrapped: list[float] = []
+                runs: dict[str, list[dict[str, Any]]] = {"drain": [], "poll": [], "session": []}
+                for round_ in range(rounds):
+                    wrapped.append(_direct(emu.api_url, targets, m, concurrency, login_shell=True)[0])
+                    for mode in ("drain", "poll", "session") if round_ == 0 else ("drain", "poll"):
+                        admin.reset_stats()
+                        run_ = _dispatch(db, provider, m, concurrency, mode, leases, f"{mode}{round_}")
+                        run_["api"] = admin.stats()
+                        run_["wrapped_seconds"] = wrapped[-1]
+                        runs[mode].append(run_)
                 db.dispose()
+                results = {mode: _median_run(done) for mode, done in runs.items()}
         finally:
             emu.kill()
     direct_tput = m / direct_s
     for mode, res in results.items():
         tput = m / res["seconds"]
+        wrapped_s = res["wrapped_seconds"]
         figures = {
             "commands": m,
             "direct_seconds": round(direct_s, 3),
@@ -277,6 +318,7 @@ def run(
             "overhead_per_command_ms": round(1000 * (res["seconds"] - direct_s) * concurrency / m, 2),
             "ratio_throughput_direct_over_dispatcher": ratio(direct_tput, tput),
             "ratio_throughput_login_shell_over_dispatcher": ratio(m / wrapped_s, tput),
+            "ratio_login_shell_rounds": [ratio(r["seconds"], r["wrapped_seconds"]) for r in runs[mode]],
         }
         records.append(
             out.emit(
@@ -288,6 +330,7 @@ def run(
                     "concurrency": concurrency,
                     "backend": backend,
                     "command": "echo <tag>-<i>",
+                    "rounds": len(runs[mode]),
                 },
                 figures,
             )
