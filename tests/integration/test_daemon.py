@@ -123,6 +123,11 @@ def test_daemon_end_to_end(
     )
     assert row.state == "succeeded" and row.exit_code == 0 and row.output.startswith("hi from /")
 
+    # SIGUSR1: every thread's stack in the log, and the daemon goes on.
+    assert d.dump_stacks()
+    assert "(most recent call first)" in d.log()
+    assert d.http("/healthz")[0] == 200
+
     assert d.terminate(timeout=20) == 0
     assert "leasectl daemon stopped" in d.log()
     holder = query(database_url, "SELECT holder FROM leader_election")
