@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from controller.config import ExecSettings
 from controller.execution import Dispatcher
 from controller.providers.base import ExecResult
 from models import Event, Execution, Lease, LeaseStatus, utcnow
+from tests.conftest import truncate_all
 
 ROWS = 200
 
@@ -224,17 +225,24 @@ def test_a_claim_whose_commit_failed_is_queued_again_and_runs_once(
 
 
 # -- PostgreSQL: results and the next claim in one statement -----------------------------------------
+# (SQLite claims with a SELECT, then an UPDATE: these paths are PostgreSQL's alone)
 
 
-def test_one_statement_records_the_results_still_ours_and_claims(database_url: str) -> None:
+@pytest.fixture
+def pg_database(pg_url: str) -> Iterator[dbmod.Database]:
+    """The session's PostgreSQL database, emptied."""
+    database = dbmod.connect(pg_url)
+    truncate_all(database)
+    yield database
+    database.dispose()
+
+
+def test_one_statement_records_the_results_still_ours_and_claims(pg_database: dbmod.Database) -> None:
     """PostgreSQL's continuous mode records a slot's results and claims its next row in one
     statement. A result whose row is no longer this worker's (cancelled meanwhile) is left out of
     it (reported as not recorded: the caller drops it alone), the others are recorded with their
     event, and the claim holds: no row is written twice, none is lost."""
-    database = dbmod.connect(database_url)
-    if database.is_sqlite:
-        database.dispose()
-        pytest.skip("PostgreSQL's path (SQLite claims with SELECT, then UPDATE)")
+    database = pg_database
     mine, taken, queued = _one_lease_with_rows(database, "echo mine", "echo taken", "echo queued")
     worker = "replica-0:0:w"
     with database.session() as session:
@@ -267,17 +275,15 @@ def test_one_statement_records_the_results_still_ours_and_claims(database_url: s
         assert [tuple(e) for e in events] == [("succeeded", f"execution {mine}: exit 0")]
     finally:
         dispatcher.shutdown(timeout=10)
-        database.dispose()
 
 
-def test_one_statement_claims_the_next_row_of_the_lease_whose_row_it_records(database_url: str) -> None:
+def test_one_statement_claims_the_next_row_of_the_lease_whose_row_it_records(
+    pg_database: dbmod.Database,
+) -> None:
     """Per-lease order (one at a time): the statement that records a lease's running row also
     claims that lease's next row, although its snapshot still sees the recorded row running, so a
     freed slot goes on with the lease at once instead of at the next poll."""
-    database = dbmod.connect(database_url)
-    if database.is_sqlite:
-        database.dispose()
-        pytest.skip("PostgreSQL's path (SQLite claims with SELECT, then UPDATE)")
+    database = pg_database
     first, second, third = _one_lease_with_rows(database, "echo 1", "echo 2", "echo 3")
     worker = "replica-0:0:w"
     with database.session() as session:
@@ -299,4 +305,3 @@ def test_one_statement_claims_the_next_row_of_the_lease_whose_row_it_records(dat
         assert [_row(database, i).state for i in (first, second, third)] == ["succeeded", "running", "queued"]
     finally:
         dispatcher.shutdown(timeout=10)
-        database.dispose()
