@@ -1743,7 +1743,7 @@ class Dispatcher:
             try:
                 with self._writes, logs.bound(lease=job.lease_name):
                     if item.kind == "finish" and item.outcome is not None:
-                        finish(
+                        recorded = finish(  # False: no longer ours, logged and dropped by finish()
                             self.db,
                             job.id,
                             self.worker_id,
@@ -1753,7 +1753,9 @@ class Dispatcher:
                             max_output_bytes=self.settings.max_output_bytes,
                             clock=_at(item.at or self._clock()),
                         )
-                        log.info("execution %d: %s (recorded late)", job.id, _detail(item.outcome) or "")
+                        if recorded:
+                            detail = _detail(item.outcome) or item.outcome.state
+                            log.info("execution %d: %s (recorded late)", job.id, detail)
                     elif item.kind == "requeue" and item.outcome is not None:
                         self._retry_or_fail(job, item.outcome)
                     elif item.kind == "detach":
