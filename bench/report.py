@@ -312,7 +312,8 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             f"Each command run {p0['rounds']} times as a fresh process, interleaved with `python -c pass` "
             "in the same loop; medians. `get` reads a SQLite database of "
             f"{p0['leases']} leases; `exec` runs `true` on a Ready lease of the local API through the "
-            "whole path (execution row, login-shell script, toolbox request, result row, event)."
+            "whole path (execution row, login-shell script, toolbox request, result row, event); "
+            "`exec --stdin` also uploads a small file, feeds it to `cat` and deletes it."
         )
         out.append("")
         out.append(

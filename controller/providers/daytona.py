@@ -5,9 +5,10 @@ generated REST client (``daytona_api_client``) so that each is exactly one bound
 returns as soon as Daytona accepted it: the reconciler observes progress on its next pass instead of
 blocking a worker in the high-level client's wait loops. ``exec``, the hot path of ``leasectl
 exec`` and the execution queue, and the session calls go through the generated toolbox client
-too (the calls of its ``ProcessApi``, sent by :class:`ToolboxProcess` and aimed at the sandbox's
-toolbox proxy URL from one ``get_sandbox``): the same requests the high-level client sends, without
-importing it. The file and work-dir calls use the high-level ``daytona.Daytona`` client with
+too, and so do the upload and deletion of a command's stdin file (the calls of its ``ProcessApi``
+and two of its file-system calls, sent by :class:`Toolbox` and aimed at the sandbox's toolbox proxy
+URL from one ``get_sandbox``): the same requests the high-level client sends, without importing
+it. The workspace's folder and work-dir calls use the high-level ``daytona.Daytona`` client with
 event-socket polling disabled, so an unreachable socket can neither slow nor break anything; it is
 made on first use, because importing it (OpenTelemetry, aiohttp, socketio, every generated model)
 takes seconds that ``plan``, ``gc`` and ``exec`` never need; so are the volumes and object-storage
@@ -399,14 +400,16 @@ def _network_fields(network: NetworkSettings | None, *, update: bool = False) ->
     return fields if update else {k: v for k, v in fields.items() if v != ""}
 
 
-class ToolboxProcess:
-    """The six calls of the SDK's generated toolbox ``ProcessApi`` that leasectl makes (one-request
-    exec and the session calls), sent as its methods send them: the same request (path, method,
-    headers, body model), the same answer types read by the same ``response_deserialize``, the
-    same ``ApiException`` on an error status. Importing ``ProcessApi`` (about 40 methods, each
-    wrapped by pydantic's ``validate_call``, and the models of all of them) took ``leasectl exec``
-    longer than the rest of the provider; the argument checks it skips are on values this module
-    makes."""
+class Toolbox:
+    """The toolbox calls of ``leasectl exec`` and the queue: the six of the SDK's generated
+    ``ProcessApi`` (one-request exec and the session calls) and the stdin file's upload and
+    deletion, sent as the SDK sends them: the same request (path, method, headers, body model or
+    multipart form), the same answer types read by the same ``response_deserialize``, the same
+    ``ApiException`` on an error status. Importing ``ProcessApi`` (about 40 methods, each wrapped by
+    pydantic's ``validate_call``, and the models of all of them) took ``leasectl exec`` longer than
+    the rest of the provider, and the high-level client the SDK uploads with (OpenTelemetry,
+    httpx, every model) made ``exec --stdin`` four times slower than ``exec``; the argument checks
+    skipped are on values this module makes."""
 
     def __init__(self, client: ToolboxApiClient) -> None:
         self.api_client = client
@@ -419,20 +422,25 @@ class ToolboxProcess:
         timeout: float | None,
         *,
         path_params: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
         body: Any = None,
+        form: list[tuple[str, str]] | None = None,
+        files: dict[str, tuple[str, bytes]] | None = None,
     ) -> Any:
         headers = {"Accept": "application/json"}
-        if body is not None:
+        if files:
+            headers["Content-Type"] = "multipart/form-data"  # urllib3 writes it with its boundary
+        elif body is not None:
             headers["Content-Type"] = "application/json"
         request = self.api_client.param_serialize(
             method=method,
             resource_path=path,
             path_params=path_params or {},
-            query_params=[],
+            query_params=query or [],
             header_params=headers,
             body=body,
-            post_params=[],
-            files={},
+            post_params=form or [],
+            files=files or {},
             auth_settings=[],
             collection_formats={},
             _host=None,
@@ -482,6 +490,25 @@ class ToolboxProcess:
         path = "/process/session/{sessionId}"
         self._call("DELETE", path, types, _request_timeout, path_params={"sessionId": session_id})
 
+    def upload_file(self, path: str, data: bytes, _request_timeout: float | None = None) -> None:
+        """``fs.upload_file(bytes, path)``: ``POST /files/bulk-upload``, the form field
+        ``files[0].path`` then the file part ``files[0].file`` named after the destination; any 2xx."""
+        types = {"400": "ErrorResponse", "403": "ErrorResponse", "500": "ErrorResponse"}
+        self._call(
+            "POST",
+            "/files/bulk-upload",
+            types,
+            _request_timeout,
+            form=[("files[0].path", path)],
+            files={"files[0].file": (path, data)},
+        )
+
+    def delete_file(self, path: str, _request_timeout: float | None = None) -> None:
+        """``fs.delete_file(path)``: ``DELETE /files?path=<p>&recursive=false`` (204)."""
+        types = {"204": None, "400": "ErrorResponse", "403": "ErrorResponse", "404": "ErrorResponse"}
+        query = [("path", path), ("recursive", "false")]
+        self._call("DELETE", "/files", types, _request_timeout, query=query)
+
 
 class DaytonaProvider:
     """SandboxProvider backed by the Daytona API (or the local Daytona-compatible API)."""
@@ -518,7 +545,7 @@ class DaytonaProvider:
         toolbox_configuration.connection_pool_maxsize = 32
         self._toolbox_client = ToolboxApiClient(toolbox_configuration)
         self._toolbox_client.default_headers.update(self._api_client.default_headers)
-        self._processes: dict[str, ToolboxProcess] = {}
+        self._processes: dict[str, Toolbox] = {}
 
     @property
     def _sdk(self) -> Any:
@@ -823,7 +850,7 @@ class DaytonaProvider:
             self._sandboxes.pop(sandbox_id, None)
             self._processes.pop(sandbox_id, None)
 
-    def _process(self, sandbox_id: str) -> ToolboxProcess:
+    def _process(self, sandbox_id: str) -> Toolbox:
         """The toolbox process API of one sandbox: its proxy URL comes from one ``get_sandbox``,
         cached like the SDK's Sandbox objects (dropped on delete and after any toolbox error)."""
         with self._cache_lock:
@@ -842,7 +869,7 @@ class DaytonaProvider:
         client.rest_client = self._toolbox_client.rest_client  # the shared connection pool
         client.default_headers = self._toolbox_client.default_headers
         client.configuration = _aimed(self._toolbox_client.configuration, f"{base_url}/{dto.id}")
-        process = ToolboxProcess(client)
+        process = Toolbox(client)
         with self._cache_lock:
             if len(self._processes) >= SANDBOX_CACHE_SIZE:
                 self._processes.pop(next(iter(self._processes)))
@@ -922,33 +949,22 @@ class DaytonaProvider:
         )
 
     def upload(self, sandbox_id: str, path: str, data: bytes) -> None:
-        self._toolbox(
-            sandbox_id,
-            "upload",
-            f"upload {path}",
-            lambda sb: sb.fs.upload_file(data, path, timeout=max(60, int(self._timeout) * 5)),
+        timeout = float(max(60, int(self._timeout) * 5))
+        self._process_call(
+            sandbox_id, "upload", f"upload {path}", lambda api: api.upload_file(path, data, timeout)
         )
 
     def delete_file(self, sandbox_id: str, path: str) -> None:
-        self._toolbox_delete(
-            sandbox_id,
-            "delete_file",
-            f"delete {path}",
-            lambda sb: sb.fs.delete_file(path, request_timeout=self._timeout),
-        )
-
-    def _toolbox_delete(self, sandbox_id: str, operation: str, what: str, fn: Callable[[Any], Any]) -> None:
-        """A toolbox deletion: something already gone is not an error."""
         try:
-            self._toolbox(sandbox_id, operation, what, fn)
-        except NotFoundError:
+            self._process_call(
+                sandbox_id, "delete_file", f"delete {path}", lambda api: api.delete_file(path, self._timeout)
+            )
+        except NotFoundError:  # already gone: not an error
             return
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def _process_call(
-        self, sandbox_id: str, operation: str, what: str, fn: Callable[[ToolboxProcess], T]
-    ) -> T:
+    def _process_call(self, sandbox_id: str, operation: str, what: str, fn: Callable[[Toolbox], T]) -> T:
         """A call of the sandbox's toolbox process API; any failure drops it from the cache."""
         process = self._process(sandbox_id)
         try:

@@ -168,21 +168,28 @@ def ready_lease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield env
 
 
+@pytest.mark.parametrize("stdin", [False, True], ids=["", "stdin"])
 @pytest.mark.parametrize("timeout", [[], ["--timeout", "30"]], ids=["session", "one-request"])
 def test_exec_imports_neither_sqlalchemy_nor_alembic_nor_the_high_level_sdk(
-    ready_lease: dict[str, str], tmp_path: Path, timeout: list[str]
+    ready_lease: dict[str, str], tmp_path: Path, timeout: list[str], stdin: bool
 ) -> None:
-    """``exec`` (both paths: the default time-out runs in a session, a short one in one request)
-    imports the generated clients it sends its requests with, and nothing else of weight: on a
-    plain URL it writes its row through the driver (controller/exec_rows.py), so no SQLAlchemy, no
-    models and not the queue's module; no Alembic, no aiohttp, no high-level ``daytona`` client, no
-    local API server, no generated API module (the toolbox address GET and the process calls go
-    through the SDK's clients without them: each module wraps every method in pydantic's
-    ``validate_call``, the process API's about 40)."""
+    """``exec`` (both paths: the default time-out runs in a session, a short one in one request;
+    with and without ``--stdin``, whose file is uploaded and deleted) imports the generated clients
+    it sends its requests with, and nothing else of weight: on a plain URL it writes its row
+    through the driver (controller/exec_rows.py), so no SQLAlchemy, no models and not the queue's
+    module; no Alembic, no aiohttp, no high-level ``daytona`` client (the SDK uploads with it), no
+    local API server, no generated API module (the toolbox address GET, the process and the two
+    file calls go through the SDK's clients without them: each module wraps every method in
+    pydantic's ``validate_call``, the process API's about 40)."""
+    feed: list[str] = []
+    if stdin:
+        (tmp_path / "in.txt").write_bytes(b"fed in\n")
+        feed = ["--stdin", str(tmp_path / "in.txt")]
+    script = "cat; echo hello; exit 3" if stdin else "echo hello; exit 3"
     found = _imported(
-        ["exec", "box", *timeout, "--", "sh", "-c", "echo hello; exit 3"], env=ready_lease, cwd=tmp_path
+        ["exec", "box", *timeout, *feed, "--", "sh", "-c", script], env=ready_lease, cwd=tmp_path
     )
-    assert found["code"] == 3 and found["stdout"] == "hello\n"
+    assert found["code"] == 3 and found["stdout"] == ("fed in\nhello\n" if stdin else "hello\n")
     top = set(found["top"])  # type: ignore[arg-type]
     assert "sqlite3" in top  # it did write its row: through the driver
     assert {
@@ -199,7 +206,7 @@ def test_exec_imports_neither_sqlalchemy_nor_alembic_nor_the_high_level_sdk(
         if m.startswith(("controller.emulator.server", "controller.emulator.app", "controller.reconciler"))
         or m in ("controller.execution", "controller.db")  # the queue and the engine: SQLAlchemy
         or m.endswith(("volumes_api", "object_storage_api", "sandbox_api"))  # the toolbox address: one GET
-        or m.endswith("process_api")  # its calls are sent by providers.daytona.ToolboxProcess
+        or m.endswith(("process_api", "file_system_api"))  # sent by providers.daytona.Toolbox
     } == set()
     assert found["frozen"] > 10_000  # main() froze what the command made: the exit does not walk it
 
