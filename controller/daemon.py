@@ -59,7 +59,15 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from controller import db as dbmod
 from controller.config import Settings
-from controller.errors import SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE, ConfigError, LeasectlError
+from controller.errors import (
+    AUTH_HINT,
+    SCOPE_ALL,
+    SCOPE_CREATE,
+    SCOPE_LIFECYCLE,
+    AuthError,
+    ConfigError,
+    LeasectlError,
+)
 from controller.leader import LeaderElector
 from controller.metrics import Metrics
 from controller.pool_sync import SETTLED_PHASES
@@ -199,11 +207,15 @@ class Daemon:
             except Exception as exc:
                 # An expected failure (the API, the database, leadership) is one line; anything else
                 # is a bug and comes with its traceback, so it is seen rather than retried quietly.
+                # A refused key is said as such: the passes back off and retry (nothing is marked
+                # Failed) until an operator fixes the key or the organization.
                 expected = isinstance(exc, LeasectlError | sa.exc.SQLAlchemyError)
+                hint = f"; {AUTH_HINT}" if isinstance(exc, AuthError) else ""
                 log.error(
-                    "job %s failed: %s",
+                    "job %s failed: %s%s",
                     name,
                     exc if expected else f"{type(exc).__name__}: {exc}",
+                    hint,
                     exc_info=not expected or log.isEnabledFor(logging.DEBUG),
                 )
                 if name == "reconcile":
