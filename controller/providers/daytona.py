@@ -227,13 +227,28 @@ def is_vendor_failure(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, _VENDOR_FAILURES):
+        if isinstance(current, _VENDOR_FAILURES) or _is_lazy_transport_error(current):
             return True
         if not _is_daytona_error(current):
             return False
         if getattr(current, "status_code", None) or current.__cause__ is None:
             return True
         current = current.__cause__
+    return False
+
+
+# Transport errors of the clients the high-level SDK brings (httpx: file transfers; aiohttp: its
+# async side), by their modules' base classes: without the module imported there can be none, and
+# importing them here would slow ``leasectl exec`` (tests/unit/test_cli_imports.py).
+_LAZY_TRANSPORT_ERRORS = (("httpx", "HTTPError"), ("aiohttp", "ClientError"))
+
+
+def _is_lazy_transport_error(exc: BaseException) -> bool:
+    for module_name, class_name in _LAZY_TRANSPORT_ERRORS:
+        module = sys.modules.get(module_name)
+        base = getattr(module, class_name, None) if module is not None else None
+        if isinstance(base, type) and isinstance(exc, base):
+            return True
     return False
 
 

@@ -351,8 +351,12 @@ def test_the_sdks_wrapping_is_looked_through() -> None:
     assert is_vendor_failure(refused)
     answered = _sdk_wrapped(api_error(502))
     assert is_vendor_failure(answered) and type(translate(answered, "get work dir")) is TransientError
+    import httpx
     from daytona_api_client.exceptions import ApiTypeError
 
+    upload_failed = _sdk_wrapped(httpx.ConnectError("connection refused"))  # file transfers use httpx
+    assert is_vendor_failure(upload_failed) and is_vendor_failure(httpx.ReadTimeout("timed out"))
+    assert type(translate(upload_failed, "upload /tmp/x")) is TransientError
     refused_argument = _sdk_wrapped(ApiTypeError("Got an unexpected keyword argument 'x'"))
     assert not is_vendor_failure(refused_argument)
 
