@@ -16,10 +16,11 @@ tests/unit/test_cli_imports.py lists what it imports).
 
 Every vendor exception is translated into ``controller.errors`` by ``classify`` and raised ``from``
 the original; only vendor exceptions are (:func:`is_vendor_failure`: the SDK's ``ApiException`` and
-``DaytonaError``, urllib3, http.client and OS errors, an answer that cannot be read): anything else
-raised inside a call (a NameError, a TypeError of ours or of the SDK) propagates unchanged, a bug
-and not a transient failure. Daytona's server decides much with 400 (quota, capacity, "failed to
-start", a state that refuses the call), so the message and the call matter, not only the status:
+``DaytonaError``, urllib3, httpx, object-storage, http.client and OS errors, an answer that cannot
+be read): anything else raised inside a call (a NameError, a TypeError of ours or of the SDK)
+propagates unchanged, a bug and not a transient failure. Daytona's server decides much with 400
+(quota, capacity, "failed to start", a state that refuses the call), so the message and the call
+matter, not only the status:
 429 -> RateLimitedError scoped by the ``Retry-After-<throttler>`` headers; 408, 5xx, network errors
 -> TransientError; 401/403 (wrong key, suspended org, missing permission: fixed without touching the
 spec) -> AuthError, a TransientError that one-shot commands do not retry (a toolbox 403
@@ -237,10 +238,15 @@ def is_vendor_failure(exc: BaseException) -> bool:
     return False
 
 
-# Transport errors of the clients the high-level SDK brings (httpx: file transfers; aiohttp: its
-# async side), by their modules' base classes: without the module imported there can be none, and
-# importing them here would slow ``leasectl exec`` (tests/unit/test_cli_imports.py).
-_LAZY_TRANSPORT_ERRORS = (("httpx", "HTTPError"), ("aiohttp", "ClientError"))
+# Transport errors of the clients the high-level SDK brings (httpx: file transfers; obstore: the
+# upload of a build context to object storage; aiohttp: its async side), by their modules' base
+# classes: without the module imported there can be none, and importing them here would slow
+# ``leasectl exec`` (tests/unit/test_cli_imports.py).
+_LAZY_TRANSPORT_ERRORS = (
+    ("httpx", "HTTPError"),
+    ("obstore.exceptions", "BaseError"),
+    ("aiohttp", "ClientError"),
+)
 
 
 def _is_lazy_transport_error(exc: BaseException) -> bool:

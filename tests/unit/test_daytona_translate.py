@@ -357,6 +357,9 @@ def test_the_sdks_wrapping_is_looked_through() -> None:
     upload_failed = _sdk_wrapped(httpx.ConnectError("connection refused"))  # file transfers use httpx
     assert is_vendor_failure(upload_failed) and is_vendor_failure(httpx.ReadTimeout("timed out"))
     assert type(translate(upload_failed, "upload /tmp/x")) is TransientError
+    from obstore.exceptions import GenericError
+
+    assert is_vendor_failure(GenericError("upload of the build context failed"))  # object storage
     refused_argument = _sdk_wrapped(ApiTypeError("Got an unexpected keyword argument 'x'"))
     assert not is_vendor_failure(refused_argument)
 
