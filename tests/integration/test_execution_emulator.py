@@ -367,3 +367,26 @@ def test_cli_exec_with_a_wrong_key_fails_at_the_first_refusal(
             sa.select(Execution.state, Execution.attempts, Execution.error)
         ).all()
     assert (state, attempts) == ("error", 1) and "DAYTONA_API_KEY" in error and wrong not in error
+
+
+def test_cli_reconcile_with_a_wrong_key_fails_the_pass_and_marks_no_lease(
+    local_daytona_process: EmulatorProcess, sandbox: Sandbox, lease: str, database_url: str, db: Database
+) -> None:
+    """For the reconciler a refused key stays transient: the pass fails (exit 1, the setting named),
+    and no lease is marked Error or Failed for it: an operator fixes the key, not the spec."""
+    from controller.cli import app
+
+    wrong = "wrong-key-" + uuid.uuid4().hex[:8]
+    local_daytona_process.reset_stats()
+    result = CliRunner().invoke(
+        app,
+        ["--database-url", database_url, "--api-url", sandbox.url, "reconcile"],
+        env={"DAYTONA_API_KEY": wrong},
+    )
+    assert result.exit_code == 1, result.stderr
+    assert "HTTP 401" in result.stderr and "DAYTONA_API_KEY" in result.stderr, result.stderr
+    assert wrong not in result.stderr + result.stdout
+    assert local_daytona_process.stats()["unauthorized"] == 1  # the list, refused once
+    with db.session() as session:
+        status = session.get(LeaseStatus, lease)
+        assert status is not None and (status.phase, status.failures) == ("Ready", 0)
