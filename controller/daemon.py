@@ -9,7 +9,8 @@ Jobs (BlockingScheduler, in-memory job store, ``max_instances=1``, coalescing):
   claims are atomic);
 * ``housekeeping`` every 15 s: gauges (executions by state) and the readiness probe's DB check.
 
-A job that fails logs the error and the daemon goes on. SIGTERM/SIGINT: no new work is taken, the
+A job that fails logs the error and the daemon goes on (with a traceback when it is not a
+LeasectlError or a database error: a bug). SIGTERM/SIGINT: no new work is taken, the
 applier lets in-flight actions finish within ``controller.shutdown_timeout_seconds``, leadership is
 released, the process exits 0. On PostgreSQL a LISTEN on channel ``leasectl_leases`` wakes the
 reconcile job early when a NOTIFY arrives (migration 0002 adds a trigger on ``leases``, 0004 one on
@@ -58,7 +59,15 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from controller import db as dbmod
 from controller.config import Settings
-from controller.errors import SCOPE_ALL, SCOPE_CREATE, SCOPE_LIFECYCLE, ConfigError
+from controller.errors import (
+    AUTH_HINT,
+    SCOPE_ALL,
+    SCOPE_CREATE,
+    SCOPE_LIFECYCLE,
+    AuthError,
+    ConfigError,
+    LeasectlError,
+)
 from controller.leader import LeaderElector
 from controller.metrics import Metrics
 from controller.pool_sync import SETTLED_PHASES
@@ -196,7 +205,19 @@ class Daemon:
             try:
                 fn()
             except Exception as exc:
-                log.error("job %s failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                # An expected failure (the API, the database, leadership) is one line; anything else
+                # is a bug and comes with its traceback, so it is seen rather than retried quietly.
+                # A refused key is said as such: the passes back off and retry (nothing is marked
+                # Failed) until an operator fixes the key or the organization.
+                expected = isinstance(exc, LeasectlError | sa.exc.SQLAlchemyError)
+                hint = f"; {AUTH_HINT}" if isinstance(exc, AuthError) else ""
+                log.error(
+                    "job %s failed: %s%s",
+                    name,
+                    exc if expected else f"{type(exc).__name__}: {exc}",
+                    hint,
+                    exc_info=not expected or log.isEnabledFor(logging.DEBUG),
+                )
                 if name == "reconcile":
                     self.health.last_pass_error = str(exc)
             finally:

@@ -18,6 +18,8 @@
         │   ├── RateLimitedError    HTTP 429: pauses calls of its ``scope`` for ``retry_after``
         │   ├── NotSentError        the request never reached the server (connection refused):
         │   │                       nothing it asked for can have happened
+        │   ├── AuthError           401/403: the API key is wrong or lacks a permission (suspended
+        │   │                       org, region): an operator fixes it, the spec need not change
         │   ├── CapacityError       quota or capacity exhausted (Daytona: 400): clears by itself
         │   └── StartFailedError    create/start/recover waited and the sandbox fell into error;
         │                           the errored sandbox exists: look it up before anything else
@@ -28,7 +30,10 @@
                                     already happened, or a change in progress): re-observe, no failure
 
 Providers translate vendor exceptions into these (``raise ... from exc``); nothing above the
-provider layer ever sees a vendor exception.
+provider layer ever sees a vendor exception. Only failures of the vendor's API or of the way to it
+are translated (an HTTP answer, the network, an answer that cannot be read): a programming error
+(NameError, TypeError, ...) raised inside a provider call propagates unchanged, so it shows as the
+bug it is instead of a transient failure retried for ever.
 """
 
 from __future__ import annotations
@@ -108,6 +113,19 @@ class RateLimitedError(TransientError):
 class NotSentError(TransientError):
     """The request never reached the server (connection refused, name not resolved): whatever it
     asked for provably did not happen."""
+
+
+AUTH_HINT = "check DAYTONA_API_KEY (or the daytona.api_key setting) and the organization's access"
+
+
+class AuthError(TransientError):
+    """The API refused our credentials (401) or their permissions (403: suspended organization,
+    missing permission, region not available).
+
+    Transient for the reconciler: an operator fixes the key or the organization without touching a
+    spec, so leases back off and retry and are never marked Failed. One-shot commands (``leasectl
+    exec``) do not wait for that: they stop at the first one and say :data:`AUTH_HINT`.
+    """
 
 
 class CapacityError(TransientError):

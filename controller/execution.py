@@ -24,7 +24,10 @@ Row states (docs/execution.md has the diagram and the table of causes): ``queued
 succeeded | failed | timed_out | unknown | interrupted | cancelled | error``. ``running -> queued``
 happens only when the attempt provably did not start the command (:func:`may_have_started` says no):
 the row gets a back-off (``next_attempt_at``), ``attempts`` and an ``attempt_log`` entry, and ends
-``error`` once ``exec.queue_wait_seconds`` have passed since its first attempt. A failure after the
+``error`` once ``exec.queue_wait_seconds`` have passed since its first attempt. An attempt the API
+refused for its credentials (401/403) is retried the same way, not failed at once as ``leasectl exec``
+does: the daemon's organization can be fixed while it runs (a suspension lifted, a permission
+granted), and every such attempt is logged as a warning that names the key. A failure after the
 request that starts the command was sent ends ``unknown`` and is never retried, so nothing runs
 twice. ``queued -> error`` when the lease is missing, not desired running, expired, or not Ready
 within ``exec.queue_wait_seconds`` of the row's ``created_at``; ``queued -> cancelled`` by an
@@ -82,6 +85,7 @@ from sqlalchemy.orm import Session, aliased
 from controller import logs
 from controller.config import ExecSettings
 from controller.db import Database
+from controller.errors import AUTH_HINT
 from controller.execution_run import (  # noqa: F401  # one command; re-exported for the queue's callers
     DETACH,
     ERROR_MAX_CHARS,
@@ -1983,7 +1987,16 @@ class Dispatcher:
             if _update(session, guard.values(**values)) == 1:
                 detail = f"attempt {attempts} did not start the command; again in {delay:.1f} s: {reason}"
                 _event(session, job.id, job.lease_name, job.sandbox_id, "retry", detail, self.worker_id)
-        log.info("execution %d: not started (%s); retry in %.1f s", job.id, reason, delay)
+        if outcome.auth_failed:
+            log.warning(
+                "execution %d: the Daytona API refused the credentials (%s); %s; retry in %.1f s",
+                job.id,
+                reason,
+                AUTH_HINT,
+                delay,
+            )
+        else:
+            log.info("execution %d: not started (%s); retry in %.1f s", job.id, reason, delay)
 
 
 DETACHED_PREFIX = "detached:"

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from controller import logs
 from controller.errors import (
+    AUTH_HINT,
+    AuthError,
     CapacityError,
     ConflictError,
     LeasectlError,
@@ -105,6 +107,7 @@ class CommandOutcome:
     output_truncated: bool = False
     error: str | None = None
     retry_after: float | None = None  # not_started: the server's hint, if any
+    auth_failed: bool = False  # not_started: the API refused our credentials (AuthError, 401/403)
 
     @property
     def cli_exit_code(self) -> int:
@@ -174,10 +177,11 @@ def may_have_started(exc: ProviderError) -> bool:
 
     Pure; the table of causes is in docs/execution.md. No: the request never reached the server
     (:class:`NotSentError`: connection refused, or the sandbox lookup before it failed), 429 (a
-    throttler answers before anything runs), any other 4xx but 408 (the server refused the request).
+    throttler answers before anything runs), 401/403 (:class:`AuthError`: the credentials were
+    refused), any other 4xx but 408 (the server refused the request).
     Yes: no answer after sending (time-out, reset), 408, 5xx: the server may have acted on it.
     """
-    if isinstance(exc, NotSentError | RateLimitedError):
+    if isinstance(exc, NotSentError | RateLimitedError | AuthError):
         return False
     status = exc.status
     if status is not None:
@@ -192,7 +196,14 @@ def not_started(what: str, exc: BaseException, env: Mapping[str, str]) -> Comman
         state=NOT_STARTED,
         error=_short_error(f"{what}: {type(exc).__name__}: {exc}", env),
         retry_after=getattr(exc, "retry_after", None),
+        auth_failed=isinstance(exc, AuthError),
     )
+
+
+def auth_failure_message(outcome: CommandOutcome) -> str:
+    """What ``leasectl exec`` says when the API refused the credentials: the status (in the error)
+    and where the key comes from; never the key."""
+    return f"the Daytona API refused the credentials, the command never ran: {AUTH_HINT} ({outcome.error})"
 
 
 def check_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -556,7 +567,8 @@ def wake(
     except StateConflictError:
         pass  # already starting (or started meanwhile): wait below
     except ProviderError as exc:
-        raise LeaseNotReadyError(f"could not start idle sandbox {sandbox_id}: {exc}") from exc
+        hint = f": {AUTH_HINT}" if isinstance(exc, AuthError) else ""
+        raise LeaseNotReadyError(f"could not start idle sandbox {sandbox_id}: {exc}{hint}") from exc
     log.info("sandbox %s: started on demand (the lease was Idle)", sandbox_id)
     while True:
         error: ProviderError | None = None
@@ -731,7 +743,10 @@ def execute_now(
     the row ends ``interrupted`` with that reason. Commands whose time-out reaches
     ``exec.session_min_timeout_seconds`` run in a session: ``on_output(text)`` then receives the
     output so far whenever it grew, and the row shows it too. An attempt that provably did not start
-    the command is tried again (back-off as in the queue) for up to ``exec.queue_wait_seconds``.
+    the command is tried again (back-off as in the queue) for up to ``exec.queue_wait_seconds``,
+    except one the API refused for its credentials (401/403, :class:`AuthError`): a wrong key does
+    not heal while a user waits, so the row ends ``error`` at once, saying to check the key. An
+    unexpected exception (a bug) ends the row ``error`` too, and propagates.
 
     Raises InvalidCommandError or LeaseNotReadyError before anything runs. The returned outcome
     carries the whole output; the row keeps it up to ``max_output_bytes``.
@@ -844,6 +859,9 @@ def execute_now(
                     jitter=random.random(),
                 )
                 record(attempts=len(history), attempt_log=history)
+                if outcome.auth_failed:
+                    outcome = CommandOutcome(state="error", error=auth_failure_message(outcome))
+                    break
                 waited = (clock() - now).total_seconds()
                 if waited + delay > settings.queue_wait_seconds or should_stop() is not None:
                     outcome = CommandOutcome(
@@ -864,6 +882,10 @@ def execute_now(
                     output_truncated=outcome.output_truncated,
                     error=reason,
                 )
+        except Exception as exc:  # a bug: the row says so (not "interrupted"), the caller sees it
+            text = redact_values(f"unexpected failure: {type(exc).__name__}: {exc}", secrets)
+            outcome = CommandOutcome(state="error", error=_short_error(text, variables))
+            raise
         except BaseException as exc:
             outcome = CommandOutcome(state="interrupted", error=f"interrupted: {type(exc).__name__}")
             raise

@@ -23,7 +23,7 @@ from controller.cli.output import (
     out,
     yaml_dump,
 )
-from controller.errors import ConfigError, LeasectlError
+from controller.errors import AUTH_HINT, AuthError, ConfigError, LeasectlError
 
 
 def _reconciler(cli: CliContext, *, elector: Any = None) -> Any:
@@ -242,7 +242,8 @@ def doctor(
             f"{time.monotonic() - started:.2f}s; {len(mine)} sandbox(es) of instance {instance!r}",
         )
     except LeasectlError as exc:
-        report(False, "Daytona API", f"{settings.daytona.api_url}: {exc}")
+        hint = f"; {AUTH_HINT}" if isinstance(exc, AuthError) else ""
+        report(False, "Daytona API", f"{settings.daytona.api_url}: {exc}{hint}")
         raise typer.Exit(exitcodes.FAILURE) from None
 
     if probe:

@@ -21,6 +21,8 @@ import typer
 
 from controller import exitcodes
 from controller.errors import (
+    AUTH_HINT,
+    AuthError,
     ConfigError,
     LeasectlError,
     NotLeaderError,
@@ -128,6 +130,8 @@ def handled() -> Iterator[None]:
         )
     except (SpecError, ConfigError) as exc:
         fail(str(exc), EXIT_INVALID)
+    except AuthError as exc:
+        fail(f"{exc}: the Daytona API refused the credentials; {AUTH_HINT}", exitcodes.FAILURE)
     except ProviderError as exc:
         fail(f"{exc}", exitcodes.FAILURE)
     except LeasectlError as exc:

@@ -113,6 +113,7 @@ async def daytona_middleware(request: web.Request, handler: Handler) -> web.Stre
         return error_response(ApiError(404, "socket.io is not served by local-daytona"), path)
     try:
         if not _authorized(request):
+            request.app[FAULTS].count("unauthorized")  # so a test can count what a wrong key costs
             raise ApiError(401, "Unauthorized", source=SOURCE_API)
         request.app[LIFECYCLE].tick()
         route = request.match_info.route

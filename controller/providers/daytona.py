@@ -16,10 +16,16 @@ APIs, which ``exec`` never needs either (``leasectl exec`` starts in a fraction 
 tests/unit/test_cli_imports.py lists what it imports).
 
 Every vendor exception is translated into ``controller.errors`` by ``classify`` and raised ``from``
-the original. Daytona's server decides much with 400 (quota, capacity, "failed to start", a state
-that refuses the call), so the message and the call matter, not only the status: 429 ->
-RateLimitedError scoped by the ``Retry-After-<throttler>`` headers; 408, 5xx, network errors, 401/403
-(credentials, suspended org: fixed without touching the spec) -> TransientError; quota/capacity ->
+the original; only vendor exceptions are (:func:`is_vendor_failure`: the SDK's ``ApiException`` and
+``DaytonaError``, urllib3, httpx, object-storage, http.client and OS errors, an answer that cannot
+be read): anything else raised inside a call (a NameError, a TypeError of ours or of the SDK)
+propagates unchanged, a bug and not a transient failure. Daytona's server decides much with 400
+(quota, capacity, "failed to start", a state that refuses the call), so the message and the call
+matter, not only the status:
+429 -> RateLimitedError scoped by the ``Retry-After-<throttler>`` headers; 408, 5xx, network errors
+-> TransientError; 401/403 (wrong key, suspended org, missing permission: fixed without touching the
+spec) -> AuthError, a TransientError that one-shot commands do not retry (a toolbox 403
+``FILE_ACCESS_DENIED`` is a refused path, not credentials: TransientError); quota/capacity ->
 CapacityError; create/start/recover "failed to start" -> StartFailedError; a lifecycle call its state
 refuses (400/409) -> StateConflictError; create 409 -> ConflictError (name taken); 404 ->
 NotFoundError; any other 4xx (a spec Daytona refuses) -> PermanentError. The list is walked in
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import http.client
 import json
 import logging
 import re
@@ -46,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
+import urllib3.exceptions
 
 # Submodules, not the packages' lazy top levels: exactly what the provider uses gets imported.
 from daytona.internal.urllib3_retry import RemoteDisconnectedRetry
@@ -59,11 +67,13 @@ from daytona_toolbox_api_client.exceptions import ApiException as ToolboxApiExce
 from daytona_toolbox_api_client.models.create_session_request import CreateSessionRequest
 from daytona_toolbox_api_client.models.execute_request import ExecuteRequest
 from daytona_toolbox_api_client.models.session_execute_request import SessionExecuteRequest
+from pydantic import ValidationError
 
 from controller.errors import (
     SCOPE_ALL,
     SCOPE_CREATE,
     SCOPE_LIFECYCLE,
+    AuthError,
     CapacityError,
     ConflictError,
     NotFoundError,
@@ -112,6 +122,7 @@ _STATE_REFUSED = re.compile(
     r"archive|recover)",
     re.I,
 )
+FILE_ACCESS_DENIED = "FILE_ACCESS_DENIED"  # the toolbox's 403 for a path it refuses: not credentials
 LIFECYCLE_OPERATIONS = frozenset({"start", "stop", "archive", "recover", "delete"})
 _THROTTLER_SCOPES = {
     "authenticated": SCOPE_ALL,
@@ -148,11 +159,13 @@ def classify(
     operation: str,
     headers: Mapping[str, str] | None = None,
     message: str | None = None,
+    code: str | None = None,
 ) -> ProviderError:
     """The project error for an HTTP answer ``status`` with Daytona's error ``detail`` to ``operation``.
 
-    ``message`` is the text of the error (defaults to ``detail``). Pure: the unit tables of
-    tests/unit/test_daytona_translate.py cover every row.
+    ``message`` is the text of the error (defaults to ``detail``); ``code`` is the ``code`` of
+    Daytona's error body, if any. Pure: the unit tables of tests/unit/test_daytona_translate.py cover
+    every row.
     """
     text = message if message is not None else detail
     if not status:  # no HTTP answer: connection refused, reset, time-out, unparseable body
@@ -166,7 +179,9 @@ def classify(
     if status == 404:
         return NotFoundError(text)
     retry_after = rate_limit_pauses(headers).get(SCOPE_ALL)
-    if status in (401, 403, 408) or status >= 500:
+    if status == 401 or (status == 403 and code != FILE_ACCESS_DENIED):
+        return AuthError(text, retry_after)
+    if status in (403, 408) or status >= 500:
         return TransientError(text, retry_after)
     if _CAPACITY.search(detail):
         return CapacityError(text, retry_after)
@@ -179,8 +194,91 @@ def classify(
     return PermanentError(text)
 
 
+class UnreadableAnswerError(ValueError):
+    """An answer of the API that is not what the call expects (not JSON, a field of another type):
+    a vendor failure like a 5xx (transient), raised by the readers of this module."""
+
+
+# Failures of the vendor's API or of the way to it; what ``translate`` maps. pydantic's
+# ValidationError is how the SDK's generated models refuse an answer they cannot read (a body of
+# another shape than the model); the request models this module builds are made before the call,
+# outside ``_call``, so that their own validation errors propagate as the bugs they are.
+_VENDOR_FAILURES: tuple[type[BaseException], ...] = (
+    ApiException,
+    ToolboxApiException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,  # sockets, refused and reset connections, time-outs, TLS
+    UnreadableAnswerError,
+    json.JSONDecodeError,
+    msgspec.DecodeError,
+    ValidationError,
+)
+
+
+def is_vendor_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the API or of the way to it, which :func:`translate` maps,
+    rather than a programming error (ours or the SDK's), which must propagate unchanged.
+
+    The high-level client wraps whatever its call raised in a ``DaytonaError`` (``raise ... from``):
+    one with an HTTP status, or that the SDK raised on its own (a time-out of its wait), is a vendor
+    failure; one wrapping another exception is what that exception is (a NameError inside the SDK
+    stays a bug; so does the generated client's ``ApiTypeError`` on an argument it refuses).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _VENDOR_FAILURES) or _is_lazy_transport_error(current):
+            return True
+        if not _is_daytona_error(current):
+            return False
+        if getattr(current, "status_code", None) or current.__cause__ is None:
+            return True
+        current = current.__cause__
+    return False
+
+
+# Transport errors of the clients the high-level SDK brings (httpx: file transfers; obstore: the
+# upload of a build context to object storage; aiohttp: its async side), by their modules' base
+# classes: without the module imported there can be none, and importing them here would slow
+# ``leasectl exec`` (tests/unit/test_cli_imports.py).
+_LAZY_TRANSPORT_ERRORS = (
+    ("httpx", "HTTPError"),
+    ("obstore.exceptions", "BaseError"),
+    ("aiohttp", "ClientError"),
+)
+
+
+def _is_lazy_transport_error(exc: BaseException) -> bool:
+    for module_name, class_name in _LAZY_TRANSPORT_ERRORS:
+        module = sys.modules.get(module_name)
+        base = getattr(module, class_name, None) if module is not None else None
+        if isinstance(base, type) and isinstance(exc, base):
+            return True
+    return False
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The ``code`` of Daytona's error body (e.g. ``FILE_ACCESS_DENIED``), when the answer had one."""
+    if isinstance(exc, ApiException | ToolboxApiException):
+        body = exc.body
+        if isinstance(body, bytes):
+            body = body.decode("utf-8", "replace")
+        try:
+            code = json.loads(body or "{}").get("code")
+        except (ValueError, AttributeError):
+            return None
+        return code if isinstance(code, str) else None
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) else None
+
+
 def translate(exc: BaseException, what: str, operation: str = "") -> ProviderError:
-    """Map an SDK, HTTP or network exception to the project's error tree (see ``classify``)."""
+    """Map an SDK, HTTP or network exception to the project's error tree (see ``classify``).
+
+    Only for what :func:`is_vendor_failure` accepts: callers let anything else propagate.
+    """
     status: int | None = None
     headers: Mapping[str, str] | None = None
     if isinstance(exc, ApiException | ToolboxApiException):
@@ -191,7 +289,7 @@ def translate(exc: BaseException, what: str, operation: str = "") -> ProviderErr
     detail = _short(exc)
     if not status and never_sent(exc):
         return NotSentError(f"{what}: {detail}")
-    error = classify(status, detail, operation, headers, f"{what}: {detail}")
+    error = classify(status, detail, operation, headers, f"{what}: {detail}", _error_code(exc))
     error.status = status or None
     return error
 
@@ -209,9 +307,13 @@ def _is_daytona_error(exc: BaseException) -> bool:
     return errors is not None and isinstance(exc, errors.DaytonaError)
 
 
-def not_sent(exc: ProviderError, what: str) -> NotSentError:
-    """The failure of a step before ``what`` (the sandbox lookup) as "``what`` was never sent"."""
-    error = NotSentError(f"{what} not sent: {exc}", getattr(exc, "retry_after", None))
+def not_sent(exc: ProviderError, what: str) -> TransientError:
+    """The failure of a step before ``what`` (the sandbox lookup) as "``what`` was never sent".
+
+    A refusal of the credentials stays an :class:`AuthError` (it was not sent either: the server
+    refused the key), so that a one-shot caller still recognises it."""
+    kind = AuthError if isinstance(exc, AuthError) else NotSentError
+    error = kind(f"{what} not sent: {exc}", getattr(exc, "retry_after", None))
     error.status = exc.status
     return error
 
@@ -371,11 +473,11 @@ def parse_list_page(body: bytes) -> tuple[list[ObservedSandbox], str | None]:
 
     The JSON is decoded straight into :class:`ListItem` (no dict per item, no pydantic model per
     item). An answer that is not such a page (an item without a text id or name, a field of another
-    type than the SDK's model accepts) raises ValueError: an unreadable answer, a transient error."""
+    type than the SDK's model accepts) raises UnreadableAnswerError: a transient error."""
     try:
         page = _LIST_PAGE.decode(body)
     except msgspec.DecodeError as exc:  # ValidationError included
-        raise ValueError(f"unreadable list answer: {exc}") from exc
+        raise UnreadableAnswerError(f"unreadable list answer: {exc}") from exc
     return [observed_from_item(item) for item in page.items or ()], page.next_cursor or None
 
 
@@ -591,11 +693,16 @@ class DaytonaProvider:
     # -- plumbing --------------------------------------------------------------------------------
 
     def _call(self, operation: str, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, with a vendor failure translated (``raise ... from``); anything else (a bug,
+        ours or the SDK's) propagates as it is, never disguised as a transient error."""
         try:
             result = fn()
         except ProviderError:
             raise
         except Exception as exc:
+            if not is_vendor_failure(exc):
+                self._record(operation, type(exc).__name__)
+                raise
             error = translate(exc, what, operation)
             self._record(operation, type(error).__name__)
             raise error from exc
@@ -808,10 +915,11 @@ class DaytonaProvider:
     def create_volume(self, name: str) -> ObservedVolume:
         from daytona_api_client.models.create_volume import CreateVolume
 
+        body = CreateVolume(name=name)  # outside the call: its validation error is a bug, not an answer
         item = self._call(
             "create_volume",
             f"create volume {name}",
-            lambda: self._volumes.create_volume(CreateVolume(name=name), _request_timeout=self._timeout),
+            lambda: self._volumes.create_volume(body, _request_timeout=self._timeout),
         )
         return _volume(item)
 
@@ -890,7 +998,7 @@ class DaytonaProvider:
         try:
             return _TOOLBOX_ADDRESS.decode(_body_of(answer.response))
         except msgspec.DecodeError as exc:
-            raise ValueError(f"unreadable sandbox answer: {exc}") from exc
+            raise UnreadableAnswerError(f"unreadable sandbox answer: {exc}") from exc
 
     def exec(
         self,
@@ -911,6 +1019,10 @@ class DaytonaProvider:
                 request, _request_timeout=float(timeout + 5) if timeout else None
             )
         except Exception as exc:
+            if not is_vendor_failure(exc):  # a bug, not an answer: as it is
+                self._forget(sandbox_id)
+                self._record("execute", type(exc).__name__)
+                raise
             status = getattr(exc, "status", None)
             # The toolbox's own time-out (408 REQUEST_TIMEOUT), or ours on the answer (no status, the
             # request time-out covers the command's): timed out. A 504 is a gateway that gave up: the
@@ -974,13 +1086,12 @@ class DaytonaProvider:
             raise
 
     def create_session(self, sandbox_id: str, session_id: str) -> None:
+        request = CreateSessionRequest(session_id=session_id)
         self._process_call(
             sandbox_id,
             "session_create",
             f"create session {session_id}",
-            lambda api: api.create_session(
-                CreateSessionRequest(session_id=session_id), _request_timeout=self._timeout
-            ),
+            lambda api: api.create_session(request, _request_timeout=self._timeout),
         )
 
     def session_execute(self, sandbox_id: str, session_id: str, command: str) -> str:

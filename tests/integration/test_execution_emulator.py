@@ -330,3 +330,63 @@ def test_a_queued_command_costs_one_api_request_and_a_bounded_number_of_statemen
     with db.session(readonly=True) as session:
         states = session.scalars(sa.select(Execution.state).where(Execution.command.like("echo run%"))).all()
     assert states == ["succeeded"] * 7
+
+
+@pytest.mark.parametrize("path", [["--timeout", "30"], []], ids=["one-request", "session"])
+def test_cli_exec_with_a_wrong_key_fails_at_the_first_refusal(
+    local_daytona_process: EmulatorProcess,
+    sandbox: Sandbox,
+    lease: str,
+    database_url: str,
+    db: Database,
+    path: list[str],
+) -> None:
+    """A wrong API key: one refused request, no retry for ``exec.queue_wait_seconds``, exit 1 with a
+    message that names the status and the setting, never the key. (Before AuthError, exec retried
+    the 401 with back-off until the window closed: dozens of requests here, minutes by default.)"""
+    from controller.cli import app
+
+    wrong = "wrong-key-" + uuid.uuid4().hex[:8]
+    local_daytona_process.reset_stats()
+    result = CliRunner().invoke(
+        app,
+        ["--database-url", database_url, "--api-url", sandbox.url, "exec", lease, *path, "--", "true"],
+        env={
+            "DAYTONA_API_KEY": wrong,
+            "LEASECTL_EXEC__QUEUE_WAIT_SECONDS": "5",
+            "LEASECTL_EXEC__RETRY_BACKOFF_SECONDS": "0.05",
+            "LEASECTL_EXEC__RETRY_BACKOFF_MAX_SECONDS": "0.1",
+        },
+    )
+    assert result.exit_code == 1, result.stderr
+    assert "HTTP 401" in result.stderr and "DAYTONA_API_KEY" in result.stderr, result.stderr
+    assert wrong not in result.stderr and wrong not in result.stdout
+    assert local_daytona_process.stats()["unauthorized"] == 1  # the sandbox lookup, refused once
+    with db.session() as session:
+        [(state, attempts, error)] = session.execute(
+            sa.select(Execution.state, Execution.attempts, Execution.error)
+        ).all()
+    assert (state, attempts) == ("error", 1) and "DAYTONA_API_KEY" in error and wrong not in error
+
+
+def test_cli_reconcile_with_a_wrong_key_fails_the_pass_and_marks_no_lease(
+    local_daytona_process: EmulatorProcess, sandbox: Sandbox, lease: str, database_url: str, db: Database
+) -> None:
+    """For the reconciler a refused key stays transient: the pass fails (exit 1, the setting named),
+    and no lease is marked Error or Failed for it: an operator fixes the key, not the spec."""
+    from controller.cli import app
+
+    wrong = "wrong-key-" + uuid.uuid4().hex[:8]
+    local_daytona_process.reset_stats()
+    result = CliRunner().invoke(
+        app,
+        ["--database-url", database_url, "--api-url", sandbox.url, "reconcile"],
+        env={"DAYTONA_API_KEY": wrong},
+    )
+    assert result.exit_code == 1, result.stderr
+    assert "HTTP 401" in result.stderr and "DAYTONA_API_KEY" in result.stderr, result.stderr
+    assert wrong not in result.stderr + result.stdout
+    assert local_daytona_process.stats()["unauthorized"] == 1  # the list, refused once
+    with db.session() as session:
+        status = session.get(LeaseStatus, lease)
+        assert status is not None and (status.phase, status.failures) == ("Ready", 0)

@@ -15,6 +15,7 @@ from controller.errors import (
     SCOPE_ALL,
     SCOPE_CREATE,
     SCOPE_LIFECYCLE,
+    AuthError,
     CapacityError,
     ConflictError,
     NotFoundError,
@@ -28,7 +29,10 @@ from controller.errors import (
 )
 from controller.providers.base import ObservedSandbox
 from controller.providers.daytona import (
+    DaytonaProvider,
     classify,
+    is_vendor_failure,
+    not_sent,
     parse_list_page,
     rate_limit_pauses,
     to_observed,
@@ -50,8 +54,8 @@ def api_error(
     [
         (400, PermanentError),
         (422, PermanentError),
-        (401, TransientError),
-        (403, TransientError),
+        (401, AuthError),
+        (403, AuthError),
         (404, NotFoundError),
         (408, TransientError),
         (409, ConflictError),
@@ -96,7 +100,11 @@ CLASSIFY_TABLE = [
     (400, "HTTP 400: Total GPU limit exceeded", "create", CapacityError),
     (400, "HTTP 400: Total sandbox limit exceeded. Maximum allowed: 2.", "create", CapacityError),
     (400, "HTTP 400: No available runners", "create", CapacityError),
-    (403, "HTTP 403: Total sandbox limit exceeded. Maximum allowed: 2.", "create", TransientError),
+    (403, "HTTP 403: Total sandbox limit exceeded. Maximum allowed: 2.", "create", AuthError),
+    (401, "HTTP 401: Unauthorized", "get", AuthError),
+    (401, "HTTP 401: Unauthorized", "execute", AuthError),
+    (403, "HTTP 403: Organization is suspended", "create", AuthError),
+    (403, "HTTP 403: Forbidden", "list", AuthError),
     (400, "HTTP 400: Sandbox failed to start: image pull failed", "create", StartFailedError),
     (400, "HTTP 400: Sandbox failed to start: boom", "start", StartFailedError),
     (400, "HTTP 400: Sandbox failed to start: boom", "recover", StartFailedError),
@@ -264,3 +272,152 @@ def test_an_unreadable_page_is_a_transient_error(body: bytes) -> None:
     with pytest.raises(ValueError) as caught:
         parse_list_page(body)
     assert isinstance(translate(caught.value, "list sandboxes", "list"), TransientError)
+
+
+# -- 401/403: the credentials, recognisable (AuthError is a TransientError) -----------------------------
+
+
+def test_auth_errors_are_transient_for_the_reconciler_but_recognisable() -> None:
+    for status in (401, 403):
+        error = translate(api_error(status, body='{"message": "Unauthorized"}'), "list sandboxes", "list")
+        assert type(error) is AuthError and isinstance(error, TransientError)
+        assert error.status == status and f"HTTP {status}" in str(error)
+    assert type(translate(DaytonaError("denied", status_code=401), "get work dir")) is AuthError
+
+
+def test_a_toolbox_file_access_denied_is_not_a_credential_problem() -> None:
+    body = '{"statusCode": 403, "message": "access to /etc is denied", "code": "FILE_ACCESS_DENIED"}'
+    error = translate(api_error(403, body=body), "upload /etc/x", "upload")
+    assert type(error) is TransientError
+    assert type(classify(403, "HTTP 403: denied", "upload", code="FILE_ACCESS_DENIED")) is TransientError
+    denied = DaytonaError("denied", status_code=403, code="FILE_ACCESS_DENIED")
+    assert type(translate(denied, "upload")) is TransientError
+
+
+def test_a_refused_lookup_before_exec_stays_an_auth_error() -> None:
+    lookup = translate(api_error(401), "get sandbox x", "get")
+    error = not_sent(lookup, "exec")
+    assert type(error) is AuthError and error.status == 401 and "exec not sent" in str(error)
+    other = not_sent(translate(api_error(503), "get sandbox x", "get"), "exec")
+    assert type(other) is NotSentError
+
+
+# -- only vendor failures are translated; a bug propagates unchanged ------------------------------------
+
+
+def _sdk_wrapped(exc: BaseException) -> BaseException:
+    """What the high-level client's ``intercept_errors`` makes of ``exc`` raised inside a call."""
+    from daytona._utils.errors import intercept_errors
+
+    @intercept_errors(message_prefix="Failed to do it: ")
+    def call() -> None:
+        raise exc
+
+    try:
+        call()
+    except BaseException as caught:
+        return caught
+    raise AssertionError("not raised")
+
+
+@pytest.mark.parametrize(
+    ("exc", "vendor"),
+    [
+        (api_error(503), True),
+        (urllib3.exceptions.MaxRetryError(None, "/x"), True),  # type: ignore[arg-type]
+        (urllib3.exceptions.ReadTimeoutError(None, "/x", "read timed out"), True),  # type: ignore[arg-type]
+        (ConnectionRefusedError(), True),
+        (TimeoutError(), True),
+        (OSError("reset"), True),
+        (DaytonaError("Function 'x' exceeded timeout"), True),  # the SDK's own, no cause
+        (DaytonaError("gone", status_code=404), True),
+        (ValueError("not json"), False),  # a ValueError of ours is a bug, not an answer
+        (NameError("name 'x' is not defined"), False),
+        (TypeError("f() got an unexpected keyword argument"), False),
+        (AttributeError("'NoneType' object has no attribute 'id'"), False),
+        (KeyError("id"), False),
+        (AssertionError(), False),
+    ],
+)
+def test_what_is_a_vendor_failure(exc: BaseException, vendor: bool) -> None:
+    assert is_vendor_failure(exc) is vendor
+
+
+def test_the_sdks_wrapping_is_looked_through() -> None:
+    """The high-level client wraps any exception in a DaytonaError: what it wraps decides."""
+    bug = _sdk_wrapped(NameError("name 'sandbox' is not defined"))
+    assert type(bug).__name__ == "DaytonaError" and not is_vendor_failure(bug)
+    refused = _sdk_wrapped(urllib3.exceptions.ProtocolError("Connection aborted."))
+    assert is_vendor_failure(refused)
+    answered = _sdk_wrapped(api_error(502))
+    assert is_vendor_failure(answered) and type(translate(answered, "get work dir")) is TransientError
+    import httpx
+    from daytona_api_client.exceptions import ApiTypeError
+
+    upload_failed = _sdk_wrapped(httpx.ConnectError("connection refused"))  # file transfers use httpx
+    assert is_vendor_failure(upload_failed) and is_vendor_failure(httpx.ReadTimeout("timed out"))
+    assert type(translate(upload_failed, "upload /tmp/x")) is TransientError
+    from obstore.exceptions import GenericError
+
+    assert is_vendor_failure(GenericError("upload of the build context failed"))  # object storage
+    refused_argument = _sdk_wrapped(ApiTypeError("Got an unexpected keyword argument 'x'"))
+    assert not is_vendor_failure(refused_argument)
+
+
+class _Api:
+    """Stands in for the SDK's generated SandboxApi: its ``get_sandbox`` raises ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.calls = 0
+
+    def get_sandbox(self, *_args: object, **_kwargs: object) -> None:
+        self.calls += 1
+        raise self.exc
+
+    def execute_command(self, *_args: object, **_kwargs: object) -> None:
+        self.calls += 1
+        raise self.exc
+
+
+def _provider(exc: BaseException) -> tuple[DaytonaProvider, _Api, list[tuple[str, str]]]:
+    requests: list[tuple[str, str]] = []
+    provider = DaytonaProvider(
+        "http://127.0.0.1:9/api", "k", on_request=lambda op, outcome: requests.append((op, outcome))
+    )
+    api = _Api(exc)
+    provider._sandbox_api = api  # type: ignore[assignment]
+    provider._processes["sb-1"] = api  # type: ignore[assignment]
+    return provider, api, requests
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        NameError("name 'sandbox_id' is not defined"),
+        TypeError("get_sandbox() got an unexpected keyword argument '_request_timout'"),
+        AttributeError("'NoneType' object has no attribute 'state'"),
+        KeyError("id"),
+        ValueError("invalid literal for int()"),
+    ],
+)
+def test_a_bug_inside_a_provider_call_propagates_unchanged(bug: Exception) -> None:
+    provider, api, requests = _provider(bug)
+    with pytest.raises(type(bug)) as caught:
+        provider.get("sb-1")
+    assert caught.value is bug and not isinstance(caught.value, ProviderError)
+    with pytest.raises(type(bug)) as caught:
+        provider.exec("sb-1", "true")
+    assert caught.value is bug
+    assert api.calls == 2
+    assert requests == [("get", type(bug).__name__), ("execute", type(bug).__name__)]
+
+
+def test_a_vendor_failure_inside_a_provider_call_is_still_translated() -> None:
+    provider, _, requests = _provider(api_error(503))
+    with pytest.raises(TransientError) as caught:
+        provider.get("sb-1")
+    assert isinstance(caught.value.__cause__, ApiException)
+    with pytest.raises(AuthError):
+        _provider(api_error(401))[0].exec("sb-1", "true")
+    assert requests == [("get", "TransientError")]

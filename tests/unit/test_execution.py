@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from controller.config import ExecSettings
 from controller.db import Database
-from controller.errors import TransientError
+from controller.errors import AuthError, NotSentError, TransientError
 from controller.execution import (
     EXIT_TIMED_OUT,
     CommandOutcome,
@@ -286,6 +286,64 @@ def test_execute_now_does_not_leave_a_running_row_on_interrupt(
     with db.session() as session:
         [r] = session.scalars(sa.select(Execution)).all()
     assert r.state == "interrupted"
+
+
+def test_execute_now_stops_at_refused_credentials_and_says_which_key(
+    db: Database, provider: ExecFakeProvider
+) -> None:
+    """A wrong key does not heal while a user waits: one attempt, no back-off, a row in ``error``
+    whose message names the status and the setting, never the key."""
+    add_lease(db)
+
+    def refused(_s: str, _c: str) -> ExecResult:
+        error = AuthError("exec not sent: get sandbox sb-1: HTTP 401: Unauthorized")
+        error.status = 401
+        raise error
+
+    provider.on_exec = refused
+    slept: list[float] = []
+    execution_id, outcome = execute_now(
+        db, provider, settings(queue_wait_seconds=300), lease_name="box", command="true", sleep=slept.append
+    )
+    assert len(provider.exec_calls) == 1 and slept == []
+    assert outcome.state == "error" and outcome.cli_exit_code == 1
+    assert outcome.error is not None
+    assert "HTTP 401" in outcome.error and "DAYTONA_API_KEY" in outcome.error and "never ran" in outcome.error
+    r = row(db, execution_id)
+    assert (r.state, r.attempts, r.error) == ("error", 1, outcome.error)
+
+
+def test_execute_now_still_retries_what_was_not_sent(db: Database, provider: ExecFakeProvider) -> None:
+    add_lease(db)
+    answers = iter([NotSentError("connection refused"), None])
+
+    def flaky(_s: str, _c: str) -> ExecResult:
+        error = next(answers)
+        if error is not None:
+            raise error
+        return ExecResult(exit_code=0, output="ok")
+
+    provider.on_exec = flaky
+    slept: list[float] = []
+    _, outcome = execute_now(db, provider, settings(), lease_name="box", command="true", sleep=slept.append)
+    assert outcome.state == "succeeded" and len(provider.exec_calls) == 2 and len(slept) == 1
+
+
+def test_execute_now_a_bug_propagates_and_ends_the_row_in_error(
+    db: Database, provider: ExecFakeProvider
+) -> None:
+    add_lease(db)
+
+    def bug(_s: str, _c: str) -> ExecResult:
+        raise NameError(f"name 'sandbox' is not defined near {SECRET}")
+
+    provider.on_exec = bug
+    with pytest.raises(NameError):
+        execute_now(db, provider, settings(), lease_name="box", command="true", env={"TOKEN": SECRET})
+    with db.session() as session:
+        [r] = session.scalars(sa.select(Execution)).all()
+    assert r.state == "error" and r.error is not None and "NameError" in r.error
+    assert SECRET not in r.error and len(provider.exec_calls) == 1
 
 
 # -- the queue -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from controller.config import ExecSettings
 from controller.db import Database
 from controller.errors import (
+    AuthError,
     CapacityError,
     ConflictError,
     NotFoundError,
@@ -48,6 +49,8 @@ def _status(error: ProviderError, status: int | None) -> ProviderError:
         (_status(PermanentError("400 bad"), 400), False),
         (_status(TransientError("401"), 401), False),
         (_status(TransientError("403"), 403), False),
+        (_status(AuthError("401"), 401), False),
+        (AuthError("credentials refused"), False),  # no status (the in-memory provider)
         (_status(NotFoundError("404"), 404), False),
         (NotFoundError("no such sandbox"), False),
         (PermanentError("refused"), False),
@@ -258,3 +261,26 @@ def test_a_session_command_whose_sandbox_stopped_ends_interrupted(
         d.shutdown()
     r = row(db, execution_id)
     assert r.state == "interrupted" and r.error is not None and "is stopped" in r.error
+
+
+def test_the_queue_retries_refused_credentials_and_says_which_key(
+    db: Database,
+    provider: MemoryProvider,
+    disp: Dispatcher,
+    clock: Clock,
+    ready: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemon's organization can be fixed while it runs: a 401/403 is retried in the row's
+    window (not failed at once, as ``leasectl exec`` does), each time with a warning naming the key."""
+    provider.fail_next("session_create", _status(AuthError("get sandbox sb-1: HTTP 401: Unauthorized"), 401))
+    execution_id = enqueue(db, lease_name=ready, command="true")
+    with caplog.at_level("WARNING", logger="controller.execution"):
+        assert disp.drain() == 1
+    r = row(db, execution_id)
+    assert (r.state, r.attempts) == ("queued", 1)
+    [warning] = [rec for rec in caplog.records if "refused the credentials" in rec.getMessage()]
+    assert "DAYTONA_API_KEY" in warning.getMessage() and "HTTP 401" in warning.getMessage()
+    clock.now += timedelta(seconds=10)
+    assert disp.drain() == 1
+    assert row(db, execution_id).state == "succeeded"
