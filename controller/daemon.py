@@ -68,7 +68,7 @@ from controller.errors import (
     ConfigError,
     LeasectlError,
 )
-from controller.leader import LeaderElector
+from controller.leader import LeaderElector, renew_interval
 from controller.metrics import Metrics
 from controller.pool_sync import SETTLED_PHASES
 from controller.providers.base import SandboxProvider
@@ -493,12 +493,23 @@ class Daemon:
         self._start_http()  # first: refuses a network-wide listener before anything else starts
         self.job_housekeeping()
         self.dispatcher.recover_interrupted()
-        now = utcnow()
+        self._add_jobs(utcnow())
+        self._listen_for_changes()
+        self._watch_sqlite_changes()
+        log.info("leasectl daemon started (instance %s, holder %s)", c.instance, self.elector.holder)
+        try:
+            self.scheduler.start()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _add_jobs(self, now: datetime) -> None:
+        c = self.settings.controller
         add = self.scheduler.add_job
         add(
             self._guard("leader", self.job_leader),
             "interval",
-            seconds=max(1.0, c.leader_lease_seconds / 3),
+            seconds=renew_interval(c.leader_lease_seconds),
             id="leader",
             next_run_time=now,
         )
@@ -524,14 +535,6 @@ class Daemon:
             next_run_time=now + timedelta(seconds=1),
         )
         add(self._guard("housekeeping", self.job_housekeeping), "interval", seconds=15, id="housekeeping")
-        self._listen_for_changes()
-        self._watch_sqlite_changes()
-        log.info("leasectl daemon started (instance %s, holder %s)", c.instance, self.elector.holder)
-        try:
-            self.scheduler.start()
-        finally:
-            self._shutdown()
-        return 0
 
     def _shutdown(self) -> None:
         self._stopping.set()
