@@ -2,7 +2,8 @@
 
 Jobs (BlockingScheduler, in-memory job store, ``max_instances=1``, coalescing):
 
-* ``leader``    every lease/3 s: acquire or renew leadership (every replica);
+* ``leader``    every lease/3 s: acquire or renew leadership (every replica); a replica that
+  becomes leader (a takeover, or leadership back after a lapse) reconciles at once;
 * ``reconcile`` every ``controller.reconcile_interval_seconds``: one pass, leader only;
 * ``gc``        every ``controller.gc_interval_seconds``: orphans, stale rows, retention, leader only;
 * ``exec``      every ``exec.poll_interval_seconds``: the execution dispatcher (every replica: its
@@ -228,11 +229,19 @@ class Daemon:
         return job
 
     def job_leader(self) -> None:
+        was_leading = self.elector.is_leader()
         leading = self.elector.try_acquire()
         self.metrics.leader.set(1 if leading else 0)
+        if leading and not was_leading:
+            # A takeover (the previous leader died or stepped down) or leadership back after a
+            # lapse: the reconcile runs in between returned without a pass and without scheduling
+            # the follow-up their work needed; without this the next pass would wait for the interval.
+            log.info("leading instance %s: reconciling now", self.settings.controller.instance)
+            self.wake_reconcile()
 
     def job_reconcile(self) -> None:
         if not self.elector.is_leader():
+            log.debug("reconcile: not the leader; the pass comes when leadership does")
             return
         self._reconciling.set()
         try:

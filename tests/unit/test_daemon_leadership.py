@@ -22,7 +22,7 @@ from controller.config import load_settings
 from controller.daemon import Daemon
 from controller.leader import LeaderElector
 from controller.providers.memory import MemoryProvider
-from models import utcnow
+from models import LeaderElection, utcnow
 
 
 @pytest.fixture
@@ -74,3 +74,90 @@ def test_a_leader_renewing_on_the_daemons_schedule_never_lapses(
             mono[0] = renewed_at + every * step / 10 - (1e-6 if step == 10 else 0.0)
             lapses += not elector.is_leader()
     assert lapses == 0
+
+
+def _counting_wakes(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    wakes: list[int] = []
+    real = daemon.wake_reconcile
+
+    def counted() -> None:
+        wakes.append(1)
+        real()
+
+    monkeypatch.setattr(daemon, "wake_reconcile", counted)
+    return wakes
+
+
+def test_taking_over_from_a_killed_leader_reconciles_at_once(
+    database: dbmod.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row of a SIGKILLed leader expires; the replica that takes it over wakes its reconcile job
+    (not after the interval: 3600 s here) once, and not again on its renewals."""
+    with database.session() as session:
+        past = utcnow() - timedelta(seconds=1)
+        session.add(
+            LeaderElection(
+                instance="default",
+                holder="killed",
+                term=4,
+                acquired_at=past,
+                renewed_at=past,
+                expires_at=past,
+            )
+        )
+    daemon = _daemon(database, lease=1.0)
+    wakes = _counting_wakes(daemon, monkeypatch)
+    reconcile = daemon.scheduler.get_job("reconcile")
+    assert reconcile is not None
+    reconcile.modify(next_run_time=utcnow() + timedelta(seconds=3600))  # a run skipped while not leading
+
+    daemon.job_leader()
+    assert daemon.elector.term == 5
+    assert len(wakes) == 1
+    assert reconcile.next_run_time <= utcnow()
+    for _ in range(3):
+        daemon.job_leader()  # renewals
+    assert len(wakes) == 1
+
+
+def test_leadership_back_after_a_lapse_reconciles_at_once(
+    database: dbmod.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that comes after the leader stopped acting (a late renewal, a database blip) wakes the
+    reconcile job: the runs in between returned without a pass or a follow-up."""
+    daemon = _daemon(database, lease=1.0)
+    mono = [1000.0]
+    monkeypatch.setattr(daemon.elector, "_monotonic", lambda: mono[0])
+    wakes = _counting_wakes(daemon, monkeypatch)
+    daemon.job_leader()
+    assert len(wakes) == 1  # the first acquisition
+    mono[0] += 0.3
+    daemon.job_leader()
+    assert len(wakes) == 1  # a renewal in time
+    mono[0] += 0.9  # past lease * SAFETY: the local lease lapsed, the row is still ours
+    assert not daemon.elector.is_leader()
+    daemon.job_reconcile()  # returns without a pass
+    daemon.job_leader()
+    assert daemon.elector.term == 1
+    assert len(wakes) == 2
+
+
+def test_a_standby_is_not_woken(database: dbmod.Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    with database.session() as session:
+        soon = utcnow() + timedelta(seconds=60)
+        session.add(
+            LeaderElection(
+                instance="default",
+                holder="alive",
+                term=1,
+                acquired_at=utcnow(),
+                renewed_at=utcnow(),
+                expires_at=soon,
+            )
+        )
+    daemon = _daemon(database, lease=1.0)
+    wakes = _counting_wakes(daemon, monkeypatch)
+    daemon.job_leader()
+    daemon.job_leader()
+    assert not daemon.elector.is_leader()
+    assert wakes == []
