@@ -261,6 +261,13 @@ class Daemon:
                 )
                 if not self._wake.is_set() or self._stopping.is_set():
                     break  # a change arrived during the pass: look again at once
+        except Exception:
+            if self._wake.is_set() and not self._stopping.is_set():
+                # A wake that arrived during the failed pass (a change, leadership back after a
+                # lapse that failed it) was left to this job: it must not wait for the interval.
+                self._reconciling.clear()
+                self._reconcile_within(0.0)
+            raise
         finally:
             self._reconciling.clear()
         if _pools_busy(result) or _follow_up(result):

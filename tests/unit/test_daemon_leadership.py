@@ -20,6 +20,7 @@ import pytest
 from controller import db as dbmod
 from controller.config import load_settings
 from controller.daemon import Daemon
+from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
 from controller.providers.memory import MemoryProvider
 from models import LeaderElection, utcnow
@@ -161,3 +162,29 @@ def test_a_standby_is_not_woken(database: dbmod.Database, monkeypatch: pytest.Mo
     daemon.job_leader()
     assert not daemon.elector.is_leader()
     assert wakes == []
+
+
+@pytest.mark.parametrize("woken", [False, True])
+def test_a_wake_during_a_failed_pass_is_not_lost(database: dbmod.Database, woken: bool) -> None:
+    """A wake that arrives while a pass runs is left to that job (it runs one more pass); when the
+    pass fails instead (its leadership lapsed mid-way), the job schedules a pass at once. A failed
+    pass that nothing woke waits as before."""
+    daemon = _daemon(database, lease=1.0)
+    daemon.job_leader()
+    reconcile = daemon.scheduler.get_job("reconcile")
+    assert reconcile is not None
+    reconcile.modify(next_run_time=utcnow() + timedelta(seconds=3600))
+    daemon._wake.clear()
+    passes: list[int] = []
+
+    def failing_pass() -> None:
+        passes.append(1)
+        if woken:
+            daemon.wake_reconcile()  # e.g. the leader job, leading again after a lapse
+        raise NotLeaderError("leadership of instance default moved on; write refused")
+
+    daemon.reconciler.run_pass = failing_pass  # type: ignore[method-assign,assignment]
+    with pytest.raises(NotLeaderError):
+        daemon.job_reconcile()
+    assert len(passes) == 1
+    assert (reconcile.next_run_time <= utcnow()) is woken
