@@ -2,7 +2,8 @@
 
 Jobs (BlockingScheduler, in-memory job store, ``max_instances=1``, coalescing):
 
-* ``leader``    every lease/3 s: acquire or renew leadership (every replica);
+* ``leader``    every lease/3 s: acquire or renew leadership (every replica); a replica that
+  becomes leader (a takeover, or leadership back after a lapse) reconciles at once;
 * ``reconcile`` every ``controller.reconcile_interval_seconds``: one pass, leader only;
 * ``gc``        every ``controller.gc_interval_seconds``: orphans, stale rows, retention, leader only;
 * ``exec``      every ``exec.poll_interval_seconds``: the execution dispatcher (every replica: its
@@ -68,7 +69,7 @@ from controller.errors import (
     ConfigError,
     LeasectlError,
 )
-from controller.leader import LeaderElector
+from controller.leader import LeaderElector, renew_interval
 from controller.metrics import Metrics
 from controller.pool_sync import SETTLED_PHASES
 from controller.providers.base import SandboxProvider
@@ -228,11 +229,19 @@ class Daemon:
         return job
 
     def job_leader(self) -> None:
+        was_leading = self.elector.is_leader()
         leading = self.elector.try_acquire()
         self.metrics.leader.set(1 if leading else 0)
+        if leading and not was_leading:
+            # A takeover (the previous leader died or stepped down) or leadership back after a
+            # lapse: the reconcile runs in between returned without a pass and without scheduling
+            # the follow-up their work needed; without this the next pass would wait for the interval.
+            log.info("leading instance %s: reconciling now", self.settings.controller.instance)
+            self.wake_reconcile()
 
     def job_reconcile(self) -> None:
         if not self.elector.is_leader():
+            log.debug("reconcile: not the leader; the pass comes when leadership does")
             return
         self._reconciling.set()
         try:
@@ -252,6 +261,13 @@ class Daemon:
                 )
                 if not self._wake.is_set() or self._stopping.is_set():
                     break  # a change arrived during the pass: look again at once
+        except Exception:
+            if self._wake.is_set() and not self._stopping.is_set():
+                # A wake that arrived during the failed pass (a change, leadership back after a
+                # lapse that failed it) was left to this job: it must not wait for the interval.
+                self._reconciling.clear()
+                self._reconcile_within(0.0)
+            raise
         finally:
             self._reconciling.clear()
         if _pools_busy(result) or _follow_up(result):
@@ -493,12 +509,23 @@ class Daemon:
         self._start_http()  # first: refuses a network-wide listener before anything else starts
         self.job_housekeeping()
         self.dispatcher.recover_interrupted()
-        now = utcnow()
+        self._add_jobs(utcnow())
+        self._listen_for_changes()
+        self._watch_sqlite_changes()
+        log.info("leasectl daemon started (instance %s, holder %s)", c.instance, self.elector.holder)
+        try:
+            self.scheduler.start()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _add_jobs(self, now: datetime) -> None:
+        c = self.settings.controller
         add = self.scheduler.add_job
         add(
             self._guard("leader", self.job_leader),
             "interval",
-            seconds=max(1.0, c.leader_lease_seconds / 3),
+            seconds=renew_interval(c.leader_lease_seconds),
             id="leader",
             next_run_time=now,
         )
@@ -524,14 +551,6 @@ class Daemon:
             next_run_time=now + timedelta(seconds=1),
         )
         add(self._guard("housekeeping", self.job_housekeeping), "interval", seconds=15, id="housekeeping")
-        self._listen_for_changes()
-        self._watch_sqlite_changes()
-        log.info("leasectl daemon started (instance %s, holder %s)", c.instance, self.elector.holder)
-        try:
-            self.scheduler.start()
-        finally:
-            self._shutdown()
-        return 0
 
     def _shutdown(self) -> None:
         self._stopping.set()

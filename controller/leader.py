@@ -52,6 +52,15 @@ from models import LeaderElection, utcnow
 log = logging.getLogger(__name__)
 
 SAFETY = 0.8  # act for at most this fraction of the lease after a successful renewal
+RENEWALS_PER_LEASE = 3
+
+
+def renew_interval(lease_seconds: float) -> float:
+    """How often a replica renews (or tries to acquire): ``lease / 3``, well within the ``lease *
+    SAFETY`` a renewal lets it act for, so a leader that renews on time never stops leading between
+    two renewals. No floor: a floor above ``lease * SAFETY`` (it was 1 s) made a short lease lapse
+    locally every period, failing the passes and silently skipping the reconcile runs that fell there."""
+    return lease_seconds / RENEWALS_PER_LEASE
 
 
 def _first_line(exc: BaseException) -> str:
@@ -248,7 +257,7 @@ class LeaderElector:
         done = threading.Event()
 
         def renew() -> None:
-            while not done.wait(self.lease_seconds / 3):
+            while not done.wait(renew_interval(self.lease_seconds)):
                 self.try_acquire()
 
         thread = threading.Thread(target=renew, name="leader-renew", daemon=True)
