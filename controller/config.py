@@ -59,7 +59,7 @@ class ControllerSettings(_Section):
     create_rate_per_minute: float = Field(default=300.0, gt=0)
     action_timeout_seconds: float = Field(default=120.0, gt=0)
     workspace_dir: str = "workspace"
-    leader_lease_seconds: float = Field(default=15.0, gt=0)
+    leader_lease_seconds: float = Field(default=15.0, ge=1.0)  # renewed every lease/3: at least 1 s
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
     event_retention_days: float = Field(default=30.0, gt=0)
     execution_retention_days: float = Field(default=7.0, gt=0)

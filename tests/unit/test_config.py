@@ -64,6 +64,8 @@ def test_config_file_from_env_and_cwd(tmp_path: Path, monkeypatch: pytest.Monkey
         ("controller: {max_concurrent_actions: 0}\n", ["c.yaml", "controller.max_concurrent_actions"]),
         ("logging: {format: xml}\n", ["c.yaml", "logging.format"]),
         ("server: {listen: nope}\n", ["c.yaml", "server.listen"]),
+        # renewed every third of it: a shorter lease would renew more than 3 times a second
+        ("controller: {leader_lease_seconds: 0.5}\n", ["c.yaml", "controller.leader_lease_seconds", "1"]),
         ("- a\n", ["c.yaml", "mapping"]),
         ("controller: [\n", ["c.yaml", "YAML"]),
     ],
