@@ -3,7 +3,8 @@
 Start-up time matters here: ``leasectl --help`` builds the whole command tree, so this module and
 the command modules import only typer and the standard library at the top; settings (pydantic),
 the database (SQLAlchemy), the SDK and the local API are imported by the commands that use them.
-tests/unit/test_cli_imports.py counts what ``--help`` and ``get`` import.
+tests/unit/test_cli_imports.py counts what ``--help``, ``get``, ``events``, ``executions`` and
+``exec`` import.
 
 Command modules (``db``, ``leases``, ``control``, ``executions``, ``gc``) register their commands on
 :data:`app`; :mod:`controller.cli` imports them all and exposes ``main``.
