@@ -1,5 +1,6 @@
 """The database without SQLAlchemy: read-only SQL straight through the driver, for the commands an
-operator runs most and expects at once (``leasectl get``, ``get -w``).
+operator runs most and expects at once (``leasectl get``, ``get -w``, ``events``, ``events -f``,
+``executions``).
 
 Importing SQLAlchemy costs a CLI command more than everything else it does (issue 14: ``get`` took
 17x ``python -c pass``, SQLAlchemy alone about a third of it). :func:`open_reader` turns the plain
@@ -14,8 +15,8 @@ SQL given to a reader is written once for both databases, with ``:name`` paramet
 the PostgreSQL reader rewrites the parameters to the driver's ``%(name)s``. Reads only: a reader
 never opens a write transaction, runs no migration and creates no file (a SQLite path that does not
 exist is the caller's error to report before it asks). Each statement runs on its own (autocommit):
-``get -w`` keeps its connection for as long as it watches, and an open transaction would hold
-table locks that a migration waits for.
+``get -w`` and ``events -f`` keep their connection for as long as they watch, and an open
+transaction would hold table locks that a migration waits for.
 
 :func:`open_writer` is the one way this module writes: ``leasectl exec`` records its row (insert,
 fenced updates, result and event) through it (:mod:`controller.exec_rows`), on a connection set up

@@ -3,7 +3,8 @@
 Start-up time matters here: ``leasectl --help`` builds the whole command tree, so this module and
 the command modules import only typer and the standard library at the top; settings (pydantic),
 the database (SQLAlchemy), the SDK and the local API are imported by the commands that use them.
-tests/unit/test_cli_imports.py counts what ``--help`` and ``get`` import.
+tests/unit/test_cli_imports.py counts what ``--help``, ``get``, ``events``, ``executions`` and
+``exec`` import.
 
 Command modules (``db``, ``leases``, ``control``, ``executions``, ``gc``) register their commands on
 :data:`app`; :mod:`controller.cli` imports them all and exposes ``main``.
@@ -11,7 +12,7 @@ Command modules (``db``, ``leases``, ``control``, ``executions``, ``gc``) regist
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from controller.errors import ConfigError
 if TYPE_CHECKING:
     from controller import db as dbmod
     from controller.config import Settings
-    from controller.dbapi import Reader
+    from controller.dbapi import Reader, Rows
     from controller.execution_run import ExecRows
 
 app = typer.Typer(
@@ -107,10 +108,12 @@ class CliContext:
 
     @contextmanager
     def reader(self) -> Iterator[Reader]:
-        """A read-only view of the database for commands that only read raw rows (``get``): the
-        driver itself when the URL is a plain one (controller/dbapi.py: SQLAlchemy is not even
-        imported), else a SQLAlchemy connection. A missing SQLite file is refused as by
-        :meth:`database`, never created."""
+        """A read-only view of the database for commands that only read raw rows (``get``,
+        ``events``, ``executions``): the driver itself when the URL is a plain one
+        (controller/dbapi.py: SQLAlchemy is not even imported), else a SQLAlchemy connection. Either
+        way each statement runs on its own, so ``get -w`` and ``events -f`` see what was committed
+        since their last look (a transaction kept open would show SQLite's snapshot of its start).
+        A missing SQLite file is refused as by :meth:`database`, never created."""
         from controller import dbapi
 
         url = self.database_url
@@ -123,8 +126,16 @@ class CliContext:
 
             database = self.database()
             try:
-                with database.read() as conn:
-                    yield sqlalchemy_reader(conn)
+                with database.engine.connect() as conn:
+                    read_in_transaction = sqlalchemy_reader(conn)
+
+                    def read_alone(sql: str, params: Mapping[str, Any] | None = None) -> Rows:
+                        try:
+                            return read_in_transaction(sql, params)
+                        finally:
+                            conn.rollback()  # read-only; a later statement sees later commits
+
+                    yield read_alone
             finally:
                 database.dispose()
             return

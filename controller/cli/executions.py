@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -390,49 +391,15 @@ def executions(
     output: Annotated[OutputFormat, typer.Option("--output", "-o", metavar="FORMAT")] = OutputFormat.table,
 ) -> None:
     """List executions, newest last (env and stdin are never shown)."""
-    import sqlalchemy as sa
-
-    from models import Execution
-    from models.tables import EXECUTION_STATES
+    from controller import history
 
     if ctx.invoked_subcommand is not None:
         return
     cli = context_of(ctx)
-    if state is not None and state not in EXECUTION_STATES:
-        fail(f"--state must be one of {', '.join(EXECUTION_STATES)}", EXIT_INVALID)
-    with handled(), cli.database().session(readonly=True) as session:
-        query = sa.select(Execution).order_by(Execution.id.desc()).limit(limit)
-        if lease:
-            query = query.where(Execution.lease_name == lease)
-        if state:
-            query = query.where(Execution.state == state)
-        rows = list(reversed(session.scalars(query).all()))
-    data = [
-        {
-            "id": r.id,
-            "lease": r.lease_name,
-            "state": r.state,
-            "exit_code": r.exit_code,
-            "command": r.command,
-            "cwd": r.cwd,
-            "timeout_seconds": r.timeout_seconds,
-            "error": r.error,
-            "output": r.output,
-            "output_truncated": r.output_truncated,
-            "claimed_by": r.claimed_by,
-            "sandbox_id": r.sandbox_id,
-            "created_at": jsonable(r.created_at),
-            "started_at": jsonable(r.started_at),
-            "finished_at": jsonable(r.finished_at),
-            "attempts": r.attempts,
-            "attempt_log": r.attempt_log or [],
-            "next_attempt_at": jsonable(r.next_attempt_at),
-            "session_id": r.session_id,
-            "command_id": r.command_id,
-            "ordered": r.ordered,
-        }
-        for r in rows
-    ]
+    if state is not None and state not in history.EXECUTION_STATES:
+        fail(f"--state must be one of {', '.join(history.EXECUTION_STATES)}", EXIT_INVALID)
+    with handled(), cli.reader() as read:  # the driver on a plain URL: no SQLAlchemy (controller/dbapi.py)
+        rows = history.recent_executions(read, limit, lease=lease, state=state)
     if output is OutputFormat.table:
         from rich.table import Table
 
@@ -440,27 +407,30 @@ def executions(
         for col in EXECUTION_COLUMNS:
             table.add_column(col, overflow="fold")
         for r in rows:
-            seconds = (
-                f"{(r.finished_at - r.started_at).total_seconds():.1f}"
-                if r.started_at and r.finished_at
-                else "-"
-            )
-            command = r.command if len(r.command) <= 60 else r.command[:57] + "..."
-            table.add_row(
-                str(r.id),
-                r.lease_name,
-                r.state + (" (cut)" if r.output_truncated else ""),
-                "-" if r.exit_code is None else str(r.exit_code),
-                str((r.attempts or 0) + (0 if r.state == "queued" else 1)),
-                r.created_at.isoformat()[:19] if r.created_at else "-",
-                seconds,
-                command,
-            )
+            table.add_row(*_execution_cells(r))
         out.print(table, markup=False, highlight=False)
     elif output is OutputFormat.json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        sys.stdout.write(json.dumps([history.execution_data(r) for r in rows], indent=2) + "\n")
     else:
-        sys.stdout.write(yaml_dump(data))
+        sys.stdout.write(yaml_dump([history.execution_data(r) for r in rows]))
+
+
+def _execution_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    """One row of the ``executions`` table (controller.history.recent_executions' dicts)."""
+    started, finished, created = r["started_at"], r["finished_at"], r["created_at"]
+    timed = isinstance(started, datetime) and isinstance(finished, datetime)
+    seconds = f"{(finished - started).total_seconds():.1f}" if timed else "-"
+    command = r["command"] if len(r["command"]) <= 60 else r["command"][:57] + "..."
+    return (
+        str(r["id"]),
+        r["lease_name"],
+        r["state"] + (" (cut)" if r["output_truncated"] else ""),
+        "-" if r["exit_code"] is None else str(r["exit_code"]),
+        str((r["attempts"] or 0) + (0 if r["state"] == "queued" else 1)),
+        jsonable(created)[:19] if created else "-",
+        seconds,
+        command,
+    )
 
 
 FOLLOW_POLL_SECONDS = 0.5

@@ -1,4 +1,5 @@
-"""``apply``, ``get``, ``export`` and ``events``: the operator's view of leases (controller/leases.py)."""
+"""``apply``, ``get``, ``export`` and ``events``: the operator's view of leases (controller/leases.py;
+``get`` reads controller/overview.py, ``events`` controller/history.py)."""
 
 from __future__ import annotations
 
@@ -273,18 +274,6 @@ def export(
         err.print(f"wrote {output}")
 
 
-def _event_data(r: Any) -> dict[str, str | None]:
-    return {
-        "at": r.at.isoformat(),
-        "lease": r.lease_name,
-        "sandbox_id": r.sandbox_id,
-        "action": r.action,
-        "outcome": r.outcome,
-        "message": r.message,
-        "pass_id": r.pass_id,
-    }
-
-
 def _event_cells(d: dict[str, str | None]) -> tuple[str, ...]:
     return (str(d["at"])[:19], d["lease"] or "-", d["action"] or "", d["outcome"] or "", d["message"] or "")
 
@@ -332,27 +321,21 @@ def events(
 
     A lease that does not exist and has no events is an error (exit 2), as for `get`.
     """
-    import sqlalchemy as sa
-
-    from models import Event, Lease
-
     cli = context_of(ctx)
-    with handled():
-        database = cli.database()
-        with database.session(readonly=True) as session:
-            query = sa.select(Event).order_by(Event.id.desc()).limit(limit)
-            if name:
-                query = query.where(Event.lease_name == name)
-            rows = list(reversed(session.scalars(query).all()))
-            known = (
-                not name
-                or bool(rows)
-                or session.scalar(sa.select(Lease.id).where(Lease.name == name)) is not None
-            )
-            last_id = rows[-1].id if rows else session.scalar(sa.select(sa.func.max(Event.id))) or 0
-    if not known:
+    with handled(), cli.reader() as read:  # one connection, kept while following
+        _events(read, name or None, limit, output, follow, interval)
+
+
+def _events(
+    read: Reader, name: str | None, limit: int, output: OutputFormat, follow: bool, interval: float
+) -> None:
+    from controller import history
+
+    rows = history.recent_events(read, limit, name)
+    if name and not rows and not history.lease_exists(read, name):
         fail(f"no such lease: {name} (and no events name it)", EXIT_INVALID)
-    data = [_event_data(r) for r in rows]
+    last_id = rows[-1]["id"] if rows else history.last_event_id(read)
+    data = [history.event_data(r) for r in rows]
     columns = _Columns(EVENT_HEADERS)
     if output is OutputFormat.table:
         table = [_event_cells(d) for d in data]
@@ -369,14 +352,9 @@ def events(
     try:
         while True:
             time.sleep(interval)
-            with handled(), database.session(readonly=True) as session:
-                query = sa.select(Event).where(Event.id > last_id).order_by(Event.id).limit(1000)
-                if name:
-                    query = query.where(Event.lease_name == name)
-                new = list(session.scalars(query).all())
-            for r in new:
-                last_id = max(last_id, r.id)
-                d = _event_data(r)
+            for r in history.events_after(read, last_id, name):
+                last_id = max(last_id, r["id"])
+                d = history.event_data(r)
                 if output is OutputFormat.table:
                     columns.print(_event_cells(d))
                 else:

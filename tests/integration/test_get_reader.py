@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 from controller import db as dbmod
 from controller import dbapi
@@ -58,3 +59,24 @@ def read_all(url: str) -> dbapi.Reader:
     opened = dbapi.open_reader(url)
     assert opened is not None
     return opened[0]
+
+
+def test_the_cli_reader_sees_each_commit_through_sqlalchemy_too(tmp_path: Path) -> None:
+    """``get -w`` and ``events -f`` keep one reader and look again and again. On a URL the driver
+    does not open (a query string) the reader is a SQLAlchemy connection: each statement must run
+    on its own, or SQLite would answer every look from the snapshot of the first."""
+    from controller.cli.base import CliContext
+
+    url = f"sqlite:///{tmp_path / 'leasectl.db'}"
+    database = dbmod.connect(url)
+    dbmod.upgrade(database)
+    cli = CliContext(config=None, overrides={"database_url": url + "?timeout=30"})
+    count = "SELECT count(*) FROM leases"
+    try:
+        with cli.reader() as read:
+            assert dbapi.open_reader(cli.database_url) is None  # it is SQLAlchemy's to read
+            assert read(count)[1] == [(0,)]
+            insert_raw(database, name="web", desired_state="running", env="{}", labels="{}")
+            assert read(count)[1] == [(1,)]
+    finally:
+        database.dispose()

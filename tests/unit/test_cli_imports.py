@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -120,6 +121,127 @@ def test_get_on_postgresql_reads_through_psycopg_without_sqlalchemy(pg_url: str,
     assert {n for n in HEAVY_FOR_GET if n in top} == set()
 
 
+# -- events, executions ----------------------------------------------------------------------------
+
+# What `events` and `executions` must not import: they read raw rows through the driver, as `get`.
+HEAVY_FOR_HISTORY = (
+    "sqlalchemy",
+    "pydantic",
+    "alembic",
+    "daytona",
+    "daytona_api_client",
+    "aiohttp",
+    "models",
+)
+HISTORY_COMMANDS = [
+    ["events"],
+    ["events", "one", "-n", "5", "-o", "json"],
+    ["events", "-o", "yaml"],
+    ["executions"],
+    ["executions", "--lease", "one", "--state", "succeeded", "-n", "5", "-o", "json"],
+    ["executions", "-o", "yaml"],
+]
+
+
+def _history_rows(database: dbmod.Database, *, pg: bool) -> None:
+    """Lease 'one', an event of it and a finished execution, written as an operator would with SQL."""
+    false, true = ("false", "true") if pg else ("0", "1")
+    with database.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO leases (name, desired_state, env, labels, paused, created_at, updated_at) "
+            f"VALUES ('one', 'stopped', '{{}}', '{{}}', {false}, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO events (at, lease_name, action, outcome, message) "
+            "VALUES (CURRENT_TIMESTAMP, 'one', 'stop', 'ok', 'stopped one')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO executions (lease_name, command, state, exit_code, output_truncated, ordered, "
+            "attempts, attempt_log, created_at, started_at, finished_at) VALUES ('one', 'echo ran', "
+            f"'succeeded', 0, {false}, {true}, 0, '[]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, "
+            "CURRENT_TIMESTAMP)"
+        )
+
+
+def _history_imports(url: str, args: list[str], cwd: Path) -> set[str]:
+    """Run ``args`` on ``url`` (see :func:`_history_rows`); the top-level packages it imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+    env["LEASECTL_DATABASE_URL"] = url
+    found = _imported(args, env=env, cwd=cwd)
+    assert found["code"] == 0, found
+    assert ("stopped one" if args[0] == "events" else "echo ran") in str(found["stdout"]), found["stdout"]
+    return set(found["top"])  # type: ignore[arg-type]
+
+
+def _allowed(args: list[str]) -> set[str]:
+    """What a command may import beyond the standard library: rich for the executions table (its
+    columns are rich's), PyYAML for YAML."""
+    allowed = {"yaml"} if "yaml" in args else set()
+    if args[0] == "executions" and "-o" not in args:
+        allowed.add("rich")
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def history_sqlite(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('history') / 'leasectl.db'}"
+    database = dbmod.connect(url)
+    dbmod.upgrade(database)
+    _history_rows(database, pg=False)
+    database.dispose()
+    return url
+
+
+@pytest.mark.parametrize("args", HISTORY_COMMANDS, ids=" ".join)
+def test_events_and_executions_import_neither_sqlalchemy_nor_the_models_nor_pydantic(
+    history_sqlite: str, tmp_path: Path, args: list[str]
+) -> None:
+    top = _history_imports(history_sqlite, args, tmp_path)
+    assert "sqlite3" in top  # it did read the database: through the driver (controller/dbapi.py)
+    heavy = (*HEAVY_FOR_HISTORY, "psycopg", "rich", "yaml")
+    assert {n for n in heavy if n in top} - _allowed(args) == set()
+
+
+def test_events_and_executions_on_postgresql_read_through_psycopg(pg_url: str, tmp_path: Path) -> None:
+    database = dbmod.connect(pg_url)
+    truncate_all(database)
+    _history_rows(database, pg=True)
+    database.dispose()
+    for args in HISTORY_COMMANDS:
+        top = _history_imports(pg_url, args, tmp_path)
+        assert "psycopg" in top, args
+        assert {n for n in HEAVY_FOR_HISTORY if n in top} == set(), args
+
+
+def test_events_follow_imports_neither_sqlalchemy_nor_the_models(history_sqlite: str, tmp_path: Path) -> None:
+    """``events -f``: the history, then the loop that polls for new events, ended by Ctrl-C."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEASECTL_", "DAYTONA_"))}
+    env["LEASECTL_DATABASE_URL"] = history_sqlite
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROBE, "events", "-f", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("TIME")
+        assert "stopped one" in proc.stdout.readline()
+        time.sleep(0.3)  # a few looks for new events (not a timing assertion)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    found = json.loads(stderr.strip().splitlines()[-1])
+    assert found["code"] == 0
+    top = set(found["top"])
+    assert "sqlite3" in top and {n for n in (*HEAVY_FOR_HISTORY, "rich", "yaml") if n in top} == set()
+
+
 def test_the_schema_guard_reads_the_same_revisions_as_alembic() -> None:
     """The guard reads the version files without Alembic; it must agree with Alembic's reading."""
     assert dbmod.known_revisions() == list(dbmod._alembic_chain())
@@ -132,6 +254,14 @@ def test_the_overview_reader_knows_every_timestamp_and_boolean_column_of_the_vie
 
     assert {c.key for c in lease_overview.c if isinstance(c.type, UTCDateTime)} == overview.TIMESTAMP_COLUMNS
     assert {c.key for c in lease_overview.c if isinstance(c.type, sa.Boolean)} == overview.BOOLEAN_COLUMNS
+
+
+def test_the_history_reader_knows_every_execution_state() -> None:
+    """``executions --state`` is checked against controller.history's copy of the states."""
+    from controller import history
+    from models.tables import EXECUTION_STATES
+
+    assert history.EXECUTION_STATES == EXECUTION_STATES
 
 
 # -- exec ------------------------------------------------------------------------------------------
