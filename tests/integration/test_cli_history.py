@@ -25,7 +25,7 @@ from controller import db as dbmod
 from controller import exitcodes
 from controller.cli import app
 from models import Event, Execution, Lease
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import create_pg_database, drop_pg_database, truncate_all
 
 GOLDEN = Path(__file__).with_name("history_cli_golden.json")
 T0 = datetime(2026, 11, 27, 9, 30, 0, 123456, tzinfo=UTC)
@@ -163,15 +163,29 @@ def outputs(database_url: str) -> dict[str, dict[str, Any]]:
     return {" ".join(args): run(database_url, args) for args in CASES}
 
 
-@pytest.mark.parametrize("through", ["driver", "sqlalchemy"])
-def test_events_and_executions_print_what_they_printed(
-    db: dbmod.Database, database_url: str, through: str
-) -> None:
+@pytest.fixture(params=["sqlite", "postgres", "sqlite-through-sqlalchemy"])
+def history_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[dbmod.Database, str]]:
+    """A migrated, empty database and the URL the commands get: a plain URL (read through the
+    driver) on both databases; and a SQLite URL with a query string, which the driver does not
+    open, so the commands read through SQLAlchemy (the driver opens every PostgreSQL URL of these
+    tests: that path has no PostgreSQL case)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        db = dbmod.connect(url)
+        truncate_all(db)
+    else:
+        url = f"sqlite:///{tmp_path / 'leasectl.db'}"
+        db = dbmod.connect(url)
+        dbmod.upgrade(db)
+    try:
+        yield db, url + ("?timeout=30" if request.param == "sqlite-through-sqlalchemy" else "")
+    finally:
+        db.dispose()
+
+
+def test_events_and_executions_print_what_they_printed(history_db: tuple[dbmod.Database, str]) -> None:
     """On a plain URL through the driver; on SQLite with a query string through SQLAlchemy."""
-    if through == "sqlalchemy":
-        if not db.is_sqlite:
-            pytest.skip("the driver opens the PostgreSQL URLs of these tests")
-        database_url += "?timeout=30"
+    db, database_url = history_db
     populate(db)
     found = outputs(database_url)
     expected = json.loads(GOLDEN.read_text(encoding="utf-8"))
@@ -180,9 +194,8 @@ def test_events_and_executions_print_what_they_printed(
         assert got == expected[case], case
 
 
-@pytest.mark.parametrize("through", ["driver", "sqlalchemy"])
 def test_events_follow_prints_new_events_as_before(
-    db: dbmod.Database, database_url: str, monkeypatch: pytest.MonkeyPatch, through: str
+    history_db: tuple[dbmod.Database, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``events -f`` (table and JSON): the history, then each event written after it; Ctrl-C ends
     it with exit 0. The sleep between looks writes the next event instead of waiting. A URL the
@@ -190,10 +203,7 @@ def test_events_follow_prints_new_events_as_before(
     still see what was written since the last."""
     import controller.cli.leases as leases_cli
 
-    if through == "sqlalchemy":
-        if not db.is_sqlite:
-            pytest.skip("a SQLite snapshot is what an open transaction would hide")
-        database_url += "?timeout=30"
+    db, database_url = history_db
     populate(db)
     expected = json.loads(GOLDEN.read_text(encoding="utf-8"))
     for args in FOLLOWED:
