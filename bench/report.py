@@ -311,7 +311,8 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
         out.append(
             f"Each command run {p0['rounds']} times as a fresh process, interleaved with `python -c pass` "
             "in the same loop; medians. `get` reads a SQLite database of "
-            f"{p0['leases']} leases; `exec` runs `true` on a Ready lease of the local API through the "
+            f"{p0['leases']} leases, `events` its last 50 events; `exec` runs `true` on a Ready lease "
+            "of the local API through the "
             "whole path (execution row, login-shell script, toolbox request, result row, event); "
             "`exec --stdin` also uploads a small file, feeds it to `cat` and deletes it."
         )

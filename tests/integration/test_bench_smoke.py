@@ -136,8 +136,8 @@ def test_cli_bench_prints_json_lines(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     jsonl = tmp_path / "bench.jsonl"
     cli.run(common.Output(None, jsonl), quick=True, pg_admin_url="", rounds=1)
-    records = _check_shape(jsonl, capsys.readouterr().out, "cli", 4)
-    assert [r["parameters"]["case"] for r in records] == ["help", "get", "exec", "exec_stdin"]
+    records = _check_shape(jsonl, capsys.readouterr().out, "cli", 5)
+    assert [r["parameters"]["case"] for r in records] == ["help", "get", "events", "exec", "exec_stdin"]
     for record in records:
         figures = record["figures"]
         assert isinstance(figures, dict)
