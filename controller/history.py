@@ -10,6 +10,7 @@ starts quickly (tests/unit/test_cli_imports.py counts that). The values come out
 column types would give them, on both databases: timestamps as aware UTC datetimes (SQLite answers
 text, PostgreSQL datetimes; a timestamp written by hand that is not one shows as its text),
 booleans as booleans (SQLite answers 0/1), JSON decoded (read as text on both).
+``executions logs`` reads one execution's output and state here too.
 tests/integration/test_cli_history.py holds the commands' output to what the ORM printed.
 ``env`` and ``stdin`` of an execution are never read.
 """
@@ -27,6 +28,16 @@ from controller.overview import tolerant_timestamp
 EXECUTION_STATES = (
     "queued",
     "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "error",
+    "cancelled",
+    "interrupted",
+    "unknown",
+)
+# models.tables.EXECUTION_TERMINAL_STATES (kept equal by the same test).
+EXECUTION_TERMINAL_STATES = (
     "succeeded",
     "failed",
     "timed_out",
@@ -173,3 +184,12 @@ def execution_data(r: dict[str, Any]) -> dict[str, Any]:
         "command_id": r["command_id"],
         "ordered": r["ordered"],
     }
+
+
+def execution_output(read: Reader, execution_id: int) -> dict[str, Any] | None:
+    """``state``, ``output``, ``exit_code`` and ``error`` of one execution (``executions logs``);
+    None when there is no such row."""
+    columns, rows = read(
+        "SELECT state, output, exit_code, error FROM executions WHERE id = :id", {"id": execution_id}
+    )
+    return dict(zip(columns, rows[0], strict=True)) if rows else None

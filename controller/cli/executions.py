@@ -450,37 +450,28 @@ def execution_logs(
     did not succeed). Output written while it runs comes from its session command, read by the
     worker that runs it, so it lags by about ``exec.log_poll_seconds``.
     """
-    import sqlalchemy as sa
-
-    from models import Execution
-    from models.tables import EXECUTION_TERMINAL_STATES
+    from controller.history import EXECUTION_TERMINAL_STATES, execution_output
 
     cli = context_of(ctx)
     printed = ""
-    with handled():
-        database = cli.database()
+    with handled(), cli.reader() as read:  # the driver on a plain URL, as `executions`
         while True:
-            with database.session(readonly=True) as session:
-                row = session.execute(
-                    sa.select(Execution.state, Execution.output, Execution.exit_code, Execution.error).where(
-                        Execution.id == execution_id
-                    )
-                ).one_or_none()
+            row = execution_output(read, execution_id)
             if row is None:
                 fail(f"no such execution: {execution_id}", EXIT_INVALID)
-            text = row.output or ""
+            text = row["output"] or ""
             if text.startswith(printed):
                 write_raw(text[len(printed) :])
             else:  # the output was rewritten (re-attached, or cut at the cap): print it again
                 write_raw("\n" + text)
             printed = text
             sys.stdout.flush()
-            if not follow or row.state in EXECUTION_TERMINAL_STATES:
+            if not follow or row["state"] in EXECUTION_TERMINAL_STATES:
                 break
             time.sleep(FOLLOW_POLL_SECONDS)
-    if follow and row.state != "succeeded":
-        detail = f"exit {row.exit_code}" if row.exit_code is not None else (row.error or "")
-        err.print(f"execution {execution_id} {row.state}: {detail}", highlight=False)
+    if follow and row["state"] != "succeeded":
+        detail = f"exit {row['exit_code']}" if row["exit_code"] is not None else (row["error"] or "")
+        err.print(f"execution {execution_id} {row['state']}: {detail}", highlight=False)
 
 
 @app.command("exec-worker")

@@ -140,6 +140,8 @@ HISTORY_COMMANDS = [
     ["executions"],
     ["executions", "--lease", "one", "--state", "succeeded", "-n", "5", "-o", "json"],
     ["executions", "-o", "yaml"],
+    ["executions", "logs", "1"],
+    ["executions", "logs", "1", "-f"],
 ]
 
 
@@ -156,9 +158,10 @@ def _history_rows(database: dbmod.Database, *, pg: bool) -> None:
             "VALUES (CURRENT_TIMESTAMP, 'one', 'stop', 'ok', 'stopped one')"
         )
         conn.exec_driver_sql(
-            "INSERT INTO executions (lease_name, command, state, exit_code, output_truncated, ordered, "
-            "attempts, attempt_log, created_at, started_at, finished_at) VALUES ('one', 'echo ran', "
-            f"'succeeded', 0, {false}, {true}, 0, '[]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, "
+            "INSERT INTO executions (lease_name, command, state, exit_code, output, output_truncated, "
+            "ordered, attempts, attempt_log, created_at, started_at, finished_at) VALUES ('one', "
+            f"'echo ran', 'succeeded', 0, 'ran\n', {false}, {true}, 0, '[]', CURRENT_TIMESTAMP, "
+            "CURRENT_TIMESTAMP, "
             "CURRENT_TIMESTAMP)"
         )
 
@@ -169,7 +172,8 @@ def _history_imports(url: str, args: list[str], cwd: Path) -> set[str]:
     env["LEASECTL_DATABASE_URL"] = url
     found = _imported(args, env=env, cwd=cwd)
     assert found["code"] == 0, found
-    assert ("stopped one" if args[0] == "events" else "echo ran") in str(found["stdout"]), found["stdout"]
+    expected = {"events": "stopped one", "executions": "echo ran", "logs": "ran\n"}
+    assert expected[args[1] if args[1:2] == ["logs"] else args[0]] in str(found["stdout"]), found["stdout"]
     return set(found["top"])  # type: ignore[arg-type]
 
 
@@ -259,9 +263,10 @@ def test_the_overview_reader_knows_every_timestamp_and_boolean_column_of_the_vie
 def test_the_history_reader_knows_every_execution_state() -> None:
     """``executions --state`` is checked against controller.history's copy of the states."""
     from controller import history
-    from models.tables import EXECUTION_STATES
+    from models.tables import EXECUTION_STATES, EXECUTION_TERMINAL_STATES
 
     assert history.EXECUTION_STATES == EXECUTION_STATES
+    assert history.EXECUTION_TERMINAL_STATES == EXECUTION_TERMINAL_STATES
 
 
 # -- exec ------------------------------------------------------------------------------------------
