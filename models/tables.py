@@ -256,7 +256,7 @@ class Execution(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    lease_name: Mapped[str] = mapped_column(sa.String(63), index=True)
+    lease_name: Mapped[str] = mapped_column(sa.String(63))  # ix_executions_lease_name_state leads with it
     command: Mapped[str] = mapped_column(sa.Text)
     cwd: Mapped[str | None] = mapped_column(sa.String(1024))
     env: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
