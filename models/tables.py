@@ -208,6 +208,8 @@ class LeaseStatus(Base):
     """
 
     __tablename__ = "lease_status"
+    # On PostgreSQL, half of each page is kept free (fillfactor 50, migration 0011; SQLAlchemy 2.0
+    # has no table option for it): every pass rewrites last_reconciled_at, then in place (HOT).
     __table_args__ = (sa.CheckConstraint(_in("phase", PHASES), name="phase"),)
 
     lease_name: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
@@ -360,6 +362,7 @@ class Usage(Base):
     controller (controller.usage); ``closed`` segments are never written again."""
 
     __tablename__ = "usage"
+    # fillfactor 50 on PostgreSQL (migration 0011): every pass rewrites ended_at of the open segments.
     __table_args__ = (sa.Index("ix_usage_closed_lease_name", "closed", "lease_name"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -148,6 +148,59 @@ def test_a_noop_pass_costs_the_same_statements_and_a_list_request_per_page(
     )
 
 
+def _updates(url: str) -> dict[str, tuple[int, int]]:
+    """(row updates, of which heap-only) per table, as PostgreSQL's statistics count them."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                    "WHERE relname IN ('lease_status', 'usage')"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+
+
+def test_a_noop_pass_rewrites_its_rows_in_place_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """Each pass moves ``last_reconciled_at`` of every status row and ``ended_at`` of every open
+    usage segment. Neither column is indexed, and migration 0011 keeps half of each page free: every
+    such update is heap-only (HOT), with no new index entry and the old version pruned on its page.
+    With full pages (the default) 99 % of them were not."""
+    n, passes = 300, 2
+    url = _empty_database(pg_url, tmp_path, n)
+    ids = scale.seed_sandboxes(tmp_path / "daytona-hot", scale.lease_names(n))
+    scale.seed_database(url, ids)
+    emu = common.start_emulator(tmp_path / "daytona-hot")
+    db = dbmod.connect(url)
+    try:
+        settings = common.bench_settings(url, emu.api_url)
+        reconciler = common.make_reconciler(settings, db, build_provider(settings))
+        assert not reconciler.run_pass().outcomes
+        db.engine.dispose()  # a backend sends its statistics when it ends: count from here
+        before = _updates(url)
+        for _ in range(passes):
+            assert not reconciler.run_pass().outcomes
+        reconciler.applier.shutdown(timeout=5)
+        db.engine.dispose()
+        expected = passes * n
+        after = _updates(url)
+        for _ in range(200):  # the ended backends' statistics arrive shortly after they end
+            if all(after[t][0] - before[t][0] >= expected for t in ("lease_status", "usage")):
+                break
+            threading.Event().wait(0.05)
+            after = _updates(url)
+        for table in ("lease_status", "usage"):
+            updated, hot = (after[table][i] - before[table][i] for i in (0, 1))
+            assert updated == expected, (table, updated)
+            assert hot == updated, f"{table}: {hot} of {updated} updates were heap-only"
+    finally:
+        db.dispose()
+        emu.kill()
+
+
 # -- the caches never hide an edit -------------------------------------------------------------------
 
 NAMES = ("edit-a", "edit-b", "edit-c")
