@@ -36,16 +36,8 @@ EXECUTION_STATES = (
     "interrupted",
     "unknown",
 )
-# models.tables.EXECUTION_TERMINAL_STATES (kept equal by the same test).
-EXECUTION_TERMINAL_STATES = (
-    "succeeded",
-    "failed",
-    "timed_out",
-    "error",
-    "cancelled",
-    "interrupted",
-    "unknown",
-)
+# models.tables.EXECUTION_TERMINAL_STATES (kept equal by the same test): every state but these two.
+EXECUTION_TERMINAL_STATES = tuple(state for state in EXECUTION_STATES if state not in ("queued", "running"))
 
 FOLLOW_BATCH = 1000  # events read per look in follow mode
 
