@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "leasectl_leases"
 SQLITE_WATCH_SECONDS = 0.25
 MAX_PASSES_PER_WAKE = 5
+WAKE_AGAIN_SECONDS = 0.25  # a pass the reconcile job asks for itself: due once the job has returned
 
 
 @dataclass
@@ -261,15 +262,16 @@ class Daemon:
                 )
                 if not self._wake.is_set() or self._stopping.is_set():
                     break  # a change arrived during the pass: look again at once
-        except Exception:
-            if self._wake.is_set() and not self._stopping.is_set():
-                # A wake that arrived during the failed pass (a change, leadership back after a
-                # lapse that failed it) was left to this job: it must not wait for the interval.
-                self._reconciling.clear()
-                self._reconcile_within(0.0)
-            raise
         finally:
             self._reconciling.clear()
+            if self._wake.is_set() and not self._stopping.is_set():
+                # A wake this job did not act on: one that arrived during a failed pass (a change,
+                # leadership back after a lapse that failed it), after the last pass's check, or
+                # beyond MAX_PASSES_PER_WAKE. A waker that saw this job running left it to the job,
+                # so it must not wait for the interval. Not at once: a run that falls due while this
+                # job is still running (logging its failure, say) is skipped by the scheduler
+                # (max_instances=1) and moved to the interval.
+                self._reconcile_within(WAKE_AGAIN_SECONDS)
         if _pools_busy(result) or _follow_up(result):
             # Leases or pool members on their way: the next pass comes soon, not after an interval.
             self._reconcile_within(self.settings.controller.pool_busy_interval_seconds)

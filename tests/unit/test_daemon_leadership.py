@@ -11,15 +11,17 @@ every later run fell in the lapse too. These tests count lapses and wake-ups on 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controller import db as dbmod
 from controller.config import load_settings
-from controller.daemon import Daemon
+from controller.daemon import WAKE_AGAIN_SECONDS, Daemon
 from controller.errors import NotLeaderError
 from controller.leader import LeaderElector
 from controller.providers.memory import MemoryProvider
@@ -167,8 +169,9 @@ def test_a_standby_is_not_woken(database: dbmod.Database, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("woken", [False, True])
 def test_a_wake_during_a_failed_pass_is_not_lost(database: dbmod.Database, woken: bool) -> None:
     """A wake that arrives while a pass runs is left to that job (it runs one more pass); when the
-    pass fails instead (its leadership lapsed mid-way), the job schedules a pass at once. A failed
-    pass that nothing woke waits as before."""
+    pass fails instead (its leadership lapsed mid-way), the job schedules a pass within
+    WAKE_AGAIN_SECONDS (not at once: a run due while the job still runs would be skipped by the
+    scheduler and moved to the interval). A failed pass that nothing woke waits as before."""
     daemon = _daemon(database, lease=1.0)
     daemon.job_leader()
     reconcile = daemon.scheduler.get_job("reconcile")
@@ -187,4 +190,45 @@ def test_a_wake_during_a_failed_pass_is_not_lost(database: dbmod.Database, woken
     with pytest.raises(NotLeaderError):
         daemon.job_reconcile()
     assert len(passes) == 1
-    assert (reconcile.next_run_time <= utcnow()) is woken
+    assert (reconcile.next_run_time <= utcnow() + timedelta(seconds=WAKE_AGAIN_SECONDS)) is woken
+
+
+class _WakeOnClear(threading.Event):
+    """A ``_reconciling`` flag whose first clear() is preceded by a wake from another thread: the
+    wake arrives after the job's last look at ``_wake`` and while the job still counts as running."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__()
+        self.daemon, self.woken = daemon, False
+
+    def clear(self) -> None:
+        if not self.woken:
+            self.woken = True
+            waker = threading.Thread(target=self.daemon.wake_reconcile)
+            waker.start()
+            waker.join()
+        super().clear()
+
+
+def test_a_wake_just_before_the_job_ends_is_not_lost(database: dbmod.Database) -> None:
+    """The waker sees the job running and leaves the pass to it; the job has already decided it is
+    done. The job looks at ``_wake`` once more after it stops counting as running."""
+    daemon = _daemon(database, lease=1.0)
+    daemon.job_leader()
+    reconcile = daemon.scheduler.get_job("reconcile")
+    assert reconcile is not None
+    reconcile.modify(next_run_time=utcnow() + timedelta(seconds=3600))
+    daemon._wake.clear()
+    flag = _WakeOnClear(daemon)
+    daemon._reconciling = flag
+    passes: list[int] = []
+    real_pass = daemon.reconciler.run_pass  # an empty fleet: nothing to do, nothing to follow up
+
+    def quiet_pass() -> Any:
+        passes.append(1)
+        return real_pass()
+
+    daemon.reconciler.run_pass = quiet_pass  # type: ignore[method-assign,assignment]
+    daemon.job_reconcile()
+    assert flag.woken and len(passes) == 1
+    assert reconcile.next_run_time <= utcnow() + timedelta(seconds=WAKE_AGAIN_SECONDS)
