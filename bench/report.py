@@ -262,7 +262,9 @@ def render(records: list[dict[str, Any]], source: str, soak_source: str | None =
             "engine (on SQLite each BEGIN is one). "
             "Overhead per command = (dispatcher wall - direct wall) x C / M. With rounds > 1 the direct "
             "login-shell run, drain and poll took turns that many times in one run; a row is its mode's "
-            "median round, and the last column lists every round's ratio to the direct run of its round."
+            "median round, and the last column lists every round's ratio to the direct run of its round. "
+            "The session mode (not a target) runs once, after the rounds, so that the vacuum its "
+            "writes call for does not fall into them."
         )
         out.append("")
         rows = []
