@@ -135,7 +135,14 @@ AUTO_STOP_MINUTES = 1  # with time_scale 30: parked after 2 s without activity
 KILL_EVERY_SECONDS = (4.0, 10.0)
 KILL_MIX = {"leader": 0.70, "both": 0.15, "follower": 0.15}  # with two replicas
 EXPECTED_PHASE = {"running": "Ready", "stopped": "Stopped", "archived": "Archived", "absent": "Deleted"}
-EXPECTED_STATE = {"running": "started", "stopped": "stopped", "archived": "archived"}
+# The sandbox states each desired state accepts (docs/architecture.md, the planner's table): a
+# stopped lease is met by a paused or archived sandbox too (archived is stopped as well; restoring
+# it only to stop it again would cost a restore for nothing).
+EXPECTED_STATES = {
+    "running": ("started",),
+    "stopped": ("stopped", "paused", "archived"),
+    "archived": ("archived",),
+}
 GONE_STATES = {"destroyed"}
 NOT_TERMINAL = ("queued", "running")
 _TOKEN = re.compile(r"echo ([0-9a-f]{32}) >>")
@@ -272,9 +279,10 @@ def lease_converged(
 
     running: exactly one sandbox with the lease's spec, ``started`` and phase Ready, or (a lease
     with ``auto_stop_interval``) ``stopped`` and phase Idle. stopped/archived: phase Stopped /
-    Archived with no sandbox or one in that state; or, by design, one sandbox left in ``error`` or
-    ``build_failed`` with phase Error / Failed (the planner leaves those alone until the lease asks
-    for running or absent). absent: phase Deleted, no sandbox.
+    Archived with no sandbox or one in a state :data:`EXPECTED_STATES` accepts (a stopped lease
+    whose sandbox was archived before the lease asked for stopped is met); or, by design, one
+    sandbox left in ``error`` or ``build_failed`` with phase Error / Failed (the planner leaves
+    those alone until the lease asks for running or absent). absent: phase Deleted, no sandbox.
     """
     if desired == "absent":
         return phase == "Deleted" and not group, False
@@ -288,7 +296,7 @@ def lease_converged(
     if len(group) == 1 and (group[0].state, phase) in (("error", "Error"), ("build_failed", "Failed")):
         return True, True
     ok = phase == EXPECTED_PHASE[desired] and len(group) <= 1
-    return ok and all(sb.state == EXPECTED_STATE[desired] for sb in group), False
+    return ok and all(sb.state in EXPECTED_STATES[desired] for sb in group), False
 
 
 def choose_victims(rng: random.Random, replicas: int, leader: int | None) -> tuple[str, list[int]]:

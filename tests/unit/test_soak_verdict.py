@@ -161,6 +161,12 @@ def sb(state: str, spec: str | None = "h1") -> SandboxSeen:
         ("stopped", False, "Stopped", [], (True, False)),
         ("stopped", False, "Stopped", [sb("stopped")], (True, False)),
         ("stopped", False, "Stopped", [sb("started")], (False, False)),
+        # archived before the lease asked for stopped: the planner leaves it (an archived sandbox
+        # is stopped too), so does the verdict (a CI run of the soak failed on exactly this)
+        ("stopped", False, "Stopped", [sb("archived")], (True, False)),
+        ("stopped", False, "Stopped", [sb("paused")], (True, False)),
+        ("stopped", False, "Stopping", [sb("archived")], (False, False)),
+        ("stopped", False, "Stopped", [sb("archiving")], (False, False)),
         ("stopped", False, "Error", [sb("error")], (True, True)),
         ("archived", False, "Failed", [sb("build_failed")], (True, True)),
         ("archived", False, "Archived", [sb("archived")], (True, False)),
