@@ -30,8 +30,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so
+# its module fixtures start once). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 3
+
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Against a real Daytona organization: needs DAYTONA_API_KEY and DAYTONA_API_URL (skips otherwise).
 # Every sandbox the run creates carries its own instance label and is deleted at the end.
