@@ -58,6 +58,7 @@ class ControllerSettings(_Section):
     api_rate_per_second: float = Field(default=20.0, gt=0)
     create_rate_per_minute: float = Field(default=300.0, gt=0)
     action_timeout_seconds: float = Field(default=120.0, gt=0)
+    stuck_after_seconds: float = Field(default=900.0, gt=0)
     workspace_dir: str = "workspace"
     leader_lease_seconds: float = Field(default=15.0, ge=1.0)  # renewed every lease/3: at least 1 s
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0)

@@ -58,6 +58,12 @@ transit.   wait (Provisioning wait (Stopping)             wait (Archiving)      
 unknown    wait, phase kept   wait, phase kept            wait, phase kept             delete
 =========  =================  ==========================  ===========================  ====================
 
+A wait on a transitional state has no end of its own: Daytona keeps a pending change as long as it
+takes and refuses every other one meanwhile (a delete too). ``lease_status.observed_since`` records
+when the sandbox entered its state; past ``controller.stuck_after_seconds`` the message says it is
+stuck and for how long (the phase stays), so an operator sees it in ``get``, on the status page and
+with SQL.
+
 A create carries the lease's ``workspace_dir``: when Daytona answers the create with the sandbox
 ``started`` (it waits for that), the applier realizes the workspace in the same action, so the lease
 is ``Ready`` after one pass; otherwise (still starting, or the realize failed) ``realize_workspace``
@@ -116,6 +122,8 @@ from controller.providers.base import (
     frozen_instance,
 )
 from controller.schedules import Schedule, in_force
+
+STUCK_AFTER_SECONDS: Final = 900.0  # controller.stuck_after_seconds's default
 
 DesiredState = Literal["running", "stopped", "archived", "absent"]
 DESIRED_STATES: Final = ("running", "stopped", "archived", "absent")
@@ -340,6 +348,7 @@ class StatusView:
     sandbox_id: str | None = None
     sandbox_name: str | None = None
     observed_state: str | None = None
+    observed_since: datetime | None = None  # when the recorded sandbox was first seen in that state
     phase: str | None = PENDING
     spec_hash: str | None = None  # spec hash of the sandbox last kept
     failed_spec_hash: str | None = None  # set with phase Failed: no retry until the spec hash changes
@@ -407,6 +416,7 @@ class Decision:
     reset_failures: bool = False
     spec_fields: Mapping[str, str] | None = None
     keep_spec_fields: bool = True  # False: the recorded field digests no longer describe the sandbox
+    observed_since: datetime | None = None  # set by _base: when observed_state was first seen
 
     def status_values(self) -> dict[str, Any]:
         """Column -> value for ``lease_status``; omitted columns are left as they are."""
@@ -414,6 +424,7 @@ class Decision:
             "phase": self.phase,
             "message": self.message,
             "observed_state": self.observed_state,
+            "observed_since": self.observed_since,
             "sandbox_id": self.sandbox_id,
             "sandbox_name": self.sandbox_name,
             "spec_hash": self.spec_hash,
@@ -490,6 +501,7 @@ def plan(
     now: datetime,
     *,
     instance: str,
+    stuck_after_seconds: float = STUCK_AFTER_SECONDS,
 ) -> Plan:
     """Plan one pass. See the module docstring for the rules."""
     lease_list = list(leases)
@@ -514,7 +526,9 @@ def plan(
     for lease in lease_list:
         name = lease.name
         status = statuses.get(name) or _NO_STATUS
-        decision = _plan_lease(lease, status, by_lease.get(name, no_sandboxes), now, instance)
+        decision = _plan_lease(
+            lease, status, by_lease.get(name, no_sandboxes), now, instance, stuck_after_seconds
+        )
         decisions[name] = decision
         if decision.action is not None:
             actions.append(decision.action)
@@ -534,6 +548,7 @@ class _Ctx(NamedTuple):
     now: datetime
     failures: int
     instance: str
+    stuck_after_seconds: float
 
 
 def _plan_lease(
@@ -542,6 +557,7 @@ def _plan_lease(
     sandboxes: Sequence[ObservedSandbox],
     now: datetime,
     instance: str,
+    stuck_after_seconds: float,
 ) -> Decision:
     expires_at = lease.expires_at
     if expires_at is not None and expires_at <= now:
@@ -550,7 +566,7 @@ def _plan_lease(
         desired = lease.desired_state
     else:
         desired = effective_desired(lease, now)
-    ctx = _Ctx(lease, status, desired, now, int(status.failures or 0), instance)
+    ctx = _Ctx(lease, status, desired, now, int(status.failures or 0), instance, stuck_after_seconds)
     keep: ObservedSandbox | None
     extras: Sequence[ObservedSandbox] = ()
     destroying: Sequence[ObservedSandbox] = ()
@@ -573,6 +589,43 @@ def _plan_lease(
     if decision.action is None:
         return decision
     return _apply_backoff(ctx, decision)
+
+
+def observed_since(
+    status: StatusView, sandbox_id: str | None, state: str | None, now: datetime
+) -> datetime | None:
+    """When the lease's sandbox entered ``state``: as recorded while the record names the same
+    sandbox in the same state, else ``now`` (None without a state). A row recorded before the
+    column existed starts now."""
+    if state is None:
+        return None
+    since = status.observed_since
+    if since is None or state != status.observed_state or sandbox_id != status.sandbox_id:
+        return now
+    return since
+
+
+def _waiting(ctx: _Ctx, sb: ObservedSandbox) -> str:
+    """The message of a lease whose sandbox is in a transitional state: how long past
+    ``controller.stuck_after_seconds`` (Daytona keeps a pending change as long as it takes, and
+    refuses every other change meanwhile: waiting is all the controller can do)."""
+    state = sb.state
+    since = observed_since(ctx.status, sb.id, state, ctx.now)
+    waited = (ctx.now - since).total_seconds() if since is not None else 0.0
+    if waited < ctx.stuck_after_seconds:
+        return f"{_describe(sb)} is {state}; waiting"
+    return (
+        f"{_describe(sb)} is stuck: {state} for {_duration(waited)} (more than "
+        f"controller.stuck_after_seconds, {ctx.stuck_after_seconds:g} s); waiting, as Daytona "
+        "refuses other changes while one is pending"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _base(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **kw: Any) -> Decision:
@@ -603,6 +656,7 @@ def _base(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **k
     values["failed_spec_hash"] = failed
     if kw:
         values.update(kw)
+    values["observed_since"] = observed_since(status, values["sandbox_id"], values["observed_state"], ctx.now)
     values["lease_name"] = ctx.lease.name
     values["phase"] = phase
     values["message"] = message
@@ -708,7 +762,7 @@ def _natural(
         return _base(ctx, sb, phase, f"{_describe(sb)} is in unknown state {state!r}; waiting")
 
     if state in TRANSITIONAL_STATES:
-        return _base(ctx, sb, _WAIT_PHASE[desired], f"{_describe(sb)} is {state}; waiting")
+        return _base(ctx, sb, _WAIT_PHASE[desired], _waiting(ctx, sb))
 
     if (
         not spec_differs

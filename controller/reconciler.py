@@ -80,6 +80,7 @@ STATUS_FIELDS = (
     "sandbox_id",
     "sandbox_name",
     "observed_state",
+    "observed_since",
     "phase",
     "spec_hash",
     "failed_spec_hash",
@@ -374,7 +375,14 @@ class Reconciler:
         out because they break the lease rules."""
         leases, statuses, invalid = self._load()
         observed = self.provider.list_sandboxes({LABEL_INSTANCE: self.instance})
-        the_plan = plan(leases, statuses, observed, at or self.clock(), instance=self.instance)
+        the_plan = plan(
+            leases,
+            statuses,
+            observed,
+            at or self.clock(),
+            instance=self.instance,
+            stuck_after_seconds=self.settings.controller.stuck_after_seconds,
+        )
         the_plan = gate(the_plan, leases, statuses, observed, self._quotas, lease_label=LABEL_LEASE)
         cap = self.settings.policy.disk_guard_gib
         if cap is not None:
@@ -614,7 +622,11 @@ class Reconciler:
         name = outcome.action.lease_name
         if outcome.reobserved and name in views:
             return self._replan(views[name], before.get(name), outcome, now)
+        planned = values.get("sandbox_id"), values.get("observed_state")
         values.update(outcome.status_values(views.get(name)))
+        if (values.get("sandbox_id"), values.get("observed_state")) != planned:
+            # the action changed the sandbox or its state (a create, a lookup, a deletion)
+            values["observed_since"] = now if values.get("observed_state") is not None else None
         return values
 
     def _write_outcome(
@@ -658,7 +670,14 @@ class Reconciler:
         """Status values for a lease whose action was refused by a state the list did not show yet:
         the planner decides again from the fresh ``get`` (its action, if any, runs next pass)."""
         fresh = [] if outcome.observed_gone or outcome.sandbox is None else [outcome.sandbox]
-        again = plan([lease], {lease.name: status or StatusView()}, fresh, now, instance=self.instance)
+        again = plan(
+            [lease],
+            {lease.name: status or StatusView()},
+            fresh,
+            now,
+            instance=self.instance,
+            stuck_after_seconds=self.settings.controller.stuck_after_seconds,
+        )
         decision = again.decisions[lease.name]
         values = decision.status_values()
         values["message"] = f"{outcome.message}: {decision.message}"

@@ -216,6 +216,9 @@ class LeaseStatus(Base):
     sandbox_id: Mapped[str | None] = mapped_column(sa.String(128))
     sandbox_name: Mapped[str | None] = mapped_column(sa.String(128))
     observed_state: Mapped[str | None] = mapped_column(sa.String(32))
+    # When the recorded sandbox was first seen in observed_state (None with no state): how long a
+    # sandbox has been starting, say; the planner says "stuck" past controller.stuck_after_seconds.
+    observed_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     phase: Mapped[str] = mapped_column(sa.String(16), server_default="Pending")
     spec_hash: Mapped[str | None] = mapped_column(sa.String(64))
     failed_spec_hash: Mapped[str | None] = mapped_column(sa.String(64))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from controller.planner import (
+    STUCK_AFTER_SECONDS,
     Decision,
     LeaseView,
     Plan,
@@ -278,6 +279,56 @@ def test_spec_change_on_stopped_or_archived_lease_keeps_the_sandbox(
 
 def test_transitional_sandbox_with_old_spec_is_waited_for() -> None:
     assert one(lease(), [sandbox("starting", spec=OLD_SPEC)])[:2] == (None, "Provisioning")
+
+
+# -- how long a sandbox has been in its state ---------------------------------------------------
+
+
+def decided(status: StatusView | None, observed: list[ObservedSandbox], now: datetime = NOW) -> Decision:
+    return one(lease(), observed, status, now)[2].decisions["web"]
+
+
+def test_a_state_first_seen_is_observed_since_now_and_a_kept_one_since_then() -> None:
+    first = decided(None, [sandbox("starting")])
+    assert (first.observed_state, first.observed_since) == ("starting", NOW)
+    later = NOW + timedelta(minutes=3)
+    recorded = StatusView(sandbox_id="sb-1", observed_state="starting", observed_since=NOW)
+    assert decided(recorded, [sandbox("starting")], later).observed_since == NOW
+    changed = decided(recorded, [sandbox("started")], later)
+    assert (changed.observed_state, changed.observed_since) == ("started", later)
+    other = decided(recorded, [sandbox("starting", id="sb-2")], later)  # another sandbox, same state
+    assert other.observed_since == later
+    assert decided(recorded, [], later).observed_since is None  # no state, no since
+    unknown = StatusView(sandbox_id="sb-1", observed_state="starting")  # recorded before 0012
+    assert decided(unknown, [sandbox("starting")], later).observed_since == later
+
+
+@pytest.mark.parametrize("state", sorted(TRANSITIONAL_STATES - {"destroying"}))
+def test_a_transitional_state_past_the_limit_is_reported_stuck_and_still_waited_for(state: str) -> None:
+    recorded = StatusView(sandbox_id="sb-1", observed_state=state, observed_since=NOW, phase="Provisioning")
+    limit = timedelta(seconds=STUCK_AFTER_SECONDS)
+    before = decided(recorded, [sandbox(state)], NOW + limit - timedelta(seconds=1))
+    assert before.action is None and "is stuck" not in before.message
+    assert before.message.endswith(f"is {state}; waiting")
+    after = decided(recorded, [sandbox(state)], NOW + timedelta(minutes=75))
+    assert after.action is None and after.phase == before.phase  # nothing to do but wait
+    assert after.observed_since == NOW
+    assert f"is stuck: {state} for 75 min (more than controller.stuck_after_seconds, 900 s)" in after.message
+    days = decided(recorded, [sandbox(state)], NOW + timedelta(hours=26, minutes=5))
+    assert f"{state} for 26 h 5 min" in days.message
+
+
+def test_the_stuck_limit_is_the_callers() -> None:
+    recorded = StatusView(sandbox_id="sb-1", observed_state="starting", observed_since=NOW)
+    later = NOW + timedelta(seconds=30)
+    result = plan([lease()], {"web": recorded}, [sandbox("starting")], later, instance=INSTANCE)
+    assert "is stuck" not in result.decisions["web"].message
+    result = plan(
+        [lease()], {"web": recorded}, [sandbox("starting")], later, instance=INSTANCE, stuck_after_seconds=20
+    )
+    assert "is stuck: starting for 0 min (more than controller.stuck_after_seconds, 20 s)" in (
+        result.decisions["web"].message
+    )
 
 
 # -- duplicates -----------------------------------------------------------------------------------
