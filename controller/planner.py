@@ -656,7 +656,13 @@ def _base(ctx: _Ctx, keep: ObservedSandbox | None, phase: str, message: str, **k
     values["failed_spec_hash"] = failed
     if kw:
         values.update(kw)
-    values["observed_since"] = observed_since(status, values["sandbox_id"], values["observed_state"], ctx.now)
+    # observed_since(), inlined: this runs for every lease of every pass
+    state, since = values["observed_state"], status.observed_since
+    if state is None:
+        since = None
+    elif since is None or state != status.observed_state or values["sandbox_id"] != status.sandbox_id:
+        since = ctx.now
+    values["observed_since"] = since
     values["lease_name"] = ctx.lease.name
     values["phase"] = phase
     values["message"] = message
