@@ -79,13 +79,13 @@ def test_5xx_and_timeouts(emulator: EmulatorProcess) -> None:
 def test_latency_per_operation(emulator: EmulatorProcess) -> None:
     client = emulator.client()
     client.create(CreateSandboxFromSnapshotParams(name="lat"), timeout=10)
-    emulator.set_faults(latency={"get": 0.4})
+    emulator.set_faults(latency={"get": 1.0})
     started = time.monotonic()
     client.get("lat")
-    assert time.monotonic() - started >= 0.4
+    assert time.monotonic() - started >= 1.0
     started = time.monotonic()
     list(client.list())
-    assert time.monotonic() - started < 0.4
+    assert time.monotonic() - started < 1.0  # not delayed (a list takes milliseconds; room for load)
 
 
 def test_seeded_faults_repeat(emulator: EmulatorProcess) -> None:
