@@ -27,6 +27,12 @@ class Metrics:
             "leasectl_actions", "Sandbox actions, by kind and result.", ["kind", "result"], registry=r
         )
         self.leases = Gauge("leasectl_leases", "Leases by phase after the last pass.", ["phase"], registry=r)
+        self.stuck = Gauge(
+            "leasectl_leases_stuck",
+            "Leases whose sandbox has been in a transitional state (starting, creating, ...) for longer "
+            "than controller.stuck_after_seconds, after the last pass.",
+            registry=r,
+        )
         self.api_requests = Counter(
             "leasectl_api_requests",
             "Daytona API requests, by operation and outcome.",
