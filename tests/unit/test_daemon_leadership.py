@@ -49,6 +49,18 @@ def _daemon(database: dbmod.Database, lease: float, interval: float = 3600) -> D
     return daemon
 
 
+def _leading_with_no_pass_due(database: dbmod.Database) -> tuple[Daemon, Any]:
+    """A leading daemon whose reconcile job is an hour away and no wake pending: any pass sooner
+    is one the code under test asked for."""
+    daemon = _daemon(database, lease=1.0)
+    daemon.job_leader()
+    reconcile = daemon.scheduler.get_job("reconcile")
+    assert reconcile is not None
+    reconcile.modify(next_run_time=utcnow() + timedelta(seconds=3600))
+    daemon._wake.clear()
+    return daemon, reconcile
+
+
 def _interval(daemon: Daemon, job_id: str) -> float:
     job = daemon.scheduler.get_job(job_id)
     assert job is not None
@@ -172,12 +184,7 @@ def test_a_wake_during_a_failed_pass_is_not_lost(database: dbmod.Database, woken
     pass fails instead (its leadership lapsed mid-way), the job schedules a pass within
     WAKE_AGAIN_SECONDS (not at once: a run due while the job still runs would be skipped by the
     scheduler and moved to the interval). A failed pass that nothing woke waits as before."""
-    daemon = _daemon(database, lease=1.0)
-    daemon.job_leader()
-    reconcile = daemon.scheduler.get_job("reconcile")
-    assert reconcile is not None
-    reconcile.modify(next_run_time=utcnow() + timedelta(seconds=3600))
-    daemon._wake.clear()
+    daemon, reconcile = _leading_with_no_pass_due(database)
     passes: list[int] = []
 
     def failing_pass() -> None:
@@ -213,12 +220,7 @@ class _WakeOnClear(threading.Event):
 def test_a_wake_just_before_the_job_ends_is_not_lost(database: dbmod.Database) -> None:
     """The waker sees the job running and leaves the pass to it; the job has already decided it is
     done. The job looks at ``_wake`` once more after it stops counting as running."""
-    daemon = _daemon(database, lease=1.0)
-    daemon.job_leader()
-    reconcile = daemon.scheduler.get_job("reconcile")
-    assert reconcile is not None
-    reconcile.modify(next_run_time=utcnow() + timedelta(seconds=3600))
-    daemon._wake.clear()
+    daemon, reconcile = _leading_with_no_pass_due(database)
     flag = _WakeOnClear(daemon)
     daemon._reconciling = flag
     passes: list[int] = []
