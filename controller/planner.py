@@ -605,14 +605,28 @@ def observed_since(
     return since
 
 
+# The transitional states waited on for a kept sandbox (a destroying one is never kept).
+WAITED_STATES: Final = TRANSITIONAL_STATES - {STATE_DESTROYING}
+
+
+def stuck_for(state: str | None, since: datetime | None, now: datetime, limit: float) -> float | None:
+    """Seconds a sandbox has been in the transitional ``state`` since ``since`` when that is at
+    least ``limit`` (controller.stuck_after_seconds), else None: the one rule of the lease's
+    "stuck" message and of the ``leasectl_leases_stuck`` gauge."""
+    if state not in WAITED_STATES:
+        return None
+    waited = (now - since).total_seconds() if since is not None else 0.0
+    return waited if waited >= limit else None
+
+
 def _waiting(ctx: _Ctx, sb: ObservedSandbox) -> str:
     """The message of a lease whose sandbox is in a transitional state: how long past
     ``controller.stuck_after_seconds`` (Daytona keeps a pending change as long as it takes, and
     refuses every other change meanwhile: waiting is all the controller can do)."""
     state = sb.state
     since = observed_since(ctx.status, sb.id, state, ctx.now)
-    waited = (ctx.now - since).total_seconds() if since is not None else 0.0
-    if waited < ctx.stuck_after_seconds:
+    waited = stuck_for(state, since, ctx.now, ctx.stuck_after_seconds)
+    if waited is None:
         return f"{_describe(sb)} is {state}; waiting"
     return (
         f"{_describe(sb)} is stuck: {state} for {_duration(waited)} (more than "

@@ -63,16 +63,20 @@ from controller.lease_rows import (
     validate_row,
 )
 from controller.metrics import Metrics
-from controller.planner import FAILED, Action, LeaseView, Plan, StatusView, build_create_request, plan
+from controller.planner import (
+    FAILED,
+    WAITED_STATES,
+    Action,
+    LeaseView,
+    Plan,
+    StatusView,
+    build_create_request,
+    plan,
+    stuck_for,
+)
 from controller.pool_sync import PoolSyncResult, sync_pools
 from controller.pools import Headroom
-from controller.providers.base import (
-    LABEL_INSTANCE,
-    LABEL_LEASE,
-    TRANSITIONAL_STATES,
-    ObservedSandbox,
-    SandboxProvider,
-)
+from controller.providers.base import LABEL_INSTANCE, LABEL_LEASE, ObservedSandbox, SandboxProvider
 from controller.quota_rows import load_quotas
 from controller.quotas import QuotaView, gate
 from controller.schedules import earliest, in_force, lease_schedule
@@ -81,9 +85,6 @@ from controller.volume_sync import sync_volumes
 from models import Event, Lease, LeaseStatus, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
-
-# The transitional states the planner waits on for a kept sandbox (a destroying one is never kept).
-_WAITED_STATES = TRANSITIONAL_STATES - {"destroying"}
 
 STATUS_FIELDS = (
     "sandbox_id",
@@ -566,7 +567,7 @@ class Reconciler:
             loaded = self._statuses
             phases: dict[str, int] = {}
             stuck = 0
-            stuck_since = now - timedelta(seconds=self.settings.controller.stuck_after_seconds)
+            limit = self.settings.controller.stuck_after_seconds
             for name, decision in the_plan.decisions.items():
                 outcome = by_lease.get(name) if by_lease else None
                 values = decision.status_values()
@@ -574,8 +575,9 @@ class Reconciler:
                     values = self._status_values(values, outcome, views, before, now)
                 phase = values.get("phase", "Pending")
                 phases[phase] = phases.get(phase, 0) + 1
-                if values.get("observed_state") in _WAITED_STATES:
-                    stuck += (values.get("observed_since") or now) <= stuck_since  # as the message says
+                state = values.get("observed_state")
+                if state in WAITED_STATES:  # the planner's rule, as the lease's message says
+                    stuck += stuck_for(state, values.get("observed_since"), now, limit) is not None
                 if name in written:
                     continue
                 if outcome is not None:
